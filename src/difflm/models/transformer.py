@@ -1,0 +1,207 @@
+"""One transformer backbone for every family: pre-norm, RoPE, scaled_dot_product_attention,
+optional adaLN-zero time conditioning (DiT, Peebles & Xie 2023; as used by SEDD/MDLM), and a
+bidirectional or causal mask, with a KV cache for incremental decoding.
+
+It maps tokens (B, L) and an optional time t (B,) to logits (B, L, V). It knows no diffusion math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    max_len: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    causal: bool = False
+    time_conditioning: bool = False  # adaLN-zero conditioning on t
+    d_time: int = 128
+    rope_base: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of t ∈ [0, 1] (scaled by 1000, as DDPM/DiT do): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), rotate-half form, cos/sin kept in fp32."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float) -> None:
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1), persistent=False)
+        self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1), persistent=False)
+
+    def forward(self, x: Tensor, offset: int) -> Tensor:  # x: (B, H, L, Dh)
+        L = x.shape[-2]
+        cos = self.cos[offset : offset + L].to(x.dtype)
+        sin = self.sin[offset : offset + L].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer: (B, H, T, Dh) each."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[-2]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=-2)
+            v = torch.cat([self.v[layer], v], dim=-2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: Tensor, rope: Rotary, attn_mask: Tensor | None, causal: bool,
+        cache: KVCache | None, layer: int, offset: int,
+    ) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, offset), rope(k, offset)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        is_causal = causal and attn_mask is None
+        if is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
+            if L == 1:
+                is_causal = False
+            else:
+                T = k.shape[-2]
+                attn_mask = torch.ones(L, T, dtype=torch.bool, device=x.device).tril(diagonal=T - L)
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, hidden, bias=False), nn.GELU(approximate="tanh"),
+            nn.Linear(hidden, cfg.d_model, bias=False),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        # adaLN-zero: shift, scale, gate for attention and MLP, zero-initialised so each block starts as identity
+        self.ada = nn.Linear(cfg.d_time, 6 * cfg.d_model) if cfg.time_conditioning else None
+
+    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset):
+        if self.ada is None:
+            x = x + self.drop(self.attn(self.norm1(x), rope, attn_mask, causal, cache, layer, offset))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        x = x + g1 * self.drop(self.attn(h, rope, attn_mask, causal, cache, layer, offset))
+        h = self.norm2(x) * (1 + sc2) + sh2
+        return x + g2 * self.drop(self.mlp(h))
+
+
+class Transformer(nn.Module):
+    """Denoiser / language-model backbone: (tokens (B, L), t (B,) or None) -> logits (B, L, V)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
+            raise ValueError("d_model must be a multiple of n_head with an even head dimension")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.time_conditioning:
+            self.time_mlp = nn.Sequential(
+                nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(), nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU()
+            )
+            self.ada_f = nn.Linear(cfg.d_time, 2 * cfg.d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02
+                if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer)  # GPT-2 residual scaling
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:
+            if blk.ada is not None:
+                nn.init.zeros_(blk.ada.weight)
+                nn.init.zeros_(blk.ada.bias)
+        if self.cfg.time_conditioning:
+            nn.init.zeros_(self.ada_f.weight)
+            nn.init.zeros_(self.ada_f.bias)
+        nn.init.zeros_(self.head.weight)  # start from the uniform prediction (as SEDD's final layer)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def forward(
+        self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
+        attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend; returns (B, L, V) logits."""
+        B, L = x.shape
+        offset = cache.length if cache is not None else 0
+        if offset + L > self.cfg.max_len:
+            raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
+        h = self.embed(x)
+        c = None
+        if self.cfg.time_conditioning:
+            if t is None:
+                raise ValueError("this model is time-conditioned: pass t")
+            c = self.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, self.cfg.d_time))
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset)
+        h = self.norm_f(h)
+        if c is not None:
+            shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        return self.head(h)

@@ -1,0 +1,274 @@
+"""The high-level API: ``DiffusionLM.from_pretrained(dir)`` with ``generate``, ``infill``, ``score`` and
+``save_pretrained``. A saved model is a folder: config.json, model.safetensors, tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import RunConfig, read_json
+from .data.tokenizers import Tokenizer
+from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
+from .errors import DiffLMError
+from .models import Transformer, TransformerConfig
+from .sampling import Conditioning, get_sampler
+from .sampling.base import OnStep
+from .sampling.random import uniform
+from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
+
+GAP = re.compile(r"\[MASK\]|_{3,}")
+
+
+def transformer_config(run: RunConfig, vocab_size: int) -> TransformerConfig:
+    causal = run.process.get("type", "masked") == "autoregressive"
+    return TransformerConfig(
+        vocab_size=vocab_size, max_len=run.data.seq_len, causal=causal,
+        time_conditioning=bool(run.process.get("time_conditioning", False)),
+        n_layer=run.model.n_layer, n_head=run.model.n_head, d_model=run.model.d_model,
+        mlp_ratio=run.model.mlp_ratio, dropout=run.model.dropout,
+    )
+
+
+def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None) -> tuple[Transformer, Process]:
+    """The model and process a run config describes, for this tokenizer."""
+    try:
+        process = build_process(
+            run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
+            length_prior=length_prior,
+        )
+    except TypeError as e:
+        raise DiffLMError(f"bad process options in config: {e}") from None
+    try:
+        model = Transformer(transformer_config(run, tokenizer.vocab_size))
+    except ValueError as e:
+        raise DiffLMError(f"bad model config: {e}") from None
+    return model, process
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    tokens: torch.Tensor  # (N, L)
+    nfe: torch.Tensor  # (N,) network calls per sequence
+
+
+class DiffusionLM:
+    """A trained model with its process and tokenizer."""
+
+    def __init__(self, model: Transformer, process: Process, tokenizer: Tokenizer, run: RunConfig,
+                 length_prior: list[float] | None = None, device: str | torch.device = "cpu") -> None:
+        self.model, self.process, self.tokenizer, self.run = model, process, tokenizer, run
+        self.length_prior = length_prior
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.process.to(self.device)
+
+    @property
+    def seq_len(self) -> int:
+        return self.run.data.seq_len
+
+    # -- persistence -----------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "difflm_version": __version__, "run": self.run.to_dict(),
+            "vocab_size": self.tokenizer.vocab_size, "special": self.tokenizer.special,
+            "tokenizer_kind": self.tokenizer.kind, "length_prior": self.length_prior,
+        }
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(path / "tokenizer.json")
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        atomic_save_safetensors(weights, path / "model.safetensors", {"format": "difflm-model-1"})
+        atomic_write_text(path / "config.json", json.dumps(self.config_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> DiffusionLM:
+        path = Path(path)
+        if not path.is_dir():
+            raise DiffLMError(f"model folder {path} does not exist")
+        if not (path / "model.safetensors").is_file():
+            raise DiffLMError(
+                f"{path} has no model.safetensors: training has not saved a model there yet, "
+                "or the folder is incomplete"
+            )
+        cfg = read_json(path / "config.json")
+        try:
+            run = RunConfig.from_dict(cfg["run"])
+        except KeyError:
+            raise DiffLMError(f"{path / 'config.json'} is not a difflm model config") from None
+        tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"))
+        if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
+            raise DiffLMError(
+                f"{path / 'tokenizer.json'} does not match the model (vocabulary {tokenizer.vocab_size} vs "
+                f"{cfg.get('vocab_size')}); put back the tokenizer the model was trained with"
+            )
+        model, process = build_components(run, tokenizer, cfg.get("length_prior"))
+        weights, _ = read_safetensors(path / "model.safetensors")
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise DiffLMError(
+                f"{path / 'model.safetensors'} does not fit config.json ({str(e).splitlines()[0]})"
+            ) from None
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, process, tokenizer, run, cfg.get("length_prior"), dev)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _autocast(self, bf16: bool):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text (may span lines) -> ids, a line break becoming [EOS]."""
+        ids: list[int] = []
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                ids.append(self.tokenizer.eos_id)
+            ids.extend(self.tokenizer.encode(line))
+        return ids
+
+    def _layout(self, ids: list[int], fixed: list[bool], length: int) -> tuple[list[int], list[bool]]:
+        """Place given ids in a row of ``length``: lines-mode models get [EOS] + fixed padding after them."""
+        if self.run.data.mode == "lines" and len(ids) < length:
+            ids = [*ids, self.tokenizer.eos_id]
+            fixed = [*fixed, True]
+            pad = length - len(ids)
+            return ids + [self.tokenizer.pad_id] * pad, fixed + [True] * pad
+        return ids + [self.tokenizer.mask_id] * (length - len(ids)), fixed + [False] * (length - len(ids))
+
+    def _check_length(self, n: int, length: int, what: str) -> None:
+        if n > length:
+            raise DiffLMError(
+                f"the {what} is {n} tokens but the model generates at most {length} "
+                f"(data.seq_len={self.seq_len}); shorten it"
+            )
+
+    def _sample(self, cond: Conditioning, *, steps, sampler, seed, temperature, top_p, batch_size, on_step,
+                bf16) -> tuple[torch.Tensor, torch.Tensor]:
+        smp = get_sampler(sampler or self.run.sample.sampler, self.process)
+        steps = steps or self.run.sample.steps
+        toks, nfes = [], []
+        N = cond.shape[0]
+        for a in range(0, N, batch_size):
+            idx = torch.arange(a, min(N, a + batch_size))
+            with self._autocast(bf16):
+                part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
+                out = smp(self.model, self.process, part, steps=steps, seed=seed, rows=idx.to(self.device),
+                          temperature=temperature, top_p=top_p, on_step=on_step)
+            toks.append(out.tokens.cpu())
+            nfes.append(out.nfe.cpu())
+        return torch.cat(toks), torch.cat(nfes)
+
+    def _decode_row(self, row: torch.Tensor) -> str:
+        ids = row.tolist()
+        if self.run.data.mode == "lines" and self.tokenizer.eos_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_id)]
+        return self.tokenizer.decode(ids)
+
+    # -- public API ------------------------------------------------------------------------------
+    def generate(
+        self, num: int = 4, length: int | None = None, *, prompt: str | None = None, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        batch_size: int = 16, on_step: OnStep | None = None, bf16: bool = True,
+    ) -> Generation:
+        """Sample ``num`` sequences of ``length`` tokens (default: the training length), optionally
+        continuing ``prompt``. Same seed -> same texts, whatever the batch size."""
+        length = length or self.seq_len
+        if length < 1 or length > self.seq_len:
+            raise DiffLMError(f"--length must be between 1 and the model's length {self.seq_len}, got {length}")
+        temperature = self.run.sample.temperature if temperature is None else temperature
+        top_p = self.run.sample.top_p if top_p is None else top_p
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise DiffLMError("--temperature must be > 0 and --top-p in (0, 1]")
+        cond = Conditioning.unconditional(num, length, fill=self.tokenizer.mask_id)
+        if prompt:
+            ids = self.encode_text(prompt)
+            self._check_length(len(ids), length, "prompt")
+            cond.tokens[:, : len(ids)] = torch.tensor(ids)
+            cond.fixed[:, : len(ids)] = True
+        elif getattr(self.process, "length_log_prior", None) is not None:
+            # a model trained on padded lines sees where padding starts: draw each length from the prior
+            u = uniform(seed, torch.arange(num), 0, 1, stream=11)[:, 0]
+            n = self.process.sample_length(u).clamp(max=length).cpu()
+            pos = torch.arange(length)[None]
+            pad = pos >= n[:, None]
+            cond.tokens[pad] = self.tokenizer.pad_id
+            cond.fixed |= pad
+        toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
+                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16)
+        return Generation([self._decode_row(r) for r in toks], toks, nfe)
+
+    def infill(
+        self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
+        seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,
+        bf16: bool = True, on_step: OnStep | None = None,
+    ) -> list[str]:
+        """Fill each ``[MASK]`` (one token) and ``___`` (``span_tokens`` tokens) in ``text``; everything
+        else is returned byte-for-byte. Returns ``num`` filled versions."""
+        parts = GAP.split(text)
+        gaps = GAP.findall(text)
+        if not gaps:
+            raise DiffLMError('nothing to fill: mark gaps with [MASK] (one token) or ___ (a span)')
+        if span_tokens < 1:
+            raise DiffLMError("--span-tokens must be at least 1")
+        ids: list[int] = []
+        fixed: list[bool] = []
+        spans: list[tuple[int, int]] = []
+        for i, part in enumerate(parts):
+            seg = self.encode_text(part)
+            ids += seg
+            fixed += [True] * len(seg)
+            if i < len(gaps):
+                n = 1 if gaps[i] == "[MASK]" else span_tokens
+                spans.append((len(ids), len(ids) + n))
+                ids += [self.tokenizer.mask_id] * n
+                fixed += [False] * n
+        self._check_length(len(ids), self.seq_len, "text with its gaps")
+        row, frow = self._layout(ids, fixed, self.seq_len)
+        cond = Conditioning(torch.tensor([row] * num), torch.tensor([frow] * num))
+        temperature = self.run.sample.temperature if temperature is None else temperature
+        top_p = self.run.sample.top_p if top_p is None else top_p
+        toks, _ = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
+                               top_p=top_p, batch_size=16, on_step=on_step, bf16=bf16)
+        outs = []
+        for r in toks:
+            pieces = []
+            for i, part in enumerate(parts):
+                pieces.append(part)  # the user's text, verbatim
+                if i < len(spans):
+                    a, b = spans[i]
+                    pieces.append(self.tokenizer.decode(r[a:b].tolist()))
+            outs.append("".join(pieces))
+        return outs
+
+    @torch.no_grad()
+    def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:
+        """Negative ELBO (exact NLL for autoregressive) of each text in nats, averaged over n_samples
+        time draws: [{"nats": ..., "tokens": n, "nats_per_token": ...}]."""
+        out = []
+        for j, text in enumerate(texts):
+            ids = self.encode_text(text)
+            self._check_length(len(ids) + 1, self.seq_len, "text")
+            row, _ = self._layout(ids, [True] * len(ids), self.seq_len)
+            if self.run.data.mode != "lines":
+                row = [*ids, self.tokenizer.eos_id]  # a packed model scores the text as a short block
+            x = torch.tensor([row], device=self.device)
+            pad = x == self.tokenizer.pad_id
+            batch = Batch(x, ~pad, pad if self.run.data.mode == "lines" else torch.zeros_like(pad))
+            K = 1 if self.process.exact_likelihood else n_samples
+            xs = Batch(x.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
+            xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(seed + j)
+            with self._autocast(bf16):
+                nats = float(self.process.nelbo(self.model, xs, generator=gen).mean())
+            n = int(batch.loss_mask.sum())
+            out.append({"nats": nats, "tokens": n, "nats_per_token": nats / n, "ppl": math.exp(nats / n)})
+        return out

@@ -1,0 +1,45 @@
+"""Which positions are given: shared by every family and sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Conditioning:
+    """tokens: (B, L) given tokens (anything where not fixed); fixed: (B, L) True where a token is given
+    and must come out unchanged (prefix, suffix, spans, padding, a seq2seq source)."""
+
+    tokens: Tensor
+    fixed: Tensor
+
+    @classmethod
+    def unconditional(cls, batch: int, length: int, fill: int = 0, device="cpu") -> Conditioning:
+        return cls(
+            torch.full((batch, length), fill, dtype=torch.long, device=device),
+            torch.zeros(batch, length, dtype=torch.bool, device=device),
+        )
+
+    @classmethod
+    def prefix(cls, prompts: list[list[int]], length: int, fill: int = 0) -> Conditioning:
+        """Each row starts with its prompt; the rest is generated."""
+        cond = cls.unconditional(len(prompts), length, fill)
+        for i, p in enumerate(prompts):
+            cond.tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+            cond.fixed[i, : len(p)] = True
+        return cond
+
+    def rows(self, idx: Tensor | slice) -> Conditioning:
+        return Conditioning(self.tokens[idx], self.fixed[idx])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+    def is_prefix_only(self) -> bool:
+        """True when every row's fixed positions form a prefix (what an autoregressive model can honour)."""
+        f = self.fixed.long()
+        return bool((f[:, 1:] <= f[:, :-1]).all())

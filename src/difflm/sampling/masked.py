@@ -1,0 +1,79 @@
+"""Samplers for masked diffusion (MDLM §3.4 / Algorithm 2).
+
+ancestral: at each of `steps` uniform steps t -> s, every masked position is unmasked with probability
+           (α_s − α_t)/(1 − α_t) and, if so, takes a token drawn from the network's x̂0; given tokens are kept.
+cached:    the same chain, but a sequence's x̂0 is reused while none of its tokens changed (MDLM's
+           ``ddpm_cache``): exact for a time-free network, and at most one network call per change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.masked import MaskedDiffusion
+from ..errors import DiffLMError
+from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .categorical import probs_from_logits, sample_categorical
+from .conditioning import Conditioning
+from .random import uniform
+
+
+class MaskedAncestral(Sampler):
+    name = "ancestral"
+    families = ("masked",)
+    cache = False
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: MaskedDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        if steps < 1:
+            raise DiffLMError("--steps must be at least 1")
+        if self.cache and process.time_conditioning:
+            raise DiffLMError(
+                "the cached sampler needs a time-free network (process.time_conditioning: false); "
+                "use --sampler ancestral for this model"
+            )
+        rows = self.default_rows(cond, rows)
+        B, L = cond.shape
+        m = process.mask_id
+        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+        logp = None  # cached SUBS log-probs (B, L, V) of the last network call per row
+        dirty = torch.ones(B, dtype=torch.bool, device=x.device)
+        for k in range(steps, 0, -1):
+            t, s = k / steps, (k - 1) / steps
+            masked = x == m
+            t_vec = torch.full((B,), t, device=x.device)
+            if not self.cache:
+                logp = process.log_probs(model, x, t_vec)
+                nfe += 1
+            else:
+                need = dirty & masked.any(-1)
+                if logp is None:
+                    logp = process.log_probs(model, x, t_vec)
+                    nfe += 1
+                elif need.any():
+                    idx = need.nonzero().squeeze(-1)
+                    logp[idx] = process.log_probs(model, x[idx], t_vec[idx])
+                    nfe[idx] += 1
+            p_unmask = float(process.unmask_probability(torch.tensor(t), torch.tensor(s)))
+            u_move = uniform(seed, rows, k, L, stream=0)
+            unmask = masked & (u_move < p_unmask)
+            if unmask.any():
+                probs = probs_from_logits(logp[unmask], temperature, top_p)
+                u_tok = uniform(seed, rows, k, L, stream=1)[unmask]
+                x = x.clone()
+                x[unmask] = sample_categorical(probs, u_tok)
+            dirty = unmask.any(-1)
+            if on_step is not None:
+                on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
+        return SampleOutput(x, nfe)
+
+
+class MaskedCached(MaskedAncestral):
+    name = "cached"
+    cache = True

@@ -1,0 +1,1 @@
+"""Training: the loop, EMA, checkpoints, distributed set-up (import Trainer from .trainer)."""

@@ -1,0 +1,95 @@
+"""Atomic, pickle-free checkpoints: tensors in safetensors, everything else as JSON in its metadata.
+
+A checkpoint holds model, EMA, optimizer state, the step and the RNG state, so that ``--resume``
+continues exactly. Files are written to a temporary name, fsynced, then renamed over the old one, so a
+kill at any moment leaves either the old or the new checkpoint, never a broken one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import DiffLMError
+
+FORMAT = "difflm-checkpoint-1"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.cpu() for k, v in ema.shadow.items()})
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": FORMAT, "state": json.dumps(state), "param_groups": json.dumps(opt["param_groups"])}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DiffLMError(f"{path} not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DiffLMError(
+            f"{path} is corrupted or not a safetensors file ({str(e).splitlines()[0]}); "
+            "restore it from a backup or retrain"
+        ) from None
+
+
+def load_checkpoint(path: Path, model, ema, optimizer) -> dict:
+    """Restore model, EMA, optimizer and RNG from ``path``; returns the saved training state."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise DiffLMError(f"{path} is not a difflm training checkpoint (format {meta.get('format')!r})")
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for k in ema.shadow:
+            ema.shadow[k].copy_(tensors[f"ema.{k}"])
+        state: dict = {}
+        for key, v in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        torch.set_rng_state(tensors["rng.torch"])
+        return json.loads(meta["state"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise DiffLMError(
+            f"{path} does not match this run's model ({str(e).splitlines()[0]}); "
+            "was the config changed since it was written?"
+        ) from None

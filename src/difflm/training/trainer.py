@@ -1,0 +1,257 @@
+"""The training loop, for any process and model: AdamW, warmup + cosine LR, clipping, accumulation, EMA,
+bf16 autocast, periodic validation, CSV/TensorBoard logs, atomic checkpoints with exact resume, and
+data parallelism under ``torchrun``. It holds no family-specific code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import RunConfig
+from ..data import TokenDataset, Tokenizer, build_dataset, build_tokenizer, load_lines
+from ..diffusion.base import Batch, low_discrepancy_uniform
+from ..errors import DiffLMError
+from ..evaluation.likelihood import evaluate
+from ..pipeline import DiffusionLM, build_components
+from ..sampling.random import uniform
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .ema import EMA
+
+CKPT = "checkpoint.safetensors"
+METRICS = "metrics.csv"
+FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_nelbo", "elapsed_s"]
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    tokens: int
+    val_nelbo: float | None
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> None:
+        self.run, self.out = run, Path(out_dir)
+        self.resume, self.progress = resume, progress
+        self.dist: DistInfo = init_distributed()
+        t = run.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        per = t.batch_size / (self.dist.world * t.grad_accum)
+        if per != int(per) or per < 1:
+            raise DiffLMError(
+                f"train.batch_size={t.batch_size} must be a multiple of world size × grad_accum "
+                f"({self.dist.world} × {t.grad_accum})"
+            )
+        self.micro = int(per)
+        ckpt = self.out / CKPT
+        if resume and not ckpt.is_file():
+            raise DiffLMError(f"--resume: {ckpt} not found; start without --resume to begin a new run")
+        if not resume and not overwrite and ckpt.exists():
+            raise DiffLMError(
+                f"{self.out} already holds a training run; pass --resume to continue it, or choose another --out"
+            )
+        self.device = self.dist.device
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer:
+        path = self.out / "tokenizer.json"
+        if self.resume:
+            return Tokenizer.load(path, self.run.tokenizer.type)
+        if self.dist.is_main:
+            tok = build_tokenizer(self.run.tokenizer, load_lines(self.run.data, "train"))
+            self.out.mkdir(parents=True, exist_ok=True)
+            tok.save(path)
+        barrier(self.dist)
+        return Tokenizer.load(path, self.run.tokenizer.type)
+
+    def _batch(self, data: TokenDataset, step: int, micro: int) -> Batch:
+        """This rank's rows of micro-batch ``micro`` of global step ``step``: a pure function of the step,
+        so resuming needs no data-loader state. Epoch e visits a fresh seeded permutation."""
+        t = self.run.train
+        per_epoch = len(data) // t.batch_size
+        if per_epoch == 0:
+            raise DiffLMError(
+                f"the training set has {len(data)} sequences, fewer than train.batch_size={t.batch_size}"
+            )
+        epoch, j = divmod(step, per_epoch)
+        perm = np.random.default_rng([t.seed, epoch]).permutation(len(data))
+        slot = micro * self.dist.world + self.dist.rank
+        start = j * t.batch_size + slot * self.micro
+        batch = data.batch(perm[start : start + self.micro])
+        # times stratified over the whole global batch (all ranks and micro-batches)
+        u0 = float(uniform(t.seed, torch.tensor([step]), 0, 1, stream=3)[0, 0])
+        batch.u = low_discrepancy_uniform(u0, self.micro, slot, self.dist.world * t.grad_accum)
+        return batch.to(self.device)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        run, t, dist = self.run, self.run.train, self.dist
+        torch.manual_seed(t.seed)
+        tok = self._tokenizer()
+        train = build_dataset(run.data, tok, "train")
+        valid = build_dataset(run.data, tok, "valid")
+        length_prior = None
+        if run.data.mode == "lines":  # add-one smoothed lengths, for models that see the padding
+            length_prior = (train.length_counts() + 1).astype(float).tolist()
+        model, process = build_components(run, tok, length_prior)
+        model.to(self.device)
+        process.to(self.device)
+        ema = EMA(model, t.ema)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=False, foreach=False,
+        )
+        step, tokens_seen, elapsed0 = 0, 0, 0.0
+        if self.resume:
+            state = load_checkpoint(self.out / CKPT, model, ema, opt)
+            step, tokens_seen, elapsed0 = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
+            if dist.is_main:
+                self._truncate_metrics(step)
+        lm = DiffusionLM(model, process, tok, run, length_prior, self.device)
+        net = DDP(model) if dist.world > 1 else model
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
+        logger = _Logger(self.out, t.tensorboard) if dist.is_main else None
+        if dist.is_main:
+            (self.out / "config.json").write_text(json.dumps(lm.config_dict(), indent=2))
+        bar = None
+        if self.progress and dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=step, desc=run.name, unit="step", dynamic_ncols=True)
+        t0, win_tokens, win_t0 = time.perf_counter(), 0, time.perf_counter()
+        val = None
+        model.train()
+        while step < t.max_steps:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, t)
+            batches = [self._batch(train, step, m) for m in range(t.grad_accum)]
+            n_tok = all_reduce_sum(torch.tensor(float(sum(b.n_tokens for b in batches))), dist).item()
+            loss_sum = 0.0
+            for m, b in enumerate(batches):
+                sync = nullcontext() if (dist.world == 1 or m == t.grad_accum - 1) else net.no_sync()
+                with sync:
+                    with amp:
+                        terms = process.loss(net, b)
+                    loss = terms.float().sum() * (dist.world / n_tok)  # DDP averages over ranks
+                    loss.backward()
+                loss_sum += terms.detach().float().sum().item()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model, step)
+            step += 1
+            tokens_seen += int(n_tok)
+            win_tokens += int(n_tok)
+            loss_val = all_reduce_sum(torch.tensor(loss_sum), dist).item() / n_tok
+            if bar is not None:
+                bar.update(1)
+            if dist.is_main and (step % t.log_every == 0 or step == t.max_steps):
+                now = time.perf_counter()
+                tps = win_tokens / max(now - win_t0, 1e-9)
+                win_tokens, win_t0 = 0, now
+                row = {"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_at(step - 1, t),
+                       "grad_norm": float(gn), "tokens_per_s": tps, "val_nelbo": "",
+                       "elapsed_s": elapsed0 + now - t0}
+                logger.log(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}")
+            if dist.is_main and (step % t.eval_every == 0 or step == t.max_steps):
+                with ema.applied(model):
+                    r = evaluate(model, process, valid, n_samples=1, batch_size=max(self.micro, 8),
+                                 seed=1234, max_batches=t.eval_batches, bf16=t.bf16, device=self.device)
+                model.train()
+                val = r.nelbo
+                logger.log({"step": step, "tokens": tokens_seen, "val_nelbo": val,
+                            "elapsed_s": elapsed0 + time.perf_counter() - t0})
+                if bar is not None:
+                    bar.write(f"step {step}: val {'NLL' if r.exact else 'NELBO'} {val:.4f} nats/token "
+                              f"(ppl ≤ {math.exp(val):.2f})")
+            if step % t.save_every == 0 or step == t.max_steps:
+                self._save(lm, ema, opt, {"step": step, "tokens": tokens_seen,
+                                          "elapsed_s": elapsed0 + time.perf_counter() - t0})
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        return TrainResult(self.out, step, tokens_seen, val, elapsed0 + time.perf_counter() - t0)
+
+    def _save(self, lm: DiffusionLM, ema: EMA, opt, state: dict) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.out / CKPT, lm.model, ema, opt, state)
+            training = lm.model.training
+            with ema.applied(lm.model):
+                lm.save_pretrained(self.out)  # the model folder holds the EMA weights
+            lm.model.train(training)
+        barrier(self.dist)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log rows written after the checkpoint we resume from, so the curve has no duplicates."""
+        path = self.out / METRICS
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+
+class _Logger:
+    """metrics.csv, plus TensorBoard event files under tb/ when the tensorboard package is installed."""
+
+    def __init__(self, out: Path, tensorboard: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / METRICS
+        new = not path.is_file()
+        self.f = open(path, "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=FIELDS)
+        if new:
+            self.w.writeheader()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                print("difflm: tensorboard is not installed; logging to metrics.csv only "
+                      "(pip install tensorboard to get event files)")
+
+    def log(self, row: dict) -> None:
+        self.w.writerow({k: row.get(k, "") for k in FIELDS})
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
