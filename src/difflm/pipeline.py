@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, read_json
+from .data.datasets import make_batch
 from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
 from .errors import DiffLMError
@@ -197,11 +198,12 @@ class DiffusionLM:
         elif getattr(self.process, "length_log_prior", None) is not None:
             # a model trained on padded lines sees where padding starts: draw each length from the prior
             u = uniform(seed, torch.arange(num), 0, 1, stream=11)[:, 0]
-            n = self.process.sample_length(u).clamp(max=length).cpu()
+            n = self.process.sample_length(u).clamp(max=length).cpu()  # tokens incl. [EOS]
             pos = torch.arange(length)[None]
-            pad = pos >= n[:, None]
+            pad, eos = pos >= n[:, None], pos == n[:, None] - 1
             cond.tokens[pad] = self.tokenizer.pad_id
-            cond.fixed |= pad
+            cond.tokens[eos] = self.tokenizer.eos_id
+            cond.fixed |= pad | eos
         toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
                                  top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16)
         return Generation([self._decode_row(r) for r in toks], toks, nfe)
@@ -261,8 +263,7 @@ class DiffusionLM:
             if self.run.data.mode != "lines":
                 row = [*ids, self.tokenizer.eos_id]  # a packed model scores the text as a short block
             x = torch.tensor([row], device=self.device)
-            pad = x == self.tokenizer.pad_id
-            batch = Batch(x, ~pad, pad if self.run.data.mode == "lines" else torch.zeros_like(pad))
+            batch = make_batch(x, self.tokenizer.pad_id, self.tokenizer.eos_id, self.run.data.mode)
             K = 1 if self.process.exact_likelihood else n_samples
             xs = Batch(x.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
             xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)

@@ -1,8 +1,9 @@
 """Token datasets: a corpus tokenized once into a memory-mapped (N, L) int32 array.
 
 packed: the lines, each followed by [EOS], concatenated and cut into blocks of L tokens (no padding);
-lines:  one line per row, then [EOS], then [PAD] up to L; padding is fixed (never noised) and excluded
-        from every loss.
+lines:  one line per row, then [EOS], then [PAD] up to L; padding is excluded from every loss. The
+        length (where [EOS] and the padding are) is given to diffusion models, which pay for it with a
+        length prior −log p(n); so [EOS] and [PAD] are fixed (never noised) in this mode.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def cache_root(cfg) -> Path:
 class TokenDataset:
     """Rows of token ids (N, L), int32, usually a read-only memory map."""
 
-    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str) -> None:
-        self.tokens, self.pad_id, self.mode = tokens, pad_id, mode
+    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str, eos_id: int) -> None:
+        self.tokens, self.pad_id, self.mode, self.eos_id = tokens, pad_id, mode, eos_id
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -43,9 +44,7 @@ class TokenDataset:
     def batch(self, idx) -> Batch:
         """Rows idx (a sequence of ints) as a Batch."""
         x = torch.from_numpy(np.asarray(self.tokens[np.asarray(idx)], dtype=np.int64))
-        pad = x == self.pad_id
-        fixed = pad if self.mode == "lines" else torch.zeros_like(pad)
-        return Batch(x, ~pad, fixed)
+        return make_batch(x, self.pad_id, self.eos_id, self.mode)
 
     def n_tokens(self) -> int:
         return int((np.asarray(self.tokens) != self.pad_id).sum())
@@ -54,6 +53,13 @@ class TokenDataset:
         """counts[n] = number of rows with n non-padding tokens, n = 0..L."""
         n = (np.asarray(self.tokens) != self.pad_id).sum(1)
         return np.bincount(n, minlength=self.seq_len + 1)
+
+
+def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str) -> Batch:
+    """Batch of rows x (B, L): padding is never modelled; in lines mode [EOS] and [PAD] are fixed."""
+    pad = x == pad_id
+    fixed = (pad | (x == eos_id)) if mode == "lines" else torch.zeros_like(pad)
+    return Batch(x, ~pad, fixed)
 
 
 def _rows(tokenizer: Tokenizer, lines: list[str], mode: str, L: int) -> tuple[np.ndarray, int]:
@@ -95,7 +101,7 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
         try:
             arr = np.load(path, mmap_mode="r")
             if arr.ndim == 2 and arr.shape[1] == cfg.seq_len:
-                return TokenDataset(arr, tokenizer.pad_id, cfg.mode)
+                return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id)
         except (ValueError, OSError):
             pass  # a damaged cache file is rebuilt below
     rows, truncated = _rows(tokenizer, lines, cfg.mode, cfg.seq_len)
@@ -105,4 +111,4 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, rows)
     os.replace(tmp, path)
-    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode)
+    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id)

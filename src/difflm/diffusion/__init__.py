@@ -18,7 +18,7 @@ def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length
     kind = cfg.pop("type", "masked")
     if kind == "masked":
         return MaskedDiffusion(
-            vocab_size, special["mask"], special["pad"], length_prior=length_prior, **cfg
+            vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg
         )
     if kind == "autoregressive":
         if cfg:

@@ -32,6 +32,7 @@ class MaskedDiffusion(Process):
         vocab_size: int,
         mask_id: int,
         pad_id: int,
+        bos_id: int | None = None,
         schedule: Schedule | str | dict = "loglinear",
         time_conditioning: bool = False,
         discrete_steps: int = 0,
@@ -39,6 +40,8 @@ class MaskedDiffusion(Process):
     ) -> None:
         super().__init__()
         self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
+        # SUBS: zero mass on [MASK] (§3.2.3), and on [PAD]/[BOS], which a masked position never holds
+        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
         self.time_conditioning = time_conditioning
         self.discrete_steps = int(discrete_steps)
@@ -74,8 +77,7 @@ class MaskedDiffusion(Process):
     def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
         """SUBS log p_θ(x0 | x_t): (B, L, V) float32; [MASK] and [PAD] get −inf, unmasked carry over."""
         logits = model(xt, t.float() if (self.time_conditioning and t is not None) else None).float()
-        logits[..., self.mask_id] = -math.inf
-        logits[..., self.pad_id] = -math.inf
+        logits[..., self.never] = -math.inf
         logp = F.log_softmax(logits, dim=-1)
         keep = xt != self.mask_id
         if keep.any():  # carry-over unmasking: a visible token is its own prediction
@@ -90,8 +92,7 @@ class MaskedDiffusion(Process):
         t, w = self.times(u.to(x0.device))
         xt = self.corrupt(x0, t, batch.fixed, generator)
         logits = model(xt, t.float() if self.time_conditioning else None).float()
-        logits[..., self.mask_id] = -math.inf
-        logits[..., self.pad_id] = -math.inf
+        logits[..., self.never] = -math.inf
         nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
         counted = (xt == self.mask_id) & batch.loss_mask
         return torch.where(counted, nll * w.float()[:, None], torch.zeros_like(nll))

@@ -1,0 +1,93 @@
+"""Tokenizers and datasets."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difflm.config import DataConfig, TokenizerConfig
+from difflm.data import build_dataset, build_tokenizer, load_lines
+from difflm.data.tokenizers import Tokenizer, load_hf, train_bpe, train_char, train_word
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=40))
+def test_char_and_bpe_round_trip(text):
+    assert train_char([text + "x"]).decode(train_char([text + "x"]).encode(text)) == text
+    bpe = _bpe()
+    assert bpe.decode(bpe.encode(text)) == text  # byte-level: any text survives
+
+
+_BPE = []
+
+
+def _bpe():
+    if not _BPE:
+        _BPE.append(train_bpe(["the quick brown fox jumps over the lazy dog"] * 50, 300))
+    return _BPE[0]
+
+
+def test_word_tokenizer_and_specials():
+    tok = train_word(["the cat sat", "the dog sat", "a rare word"], min_count=2)
+    assert tok.special == {"pad": 0, "mask": 1, "bos": 2, "eos": 3, "unk": 4}
+    ids = tok.encode("the cat sat")
+    assert tok.decode(ids) == "the [UNK] sat"
+    assert tok.decode([*ids, tok.eos_id, tok.mask_id, tok.pad_id]) == "the [UNK] sat\n_"
+
+
+def test_hf_tokenizer_by_path_gets_difflm_specials(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    hf = HF(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_hf(str(tmp_path))
+    assert tok.encode("hello world") == [1, 2]
+    assert {"pad", "mask", "bos", "eos"} <= set(tok.special) and tok.vocab_size == 7
+    tok.save(tmp_path / "t2.json")
+    assert Tokenizer.load(tmp_path / "t2.json", "hf").special == tok.special
+
+
+def test_packed_and_lines_datasets(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("ab\nabc\n\nabcd\n" * 10)
+    for mode in ("packed", "lines"):
+        cfg = DataConfig(corpus="text", path=str(f), valid_fraction=0.2, mode=mode, seq_len=6,
+                         cache_dir=str(tmp_path / "cache"))
+        tok = build_tokenizer(TokenizerConfig(type="char"), load_lines(cfg, "train"))
+        ds = build_dataset(cfg, tok, "train")
+        assert isinstance(ds.tokens, np.memmap)  # tokenized once, memory-mapped
+        b = ds.batch([0, 1])
+        if mode == "packed":
+            assert b.loss_mask.all() and not b.fixed.any()
+            stream = np.asarray(ds.tokens).ravel().tolist()
+            assert tok.decode(stream).startswith("ab\nabc\n\nabcd\n")
+        else:
+            pad = b.tokens == tok.pad_id
+            assert (b.fixed == (pad | (b.tokens == tok.eos_id))).all() and (b.loss_mask == ~pad).all()
+            assert b.tokens[0].tolist()[:3] == [*tok.encode("ab"), tok.eos_id]
+        again = build_dataset(cfg, tok, "train")
+        assert again.tokens.filename == ds.tokens.filename  # the cache is reused
+
+
+def test_ptb_is_the_standard_split():
+    cfg = DataConfig()
+    sizes = {s: len(load_lines(cfg, s)) for s in ("train", "valid", "test")}
+    assert sizes == {"train": 42068, "valid": 3370, "test": 3761}
+    tok = build_tokenizer(TokenizerConfig(type="word"), load_lines(cfg, "train"))
+    assert tok.vocab_size == 10000 - 1 + 5  # 10k PTB words (incl. <unk>, its eos is our [EOS]) + specials
+
+
+def test_fraction_split_and_missing_test_split(tmp_path):
+    from difflm.errors import DiffLMError
+
+    f = tmp_path / "c.txt"
+    f.write_text("x" * 90 + "y" * 10)
+    cfg = SimpleNamespace(corpus="text", path=str(f), valid_path=None, test_path=None, valid_fraction=0.1,
+                          test_fraction=0.0)
+    assert load_lines(cfg, "train") == ["x" * 90] and load_lines(cfg, "valid") == ["y" * 10]
+    with pytest.raises(DiffLMError, match="no test split"):
+        load_lines(cfg, "test")

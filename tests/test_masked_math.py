@@ -1,0 +1,103 @@
+"""Closed-form checks of the masked-diffusion bound with the exact (Bayes-optimal) denoiser."""
+
+import math
+
+import pytest
+import torch
+from conftest import TOY_L, TOY_MASK, TOY_PAD, TOY_V
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difflm.diffusion import Batch, MaskedDiffusion, low_discrepancy_uniform
+from difflm.schedules import SCHEDULES, build_schedule
+
+
+def toy_process(schedule="loglinear", **kw) -> MaskedDiffusion:
+    return MaskedDiffusion(TOY_V + 2, TOY_MASK, TOY_PAD, schedule=schedule, **kw)
+
+
+def mc_nelbo(process, model, x0: torch.Tensor, K: int, seed: int = 0) -> tuple[float, float]:
+    """Mean and standard error of K one-sample NELBO estimates of one sequence x0 (L,)."""
+    x = x0[None].expand(K, -1)
+    b = Batch(x, torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool))
+    b.u = low_discrepancy_uniform(0.37, K)
+    vals = process.nelbo(model, b, generator=torch.Generator().manual_seed(seed))
+    return float(vals.mean()), float(vals.std() / math.sqrt(K))
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "linear"])
+def test_continuous_bound_is_tight_for_the_exact_denoiser(toy, schedule):
+    """With the true posterior, the continuous-time NELBO of every sequence equals −log p(x0)."""
+    seqs, p, model = toy
+    proc = toy_process(schedule)
+    for i in range(0, len(seqs), 4):
+        mean, se = mc_nelbo(proc, model, seqs[i], K=4000, seed=i)
+        assert abs(mean + math.log(p[i])) < 5 * se + 0.01, (i, mean, -math.log(p[i]), se)
+
+
+def test_a_wrong_elbo_weight_is_caught(toy, monkeypatch):
+    """Dropping the 1/(1−α) factor of the weight breaks the equality the test above checks."""
+    seqs, p, model = toy
+    proc = toy_process()
+    right = proc.times
+
+    def wrong(u):
+        t, w = right(u)
+        return t, w * (1 - proc.schedule.alpha(t))  # weight −α' instead of −α'/(1−α)
+
+    monkeypatch.setattr(proc, "times", wrong)
+    failures = 0
+    for i in range(0, len(seqs), 4):
+        mean, se = mc_nelbo(proc, model, seqs[i], K=4000, seed=i)
+        failures += abs(mean + math.log(p[i])) >= 5 * se + 0.01
+    assert failures >= 5
+
+
+def test_one_step_discrete_bound_is_the_sum_of_marginal_entropies(toy):
+    """T = 1: everything is masked and the bound is exactly −Σᵢ log p(x0ⁱ) (no Monte-Carlo noise)."""
+    seqs, p, model = toy
+    proc = toy_process(discrete_steps=1)
+    marg = torch.stack([torch.stack([(p * (seqs[:, i] == v)).sum() for v in range(TOY_V)]) for i in range(TOY_L)])
+    for i in range(len(seqs)):
+        mean, se = mc_nelbo(proc, model, seqs[i], K=8)
+        expected = -sum(math.log(marg[j, seqs[i, j]]) for j in range(TOY_L))
+        assert se < 1e-6 and mean == pytest.approx(expected, abs=1e-4)
+
+
+def test_discrete_time_bound_decreases_to_the_continuous_one(toy):
+    seqs, p, model = toy
+
+    def expected_bound(proc) -> float:
+        return sum(float(p[i]) * mc_nelbo(proc, model, seqs[i], K=2000, seed=i)[0] for i in range(len(seqs)))
+
+    H = float(-(p * p.log()).sum())
+    b2, b8, b256 = (expected_bound(toy_process(discrete_steps=T)) for T in (2, 8, 256))
+    assert b2 > b8 > H - 0.01
+    assert b2 - H > 0.05  # the coarse chain pays a clear factorization gap
+    assert abs(b256 - H) < 0.03
+
+
+def test_corrupt_masks_the_right_fraction_and_never_fixed_positions():
+    proc = toy_process("cosine")
+    x0 = torch.zeros(4000, 16, dtype=torch.long)
+    fixed = torch.zeros_like(x0, dtype=torch.bool)
+    fixed[:, :3] = True
+    t = torch.full((4000,), 0.6)
+    xt = proc.corrupt(x0, t, fixed, torch.Generator().manual_seed(0))
+    frac = (xt[:, 3:] == TOY_MASK).double().mean()
+    assert abs(frac - (1 - proc.schedule.alpha(torch.tensor(0.6, dtype=torch.float64)))) < 0.01
+    assert (xt[:, :3] == 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@settings(max_examples=30, deadline=None)
+@given(t=st.floats(0.01, 0.99))
+def test_schedule_derivative_and_endpoints(name, t):
+    s = build_schedule(name)
+    tt = torch.tensor(t, dtype=torch.float64)
+    h = 1e-6
+    fd = (s.alpha(tt + h) - s.alpha(tt - h)) / (2 * h)
+    assert float(s.alpha_prime(tt)) == pytest.approx(float(fd), rel=1e-4, abs=1e-6)
+    assert float(s.alpha(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(1.0)
+    assert float(s.alpha(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(0.0, abs=1e-12)
+    assert float(s.alpha_prime(tt)) <= 0

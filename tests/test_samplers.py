@@ -1,0 +1,112 @@
+"""Samplers on the enumerable toy problem with the exact denoiser: right distribution, cached ≡ ancestral,
+given tokens untouched, and batch-size invariance."""
+
+import pytest
+import torch
+from conftest import TOY_L, TOY_MASK, TOY_PAD, TOY_V, chi2_gof
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difflm.diffusion import MaskedDiffusion
+from difflm.errors import DiffLMError
+from difflm.sampling import Conditioning, get_sampler
+from difflm.sampling.categorical import nucleus, sample_categorical
+from difflm.sampling.random import uniform
+
+N = 6000
+
+
+def proc(**kw):
+    return MaskedDiffusion(TOY_V + 2, TOY_MASK, TOY_PAD, **kw)
+
+
+@pytest.mark.parametrize("name", ["ancestral", "cached"])
+def test_sampler_matches_the_true_distribution(toy, name):
+    seqs, p, model = toy
+    out = get_sampler(name, proc())(model, proc(), Conditioning.unconditional(N, TOY_L), steps=256, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) > 1e-3
+
+
+def test_too_few_steps_is_detectably_wrong(toy):
+    """One step unmasks every position independently: the chi-square test must notice (it has power)."""
+    seqs, p, model = toy
+    out = get_sampler("ancestral", proc())(model, proc(), Conditioning.unconditional(N, TOY_L), steps=1, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) < 1e-6
+
+
+def test_cached_equals_ancestral_with_fewer_calls(toy):
+    seqs, p, model = toy
+    cond = Conditioning.unconditional(500, TOY_L)
+    a = get_sampler("ancestral", proc())(model, proc(), cond, steps=128, seed=3)
+    c = get_sampler("cached", proc())(model, proc(), cond, steps=128, seed=3)
+    assert torch.equal(a.tokens, c.tokens)  # exact denoiser is time-free: the chains are the same
+    assert (a.nfe == 128).all()
+    assert (c.nfe <= TOY_L + 1).all() and c.nfe.float().mean() < 5
+
+
+def test_batch_size_does_not_change_samples(toy):
+    seqs, p, model = toy
+    smp = get_sampler("ancestral", proc())
+    full = smp(model, proc(), Conditioning.unconditional(8, TOY_L), steps=16, seed=9).tokens
+    parts = [smp(model, proc(), Conditioning.unconditional(len(r), TOY_L), steps=16, seed=9,
+                 rows=torch.tensor(r)).tokens for r in ([0], [1, 2, 3], [4, 5, 6, 7])]
+    assert torch.equal(full, torch.cat(parts))
+
+
+@settings(max_examples=25, deadline=None)
+@given(fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L),
+       given_tokens=st.lists(st.integers(0, TOY_V - 1), min_size=TOY_L, max_size=TOY_L),
+       name=st.sampled_from(["ancestral", "cached"]), steps=st.integers(1, 20), seed=st.integers(0, 10**6))
+def test_fixed_positions_never_change(toy, fixed, given_tokens, name, steps, seed):
+    seqs, p, model = toy
+    cond = Conditioning(torch.tensor([given_tokens] * 4), torch.tensor([fixed] * 4))
+    out = get_sampler(name, proc())(model, proc(), cond, steps=steps, seed=seed).tokens
+    f = cond.fixed
+    assert torch.equal(out[f], cond.tokens[f])
+    assert (out < TOY_V).all()  # every mask was filled with a data token
+
+
+def test_conditional_sampling_matches_the_true_conditional(toy):
+    """Suffix conditioning: x2 given; the samples of (x0, x1) follow p(x0, x1 | x2)."""
+    seqs, p, model = toy
+    cond = Conditioning(torch.tensor([[0, 0, 2]] * N), torch.tensor([[False, False, True]] * N))
+    out = get_sampler("ancestral", proc())(model, proc(), cond, steps=256, seed=5).tokens
+    keep = seqs[:, 2] == 2
+    sub_p = torch.where(keep, p, torch.zeros_like(p))
+    assert chi2_gof(out, seqs, sub_p / sub_p.sum()) > 1e-3
+
+
+def test_sampler_family_mismatch_is_a_clear_error():
+    from difflm.diffusion import Autoregressive
+
+    with pytest.raises(DiffLMError, match="does not fit"):
+        get_sampler("cached", Autoregressive(0, 1))
+    with pytest.raises(DiffLMError, match="unknown sampler"):
+        get_sampler("nope", proc())
+
+
+def test_cached_sampler_refuses_a_time_conditioned_network(toy):
+    with pytest.raises(DiffLMError, match="time-free"):
+        get_sampler("cached", proc())(toy[2], proc(time_conditioning=True), Conditioning.unconditional(1, TOY_L),
+                                      steps=4)
+
+
+def test_counter_rng_is_uniform_and_row_keyed():
+    u = uniform(7, torch.arange(64), 3, 512)
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.equal(uniform(7, torch.tensor([5, 9]), 3, 512), u[[5, 9]])
+    assert not torch.equal(uniform(8, torch.arange(2), 3, 512), u[:2])
+    assert not torch.equal(uniform(7, torch.arange(2), 4, 512), u[:2])
+
+
+def test_float64_categorical_and_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    u = uniform(0, torch.arange(1), 0, 200000)[0]
+    x = sample_categorical(probs.expand(len(u), -1), u)
+    freq = torch.bincount(x, minlength=4).double() / len(u)
+    assert torch.allclose(freq, probs, atol=0.005)
+    kept = nucleus(probs[None], 0.8)[0]
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64))
+    tiny = torch.tensor([1e-12, 1 - 1e-12], dtype=torch.float64)  # float64: a 1e-12 token is still drawable
+    assert sample_categorical(tiny, torch.tensor(5e-13, dtype=torch.float64)) == 0
