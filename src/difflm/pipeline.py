@@ -156,6 +156,10 @@ class DiffusionLM:
                 bf16) -> tuple[torch.Tensor, torch.Tensor]:
         smp = get_sampler(sampler or self.run.sample.sampler, self.process)
         steps = steps or self.run.sample.steps
+        temperature = self.run.sample.temperature if temperature is None else temperature
+        top_p = self.run.sample.top_p if top_p is None else top_p
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise DiffLMError("--temperature must be > 0 and --top-p in (0, 1]")
         toks, nfes = [], []
         N = cond.shape[0]
         for a in range(0, N, batch_size):
@@ -185,10 +189,6 @@ class DiffusionLM:
         length = length or self.seq_len
         if length < 1 or length > self.seq_len:
             raise DiffLMError(f"--length must be between 1 and the model's length {self.seq_len}, got {length}")
-        temperature = self.run.sample.temperature if temperature is None else temperature
-        top_p = self.run.sample.top_p if top_p is None else top_p
-        if temperature <= 0 or not 0 < top_p <= 1:
-            raise DiffLMError("--temperature must be > 0 and --top-p in (0, 1]")
         cond = Conditioning.unconditional(num, length, fill=self.tokenizer.mask_id)
         if prompt:
             ids = self.encode_text(prompt)
@@ -236,8 +236,6 @@ class DiffusionLM:
         self._check_length(len(ids), self.seq_len, "text with its gaps")
         row, frow = self._layout(ids, fixed, self.seq_len)
         cond = Conditioning(torch.tensor([row] * num), torch.tensor([frow] * num))
-        temperature = self.run.sample.temperature if temperature is None else temperature
-        top_p = self.run.sample.top_p if top_p is None else top_p
         toks, _ = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
                                top_p=top_p, batch_size=16, on_step=on_step, bf16=bf16)
         outs = []

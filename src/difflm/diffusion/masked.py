@@ -74,10 +74,15 @@ class MaskedDiffusion(Process):
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
     # -- network ---------------------------------------------------------------------------------
-    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
-        """SUBS log p_θ(x0 | x_t): (B, L, V) float32; [MASK] and [PAD] get −inf, unmasked carry over."""
+    def subs_logits(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
+        """Network logits (B, L, V) in float32 with zero mass on the ids that are never data."""
         logits = model(xt, t.float() if (self.time_conditioning and t is not None) else None).float()
         logits[..., self.never] = -math.inf
+        return logits
+
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
+        """SUBS log p_θ(x0 | x_t): (B, L, V) float32; [MASK] and [PAD] get −inf, unmasked carry over."""
+        logits = self.subs_logits(model, xt, t)
         logp = F.log_softmax(logits, dim=-1)
         keep = xt != self.mask_id
         if keep.any():  # carry-over unmasking: a visible token is its own prediction
@@ -91,8 +96,7 @@ class MaskedDiffusion(Process):
         u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
         t, w = self.times(u.to(x0.device))
         xt = self.corrupt(x0, t, batch.fixed, generator)
-        logits = model(xt, t.float() if self.time_conditioning else None).float()
-        logits[..., self.never] = -math.inf
+        logits = self.subs_logits(model, xt, t)
         nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
         counted = (xt == self.mask_id) & batch.loss_mask
         return torch.where(counted, nll * w.float()[:, None], torch.zeros_like(nll))
