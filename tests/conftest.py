@@ -42,7 +42,9 @@ class ExactDenoiser(nn.Module):
         self.seqs, self.p = seqs, p
         self.calls = 0
 
-    def forward(self, x: torch.Tensor, t=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t=None, select=None) -> torch.Tensor:
+        if select is not None:
+            return self(x, t)[select]
         self.calls += 1
         visible = x != TOY_MASK  # (B, L)
         match = (self.seqs[None] == x[:, None]) | ~visible[:, None]  # (B, N, L)
@@ -109,7 +111,8 @@ def markov_models(markov_corpus):
     d, P = markov_corpus
     out = {}
     for name, proc in (("masked", {"type": "masked"}), ("ar", {"type": "autoregressive"})):
-        Trainer(markov_run(d, proc), d / name, progress=False).fit()
+        # batch 128: at 64 the bound after 800 steps varied by ±0.05 nats from seed to seed
+        Trainer(markov_run(d, proc, batch_size=128, lr=2e-3), d / name, progress=False).fit()
         out[name] = DiffusionLM.from_pretrained(d / name)
     return out, P, markov.per_token_entropy(P, MARKOV_L), d
 

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from difflm.diffusion import MaskedDiffusion
 from difflm.errors import DiffLMError
+from difflm.rng import uniform
 from difflm.sampling import Conditioning, get_sampler
 from difflm.sampling.categorical import nucleus, sample_categorical
-from difflm.sampling.random import uniform
 
 N = 6000
 

@@ -22,11 +22,18 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(a) -> int:
     from .config import load_config
+    from .training.distributed import shutdown_distributed
     from .training.trainer import Trainer
 
     run = load_config(a.config, a.set)
     out = a.out or f"runs/{run.name}"
-    res = Trainer(run, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite).fit()
+    trainer = Trainer(run, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
+    try:
+        res = trainer.fit()
+    finally:
+        shutdown_distributed()
+    if not trainer.dist.is_main:
+        return 0
     msg = {"out": str(res.out_dir), "step": res.step, "tokens": res.tokens, "val_nelbo": res.val_nelbo,
            "seconds": round(res.seconds, 1)}
     print(json.dumps(msg) if a.json else f"trained {res.step} steps ({res.tokens} tokens) -> {res.out_dir}")

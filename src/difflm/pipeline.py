@@ -19,9 +19,9 @@ from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
 from .errors import DiffLMError
 from .models import Transformer, TransformerConfig
+from .rng import uniform
 from .sampling import Conditioning, get_sampler
 from .sampling.base import OnStep
-from .sampling.random import uniform
 from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 GAP = re.compile(r"\[MASK\]|_{3,}")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..rng import uniform
+
 
 @dataclass
 class Batch:
@@ -17,18 +19,33 @@ class Batch:
     fixed:     (B, L) bool, True where the token is given and never corrupted (padding, a seq2seq source).
     u:         (B,) float64 uniforms in [0, 1), low-discrepancy over the global batch; each process maps
                them to its own times. None = the process draws its own.
+    rows:      (B,) int64 global row indices keying the corruption noise (with ``seed`` and ``step``), so a
+               row's noise is the same whichever rank or micro-batch holds it. None = ``torch.rand``.
     """
 
     tokens: Tensor
     loss_mask: Tensor
     fixed: Tensor
     u: Tensor | None = None
+    rows: Tensor | None = None
+    seed: int = 0
+    step: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.tokens.to(device), self.loss_mask.to(device), self.fixed.to(device),
             None if self.u is None else self.u.to(device),
+            None if self.rows is None else self.rows.to(device), self.seed, self.step,
         )
+
+    def rand(self, generator: torch.Generator | None = None, stream: int = 0, width: int | None = None) -> Tensor:
+        """Float64 uniforms (B, width or L) for the forward process: keyed on (seed, row, step, stream) when
+        ``rows`` is set, else drawn from ``generator``."""
+        B, L = self.tokens.shape
+        width = L if width is None else width
+        if self.rows is not None:
+            return uniform(self.seed, self.rows, self.step, width, stream=10 + stream)
+        return torch.rand((B, width), generator=generator, dtype=torch.float64, device=self.tokens.device)
 
     @property
     def n_tokens(self) -> int:

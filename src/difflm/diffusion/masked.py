@@ -64,19 +64,24 @@ class MaskedDiffusion(Process):
         t = T_MIN + (1 - T_MIN) * u
         return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / (1 - self.schedule.alpha(t))
 
-    def corrupt(self, x0: Tensor, t: Tensor, fixed: Tensor | None = None, generator=None) -> Tensor:
-        """Sample x_t ~ q(x_t | x0): mask each free position with probability 1 − α(t). x0 (B, L), t (B,)."""
-        p_mask = (1 - self.schedule.alpha(t.double())).float()[:, None]
-        r = torch.rand(x0.shape, generator=generator, device=x0.device)
+    def corrupt(self, x0: Tensor, t: Tensor, fixed: Tensor | None = None, generator=None,
+                r: Tensor | None = None) -> Tensor:
+        """Sample x_t ~ q(x_t | x0): mask each free position with probability 1 − α(t).
+        x0 (B, L), t (B,); r: optional (B, L) float64 uniforms to use (else drawn from ``generator``)."""
+        p_mask = (1 - self.schedule.alpha(t.double()))[:, None]
+        if r is None:
+            r = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
         masked = r < p_mask
         if fixed is not None:
             masked &= ~fixed
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
     # -- network ---------------------------------------------------------------------------------
-    def subs_logits(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
-        """Network logits (B, L, V) in float32 with zero mass on the ids that are never data."""
-        logits = model(xt, t.float() if (self.time_conditioning and t is not None) else None).float()
+    def subs_logits(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None) -> Tensor:
+        """Network logits in float32 with zero mass on the ids that are never data: (B, L, V), or (N, V)
+        at the N positions where ``select`` (B, L) is True."""
+        tc = t.float() if (self.time_conditioning and t is not None) else None
+        logits = (model(xt, tc) if select is None else model(xt, tc, select=select)).float()
         logits[..., self.never] = -math.inf
         return logits
 
@@ -95,11 +100,12 @@ class MaskedDiffusion(Process):
         x0 = batch.tokens
         u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
         t, w = self.times(u.to(x0.device))
-        xt = self.corrupt(x0, t, batch.fixed, generator)
-        logits = self.subs_logits(model, xt, t)
-        nll = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
-        counted = (xt == self.mask_id) & batch.loss_mask
-        return torch.where(counted, nll * w.float()[:, None], torch.zeros_like(nll))
+        xt = self.corrupt(x0, t, batch.fixed, r=batch.rand(generator))
+        counted = (xt == self.mask_id) & batch.loss_mask  # unmasked positions contribute 0 under SUBS
+        nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
+        terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        terms[counted] = nll * w.float()[:, None].expand_as(x0)[counted]
+        return terms
 
     def sequence_terms(self, batch: Batch) -> Tensor:
         """−log p(length) when the model was trained on padded sequences (it sees where padding starts)."""

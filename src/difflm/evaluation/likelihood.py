@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data.datasets import TokenDataset
 from ..diffusion.base import Process, low_discrepancy_uniform
-from ..sampling.random import uniform
+from ..rng import uniform
 
 # two-sided 97.5% quantiles of Student's t with df = 1..30 (beyond: normal)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

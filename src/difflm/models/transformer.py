@@ -184,10 +184,12 @@ class Transformer(nn.Module):
 
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None, select: Tensor | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
-        attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend; returns (B, L, V) logits."""
+        attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
+        select: optional (B, L) bool — compute the output head only there (the loss needs no more).
+        Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order."""
         B, L = x.shape
         offset = cache.length if cache is not None else 0
         if offset + L > self.cfg.max_len:
@@ -204,4 +206,6 @@ class Transformer(nn.Module):
         if c is not None:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
+        if select is not None:
+            h = h[select]
         return self.head(h)

@@ -8,10 +8,10 @@ from torch import Tensor, nn
 from ..diffusion.autoregressive import Autoregressive
 from ..errors import DiffLMError
 from ..models.transformer import KVCache
+from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
-from .random import uniform
 
 
 class AutoregressiveSampler(Sampler):

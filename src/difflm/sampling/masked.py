@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
+from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
-from .random import uniform
 
 
 class MaskedAncestral(Sampler):

@@ -46,3 +46,9 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group that ``init_distributed`` created, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

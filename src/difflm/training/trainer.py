@@ -22,7 +22,7 @@ from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
 from ..pipeline import DiffusionLM, build_components
-from ..sampling.random import uniform
+from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
@@ -104,6 +104,10 @@ class Trainer:
         # times stratified over the whole global batch (all ranks and micro-batches)
         u0 = float(uniform(t.seed, torch.tensor([step]), 0, 1, stream=3)[0, 0])
         batch.u = low_discrepancy_uniform(u0, self.micro, slot, self.dist.world * t.grad_accum)
+        # corruption noise keyed on the row's place in the global batch: any world size and
+        # accumulation split of the same global batch sees the same noise (and so the same gradient)
+        batch.rows = step * t.batch_size + slot * self.micro + torch.arange(self.micro)
+        batch.seed, batch.step = t.seed, step
         return batch.to(self.device)
 
     # -- the loop ------------------------------------------------------------------------------
