@@ -1,10 +1,12 @@
-"""Masked diffusion vs autoregressive at the same model size and training tokens: validation bound.
+"""Families at the same model size and training tokens: validation bound with a 95% CI.
 
-    python benchmarks/likelihood.py --corpus ptb --steps 500
-    python benchmarks/likelihood.py --corpus shakespeare --steps 500
+    python benchmarks/likelihood.py --corpus ptb --steps 600
+    python benchmarks/likelihood.py --corpus shakespeare --steps 400 --families mdlm,ar
 
-Trains ``<corpus>-mdlm`` and ``<corpus>-ar`` presets with identical data, model and schedule, evaluates
-both on the validation split with K time samples, and writes benchmarks/out/likelihood-<corpus>.json.
+Each family is the corpus's masked preset with the process swapped (so data, tokenizer, model size,
+optimizer, schedule and token budget are identical), trained, then evaluated on the validation split
+with K time samples by the one evaluator. Writes benchmarks/out/likelihood-<corpus>.json and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -25,47 +27,66 @@ from difflm.evaluation import evaluate
 from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
-PRESETS = {
-    "ptb": ("ptb-mdlm-small", "ptb-ar-small"),
-    "shakespeare": ("shakespeare-char-mdlm", "shakespeare-char-ar"),
+BASE = {"ptb": "ptb-mdlm-small", "shakespeare": "shakespeare-char-mdlm"}
+# family name -> the process section that replaces the preset's (model size and training are unchanged)
+FAMILIES: dict[str, dict] = {
+    "ar": {"type": "autoregressive"},
+    "mdlm": {"type": "masked", "schedule": "loglinear", "time_conditioning": False},
 }
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
+def markdown(rows: list[dict], unit: str) -> str:
+    lines = [f"| family | valid {unit} | 95% CI | perplexity bound | ratio to AR (nats) | tokens | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        value, ci = (r["bpc"], r["bpc_ci95"]) if unit == "bits/char" else (r["nelbo"], r["ci95"])
+        lines.append(f"| {r['family_name']} | {value:.4f} | ± {ci:.4f} | {r['ppl']:.2f} | "
+                     f"{r['ratio_to_ar']:.3f} | {r['tokens']:,} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--corpus", choices=sorted(PRESETS), required=True)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--corpus", choices=sorted(BASE), required=True)
+    ap.add_argument("--families", default="mdlm,ar", help=f"comma-separated, from {sorted(FAMILIES)}")
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--samples", type=int, default=8, help="K time samples for the CI")
     ap.add_argument("--out", default="benchmarks/out")
-    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides for every family")
     a = ap.parse_args()
+    names = a.families.split(",")
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        sys.exit(f"unknown families {unknown}; choose from {sorted(FAMILIES)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for preset in PRESETS[a.corpus]:
-        overrides = [f"train.max_steps={a.steps}", f"train.eval_every={a.steps}", *a.set]
+    for name in names:
+        overrides = [f"train.max_steps={a.steps}", f"train.eval_every={a.steps}", f"name={a.corpus}-{name}",
+                     *a.set]
         if a.corpus == "shakespeare":
             overrides.append(f"data.path={SHAKESPEARE}")
-        run = load_config(preset, overrides)
-        run_dir = out / "runs" / preset
+        run = load_config(BASE[a.corpus], overrides)
+        run.process = dict(FAMILIES[name])
+        run_dir = out / "runs" / f"{a.corpus}-{name}"
         t0 = time.time()
         res = Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
         train_s = time.time() - t0
         lm = DiffusionLM.from_pretrained(run_dir)
         data = build_dataset(run.data, lm.tokenizer, "valid")
         r = evaluate(lm.model, lm.process, data, n_samples=a.samples, char_level=lm.tokenizer.kind == "char")
-        rows.append({"preset": preset, "family": lm.process.family, "tokens": res.tokens, "steps": res.step,
+        rows.append({"family_name": name, "family": lm.process.family, "tokens": res.tokens, "steps": res.step,
                      "train_seconds": round(train_s, 1), "params_non_embedding": lm.model.num_params(),
                      **r.to_dict()})
-        print(preset, r.summary(), flush=True)
-    ar = next(r for r in rows if r["family"] == "autoregressive")
+        print(name, r.summary(), flush=True)
+    ar = next((r for r in rows if r["family"] == "autoregressive"), None)
     for r in rows:
-        r["ratio_to_ar"] = r["nelbo"] / ar["nelbo"]
+        r["ratio_to_ar"] = r["nelbo"] / ar["nelbo"] if ar else float("nan")
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                       f"torch {torch.__version__}"}
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     (out / f"likelihood-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(markdown(rows, "bits/char" if a.corpus == "shakespeare" else "nats/token"))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ from __future__ import annotations
 from ..errors import DiffLMError
 from .autoregressive import Autoregressive
 from .base import Batch, Process, low_discrepancy_uniform
+from .graphs import Graph
 from .masked import MaskedDiffusion
+from .sedd import ScoreEntropy
+from .uniform import UniformDiffusion
 
-__all__ = ["Autoregressive", "Batch", "MaskedDiffusion", "Process", "build_process", "low_discrepancy_uniform"]
+__all__ = ["Autoregressive", "Batch", "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
+           "build_process", "low_discrepancy_uniform"]
 
-FAMILIES = ("masked", "autoregressive")
+FAMILIES = ("masked", "uniform", "sedd", "autoregressive")
 
 
 def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length_prior=None) -> Process:
@@ -20,6 +24,9 @@ def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length
         return MaskedDiffusion(
             vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg
         )
+    if kind in ("uniform", "sedd"):
+        cls = UniformDiffusion if kind == "uniform" else ScoreEntropy
+        return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg)
     if kind == "autoregressive":
         if cfg:
             raise DiffLMError(f"process.type autoregressive takes no options, got {sorted(cfg)}")

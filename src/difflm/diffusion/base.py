@@ -78,9 +78,30 @@ class Process(nn.Module):
         """Training objective per position (B, L); the bound unless a family trains on something else."""
         return self.bound_terms(model, batch)
 
+    length_log_prior: Tensor | None = None
+
+    def set_length_prior(self, length_prior: list[float] | None, pad_id: int) -> None:
+        """Models trained on padded lines see where padding starts, so their bound includes −log p(length),
+        with p the (smoothed) training length distribution over 0..L; samplers draw lengths from it."""
+        self.pad_id = pad_id
+        if length_prior is None:
+            self.length_log_prior = None
+            return
+        lp = torch.tensor(length_prior, dtype=torch.float64)
+        self.register_buffer("length_log_prior", torch.log(lp / lp.sum()), persistent=False)
+
     def sequence_terms(self, batch: Batch) -> Tensor:
-        """Bound terms that belong to whole sequences rather than positions (B,), e.g. a length prior."""
-        return torch.zeros(batch.tokens.shape[0], dtype=torch.float32, device=batch.tokens.device)
+        """Bound terms that belong to whole sequences rather than positions (B,): −log p(length)."""
+        B = batch.tokens.shape[0]
+        if self.length_log_prior is None:
+            return torch.zeros(B, dtype=torch.float32, device=batch.tokens.device)
+        n = (batch.tokens != self.pad_id).sum(-1).clamp(max=len(self.length_log_prior) - 1)
+        return -self.length_log_prior.to(batch.tokens.device)[n].float()
+
+    def sample_length(self, u: Tensor) -> Tensor:
+        """Lengths drawn from the length prior by inverse CDF of uniforms u (B,)."""
+        cdf = self.length_log_prior.exp().cumsum(0).to(u.device)
+        return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(1, len(cdf) - 1)
 
     def nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""

@@ -45,11 +45,7 @@ class MaskedDiffusion(Process):
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
         self.time_conditioning = time_conditioning
         self.discrete_steps = int(discrete_steps)
-        if length_prior is not None:
-            lp = torch.tensor(length_prior, dtype=torch.float64)
-            self.register_buffer("length_log_prior", torch.log(lp / lp.sum()), persistent=False)
-        else:
-            self.length_log_prior = None
+        self.set_length_prior(length_prior, pad_id)
 
     # -- forward process -------------------------------------------------------------------------
     def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,19 +102,6 @@ class MaskedDiffusion(Process):
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         terms[counted] = nll * w.float()[:, None].expand_as(x0)[counted]
         return terms
-
-    def sequence_terms(self, batch: Batch) -> Tensor:
-        """−log p(length) when the model was trained on padded sequences (it sees where padding starts)."""
-        B = batch.tokens.shape[0]
-        if self.length_log_prior is None:
-            return torch.zeros(B, dtype=torch.float32, device=batch.tokens.device)
-        n = (batch.tokens != self.pad_id).sum(-1).clamp(max=len(self.length_log_prior) - 1)
-        return -self.length_log_prior.to(batch.tokens.device)[n].float()
-
-    def sample_length(self, u: Tensor) -> Tensor:
-        """Lengths drawn from the length prior by inverse CDF of uniforms u (B,)."""
-        cdf = self.length_log_prior.exp().cumsum(0).to(u.device)
-        return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(1, len(cdf) - 1)
 
     # -- reverse process -------------------------------------------------------------------------
     def unmask_probability(self, t: Tensor, s: Tensor) -> Tensor:

@@ -1,0 +1,139 @@
+"""Per-token continuous-time Markov chains ("graphs", SEDD §3.3, Lou et al. 2024, arXiv 2310.16834).
+
+Both graphs have the forward rate matrix Q_t = σ(t)·(π𝟙ᵀ − I): a token jumps at rate σ(t) to a fresh draw
+from π. With α(t) = exp(−∫₀ᵗσ) the marginal is
+
+    p_{t|0}(· | x0) = α(t)·e_{x0} + (1 − α(t))·π,
+
+with π = e_[MASK] (absorbing) or uniform over the N data tokens (uniform; SEDD's Q = 𝟙𝟙ᵀ/N − I).
+
+The denoising score-entropy bound (SEDD eq. 11 with its constant, Thm 3.6) of one position holding x = x_t is
+
+    ∫₀¹ σ(t) Σ_{y≠x} π_x [ s_y − r_y log s_y + K(r_y) ] dt,   r_y = p_{t|0}(y|x0) / p_{t|0}(x|x0),  K(a) = a log a − a,
+
+(the rate into x from y is σ·π_x), s_y ≈ p_t(x with this token set to y) / p_t(x) being the model's
+concrete score. ``score_entropy`` returns the Σ for one time, in closed form (no sum over y materialised
+beyond one log-sum-exp), in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+GRAPHS = ("absorb", "uniform")
+
+
+def _k(a: Tensor) -> Tensor:
+    """K(a) = a log a − a, with K(0) = 0."""
+    return torch.where(a > 0, a * torch.log(a.clamp_min(1e-300)) - a, torch.zeros_like(a))
+
+
+class Graph:
+    """An absorbing or uniform per-token CTMC over a vocabulary of size V whose data tokens are the ids
+    not in ``never`` (N of them); the absorbing graph's extra state is ``mask_id``."""
+
+    def __init__(self, kind: str, vocab_size: int, never: list[int], mask_id: int | None = None) -> None:
+        if kind not in GRAPHS:
+            raise ValueError(f"unknown graph {kind!r}; choose one of {', '.join(GRAPHS)}")
+        if kind == "absorb" and mask_id is None:
+            raise ValueError("the absorbing graph needs a [MASK] id")
+        self.kind, self.vocab_size, self.mask_id = kind, vocab_size, mask_id
+        support = torch.ones(vocab_size, dtype=torch.bool)
+        support[list(never)] = False
+        self.support = support  # (V,) True on data tokens
+        self.data_ids = torch.nonzero(support).squeeze(-1)  # (N,)
+        self.N = int(support.sum())
+
+    @property
+    def absorb(self) -> bool:
+        return self.kind == "absorb"
+
+    # -- forward process -----------------------------------------------------------------------------
+    def corrupt(self, x0: Tensor, alpha: Tensor, r_move: Tensor, r_draw: Tensor,
+                fixed: Tensor | None = None) -> Tensor:
+        """x_t ~ p_{t|0}(·|x0): each free token jumps to a draw from π with probability 1 − α.
+        x0 (B, L); alpha (B,) float64; r_move, r_draw (B, L) uniforms in [0, 1)."""
+        move = r_move < (1 - alpha)[:, None]
+        if fixed is not None:
+            move &= ~fixed
+        return torch.where(move, self.draw_limit(r_draw), x0)
+
+    def draw_limit(self, r: Tensor) -> Tensor:
+        """Draws from π for uniforms r: [MASK] (absorbing) or a uniform data token."""
+        if self.absorb:
+            return torch.full(r.shape, self.mask_id, dtype=torch.long, device=r.device)
+        idx = (r * self.N).long().clamp_(max=self.N - 1)
+        return self.data_ids.to(r.device)[idx]
+
+    def transition_probs(self, x: Tensor, alpha: Tensor) -> Tensor:
+        """p_{t|s}(· | x) for a step that keeps a token with probability alpha: (..., V) float64.
+        x (...,) ids; alpha broadcastable to x."""
+        V = self.vocab_size
+        alpha = alpha.double()
+        out = (1 - alpha)[..., None] * self.pi(x.device).expand(*x.shape, V)
+        return out + alpha[..., None] * torch.nn.functional.one_hot(x, V).double()
+
+    def pi(self, device=None) -> Tensor:
+        """The limit distribution π: (V,) float64."""
+        if self.absorb:
+            p = torch.zeros(self.vocab_size, dtype=torch.float64)
+            p[self.mask_id] = 1.0
+        else:
+            p = self.support.double() / self.N
+        return p.to(device)
+
+    # -- the bound -------------------------------------------------------------------------------
+    def score_entropy(self, log_s: Tensor, xt: Tensor, x0: Tensor, alpha: Tensor) -> Tensor:
+        """Σ_{y≠x} π_x [s_y − r_y log s_y + K(r_y)] per position, float64 (B, L).
+
+        log_s: (B, L, V) model log-scores log s_y (any value at y = x_t; −inf off the support);
+        xt, x0: (B, L); alpha: (B,) α(t) float64. For the absorbing graph, positions not masked give 0.
+        """
+        a = alpha.double()[:, None]
+        if self.absorb:
+            r = a / (1 - a)  # r_{x0} = α/(1−α) at a masked position, 0 for every other y
+            log_s = log_s.masked_fill(~self.support.to(log_s.device), -math.inf)  # y over data tokens
+            return self.absorb_score_entropy(log_s.double() - torch.log(r)[..., None], x0, r, xt == self.mask_id)
+        N = self.N
+        b = (1 - a) / N
+        same = xt == x0
+        p_x = torch.where(same, a + b, b)
+        ls = log_s.double()
+        on = self.support.to(ls.device).expand_as(ls)
+        not_x = torch.ones_like(on).scatter_(-1, xt[..., None], False)
+        keep = on & not_x
+        s1 = torch.logsumexp(ls.masked_fill(~keep, -math.inf), dim=-1).exp()  # Σ_{y≠x} s_y
+        sl = ls.masked_fill(~keep, 0.0).sum(-1)  # Σ_{y≠x} log s_y
+        ls_x0 = ls.gather(-1, x0[..., None]).squeeze(-1)
+        s2 = (b / p_x) * sl + torch.where(same, torch.zeros_like(sl), (a / p_x) * ls_x0)
+        s3 = torch.where(same, (N - 1) * _k(b / (a + b)), _k((a + b) / b) - (N - 2))
+        return (s1 - s2 + s3) / N
+
+    @staticmethod
+    def absorb_score_entropy(h: Tensor, x0: Tensor, r: Tensor, masked: Tensor) -> Tensor:
+        """Absorbing-graph score entropy written with h = log s − log r (the "scale by σ" form), which
+        avoids the cancellation between the three terms when r = α/(1−α) is large:
+        Σ_y s_y − r log s_{x0} + K(r) = r·(Σ_y e^{h_y} − h_{x0} − 1). h (B, L, V) with −inf off the data;
+        r (B, 1) or (B, L); masked (B, L) bool. Returns (B, L) float64, 0 where not masked."""
+        h = h.double()
+        lse = torch.logsumexp(h, dim=-1).exp()
+        h_x0 = h.gather(-1, x0[..., None]).squeeze(-1)
+        val = r.expand_as(lse) * (lse - h_x0 - 1)
+        return torch.where(masked, val, torch.zeros_like(val))
+
+    def exact_log_score_from_x0(self, log_p0: Tensor, xt: Tensor, alpha: Tensor) -> Tensor:
+        """log s_y = log Σ_a p̃(a) p_{t|0}(y|a) − log Σ_a p̃(a) p_{t|0}(x_t|a): the concrete score that an
+        x0-prediction p̃ (D3PM's x0-parameterization, UDLM) implies. log_p0 (B, L, V) log p̃ (−inf off
+        the data); returns (B, L, V) float64 (−inf off the support, 0 at y = x_t)."""
+        a = alpha.double()[:, None, None]
+        lp = log_p0.double()
+        if self.absorb:  # p̄ = α p̃ on data tokens, 1 − α on [MASK]
+            bar = lp + torch.log(a)
+            bar[..., self.mask_id] = torch.log1p(-a[..., 0]).expand_as(bar[..., 0])
+        else:  # p̄ = α p̃ + (1 − α)/N on data tokens
+            bar = torch.logaddexp(lp + torch.log(a), torch.log((1 - a) / self.N)).expand_as(lp).clone()
+            bar = bar.masked_fill(~self.support.to(lp.device), -math.inf)
+        return bar - bar.gather(-1, xt[..., None])

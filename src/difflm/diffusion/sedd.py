@@ -1,0 +1,109 @@
+"""Score entropy discrete diffusion (SEDD, Lou et al. ICML 2024, arXiv 2310.16834).
+
+The network outputs log concrete scores log s_θ(x_t, t)_y ≈ log p_t(x_t with token i set to y) / p_t(x_t)
+for every position i and token y. The loss is the denoising score entropy with its constant term, which
+makes it the continuous-time NELBO (Thm 3.6; graphs.py has the formula):
+
+    −log p(x0) ≤ ∫₀¹ σ(t) Σ_i Σ_{y≠x_tⁱ} π_{x_tⁱ} [ s_y − r_y log s_y + K(r_y) ] dt     (α(1) = 0: no prior term)
+
+"Scale by σ" (SEDD §5 / their model code), absorbing graph only: the network's output h is offset so that
+log s_y = h_y − log N − log((1−α)/α), i.e. h ≈ log p(x0 = y | x_t) + log N is O(1) at every noise level.
+The score of the token a position already holds is fixed to 1 (log 0) and never predicted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..schedules import Schedule, build_schedule
+from .base import Batch, Process
+from .graphs import Graph
+
+T_MIN = 1e-5  # times below are not sampled; the integral over [0, T_MIN) is O(T_MIN) nats
+
+
+class ScoreEntropy(Process):
+    family = "sedd"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        pad_id: int,
+        bos_id: int | None = None,
+        graph: str = "absorb",
+        schedule: Schedule | str | dict = "loglinear",
+        scale_by_sigma: bool = True,
+        time_conditioning: bool = True,
+        length_prior: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
+        self.graph = Graph(graph, vocab_size, self.never, mask_id)
+        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
+        self.scale_by_sigma = bool(scale_by_sigma) and self.graph.absorb
+        self.time_conditioning = time_conditioning
+        self.set_length_prior(length_prior, pad_id)
+
+    @property
+    def name(self) -> str:
+        return f"sedd-{self.graph.kind}"
+
+    def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """t ∈ [T_MIN, 1) from uniforms u, and the weight σ(t) = −α'(t)/α(t) (× the Jacobian), (B,) float64."""
+        t = T_MIN + (1 - T_MIN) * u.double()
+        return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / self.schedule.alpha(t)
+
+    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
+        r_move, r_draw = batch.rand(generator, stream=0), batch.rand(generator, stream=1)
+        return self.graph.corrupt(batch.tokens, self.schedule.alpha(t), r_move, r_draw, batch.fixed)
+
+    def log_score(self, model: nn.Module, xt: Tensor, t: Tensor, select: Tensor | None = None) -> Tensor:
+        """log s_θ(x_t, t): (B, L, V) float32, or (N, V) where ``select`` is True; −inf on the ids that are
+        never data (so −inf at [MASK]), and 0 at the token a position holds (uniform graph). For the absorbing
+        graph only [MASK] positions have a score (the others never move); ``select`` should be a subset."""
+        tc = t.float() if self.time_conditioning else None
+        out = (model(xt, tc) if select is None else model(xt, tc, select=select)).float()
+        out[..., self.never] = -math.inf
+        if self.scale_by_sigma:
+            a = self.schedule.alpha(t.double())
+            shift = (math.log(self.graph.N) + torch.log((1 - a) / a)).float()[:, None]  # (B, 1)
+            shift = shift.expand_as(xt)[select] if select is not None else shift
+            out = out - shift[..., None]
+        if self.graph.absorb:  # y ranges over data tokens only; [MASK] stays at −inf
+            return out
+        held = xt[select] if select is not None else xt
+        return out.scatter(-1, held[..., None], 0.0)
+
+    def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
+        x0 = batch.tokens
+        u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+        t, w = self.times(u.to(x0.device))
+        xt = self.corrupt(batch, t, generator)
+        a = self.schedule.alpha(t)
+        terms = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)
+        if self.graph.absorb:  # only masked positions have terms: run the head there only
+            sel = (xt == self.mask_id) & batch.loss_mask
+            log_s = self.log_score(model, xt, t, select=sel)  # (n, V)
+            r = (a / (1 - a))[:, None].expand_as(xt)[sel]
+            h = log_s.double() - torch.log(r)[:, None]  # s = r·e^h
+            vals = Graph.absorb_score_entropy(h, x0[sel], r, torch.ones_like(r, dtype=torch.bool))
+            terms[sel] = vals * w[:, None].expand_as(xt)[sel]
+        else:
+            log_s = self.log_score(model, xt, t)
+            terms = self.graph.score_entropy(log_s, xt, x0, a) * w[:, None]
+            terms = torch.where(batch.loss_mask, terms, torch.zeros_like(terms))
+        return terms.float()
+
+    def config(self) -> dict:
+        return {
+            "type": "sedd",
+            "graph": self.graph.kind,
+            "schedule": self.schedule.to_dict(),
+            "scale_by_sigma": self.scale_by_sigma,
+            "time_conditioning": self.time_conditioning,
+        }
