@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOY_MASK, TOY_PAD, TOY_V
+from conftest import TOY_MASK, TOY_PAD, TOY_V, ExactScore
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -55,37 +55,6 @@ def test_closed_form_score_entropy_matches_the_definition(kind, alpha, seed):
     want = brute_score_entropy(g, log_s, xt, x0, a)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
     assert (got >= -1e-9).all()  # a Bregman divergence: never negative
-
-
-class ExactScore(nn.Module):
-    """The exact concrete score of the toy distribution under a graph, by enumeration, in the output form
-    a process expects: "sedd" (log-scores, shifted back when the process scales by σ) or "x0" (log of
-    p(x0ⁱ | x_t without position i), the x0-prediction whose implied score is exact)."""
-
-    def __init__(self, seqs, p, graph: Graph, schedule, form: str, scale_by_sigma: bool = False) -> None:
-        super().__init__()
-        self.seqs, self.p, self.g, self.schedule, self.form, self.scale = seqs, p, graph, schedule, form, scale_by_sigma
-
-    def forward(self, x, t=None, select=None):
-        if select is not None:
-            return self(x, t)[select]
-        B, L = x.shape
-        out = torch.empty(B, L, V, dtype=torch.float64)
-        for b in range(B):
-            a = self.schedule.alpha(t[b].double())
-            lik = self.g.transition_probs(self.seqs, a.expand(self.seqs.shape))  # (n, L, V): q(v | seq_j)
-            held = lik.gather(-1, x[b].expand(len(self.seqs), L)[..., None]).squeeze(-1)  # (n, L)
-            for i in range(L):
-                others = self.p * torch.cat([held[:, :i], held[:, i + 1 :]], 1).prod(1)  # (n,)
-                if self.form == "x0":
-                    w = torch.zeros(V, dtype=torch.float64).index_add_(0, self.seqs[:, i], others)
-                    out[b, i] = torch.log(w / w.sum())
-                else:
-                    pt = (others[:, None] * lik[:, i]).sum(0)  # p_t(x with position i set to y), (V,)
-                    out[b, i] = torch.log(pt) - torch.log(pt[x[b, i]])
-                    if self.scale:
-                        out[b, i] += math.log(self.g.N) + torch.log((1 - a) / a)
-        return out.float()
 
 
 def mc_nelbo(process, model, x0, K, seed=0):

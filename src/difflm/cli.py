@@ -13,7 +13,8 @@ from .errors import DiffLMError
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
-                   help="ancestral | cached (masked), autoregressive (AR); default: the family's own")
+                   help="masked: ancestral|cached; uniform: ancestral; sedd: analytic|euler; "
+                        "AR: autoregressive (default: the family's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None, dest="top_p")

@@ -27,11 +27,12 @@ from .training.checkpoint import atomic_save_safetensors, atomic_write_text, rea
 GAP = re.compile(r"\[MASK\]|_{3,}")
 
 
-def transformer_config(run: RunConfig, vocab_size: int) -> TransformerConfig:
+def transformer_config(run: RunConfig, vocab_size: int, process: Process | None = None) -> TransformerConfig:
+    """The backbone a run needs; causal for AR, time-conditioned when the process feeds it t."""
     causal = run.process.get("type", "masked") == "autoregressive"
+    time_conditioning = bool(getattr(process, "time_conditioning", run.process.get("time_conditioning", False)))
     return TransformerConfig(
-        vocab_size=vocab_size, max_len=run.data.seq_len, causal=causal,
-        time_conditioning=bool(run.process.get("time_conditioning", False)),
+        vocab_size=vocab_size, max_len=run.data.seq_len, causal=causal, time_conditioning=time_conditioning,
         n_layer=run.model.n_layer, n_head=run.model.n_head, d_model=run.model.d_model,
         mlp_ratio=run.model.mlp_ratio, dropout=run.model.dropout,
     )
@@ -47,7 +48,7 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None) ->
     except TypeError as e:
         raise DiffLMError(f"bad process options in config: {e}") from None
     try:
-        model = Transformer(transformer_config(run, tokenizer.vocab_size))
+        model = Transformer(transformer_config(run, tokenizer.vocab_size, process))
     except ValueError as e:
         raise DiffLMError(f"bad model config: {e}") from None
     return model, process

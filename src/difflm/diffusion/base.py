@@ -78,22 +78,17 @@ class Process(nn.Module):
         """Training objective per position (B, L); the bound unless a family trains on something else."""
         return self.bound_terms(model, batch)
 
-    length_log_prior: Tensor | None = None
-
     def set_length_prior(self, length_prior: list[float] | None, pad_id: int) -> None:
         """Models trained on padded lines see where padding starts, so their bound includes −log p(length),
         with p the (smoothed) training length distribution over 0..L; samplers draw lengths from it."""
         self.pad_id = pad_id
-        if length_prior is None:
-            self.length_log_prior = None
-            return
-        lp = torch.tensor(length_prior, dtype=torch.float64)
-        self.register_buffer("length_log_prior", torch.log(lp / lp.sum()), persistent=False)
+        lp = None if length_prior is None else torch.tensor(length_prior, dtype=torch.float64)
+        self.register_buffer("length_log_prior", None if lp is None else torch.log(lp / lp.sum()), persistent=False)
 
     def sequence_terms(self, batch: Batch) -> Tensor:
         """Bound terms that belong to whole sequences rather than positions (B,): −log p(length)."""
         B = batch.tokens.shape[0]
-        if self.length_log_prior is None:
+        if getattr(self, "length_log_prior", None) is None:
             return torch.zeros(B, dtype=torch.float32, device=batch.tokens.device)
         n = (batch.tokens != self.pad_id).sum(-1).clamp(max=len(self.length_log_prior) - 1)
         return -self.length_log_prior.to(batch.tokens.device)[n].float()

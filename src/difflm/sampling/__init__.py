@@ -7,24 +7,26 @@ from ..errors import DiffLMError
 from .autoregressive import AutoregressiveSampler
 from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
+from .graph import SEDDAnalytic, SEDDEuler, UniformAncestral
 from .masked import MaskedAncestral, MaskedCached
 
-SAMPLERS: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (MaskedAncestral, MaskedCached, AutoregressiveSampler)
-}
-DEFAULT_SAMPLER = {"masked": "ancestral", "autoregressive": "autoregressive"}
+_ALL = (MaskedAncestral, MaskedCached, UniformAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler)
+SAMPLER_NAMES = sorted({c.name for c in _ALL})
+DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic",
+                   "autoregressive": "autoregressive"}
 
-__all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "SAMPLERS"]
+__all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "SAMPLER_NAMES"]
 
 
 def get_sampler(name: str | None, process: Process) -> Sampler:
     """The sampler called ``name`` (None: the family's default), or a clear error if it does not fit."""
     name = name or DEFAULT_SAMPLER[process.family]
-    if name not in SAMPLERS:
-        raise DiffLMError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    cls = SAMPLERS[name]
-    if process.family not in cls.families:
-        fits = sorted(n for n, c in SAMPLERS.items() if process.family in c.families)
+    known = {c.name for c in _ALL}
+    if name not in known:
+        raise DiffLMError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(known))}")
+    cls = next((c for c in _ALL if c.name == name and process.family in c.families), None)
+    if cls is None:
+        fits = sorted(c.name for c in _ALL if process.family in c.families)
         raise DiffLMError(
             f"sampler {name!r} does not fit a {process.family} model; use one of: {', '.join(fits)}"
         )

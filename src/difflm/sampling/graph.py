@@ -1,0 +1,127 @@
+"""Samplers for the graph families (uniform diffusion and SEDD), on a uniform time grid t_k = k/steps.
+
+With β = α_t/α_s the one-step forward kernel from s to t is T = β I + (1 − β) π𝟙ᵀ (graphs.py), and
+
+ancestral (uniform, x0-parameterisation; UDLM/D3PM): p(x_s = y | x_t) ∝ T(x_t | y) · [α_s p̃ + (1 − α_s) π]_y.
+analytic  (SEDD "Tweedie τ-leaping", Lou et al. §4.2, eq. 19): p(x_s = y | x_t) ∝ (T⁻¹ s)_y · T(x_t | y), with
+          T⁻¹ = I/β − ((1 − β)/β) π𝟙ᵀ and s the concrete score (s at x_t is 1); negative entries clipped.
+euler     (SEDD τ-leaping, §4.1): p(x_s = y | x_t) = Δσ̄ · π_{x_t} · s_y for y ≠ x_t, with Δσ̄ = log(α_s/α_t).
+          Its last step (to t = 0) is the analytic one, SEDD's final denoising step.
+
+At s = 0 the absorbing graph's [MASK] gets probability 0: every position leaves with a token. SEDD samplers
+start at t = 1 − 1e-5, where the score is finite; the uniform ancestral sampler starts at t = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.base import Process
+from ..errors import DiffLMError
+from ..rng import uniform
+from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .categorical import probs_from_logits, sample_categorical
+from .conditioning import Conditioning
+
+T_TOP = 1 - 1e-5  # SEDD samplers start here: at t = 1 the concrete score of an absorbing graph is 0/0
+
+
+class GraphSampler(Sampler):
+    families: tuple[str, ...] = ()
+    t_max = 1.0
+
+    def step_probs(self, model: nn.Module, process: Process, x: Tensor, t: float, s: float) -> Tensor:
+        """p(x_s | x_t) at every position: (B, L, V) float64 (rows sum to 1)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: Process, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        if steps < 1:
+            raise DiffLMError("--steps must be at least 1")
+        rows = self.default_rows(cond, rows)
+        B, L = cond.shape
+        g = process.graph
+        start = g.draw_limit(uniform(seed, rows, steps + 1, L, stream=2).to(cond.tokens.device))
+        x = torch.where(cond.fixed, cond.tokens, start)
+        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+        free = ~cond.fixed
+        for k in range(steps, 0, -1):
+            t, s = self.t_max * k / steps, self.t_max * (k - 1) / steps
+            probs = self.step_probs(model, process, x, t, s)
+            nfe += 1
+            if s == 0 and g.absorb:
+                probs[..., g.mask_id] = 0.0
+            probs = probs.clamp_min(0.0)
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-300)
+            p = probs[free]
+            if temperature != 1.0 or top_p < 1.0:
+                p = probs_from_logits(torch.log(p), temperature, top_p)
+            u = uniform(seed, rows, k, L, stream=1)[free]
+            x = x.clone()
+            x[free] = sample_categorical(p, u)
+            if on_step is not None:
+                on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
+        return SampleOutput(x, nfe)
+
+    @staticmethod
+    def kernel_into(process: Process, x: Tensor, beta: float) -> Tensor:
+        """T(x_t | y) for every y: (B, L, V) float64, for a step that keeps a token with probability β."""
+        g = process.graph
+        pi = g.pi(x.device)
+        out = (1 - beta) * pi[x][..., None].expand(*x.shape, g.vocab_size).clone()
+        out.scatter_add_(-1, x[..., None], torch.full_like(out[..., :1], beta))
+        return out
+
+
+class UniformAncestral(GraphSampler):
+    name = "ancestral"
+    families = ("uniform",)
+
+    def step_probs(self, model, process, x, t, s):
+        sch, g = process.schedule, process.graph
+        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        p0 = process.x0_log_probs(model, x, torch.full((x.shape[0],), t, device=x.device)).double().exp()
+        prior = a_s * p0 + (1 - a_s) * g.pi(x.device)
+        return prior * self.kernel_into(process, x, a_t / a_s)
+
+
+class SEDDAnalytic(GraphSampler):
+    name = "analytic"
+    families = ("sedd",)
+    t_max = T_TOP
+
+    def scores(self, model, process, x, t) -> Tensor:
+        """s_θ(x_t)_y as float64 (B, L, V), with s = 1 at the token each position holds."""
+        ls = process.log_score(model, x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
+        return ls.double().scatter(-1, x[..., None], 0.0).exp()
+
+    def step_probs(self, model, process, x, t, s):
+        sch, g = process.schedule, process.graph
+        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        beta = a_t / a_s
+        sc = self.scores(model, process, x, t)
+        stag = sc / beta - ((1 - beta) / beta) * g.pi(x.device) * sc.sum(-1, keepdim=True)
+        return stag * self.kernel_into(process, x, beta)
+
+
+class SEDDEuler(SEDDAnalytic):
+    name = "euler"
+
+    def step_probs(self, model, process, x, t, s):
+        if s == 0:  # the final denoising step is the analytic (Tweedie) one
+            return super().step_probs(model, process, x, t, s)
+        sch, g = process.schedule, process.graph
+        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        d_sigma = math.log(a_s / a_t)
+        sc = self.scores(model, process, x, t)
+        rate = d_sigma * g.pi(x.device)[x][..., None] * sc
+        rate = rate.scatter(-1, x[..., None], 0.0).clamp_min(0.0)
+        stay = (1 - rate.sum(-1, keepdim=True)).clamp_min(0.0)
+        return rate.scatter(-1, x[..., None], stay)

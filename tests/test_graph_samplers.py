@@ -1,0 +1,72 @@
+"""Samplers of the graph families (uniform diffusion, SEDD absorbing/uniform) with the exact concrete score
+of the enumerable toy problem: their output distribution passes a chi-square test as steps grow, fails it
+with one step (so the test has power), keeps given tokens, and the family/sampler check is a clear error."""
+
+import pytest
+import torch
+from conftest import TOY_L, TOY_MASK, TOY_PAD, TOY_V, ExactScore, chi2_gof
+
+from difflm.diffusion import MaskedDiffusion, ScoreEntropy, UniformDiffusion
+from difflm.errors import DiffLMError
+from difflm.sampling import Conditioning, get_sampler
+
+N = 6000
+V = TOY_V + 2
+
+
+def setup(family, graph="absorb", schedule="loglinear"):
+    if family == "uniform":
+        proc = UniformDiffusion(V, TOY_MASK, TOY_PAD, schedule=schedule)
+        return proc, "x0", False
+    proc = ScoreEntropy(V, TOY_MASK, TOY_PAD, graph=graph, schedule=schedule)
+    return proc, "sedd", proc.scale_by_sigma
+
+
+SLOW = pytest.mark.slow  # Euler is first order: it needs many steps, minutes on 2 cores
+CASES = [("uniform", "uniform", "ancestral", 128), ("sedd", "absorb", "analytic", 128),
+         ("sedd", "uniform", "analytic", 128), pytest.param("sedd", "absorb", "euler", 512, marks=SLOW),
+         pytest.param("sedd", "uniform", "euler", 512, marks=SLOW)]
+
+
+@pytest.mark.parametrize("family,graph,sampler,steps", CASES)
+def test_sampler_matches_the_true_distribution(toy, family, graph, sampler, steps):
+    seqs, p, _ = toy
+    proc, form, scale = setup(family, graph)
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    out = get_sampler(sampler, proc)(model, proc, Conditioning.unconditional(N, TOY_L), steps=steps, seed=1)
+    assert (out.tokens < TOY_V).all()  # data tokens only: no [MASK] survives the final step
+    assert (out.nfe == steps).all()
+    assert chi2_gof(out.tokens, seqs, p) > 1e-3
+
+
+@pytest.mark.parametrize("family,graph,sampler", [("uniform", "uniform", "ancestral"),
+                                                  ("sedd", "absorb", "analytic"), ("sedd", "uniform", "analytic")])
+def test_one_step_is_detectably_wrong(toy, family, graph, sampler):
+    seqs, p, _ = toy
+    proc, form, scale = setup(family, graph)
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    out = get_sampler(sampler, proc)(model, proc, Conditioning.unconditional(N, TOY_L), steps=1, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) < 1e-6
+
+
+@pytest.mark.parametrize("family,graph,sampler", [("uniform", "uniform", "ancestral"), ("sedd", "absorb", "euler"),
+                                                  ("sedd", "uniform", "analytic")])
+def test_given_tokens_are_kept_and_same_seed_same_samples(toy, family, graph, sampler):
+    seqs, p, _ = toy
+    proc, form, scale = setup(family, graph)
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    cond = Conditioning(torch.tensor([[2, 0, 1]] * 64), torch.tensor([[True, False, True]] * 64))
+    smp = get_sampler(sampler, proc)
+    a = smp(model, proc, cond, steps=16, seed=4).tokens
+    assert (a[:, 0] == 2).all() and (a[:, 2] == 1).all() and (a < TOY_V).all()
+    b = smp(model, proc, Conditioning(cond.tokens[:5], cond.fixed[:5]), steps=16, seed=4, rows=torch.arange(5)).tokens
+    assert torch.equal(a[:5], b)
+
+
+def test_a_sampler_of_another_family_is_a_clear_error():
+    sedd = ScoreEntropy(V, TOY_MASK, TOY_PAD)
+    with pytest.raises(DiffLMError, match="does not fit a sedd model; use one of: analytic, euler"):
+        get_sampler("cached", sedd)
+    with pytest.raises(DiffLMError, match="does not fit a masked model"):
+        get_sampler("euler", MaskedDiffusion(V, TOY_MASK, TOY_PAD))
+    assert get_sampler(None, UniformDiffusion(V, TOY_MASK, TOY_PAD)).name == "ancestral"
