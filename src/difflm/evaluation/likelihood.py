@@ -44,7 +44,8 @@ class EvalResult:
 
     def summary(self) -> str:
         kind = "NLL" if self.exact else "NELBO"
-        s = f"{kind} {self.nelbo:.4f} ± {self.ci95:.4f} nats/token, perplexity ≤ {self.ppl:.2f}"
+        rel = "=" if self.exact else "≤"  # the AR NLL is exact: its perplexity is not a bound
+        s = f"{kind} {self.nelbo:.4f} ± {self.ci95:.4f} nats/token, perplexity {rel} {self.ppl:.2f}"
         if not self.exact:
             s += f" [{self.ppl_low:.2f}, {self.ppl_high:.2f}]"
         if self.bpc is not None:
