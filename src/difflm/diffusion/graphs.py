@@ -23,6 +23,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..schedules import Schedule, build_schedule
+from .base import T_MIN, Batch, Process
+
 GRAPHS = ("absorb", "uniform")
 
 
@@ -137,3 +140,37 @@ class Graph:
             bar = torch.logaddexp(lp + torch.log(a), torch.log((1 - a) / self.N)).expand_as(lp).clone()
             bar = bar.masked_fill(~self.support.to(lp.device), -math.inf)
         return bar - bar.gather(-1, xt[..., None])
+
+
+class GraphDiffusion(Process):
+    """What SEDD and uniform diffusion share: a graph over the data tokens, a schedule α(t), continuous
+    times with the score-entropy weight σ(t) = −α'(t)/α(t), and the forward corruption."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        pad_id: int,
+        bos_id: int | None,
+        graph: str,
+        schedule: Schedule | str | dict,
+        time_conditioning: bool,
+        length_prior: list[float] | None,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
+        self.graph = Graph(graph, vocab_size, self.never, mask_id)
+        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
+        self.time_conditioning = time_conditioning
+        self.set_length_prior(length_prior, pad_id)
+
+    def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """t ∈ [T_MIN, 1) from uniforms u, and the weight σ(t) = −α'(t)/α(t) (× the Jacobian), (B,) float64."""
+        t = T_MIN + (1 - T_MIN) * u.double()
+        return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / self.schedule.alpha(t)
+
+    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
+        """x_t ~ p_{t|0}(·|x0) for the batch's free positions: (B, L)."""
+        r_move, r_draw = batch.rand(generator, stream=0), batch.rand(generator, stream=1)
+        return self.graph.corrupt(batch.tokens, self.schedule.alpha(t), r_move, r_draw, batch.fixed)

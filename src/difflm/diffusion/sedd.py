@@ -18,14 +18,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..schedules import Schedule, build_schedule
-from .base import Batch, Process
-from .graphs import Graph
-
-T_MIN = 1e-5  # times below are not sampled; the integral over [0, T_MIN) is O(T_MIN) nats
+from ..schedules import Schedule
+from .base import Batch
+from .graphs import Graph, GraphDiffusion
 
 
-class ScoreEntropy(Process):
+class ScoreEntropy(GraphDiffusion):
     family = "sedd"
 
     def __init__(
@@ -40,27 +38,8 @@ class ScoreEntropy(Process):
         time_conditioning: bool = True,
         length_prior: list[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.vocab_size, self.mask_id = vocab_size, mask_id
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
-        self.graph = Graph(graph, vocab_size, self.never, mask_id)
-        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, graph, schedule, time_conditioning, length_prior)
         self.scale_by_sigma = bool(scale_by_sigma) and self.graph.absorb
-        self.time_conditioning = time_conditioning
-        self.set_length_prior(length_prior, pad_id)
-
-    @property
-    def name(self) -> str:
-        return f"sedd-{self.graph.kind}"
-
-    def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """t ∈ [T_MIN, 1) from uniforms u, and the weight σ(t) = −α'(t)/α(t) (× the Jacobian), (B,) float64."""
-        t = T_MIN + (1 - T_MIN) * u.double()
-        return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / self.schedule.alpha(t)
-
-    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
-        r_move, r_draw = batch.rand(generator, stream=0), batch.rand(generator, stream=1)
-        return self.graph.corrupt(batch.tokens, self.schedule.alpha(t), r_move, r_draw, batch.fixed)
 
     def log_score(self, model: nn.Module, xt: Tensor, t: Tensor, select: Tensor | None = None) -> Tensor:
         """log s_θ(x_t, t): (B, L, V) float32, or (N, V) where ``select`` is True; −inf on the ids that are
@@ -81,8 +60,7 @@ class ScoreEntropy(Process):
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         x0 = batch.tokens
-        u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
-        t, w = self.times(u.to(x0.device))
+        t, w = self.times(batch.time_uniforms(generator))
         xt = self.corrupt(batch, t, generator)
         a = self.schedule.alpha(t)
         terms = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)

@@ -20,14 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..schedules import Schedule, build_schedule
-from .base import Batch, Process
-from .graphs import Graph
-
-T_MIN = 1e-5
+from ..schedules import Schedule
+from .base import Batch
+from .graphs import GraphDiffusion
 
 
-class UniformDiffusion(Process):
+class UniformDiffusion(GraphDiffusion):
     family = "uniform"
 
     def __init__(
@@ -40,22 +38,7 @@ class UniformDiffusion(Process):
         time_conditioning: bool = True,
         length_prior: list[float] | None = None,
     ) -> None:
-        super().__init__()
-        self.vocab_size, self.mask_id = vocab_size, mask_id
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
-        self.graph = Graph("uniform", vocab_size, self.never)
-        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
-        self.time_conditioning = time_conditioning
-        self.set_length_prior(length_prior, pad_id)
-
-    def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """t ∈ [T_MIN, 1) and the weight σ(t) = −α'/α (× the Jacobian), (B,) float64."""
-        t = T_MIN + (1 - T_MIN) * u.double()
-        return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / self.schedule.alpha(t)
-
-    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
-        r_move, r_draw = batch.rand(generator, stream=0), batch.rand(generator, stream=1)
-        return self.graph.corrupt(batch.tokens, self.schedule.alpha(t), r_move, r_draw, batch.fixed)
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, "uniform", schedule, time_conditioning, length_prior)
 
     def x0_log_probs(self, model: nn.Module, xt: Tensor, t: Tensor) -> Tensor:
         """log p̃_θ(x0 | x_t): (B, L, V) float32, −inf on the ids that are never data."""
@@ -69,8 +52,7 @@ class UniformDiffusion(Process):
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         x0 = batch.tokens
-        u = batch.u if batch.u is not None else torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
-        t, w = self.times(u.to(x0.device))
+        t, w = self.times(batch.time_uniforms(generator))
         xt = self.corrupt(batch, t, generator)
         terms = self.graph.score_entropy(self.log_score(model, xt, t), xt, x0, self.schedule.alpha(t)) * w[:, None]
         return torch.where(batch.loss_mask, terms, torch.zeros_like(terms)).float()
