@@ -168,3 +168,38 @@ def build_schedule(spec: str | dict, terminal_zero: bool = True) -> Schedule:
         return SCHEDULES[name](**spec, terminal_zero=terminal_zero)
     except TypeError as e:
         raise DiffLMError(f"bad parameters for schedule {name!r}: {e}") from None
+
+
+# -- discrete-time β schedules (D3PM, Austin et al. 2021, §4 and App. A) --------------------------------
+BETA_SCHEDULES = ("linear", "cosine", "jsd")
+
+
+def beta_schedule(name: str, steps: int, beta_min: float = 1e-4, beta_max: float = 0.02) -> Tensor:
+    """β_1..β_T (T,) float64 for a T-step discrete process.
+
+    linear: β_t from beta_min to beta_max (Ho et al. 2020; D3PM's discretized-Gaussian models).
+    cosine: β_t = 1 − ᾱ_t/ᾱ_{t−1} with ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008
+            (Nichol & Dhariwal 2021, as Hoogeboom et al. 2021 use for uniform noise; D3PM-uniform).
+    jsd:    β_t = 1/(T − t + 1) (Sohl-Dickstein et al. 2015; D3PM-absorbing): ᾱ_t = 1 − t/T exactly.
+    """
+    T = int(steps)
+    if T < 1:
+        raise DiffLMError(f"a discrete process needs steps ≥ 1, got {steps}")
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    if name == "linear":
+        return torch.linspace(beta_min, beta_max, T, dtype=torch.float64)
+    if name == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        abar = f / f[0]
+        return (1 - abar[1:] / abar[:-1]).clamp(0.0, 1.0)
+    if name == "jsd":
+        return 1.0 / (T - t + 1)
+    raise DiffLMError(f"unknown β schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+def betas_from_alpha(schedule: Schedule, steps: int) -> Tensor:
+    """β_t = 1 − α(t/T)/α((t−1)/T): a continuous schedule sampled on T steps, so ᾱ_t = α(t/T) (T,) float64."""
+    a = schedule.alpha(torch.arange(steps + 1, dtype=torch.float64) / steps)
+    ratio = torch.where(a[:-1] > 0, a[1:] / a[:-1].clamp_min(1e-300), torch.zeros_like(a[1:]))
+    return (1 - ratio).clamp(0.0, 1.0)

@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..errors import DiffLMError
 from .autoregressive import Autoregressive
 from .base import Batch, Process, low_discrepancy_uniform
+from .d3pm import D3PM
 from .graphs import Graph
 from .masked import MaskedDiffusion
 from .sedd import ScoreEntropy
 from .uniform import UniformDiffusion
 
-__all__ = ["Autoregressive", "Batch", "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
+__all__ = ["Autoregressive", "Batch", "D3PM", "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
            "build_process", "low_discrepancy_uniform"]
 
-FAMILIES = ("masked", "uniform", "sedd", "autoregressive")
+FAMILIES = ("masked", "uniform", "sedd", "d3pm", "autoregressive")
 
 
 def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length_prior=None) -> Process:
     """cfg: the config's ``process`` section; special: token ids of pad/mask/bos/eos."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "masked")
-    if kind == "masked":
-        return MaskedDiffusion(
-            vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg
-        )
-    if kind in ("uniform", "sedd"):
-        cls = UniformDiffusion if kind == "uniform" else ScoreEntropy
-        return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg)
     if kind == "autoregressive":
         if cfg:
             raise DiffLMError(f"process.type autoregressive takes no options, got {sorted(cfg)}")
         return Autoregressive(special["bos"], special["pad"], special["mask"])
-    raise DiffLMError(f"unknown process.type {kind!r}; choose one of {', '.join(FAMILIES)}")
+    classes = {"masked": MaskedDiffusion, "uniform": UniformDiffusion, "sedd": ScoreEntropy, "d3pm": D3PM}
+    if kind not in classes:
+        raise DiffLMError(f"unknown process.type {kind!r}; choose one of {', '.join(FAMILIES)}")
+    cls = classes[kind]
+    known = set(inspect.signature(cls).parameters) - {"vocab_size", "mask_id", "pad_id", "bos_id", "length_prior"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise DiffLMError(
+            f"process.type {kind} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}"
+        )
+    return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg)

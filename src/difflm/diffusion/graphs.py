@@ -79,6 +79,20 @@ class Graph:
         out = (1 - alpha)[..., None] * self.pi(x.device).expand(*x.shape, V)
         return out + alpha[..., None] * torch.nn.functional.one_hot(x, V).double()
 
+    def mix(self, p0: Tensor, alpha: Tensor) -> Tensor:
+        """p0·Q̄ = α·p0 + (1 − α)·(Σp0)·π: the marginal at keep-probability α of tokens drawn from p0
+        (..., V) float64 (one-hot x0 gives ``transition_probs``); alpha broadcastable to p0[..., 0]."""
+        a = alpha.double()[..., None]
+        return a * p0 + (1 - a) * p0.sum(-1, keepdim=True) * self.pi(p0.device)
+
+    def kernel_into(self, x: Tensor, keep: Tensor | float) -> Tensor:
+        """The column T(x | y) for every y of a step that keeps a token with probability ``keep``:
+        keep·𝟙[y = x] + (1 − keep)·π_x. x (...,) ids; keep a float or broadcastable to x.
+        Returns (..., V) float64."""
+        keep = torch.as_tensor(keep, dtype=torch.float64, device=x.device).expand(x.shape)
+        out = ((1 - keep) * self.pi(x.device)[x])[..., None].expand(*x.shape, self.vocab_size).clone()
+        return out.scatter_add_(-1, x[..., None], keep[..., None].clone())
+
     def pi(self, device=None) -> Tensor:
         """The limit distribution π: (V,) float64."""
         if self.absorb:
@@ -169,6 +183,10 @@ class GraphDiffusion(Process):
         """t ∈ [T_MIN, 1) from uniforms u, and the weight σ(t) = −α'(t)/α(t) (× the Jacobian), (B,) float64."""
         t = T_MIN + (1 - T_MIN) * u.double()
         return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / self.schedule.alpha(t)
+
+    def draw_prior(self, r: Tensor) -> Tensor:
+        """x_1 ~ π for uniforms r (B, L)."""
+        return self.graph.draw_limit(r)
 
     def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
         """x_t ~ p_{t|0}(·|x0) for the batch's free positions: (B, L)."""
