@@ -13,7 +13,7 @@ from .errors import DiffLMError
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
-                   help="masked: ancestral|cached; uniform: ancestral; sedd: analytic|euler; "
+                   help="masked: ancestral|cached; uniform, d3pm: ancestral; sedd: analytic|euler; "
                         "AR: autoregressive (default: the family's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
@@ -74,7 +74,7 @@ def cmd_eval(a) -> int:
     data = build_dataset(lm.run.data, lm.tokenizer, a.split)
     r = evaluate(lm.model, lm.process, data, n_samples=a.samples, batch_size=a.batch_size, seed=a.seed,
                  max_batches=a.max_batches, bf16=not a.fp32, char_level=lm.tokenizer.kind == "char",
-                 device=lm.device, progress=not a.json)
+                 device=lm.device, progress=not a.json, all_steps=a.all_steps)
     if a.json:
         print(json.dumps({"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}))
     else:
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--fp32", action="store_true")
+    e.add_argument("--all-steps", action="store_true",
+                   help="D3PM: sum all T terms of the bound in each pass (T network calls) instead of one")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data.datasets import TokenDataset
 from ..diffusion.base import Process, low_discrepancy_uniform
+from ..errors import DiffLMError
 from ..rng import uniform
 
 # two-sided 97.5% quantiles of Student's t with df = 1..30 (beyond: normal)
@@ -57,10 +58,15 @@ class EvalResult:
 def evaluate(
     model: nn.Module, process: Process, dataset: TokenDataset, *, n_samples: int = 4, batch_size: int = 32,
     seed: int = 0, max_batches: int | None = None, bf16: bool = True, char_level: bool = False,
-    device: torch.device | str = "cpu", progress: bool = False,
+    device: torch.device | str = "cpu", progress: bool = False, all_steps: bool = False,
 ) -> EvalResult:
     """Estimate the bound over ``dataset`` K = n_samples times with independent times; each pass uses
-    low-discrepancy times across its batch. Exact-likelihood processes need (and get) one pass."""
+    low-discrepancy times across its batch. Exact-likelihood processes need (and get) one pass.
+    all_steps: for discrete-time families (D3PM), evaluate every one of the T terms of the bound in each
+    pass (T network calls per batch) instead of one term drawn at random."""
+    if all_steps and not hasattr(process, "full_nelbo"):
+        raise DiffLMError(f"--all-steps applies to discrete-time families (d3pm), not to a {process.family} model")
+    nelbo = process.full_nelbo if all_steps else process.nelbo
     model.eval()
     K = 1 if process.exact_likelihood else max(1, n_samples)
     N = len(dataset)
@@ -85,7 +91,7 @@ def evaluate(
         batch.u = low_discrepancy_uniform(u0, len(rows)).to(dev)
         gen = torch.Generator(device=dev).manual_seed(hash((seed, k, b)) & 0x7FFFFFFF)
         with amp:
-            acc[k] += process.nelbo(model, batch, generator=gen).sum().item()
+            acc[k] += nelbo(model, batch, generator=gen).sum().item()
         if k == 0:
             n_tokens += batch.n_tokens
             n_seq += len(rows)

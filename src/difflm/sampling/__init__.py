@@ -7,12 +7,13 @@ from ..errors import DiffLMError
 from .autoregressive import AutoregressiveSampler
 from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
-from .graph import SEDDAnalytic, SEDDEuler, UniformAncestral
+from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
 from .masked import MaskedAncestral, MaskedCached
 
-_ALL = (MaskedAncestral, MaskedCached, UniformAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler)
+_ALL = (MaskedAncestral, MaskedCached, UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler,
+        AutoregressiveSampler)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
-DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic",
+DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",
                    "autoregressive": "autoregressive"}
 
 __all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "SAMPLER_NAMES"]

@@ -47,8 +47,7 @@ class GraphSampler(Sampler):
             raise DiffLMError("--steps must be at least 1")
         rows = self.default_rows(cond, rows)
         B, L = cond.shape
-        g = process.graph
-        start = g.draw_limit(uniform(seed, rows, steps + 1, L, stream=2).to(cond.tokens.device))
+        start = process.draw_prior(uniform(seed, rows, steps + 1, L, stream=2).to(cond.tokens.device))
         x = torch.where(cond.fixed, cond.tokens, start)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         free = ~cond.fixed
@@ -56,8 +55,8 @@ class GraphSampler(Sampler):
             t, s = self.t_max * k / steps, self.t_max * (k - 1) / steps
             probs = self.step_probs(model, process, x, t, s)
             nfe += 1
-            if s == 0 and g.absorb:
-                probs[..., g.mask_id] = 0.0
+            if s == 0 and process.graph.absorb:
+                probs[..., process.mask_id] = 0.0
             probs = probs.clamp_min(0.0)
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-300)
             p = probs[free]
@@ -70,16 +69,6 @@ class GraphSampler(Sampler):
                 on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
         return SampleOutput(x, nfe)
 
-    @staticmethod
-    def kernel_into(process: Process, x: Tensor, beta: float) -> Tensor:
-        """T(x_t | y) for every y: (B, L, V) float64, for a step that keeps a token with probability β."""
-        g = process.graph
-        pi = g.pi(x.device)
-        out = (1 - beta) * pi[x][..., None].expand(*x.shape, g.vocab_size).clone()
-        out.scatter_add_(-1, x[..., None], torch.full_like(out[..., :1], beta))
-        return out
-
-
 class UniformAncestral(GraphSampler):
     name = "ancestral"
     families = ("uniform",)
@@ -88,8 +77,23 @@ class UniformAncestral(GraphSampler):
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
         p0 = process.x0_log_probs(model, x, torch.full((x.shape[0],), t, device=x.device)).double().exp()
-        prior = a_s * p0 + (1 - a_s) * g.pi(x.device)
-        return prior * self.kernel_into(process, x, a_t / a_s)
+        return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x, a_t / a_s)
+
+
+class D3PMAncestral(GraphSampler):
+    """D3PM ancestral sampling with step skipping (x0-parameterisation): ``steps`` ≤ T reverse steps on the
+    integer grid t_j = round(j·T/steps); each step is p_θ(x_s | x_t) ∝ Q_{t|s}[·, x_t] ⊙ (p̃_θ Q̄_s)."""
+
+    name = "ancestral"
+    families = ("d3pm",)
+
+    def step_probs(self, model, process, x, t, s):
+        T = process.T
+        if round(t * T) == round(s * T):
+            raise DiffLMError(f"a D3PM model with T={T} takes at most {T} sampling steps")
+        kt, ks = (torch.tensor(round(v * T), device=x.device) for v in (t, s))
+        p0 = process.x0_log_probs(model, x, kt.expand(x.shape[0])).exp()
+        return process.reverse_probs(p0, x, ks, kt)
 
 
 class SEDDAnalytic(GraphSampler):
@@ -108,7 +112,7 @@ class SEDDAnalytic(GraphSampler):
         beta = a_t / a_s
         sc = self.scores(model, process, x, t)
         stag = sc / beta - ((1 - beta) / beta) * g.pi(x.device) * sc.sum(-1, keepdim=True)
-        return stag * self.kernel_into(process, x, beta)
+        return stag * g.kernel_into(x, beta)
 
 
 class SEDDEuler(SEDDAnalytic):
