@@ -126,6 +126,11 @@ def _coerce(v: Any, default: Any, key: str) -> Any:
         if not isinstance(v, bool):
             raise DiffLMError(f"config key {key} must be true or false, got {v!r}")
         return v
+    if isinstance(default, float) and isinstance(v, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
     if isinstance(default, (int, float)) and not isinstance(v, bool) and isinstance(v, (int, float)):
         if isinstance(default, int) and not isinstance(default, bool) and float(v) != int(v):
             raise DiffLMError(f"config key {key} must be an integer, got {v!r}")
