@@ -32,6 +32,13 @@ BASE = {"ptb": "ptb-mdlm-small", "shakespeare": "shakespeare-char-mdlm"}
 FAMILIES: dict[str, dict] = {
     "ar": {"type": "autoregressive"},
     "mdlm": {"type": "masked", "schedule": "loglinear", "time_conditioning": False},
+    "sedd-absorb": {"type": "sedd", "graph": "absorb", "schedule": "loglinear"},
+    "sedd-uniform": {"type": "sedd", "graph": "uniform", "schedule": "geometric"},
+    "uniform": {"type": "uniform", "schedule": "loglinear"},
+    "d3pm-absorb": {"type": "d3pm", "transition": "absorb", "steps": 1000},  # β = 1/(T−t+1)
+    "d3pm-uniform": {"type": "d3pm", "transition": "uniform", "steps": 1000},  # cosine
+    # the auxiliary CE's optimum is not eq. 4's for non-absorbing matrices (d3pm.py): a smaller λ
+    "d3pm-uniform-l1e-3": {"type": "d3pm", "transition": "uniform", "steps": 1000, "hybrid_lambda": 0.001},
 }
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -80,12 +87,19 @@ def main() -> None:
                      "train_seconds": round(train_s, 1), "params_non_embedding": lm.model.num_params(),
                      **r.to_dict()})
         print(name, r.summary(), flush=True)
+    # keep the rows of families trained by an earlier invocation at the same budget, so a table can be
+    # grown family by family (each family's training is independent and seeded identically)
+    path = out / f"likelihood-{a.corpus}.json"
+    if path.exists():
+        old = json.loads(path.read_text())["rows"]
+        rows = [r for r in old if r["family_name"] not in names and r["steps"] == a.steps] + rows
+        rows.sort(key=lambda r: list(FAMILIES).index(r["family_name"]) if r["family_name"] in FAMILIES else 99)
     ar = next((r for r in rows if r["family"] == "autoregressive"), None)
     for r in rows:
         r["ratio_to_ar"] = r["nelbo"] / ar["nelbo"] if ar else float("nan")
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    (out / f"likelihood-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(markdown(rows, "bits/char" if a.corpus == "shakespeare" else "nats/token"))
 
 

@@ -134,6 +134,22 @@ def main() -> None:
         print(res["sample"][-1], flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "throughput.json").write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    pk = res["peak_gflops"]
+    out = [f"matmul peak: {pk['float32']:.0f} GFLOP/s fp32, {pk['bfloat16']:.0f} GFLOP/s bf16", "",
+           "| preset | precision | s/step | tokens/s | GFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for r in res["train"]:
+        out.append(f"| {r['preset']} | {'bf16' if r['bf16'] else 'fp32'} | {r['seconds_per_step']:.3f} | "
+                   f"{r['tokens_per_s']:,.0f} | {r['gflops_per_s']:.1f} | {100 * r['mfu']:.1f}% |")
+    out += ["", "| sampler | steps | network calls / sequence | tokens/s | seconds for the batch |",
+            "|---|---|---|---|---|"]
+    for r in res["sample"]:
+        out.append(f"| {r['sampler']} | {r['steps']} | {r['nfe_per_sequence']:.1f} | {r['tokens_per_s']:,.1f} | "
+                   f"{r['seconds']:.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
