@@ -93,6 +93,13 @@ def test_wrong_sampler_and_ar_infill(capsys, markov_models):
     assert code == 2 and one_line_error(err) and "does not fit" in err
     code, err = run_cli(capsys, "infill", str(d / "ar"), "ab[MASK]cd")
     assert code == 2 and one_line_error(err) and "prefix" in err
+    # a preset's sample.sampler that does not fit a swapped-in family is a preference, not an error
+    ar = models["ar"]
+    ar.run.sample.sampler = "ancestral"
+    try:
+        assert len(ar.generate(2, steps=4, seed=0).texts) == 2
+    finally:
+        ar.run.sample.sampler = None
 
 
 def test_mismatched_tokenizer(capsys, markov_models, tmp_path):

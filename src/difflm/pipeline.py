@@ -20,7 +20,7 @@ from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
 from .errors import DiffLMError
 from .models import Transformer, TransformerConfig
 from .rng import uniform
-from .sampling import Conditioning, get_sampler
+from .sampling import Conditioning, get_sampler, sampler_fits
 from .sampling.base import OnStep
 from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
 
@@ -35,6 +35,8 @@ def transformer_config(run: RunConfig, vocab_size: int, process: Process | None 
         vocab_size=vocab_size, max_len=run.data.seq_len, causal=causal, time_conditioning=time_conditioning,
         n_layer=run.model.n_layer, n_head=run.model.n_head, d_model=run.model.d_model,
         mlp_ratio=run.model.mlp_ratio, dropout=run.model.dropout,
+        d_embed=int(getattr(process, "embed_dim", 0)),
+        self_conditioning=bool(getattr(process, "self_conditioning", False)),
     )
 
 
@@ -155,7 +157,10 @@ class DiffusionLM:
 
     def _sample(self, cond: Conditioning, *, steps, sampler, seed, temperature, top_p, batch_size, on_step,
                 bf16) -> tuple[torch.Tensor, torch.Tensor]:
-        smp = get_sampler(sampler or self.run.sample.sampler, self.process)
+        preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
+        if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
+            preferred = None
+        smp = get_sampler(sampler or preferred, self.process)
         steps = steps or self.run.sample.steps
         temperature = self.run.sample.temperature if temperature is None else temperature
         top_p = self.run.sample.top_p if top_p is None else top_p

@@ -8,15 +8,17 @@ from ..errors import DiffLMError
 from .autoregressive import Autoregressive
 from .base import Batch, Process, low_discrepancy_uniform
 from .d3pm import D3PM
+from .gaussian import GaussianDiffusion
 from .graphs import Graph
 from .masked import MaskedDiffusion
 from .sedd import ScoreEntropy
 from .uniform import UniformDiffusion
 
-__all__ = ["Autoregressive", "Batch", "D3PM", "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
+__all__ = ["Autoregressive", "Batch", "D3PM", "GaussianDiffusion",
+           "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
            "build_process", "low_discrepancy_uniform"]
 
-FAMILIES = ("masked", "uniform", "sedd", "d3pm", "autoregressive")
+FAMILIES = ("masked", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
 
 
 def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length_prior=None) -> Process:
@@ -27,7 +29,8 @@ def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length
         if cfg:
             raise DiffLMError(f"process.type autoregressive takes no options, got {sorted(cfg)}")
         return Autoregressive(special["bos"], special["pad"], special["mask"])
-    classes = {"masked": MaskedDiffusion, "uniform": UniformDiffusion, "sedd": ScoreEntropy, "d3pm": D3PM}
+    classes = {"masked": MaskedDiffusion, "uniform": UniformDiffusion, "sedd": ScoreEntropy, "d3pm": D3PM,
+               "gaussian": GaussianDiffusion}
     if kind not in classes:
         raise DiffLMError(f"unknown process.type {kind!r}; choose one of {', '.join(FAMILIES)}")
     cls = classes[kind]

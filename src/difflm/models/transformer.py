@@ -2,7 +2,9 @@
 optional adaLN-zero time conditioning (DiT, Peebles & Xie 2023; as used by SEDD/MDLM), and a
 bidirectional or causal mask, with a KV cache for incremental decoding.
 
-It maps tokens (B, L) and an optional time t (B,) to logits (B, L, V). It knows no diffusion math.
+It maps tokens (B, L) and an optional time t (B,) to logits (B, L, V); with ``d_embed`` > 0 (Gaussian
+embedding diffusion) it maps noisy embeddings z_t (B, L, d_embed) to x̂0 embeddings, and ``embed`` is the
+learned token-embedding table that defines the diffusion space. It knows no diffusion math.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class TransformerConfig:
     time_conditioning: bool = False  # adaLN-zero conditioning on t
     d_time: int = 128
     rope_base: float = 10000.0
+    d_embed: int = 0  # > 0: embedding diffusion (Diffusion-LM): input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
+    self_conditioning: bool = False  # embedding diffusion: the previous x̂0 is concatenated to the input
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,11 +148,14 @@ class Transformer(nn.Module):
         if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
             raise ValueError("d_model must be a multiple of n_head with an even head dimension")
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        emb = cfg.d_embed or cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, emb)
+        if cfg.d_embed:
+            self.in_proj = nn.Linear(emb * (2 if cfg.self_conditioning else 1), cfg.d_model)
         self.rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(
                 nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(), nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU()
@@ -177,6 +184,8 @@ class Transformer(nn.Module):
             nn.init.zeros_(self.ada_f.weight)
             nn.init.zeros_(self.ada_f.bias)
         nn.init.zeros_(self.head.weight)  # start from the uniform prediction (as SEDD's final layer)
+        if self.cfg.d_embed:  # unit-variance embeddings: the scale the variance-preserving process assumes
+            nn.init.normal_(self.embed.weight, 0.0, 1.0)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -184,17 +193,24 @@ class Transformer(nn.Module):
 
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
-        cache: KVCache | None = None, select: Tensor | None = None,
+        cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
         select: optional (B, L) bool — compute the output head only there (the loss needs no more).
-        Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order."""
-        B, L = x.shape
+        Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
+        Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
+        (zeros when None); returns x̂0 (B, L, d_embed)."""
+        B, L = x.shape[:2]
         offset = cache.length if cache is not None else 0
         if offset + L > self.cfg.max_len:
             raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
-        h = self.embed(x)
+        if self.cfg.d_embed:
+            if self.cfg.self_conditioning:
+                x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], -1)
+            h = self.in_proj(x)
+        else:
+            h = self.embed(x)
         c = None
         if self.cfg.time_conditioning:
             if t is None:

@@ -7,20 +7,28 @@ from ..errors import DiffLMError
 from .autoregressive import AutoregressiveSampler
 from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
+from .gaussian import DDIM, DDPM, DPMSolver
 from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
 from .masked import MaskedAncestral, MaskedCached
 
 _ALL = (MaskedAncestral, MaskedCached, UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler,
-        AutoregressiveSampler)
+        AutoregressiveSampler, DDPM, DDIM, DPMSolver)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
 DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",
+                   "gaussian": "ddpm",
                    "autoregressive": "autoregressive"}
 
-__all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "SAMPLER_NAMES"]
+__all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "sampler_fits", "SAMPLER_NAMES"]
 
 
-def get_sampler(name: str | None, process: Process) -> Sampler:
-    """The sampler called ``name`` (None: the family's default), or a clear error if it does not fit."""
+def sampler_fits(name: str, process: Process) -> bool:
+    """Whether a sampler called ``name`` exists for the process's family."""
+    return any(c.name == name and process.family in c.families for c in _ALL)
+
+
+def get_sampler(name: str | None, process: Process, **options) -> Sampler:
+    """The sampler called ``name`` (None: the family's default), or a clear error if it does not fit;
+    ``options`` go to its constructor (e.g. ``eta``, ``clamp`` for the Gaussian samplers)."""
     name = name or DEFAULT_SAMPLER[process.family]
     known = {c.name for c in _ALL}
     if name not in known:
@@ -31,4 +39,7 @@ def get_sampler(name: str | None, process: Process) -> Sampler:
         raise DiffLMError(
             f"sampler {name!r} does not fit a {process.family} model; use one of: {', '.join(fits)}"
         )
-    return cls()
+    try:
+        return cls(**options)
+    except TypeError:
+        raise DiffLMError(f"sampler {name!r} takes no option {', '.join(sorted(options))}") from None
