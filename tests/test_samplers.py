@@ -20,7 +20,7 @@ def proc(**kw):
     return MaskedDiffusion(TOY_V + 2, TOY_MASK, TOY_PAD, **kw)
 
 
-@pytest.mark.parametrize("name", ["ancestral", "cached"])
+@pytest.mark.parametrize("name", ["ancestral", "cached", "first-hitting"])
 def test_sampler_matches_the_true_distribution(toy, name):
     seqs, p, model = toy
     out = get_sampler(name, proc())(model, proc(), Conditioning.unconditional(N, TOY_L), steps=256, seed=1)
@@ -44,9 +44,37 @@ def test_cached_equals_ancestral_with_fewer_calls(toy):
     assert (c.nfe <= TOY_L + 1).all() and c.nfe.float().mean() < 5
 
 
-def test_batch_size_does_not_change_samples(toy):
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "linear"])
+def test_first_hitting_times_follow_the_survival_law(schedule):
+    """n masked tokens at t all survive to s with probability ((1 − α_s)/(1 − α_t))^n: the sampled next time s
+    satisfies it at every quantile u (the bisection inverts it), and for loglinear s = t·u^{1/n} exactly."""
+    from difflm.sampling.masked import FirstHitting
+
+    pr = proc(schedule=schedule)
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(200, generator=g, dtype=torch.float64) * 0.98 + 0.02
+    n = torch.randint(1, 50, (200,), generator=g)
+    u = torch.rand(200, generator=g, dtype=torch.float64)
+    s = FirstHitting.next_time(pr, t, n, u)
+    a = pr.schedule.alpha
+    assert (s <= t).all() and (s >= 0).all()
+    assert torch.allclose(((1 - a(s)) / (1 - a(t))) ** n.double(), u, atol=1e-9)
+    if schedule == "loglinear":
+        assert torch.allclose(s, t * u ** (1 / n.double()), atol=1e-12)
+
+
+def test_first_hitting_calls_the_network_once_per_token(toy):
     seqs, p, model = toy
-    smp = get_sampler("ancestral", proc())
+    fixed = torch.tensor([[False, True, False]] * 20 + [[False] * 3] * 20)
+    cond = Conditioning(torch.tensor([[0, 1, 2]] * 40), fixed)
+    out = get_sampler("first-hitting", proc())(model, proc(), cond, steps=1, seed=2)
+    assert (out.nfe[:20] == 2).all() and (out.nfe[20:] == 3).all() and (out.tokens[:20, 1] == 1).all()
+
+
+@pytest.mark.parametrize("name", ["ancestral", "first-hitting"])
+def test_batch_size_does_not_change_samples(toy, name):
+    seqs, p, model = toy
+    smp = get_sampler(name, proc())
     full = smp(model, proc(), Conditioning.unconditional(8, TOY_L), steps=16, seed=9).tokens
     parts = [smp(model, proc(), Conditioning.unconditional(len(r), TOY_L), steps=16, seed=9,
                  rows=torch.tensor(r)).tokens for r in ([0], [1, 2, 3], [4, 5, 6, 7])]
@@ -56,7 +84,7 @@ def test_batch_size_does_not_change_samples(toy):
 @settings(max_examples=25, deadline=None)
 @given(fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L),
        given_tokens=st.lists(st.integers(0, TOY_V - 1), min_size=TOY_L, max_size=TOY_L),
-       name=st.sampled_from(["ancestral", "cached"]), steps=st.integers(1, 20), seed=st.integers(0, 10**6))
+       name=st.sampled_from(["ancestral", "cached", "first-hitting"]), steps=st.integers(1, 20), seed=st.integers(0, 10**6))
 def test_fixed_positions_never_change(toy, fixed, given_tokens, name, steps, seed):
     seqs, p, model = toy
     cond = Conditioning(torch.tensor([given_tokens] * 4), torch.tensor([fixed] * 4))

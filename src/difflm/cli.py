@@ -14,11 +14,23 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
                    help="masked: ancestral|cached; uniform, d3pm: ancestral; sedd: analytic|euler; "
-                        "AR: autoregressive (default: the family's own)")
+                        "gaussian: ddpm|ddim|dpm-solver; AR: autoregressive (default: the family's own)")
+    p.add_argument("--eta", type=float, default=None, help="gaussian ddim: η (0 deterministic, 1 = DDPM)")
+    p.add_argument("--clamp", action="store_true", help="gaussian: snap each x̂0 to the nearest embedding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None, dest="top_p")
     p.add_argument("--fp32", action="store_true", help="run the network in float32 instead of bf16 autocast")
+
+
+def _sampler_options(a) -> dict:
+    """The sampler's own options given on the command line (only those set)."""
+    opts = {}
+    if a.eta is not None:
+        opts["eta"] = a.eta
+    if a.clamp:
+        opts["clamp"] = True
+    return opts
 
 
 def cmd_train(a) -> int:
@@ -46,7 +58,8 @@ def cmd_sample(a) -> int:
 
     lm = DiffusionLM.from_pretrained(a.run_dir)
     g = lm.generate(a.num, a.length, prompt=a.prompt, steps=a.steps, sampler=a.sampler, seed=a.seed,
-                    temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, bf16=not a.fp32)
+                    temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, bf16=not a.fp32,
+                    sampler_options=_sampler_options(a))
     if a.json:
         print(json.dumps({"samples": g.texts, "nfe": g.nfe.tolist()}))
     else:
@@ -60,7 +73,8 @@ def cmd_infill(a) -> int:
 
     lm = DiffusionLM.from_pretrained(a.run_dir)
     outs = lm.infill(a.text, span_tokens=a.span_tokens, steps=a.steps, sampler=a.sampler, seed=a.seed,
-                     temperature=a.temperature, top_p=a.top_p, num=a.num, bf16=not a.fp32)
+                     temperature=a.temperature, top_p=a.top_p, num=a.num, bf16=not a.fp32,
+                     sampler_options=_sampler_options(a))
     print(json.dumps({"filled": outs}) if a.json else "\n".join(outs))
     return 0
 

@@ -156,11 +156,11 @@ class DiffusionLM:
             )
 
     def _sample(self, cond: Conditioning, *, steps, sampler, seed, temperature, top_p, batch_size, on_step,
-                bf16) -> tuple[torch.Tensor, torch.Tensor]:
+                bf16, sampler_options=None) -> tuple[torch.Tensor, torch.Tensor]:
         preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
         if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
-        smp = get_sampler(sampler or preferred, self.process)
+        smp = get_sampler(sampler or preferred, self.process, **(sampler_options or {}))
         steps = steps or self.run.sample.steps
         temperature = self.run.sample.temperature if temperature is None else temperature
         top_p = self.run.sample.top_p if top_p is None else top_p
@@ -189,6 +189,7 @@ class DiffusionLM:
         self, num: int = 4, length: int | None = None, *, prompt: str | None = None, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, on_step: OnStep | None = None, bf16: bool = True,
+        sampler_options: dict | None = None,
     ) -> Generation:
         """Sample ``num`` sequences of ``length`` tokens (default: the training length), optionally
         continuing ``prompt``. Same seed -> same texts, whatever the batch size."""
@@ -211,13 +212,14 @@ class DiffusionLM:
             cond.tokens[eos] = self.tokenizer.eos_id
             cond.fixed |= pad | eos
         toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16)
+                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
+                                 sampler_options=sampler_options)
         return Generation([self._decode_row(r) for r in toks], toks, nfe)
 
     def infill(
         self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
         seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,
-        bf16: bool = True, on_step: OnStep | None = None,
+        bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
     ) -> list[str]:
         """Fill each ``[MASK]`` (one token) and ``___`` (``span_tokens`` tokens) in ``text``; everything
         else is returned byte-for-byte. Returns ``num`` filled versions."""
@@ -243,7 +245,8 @@ class DiffusionLM:
         row, frow = self._layout(ids, fixed, self.seq_len)
         cond = Conditioning(torch.tensor([row] * num), torch.tensor([frow] * num))
         toks, _ = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-                               top_p=top_p, batch_size=16, on_step=on_step, bf16=bf16)
+                               top_p=top_p, batch_size=16, on_step=on_step, bf16=bf16,
+                               sampler_options=sampler_options)
         outs = []
         for r in toks:
             pieces = []

@@ -9,9 +9,9 @@ from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
 from .gaussian import DDIM, DDPM, DPMSolver
 from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
-from .masked import MaskedAncestral, MaskedCached
+from .masked import FirstHitting, MaskedAncestral, MaskedCached
 
-_ALL = (MaskedAncestral, MaskedCached, UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler,
+_ALL = (MaskedAncestral, MaskedCached, FirstHitting, UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler,
         AutoregressiveSampler, DDPM, DDIM, DPMSolver)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
 DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",

@@ -29,8 +29,8 @@ from .conditioning import Conditioning
 class GaussianSampler(Sampler):
     families = ("gaussian",)
 
-    def __init__(self, eta: float = 1.0, clamp: bool | None = None) -> None:
-        self.eta, self.clamp_opt = float(eta), clamp
+    def __init__(self, clamp: bool | None = None) -> None:
+        self.clamp_opt = clamp
 
     def update(self, process: GaussianDiffusion, z: Tensor, x0: Tensor, t: Tensor, s: Tensor, noise: Tensor,
                memory: dict) -> Tensor:
@@ -94,7 +94,8 @@ class DDIM(GaussianSampler):
     name = "ddim"
 
     def __init__(self, eta: float = 0.0, clamp: bool | None = None) -> None:
-        super().__init__(eta, clamp)
+        super().__init__(clamp)
+        self.eta = float(eta)
 
     def update(self, process, z, x0, t, s, noise, memory):
         at, as_ = process.schedule.alpha_bar(t), process.schedule.alpha_bar(s)
