@@ -84,7 +84,8 @@ def test_batch_size_does_not_change_samples(toy, name):
 @settings(max_examples=25, deadline=None)
 @given(fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L),
        given_tokens=st.lists(st.integers(0, TOY_V - 1), min_size=TOY_L, max_size=TOY_L),
-       name=st.sampled_from(["ancestral", "cached", "first-hitting"]), steps=st.integers(1, 20), seed=st.integers(0, 10**6))
+       name=st.sampled_from(["ancestral", "cached", "first-hitting"]), steps=st.integers(1, 20),
+       seed=st.integers(0, 10**6))
 def test_fixed_positions_never_change(toy, fixed, given_tokens, name, steps, seed):
     seqs, p, model = toy
     cond = Conditioning(torch.tensor([given_tokens] * 4), torch.tensor([fixed] * 4))
