@@ -139,3 +139,37 @@ def test_float64_categorical_and_nucleus():
     assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64))
     tiny = torch.tensor([1e-12, 1 - 1e-12], dtype=torch.float64)  # float64: a 1e-12 token is still drawable
     assert sample_categorical(tiny, torch.tensor(5e-13, dtype=torch.float64)) == 0
+
+
+@pytest.mark.parametrize("name,opts", [("confidence", {}), ("confidence", {"score": "margin", "block": 2}),
+                                       ("confidence", {"score": "entropy"}), ("threshold", {"threshold": 0.6}),
+                                       ("threshold", {"block": 1})])
+def test_confidence_decoding_fills_every_mask_keeps_given_tokens_and_is_batch_invariant(toy, name, opts):
+    seqs, p, model = toy
+    smp = get_sampler(name, proc(), **opts)
+    fixed = torch.tensor([[False, True, False]] * 4 + [[False] * 3] * 4)
+    cond = Conditioning(torch.tensor([[0, 2, 0]] * 8), fixed)
+    out = smp(model, proc(), cond, steps=2, seed=4)
+    assert (out.tokens < TOY_V).all() and (out.tokens[:4, 1] == 2).all()
+    if name == "confidence":  # 2 steps: 2 calls; with blocks of 2, one call for each of the 2 blocks
+        assert (out.nfe == 2).all()
+    else:
+        assert (out.nfe <= (~fixed).sum(-1)).all()
+    part = smp(model, proc(), cond.rows(slice(3, 6)), steps=2, seed=4, rows=torch.arange(3, 6))
+    assert torch.equal(part.tokens, out.tokens[3:6])
+
+
+def test_confidence_decoding_prefers_the_sure_position(toy):
+    """With one token decoded per call, the first call must decode the position whose x̂0 is most peaked."""
+    seqs, p, model = toy
+    x = torch.full((1, TOY_L), TOY_MASK)
+    logp = proc().log_probs(model, x, None)[0].double()
+    best = int(logp.exp().max(-1).values.argmax())
+    seen = []
+    smp = get_sampler("confidence", proc(), score="margin")
+    smp(model, proc(), Conditioning.unconditional(1, TOY_L), steps=TOY_L, seed=0,
+        on_step=lambda info: seen.append(info.tokens.clone()))
+    first = (seen[0][0] != TOY_MASK).nonzero().squeeze(-1).tolist()
+    assert first == [best], (first, best, logp.exp())
+    with pytest.raises(DiffLMError, match="unknown confidence score"):
+        get_sampler("confidence", proc(), score="luck")

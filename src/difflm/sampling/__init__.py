@@ -7,12 +7,13 @@ from ..errors import DiffLMError
 from .autoregressive import AutoregressiveSampler
 from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
+from .confidence import ConfidenceDecoding, ThresholdDecoding
 from .gaussian import DDIM, DDPM, DPMSolver
 from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
 from .masked import FirstHitting, MaskedAncestral, MaskedCached
 
-_ALL = (MaskedAncestral, MaskedCached, FirstHitting, UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler,
-        AutoregressiveSampler, DDPM, DDIM, DPMSolver)
+_ALL = (MaskedAncestral, MaskedCached, FirstHitting, ConfidenceDecoding, ThresholdDecoding,
+        UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler, DDPM, DDIM, DPMSolver)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
 DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",
                    "gaussian": "ddpm",

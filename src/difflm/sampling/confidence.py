@@ -1,0 +1,123 @@
+"""Confidence-ordered decoding for masked models (not samplers of the model's distribution: heuristics that
+trade fidelity for fewer network calls, as in MaskGIT, LLaDA and Fast-dLLM).
+
+confidence  MaskGIT / LLaDA low-confidence remasking (LLaDA §2.4, Alg. 5): at each of ``steps`` steps every
+            masked candidate draws a token from x̂0; the k most confident keep it and the rest stay masked,
+            k spreading the candidates evenly over the steps left. Scores: ``confidence`` (probability of
+            the drawn token), ``margin`` (top-1 minus top-2 probability), ``entropy`` (−H of x̂0).
+threshold   Fast-dLLM parallel decoding (arXiv 2505.22618, §3.3): each call unmasks every candidate whose
+            score exceeds τ, and at least the best one; ``steps`` is ignored, calls ≤ tokens to fill.
+Both take ``block`` (0 = whole sequence): semi-autoregressive order, candidates only in the leftmost block
+that still has a masked position (LLaDA's block length); with ``confidence`` the steps are split evenly
+across blocks. Draws are keyed on (seed, row, call), so a row's text does not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.masked import MaskedDiffusion
+from ..errors import DiffLMError
+from ..rng import uniform
+from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .categorical import probs_from_logits, sample_categorical
+from .conditioning import Conditioning
+
+SCORES = ("confidence", "margin", "entropy")
+
+
+class ConfidenceDecoding(Sampler):
+    name = "confidence"
+    families = ("masked",)
+
+    def __init__(self, score: str = "confidence", block: int = 0, threshold: float = 0.9) -> None:
+        if score not in SCORES:
+            raise DiffLMError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
+        if block < 0:
+            raise DiffLMError("--block must be ≥ 0 (0 = the whole sequence)")
+        self.score, self.block, self.threshold = score, int(block), float(threshold)
+
+    def _candidates(self, masked: Tensor) -> tuple[Tensor, Tensor]:
+        """The masked positions of each row's leftmost block that still has one (B, L) bool, and that
+        block's index (B,)."""
+        if not self.block:
+            return masked, torch.zeros(masked.shape[0], dtype=torch.long, device=masked.device)
+        L = masked.shape[1]
+        blk = torch.arange(L, device=masked.device) // self.block  # (L,)
+        first = torch.where(masked, blk, torch.full_like(blk, 1 << 30)).amin(-1)  # (B,)
+        return masked & (blk[None] == first[:, None]), first
+
+    def _scores(self, probs: Tensor, tok: Tensor) -> Tensor:
+        """(N,) float64 scores of the N drawn tokens from their distributions (N, V)."""
+        if self.score == "confidence":
+            return probs.gather(-1, tok[:, None])[:, 0]
+        if self.score == "margin":
+            top = probs.topk(2, dim=-1).values
+            return top[:, 0] - top[:, 1]
+        return (probs * torch.log(probs.clamp_min(1e-300))).sum(-1)  # −H
+
+    def _count(self, cand: Tensor, calls_left: Tensor) -> Tensor:
+        """How many candidates each row unmasks now (B,): an even share of the steps left."""
+        n = cand.sum(-1)
+        return torch.where(n > 0, torch.ceil(n / calls_left.clamp_min(1)).long().clamp_min(1), 0)
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: MaskedDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        if steps < 1:
+            raise DiffLMError("--steps must be at least 1")
+        rows = self.default_rows(cond, rows)
+        B, L = cond.shape
+        m = process.mask_id
+        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+        free0 = (~cond.fixed).sum(-1)
+        n_blocks = 1 if not self.block else math.ceil(L / self.block)
+        per_block = max(1, steps // n_blocks)
+        cur_block = torch.full((B,), -1, dtype=torch.long, device=x.device)
+        spent = torch.zeros(B, dtype=torch.long, device=x.device)  # calls spent on the current block
+        call = 0
+        while (x == m).any():
+            masked = x == m
+            live = masked.any(-1)
+            idx = live.nonzero().squeeze(-1)
+            cand, blk = self._candidates(masked[idx])
+            moved = blk != cur_block[idx]
+            spent[idx] = torch.where(moved, 0, spent[idx])
+            cur_block[idx] = blk
+            t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
+            logp = process.log_probs(model, x[idx], t)
+            nfe[idx] += 1
+            probs = probs_from_logits(logp[cand], temperature, top_p)
+            u = uniform(seed, rows[idx], call, L, stream=6)[cand]
+            tok = sample_categorical(probs, u)
+            score = torch.full(cand.shape, -math.inf, dtype=torch.float64, device=x.device)
+            score[cand] = self._scores(probs, tok)
+            drawn = torch.full_like(x[idx], m)
+            drawn[cand] = tok
+            # rank of each candidate within its row by score (0 = best; ties by position)
+            order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand_as(order))
+            if self.name == "threshold":
+                keep = cand & ((score > self.threshold) | (rank == 0))
+            else:
+                keep = cand & (rank < self._count(cand, per_block - spent[idx])[:, None])
+            spent[idx] += 1
+            x = x.clone()
+            sub = x[idx]
+            sub[keep] = drawn[keep]
+            x[idx] = sub
+            call += 1
+            if on_step is not None:
+                on_step(StepInfo(max(steps - call, 0), steps, 1.0, 0.0, x, nfe.clone()))
+        return SampleOutput(x, nfe)
+
+
+class ThresholdDecoding(ConfidenceDecoding):
+    name = "threshold"
