@@ -12,6 +12,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import sys
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="K time samples for the CI")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for every family")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate a run already trained to --steps in OUT/runs instead of training it again")
     a = ap.parse_args()
     names = a.families.split(",")
     unknown = [n for n in names if n not in FAMILIES]
@@ -68,6 +71,7 @@ def main() -> None:
         sys.exit(f"unknown families {unknown}; choose from {sorted(FAMILIES)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"likelihood-{a.corpus}.json"
     rows = []
     for name in names:
         overrides = [f"train.max_steps={a.steps}", f"train.eval_every={a.steps}", f"name={a.corpus}-{name}",
@@ -77,22 +81,42 @@ def main() -> None:
         run = load_config(BASE[a.corpus], overrides)
         run.process = dict(FAMILIES[name])
         run_dir = out / "runs" / f"{a.corpus}-{name}"
-        t0 = time.time()
-        res = Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
-        train_s = time.time() - t0
+        done = finished(run_dir, a.steps) if a.reuse else None
+        if done is not None:
+            step, tokens, train_s = done
+        else:
+            t0 = time.time()
+            res = Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
+            step, tokens, train_s = res.step, res.tokens, time.time() - t0
         lm = DiffusionLM.from_pretrained(run_dir)
         data = build_dataset(run.data, lm.tokenizer, "valid")
         r = evaluate(lm.model, lm.process, data, n_samples=a.samples, char_level=lm.tokenizer.kind == "char")
-        rows.append({"family_name": name, "family": lm.process.family, "tokens": res.tokens, "steps": res.step,
+        rows.append({"family_name": name, "family": lm.process.family, "tokens": tokens, "steps": step,
                      "train_seconds": round(train_s, 1), "params_non_embedding": lm.model.num_params(),
                      **r.to_dict()})
         print(name, r.summary(), flush=True)
+        write(path, rows, names, a.steps)  # after every family, so an interrupted table keeps what finished
+    print(markdown(write(path, rows, names, a.steps), "bits/char" if a.corpus == "shakespeare" else "nats/token"))
+
+
+def finished(run_dir: Path, steps: int) -> tuple[int, int, float] | None:
+    """(step, tokens, training seconds) of a run in ``run_dir`` whose log reached ``steps``, else None."""
+    log = run_dir / "metrics.csv"
+    if not (run_dir / "model.safetensors").exists() or not log.exists():
+        return None
+    rows = list(csv.DictReader(log.open()))
+    if not rows or int(rows[-1]["step"]) != steps:
+        return None
+    return steps, int(rows[-1]["tokens"]), float(rows[-1]["elapsed_s"])
+
+
+def write(path: Path, rows: list[dict], names: list[str], steps: int) -> list[dict]:
+    """Merge ``rows`` into the JSON at ``path`` and return the merged table."""
     # keep the rows of families trained by an earlier invocation at the same budget, so a table can be
     # grown family by family (each family's training is independent and seeded identically)
-    path = out / f"likelihood-{a.corpus}.json"
     if path.exists():
         old = json.loads(path.read_text())["rows"]
-        rows = [r for r in old if r["family_name"] not in names and r["steps"] == a.steps] + rows
+        rows = [r for r in old if r["family_name"] not in names and r["steps"] == steps] + rows
         rows.sort(key=lambda r: list(FAMILIES).index(r["family_name"]) if r["family_name"] in FAMILIES else 99)
     ar = next((r for r in rows if r["family"] == "autoregressive"), None)
     for r in rows:
@@ -100,7 +124,7 @@ def main() -> None:
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(markdown(rows, "bits/char" if a.corpus == "shakespeare" else "nats/token"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from .errors import DiffLMError
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
-                   help="masked: ancestral|cached|first-hitting|confidence|threshold; uniform, d3pm: ancestral; "
+                   help="masked: ancestral|cached|first-hitting|remdm|confidence|threshold; uniform, d3pm: ancestral; "
                         "sedd: analytic|euler; "
                         "gaussian: ddpm|ddim|dpm-solver; AR: autoregressive (default: the family's own)")
-    p.add_argument("--eta", type=float, default=None, help="gaussian ddim: η (0 deterministic, 1 = DDPM)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="gaussian ddim: η (0 deterministic, 1 = DDPM); remdm: remasking η")
+    p.add_argument("--strategy", default=None, help="remdm: cap (σ=min(η,σ_max)) | rescale (σ=η·σ_max)")
     p.add_argument("--clamp", action="store_true", help="gaussian: snap each x̂0 to the nearest embedding")
     p.add_argument("--score", default=None, help="confidence/threshold: confidence|margin|entropy")
     p.add_argument("--block", type=int, default=None, help="confidence/threshold: semi-autoregressive block length")
@@ -34,7 +36,7 @@ def _sampler_options(a) -> dict:
         opts["eta"] = a.eta
     if a.clamp:
         opts["clamp"] = True
-    for key in ("score", "block", "threshold"):
+    for key in ("score", "block", "threshold", "strategy"):
         if getattr(a, key) is not None:
             opts[key] = getattr(a, key)
     return opts

@@ -10,9 +10,9 @@ from .conditioning import Conditioning
 from .confidence import ConfidenceDecoding, ThresholdDecoding
 from .gaussian import DDIM, DDPM, DPMSolver
 from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
-from .masked import FirstHitting, MaskedAncestral, MaskedCached
+from .masked import FirstHitting, MaskedAncestral, MaskedCached, ReMDM
 
-_ALL = (MaskedAncestral, MaskedCached, FirstHitting, ConfidenceDecoding, ThresholdDecoding,
+_ALL = (MaskedAncestral, MaskedCached, FirstHitting, ReMDM, ConfidenceDecoding, ThresholdDecoding,
         UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler, DDPM, DDIM, DPMSolver)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
 DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",
