@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import DiffLMError
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
                    help="masked: ancestral|cached|first-hitting|remdm|confidence|threshold; uniform, d3pm: ancestral; "
@@ -23,7 +23,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", default=None, help="confidence/threshold: confidence|margin|entropy")
     p.add_argument("--block", type=int, default=None, help="confidence/threshold: semi-autoregressive block length")
     p.add_argument("--threshold", type=float, default=None, help="threshold: unmask where the score exceeds τ")
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None, dest="top_p")
     p.add_argument("--fp32", action="store_true", help="run the network in float32 instead of bf16 autocast")
@@ -93,15 +94,64 @@ def cmd_eval(a) -> int:
     from .evaluation import evaluate
     from .pipeline import DiffusionLM
 
+    metrics = None
+    if a.metrics:
+        from .evaluation.seq2seq import parse_metrics
+
+        metrics = parse_metrics(a.metrics)
     lm = DiffusionLM.from_pretrained(a.run_dir)
     data = build_dataset(lm.run.data, lm.tokenizer, a.split)
     r = evaluate(lm.model, lm.process, data, n_samples=a.samples, batch_size=a.batch_size, seed=a.seed,
                  max_batches=a.max_batches, bf16=not a.fp32, char_level=lm.tokenizer.kind == "char",
                  device=lm.device, progress=not a.json, all_steps=a.all_steps)
+    res = {"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}
+    if metrics:
+        from .data.corpora import load_pairs
+        from .evaluation.seq2seq import evaluate_seq2seq
+
+        lm._require_pairs()
+        pairs = load_pairs(lm.run.data, a.split)[: a.limit]
+        res["generation"] = evaluate_seq2seq(
+            lm, pairs, metrics, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps, sampler=a.sampler,
+            seed=a.seed, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, bf16=not a.fp32,
+            sampler_options=_sampler_options(a))
     if a.json:
-        print(json.dumps({"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}))
+        print(json.dumps(res))
     else:
         print(f"{a.run_dir} [{lm.process.family}] {a.split}: {r.summary()}")
+        if metrics:
+            g = res["generation"]
+            shown = {k: round(v, 2) for k, v in g.items() if isinstance(v, float)}
+            print(f"generation over {g['n']} sources: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    return 0
+
+
+def _read_sources(a) -> list[str]:
+    from .data.corpora import read_jsonl, read_text
+
+    if (a.source is None) == (a.input is None):
+        raise DiffLMError('give the source text with --source "..." or a file with --input FILE.jsonl (not both)')
+    if a.source is not None:
+        return [a.source]
+    if a.input.endswith(".jsonl"):
+        return [s for (s,) in read_jsonl(a.input, ("source",))]
+    return [line for line in read_text(a.input).splitlines() if line.strip()]
+
+
+def cmd_generate(a) -> int:
+    from .pipeline import DiffusionLM
+
+    sources = _read_sources(a)
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
+                               sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
+                               batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a))
+    for o in outs:
+        if a.json:
+            print(json.dumps({"source": o.source, "prediction": o.prediction, "candidates": o.candidates,
+                              "nfe": o.nfe}, ensure_ascii=False))
+        else:
+            print(o.prediction)
     return 0
 
 
@@ -153,11 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--fp32", action="store_true")
     e.add_argument("--all-steps", action="store_true",
                    help="D3PM: sum all T terms of the bound in each pass (T network calls) instead of one")
+    e.add_argument("--metrics", default=None,
+                   help="seq2seq models: also generate for the split and score, e.g. bleu,rouge,dist,self-bleu")
+    e.add_argument("--limit", type=int, default=None, help="--metrics: first N pairs of the split only")
+    e.add_argument("--candidates", type=int, default=1, help="--metrics: samples per source (self-BLEU needs ≥2)")
+    e.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
+    _add_sampling(e, seed=False)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="seq2seq: generate the target for a source (models trained on pairs)")
+    g.add_argument("run_dir")
+    g.add_argument("--source", default=None, help="one source text")
+    g.add_argument("--input", default=None, help="a .jsonl file with a source field per line, or a text file")
+    g.add_argument("--candidates", type=int, default=1, help="samples per source; the prediction is their MBR")
+    g.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
+    g.add_argument("--batch-size", type=int, default=16)
+    _add_sampling(g)
+    g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
+    g.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
     q.add_argument("--out", default="runs/quickstart")

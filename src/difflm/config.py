@@ -21,15 +21,21 @@ CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "co
 
 @dataclass
 class DataConfig:
-    corpus: str = "ptb"  # ptb | text
-    path: str | list[str] | None = None  # text file(s) for corpus: text
+    corpus: str = "ptb"  # ptb | text | pairs (JSONL {"source", "target"}; needs mode: pairs)
+    path: str | list[str] | None = None  # text file(s) for corpus: text; a folder or .jsonl for pairs
     valid_path: str | None = None
     test_path: str | None = None
     valid_fraction: float = 0.1  # tail of the text used for validation when valid_path is not given
     test_fraction: float = 0.0
-    mode: str = "packed"  # packed: fixed-length blocks of the token stream; lines: one padded line each
+    mode: str = "packed"  # packed: blocks of the token stream; lines: one padded line each; pairs: seq2seq
     seq_len: int = 128
     cache_dir: str | None = None  # where tokenized arrays are memory-mapped (default ~/.cache/difflm)
+
+    def __post_init__(self) -> None:
+        if self.corpus == "pairs" and self.mode == "packed":
+            self.mode = "pairs"  # the only layout source/target pairs have
+        if (self.corpus == "pairs") != (self.mode == "pairs"):
+            raise DiffLMError("data.mode pairs goes with data.corpus pairs (JSONL source/target), and only with it")
 
 
 @dataclass

@@ -63,6 +63,16 @@ class Generation:
     nfe: torch.Tensor  # (N,) network calls per sequence
 
 
+@dataclass
+class Transduction:
+    """One source's output: ``prediction`` (the MBR choice among ``candidates``, or the first)."""
+
+    source: str
+    prediction: str
+    candidates: list[str]
+    nfe: float  # network calls per candidate, mean
+
+
 class DiffusionLM:
     """A trained model with its process and tokenizer."""
 
@@ -184,6 +194,13 @@ class DiffusionLM:
             ids = ids[: ids.index(self.tokenizer.eos_id)]
         return self.tokenizer.decode(ids)
 
+    def _require_pairs(self) -> None:
+        if self.run.data.mode != "pairs":
+            raise DiffLMError(
+                "this model was not trained on source/target pairs; train a seq2seq preset (data.corpus: pairs) "
+                "or use difflm sample / infill"
+            )
+
     # -- public API ------------------------------------------------------------------------------
     def generate(
         self, num: int = 4, length: int | None = None, *, prompt: str | None = None, steps: int | None = None,
@@ -258,10 +275,55 @@ class DiffusionLM:
             outs.append("".join(pieces))
         return outs
 
+    def generate_targets(
+        self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
+    ) -> list[Transduction]:
+        """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
+        is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
+        BLEU against the others (minimum Bayes risk), else the first."""
+        from .evaluation.text_metrics import mbr_select
+
+        self._require_pairs()
+        if candidates < 1:
+            raise DiffLMError("--candidates must be at least 1")
+        L, tok = self.seq_len, self.tokenizer
+        rows, fixed, starts = [], [], []
+        for src in sources:
+            ids = tok.encode(src.replace("\n", " "))
+            if len(ids) + 2 > L:
+                raise DiffLMError(
+                    f"a source is {len(ids)} tokens but the model holds source and target in {L} "
+                    f"(data.seq_len); shorten it to at most {L - 2} tokens"
+                )
+            row = [*ids, tok.bos_id] + [tok.mask_id] * (L - len(ids) - 1)
+            for _ in range(candidates):
+                rows.append(row)
+                fixed.append([True] * (len(ids) + 1) + [False] * (L - len(ids) - 1))
+                starts.append(len(ids) + 1)
+        cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
+        toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
+                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
+                                 sampler_options=sampler_options)
+        texts = []
+        for r, a in zip(toks.tolist(), starts):
+            tgt = r[a:]
+            texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+        out = []
+        for i, src in enumerate(sources):
+            cands = texts[i * candidates : (i + 1) * candidates]
+            pick = mbr_select(cands) if mbr and candidates > 1 else 0
+            mean_nfe = float(nfe[i * candidates : (i + 1) * candidates].float().mean())
+            out.append(Transduction(src, cands[pick], cands, mean_nfe))
+        return out
+
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:
         """Negative ELBO (exact NLL for autoregressive) of each text in nats, averaged over n_samples
         time draws: [{"nats": ..., "tokens": n, "nats_per_token": ...}]."""
+        if self.run.data.mode == "pairs":
+            raise DiffLMError("this is a seq2seq model: measure it with difflm eval (its bound over target tokens)")
         out = []
         for j, text in enumerate(texts):
             ids = self.encode_text(text)

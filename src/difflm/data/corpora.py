@@ -1,7 +1,8 @@
-"""Corpora as lists of lines: built-in Penn Treebank, or any UTF-8 text file(s)."""
+"""Corpora as lists of lines: built-in Penn Treebank, any UTF-8 text file(s), or JSONL source/target pairs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DiffLMError
@@ -45,11 +46,62 @@ def _fraction_split(text: str, split: str, valid_fraction: float, test_fraction:
     return {"train": text[:a], "valid": text[a:b], "test": text[b:]}[split]
 
 
-def load_lines(cfg, split: str) -> list[str]:
-    """cfg: DataConfig. Returns the split's lines (without line breaks); empty lines are kept only
-    for character-level text, where a blank line is data."""
+def pairs_path(cfg, split: str) -> Path:
+    """The JSONL file of a split: data.valid_path / data.test_path when given, else ``<split>.jsonl`` in the
+    folder data.path (or, for train, data.path itself when it is a file)."""
+    explicit = {"valid": cfg.valid_path, "test": cfg.test_path}.get(split)
+    if explicit:
+        return Path(explicit).expanduser()
+    if not cfg.path or not isinstance(cfg.path, str):
+        raise DiffLMError("data.corpus pairs needs data.path: a folder with train/valid/test.jsonl, or a .jsonl file")
+    p = Path(cfg.path).expanduser()
+    if p.is_dir():
+        return p / f"{split}.jsonl"
+    if split == "train":
+        return p
+    raise DiffLMError(f"no {split} split: set data.{split}_path, or point data.path at a folder with {split}.jsonl")
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The string ``fields`` of each object in a JSONL file (one JSON object per line)."""
+    rows = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DiffLMError(f"{path} line {n} is not JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(f), str) for f in fields):
+            raise DiffLMError(f"{path} line {n} needs string field(s) {', '.join(repr(f) for f in fields)}")
+        rows.append(tuple(obj[f] for f in fields))
+    if not rows:
+        raise DiffLMError(f"{path} holds no JSON lines; give a JSONL file with one object per line")
+    return rows
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(source, target) pairs of a JSONL file with one ``{"source": ..., "target": ...}`` object per line."""
+    return read_jsonl(path, ("source", "target"))
+
+
+def load_pairs(cfg, split: str) -> list[tuple[str, str]]:
+    """cfg: DataConfig with corpus pairs. The split's (source, target) pairs."""
     if split not in SPLITS:
         raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if cfg.corpus != "pairs":
+        raise DiffLMError("this model was not trained on source/target pairs (data.corpus is not pairs)")
+    return read_pairs(pairs_path(cfg, split))
+
+
+def load_lines(cfg, split: str) -> list[str]:
+    """cfg: DataConfig. Returns the split's lines (without line breaks); empty lines are kept only
+    for character-level text, where a blank line is data. For pairs: every source, then every target."""
+    if split not in SPLITS:
+        raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if cfg.corpus == "pairs":
+        pairs = load_pairs(cfg, split)
+        return [s for s, _ in pairs] + [t for _, t in pairs]
     if cfg.corpus == "ptb":
         lines = ptb_lines(split)
     elif cfg.corpus == "text":
@@ -72,7 +124,7 @@ def load_lines(cfg, split: str) -> list[str]:
         if lines and lines[-1] == "":
             lines.pop()
     else:
-        raise DiffLMError(f"unknown data.corpus {cfg.corpus!r}; choose ptb or text")
+        raise DiffLMError(f"unknown data.corpus {cfg.corpus!r}; choose ptb, text or pairs")
     if not any(line.strip() for line in lines):
         where = cfg.path if cfg.corpus == "text" else "ptb"
         raise DiffLMError(f"the {split} split of corpus {where} is empty; give a file with text in it")

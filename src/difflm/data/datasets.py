@@ -4,6 +4,10 @@ packed: the lines, each followed by [EOS], concatenated and cut into blocks of L
 lines:  one line per row, then [EOS], then [PAD] up to L; padding is excluded from every loss. The
         length (where [EOS] and the padding are) is given to diffusion models, which pay for it with a
         length prior −log p(n); so [EOS] and [PAD] are fixed (never noised) in this mode.
+pairs:  seq2seq, one pair per row: source, [BOS], target, then [EOS] up to L. The source and the [BOS]
+        separator are fixed (given, never noised, not modelled); the target and every [EOS] after it are
+        modelled, so a sampler chooses the target's length by where it puts the first [EOS] (LLaDA's
+        end-of-text filling). The AR baseline models the same positions, so the two bounds compare.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import torch
 
 from ..diffusion.base import Batch
 from ..errors import DiffLMError
-from .corpora import load_lines
+from .corpora import load_lines, load_pairs
 from .tokenizers import Tokenizer
 
-MODES = ("packed", "lines")
+MODES = ("packed", "lines", "pairs")
 
 
 def cache_root(cfg) -> Path:
@@ -31,8 +35,8 @@ def cache_root(cfg) -> Path:
 class TokenDataset:
     """Rows of token ids (N, L), int32, usually a read-only memory map."""
 
-    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str, eos_id: int) -> None:
-        self.tokens, self.pad_id, self.mode, self.eos_id = tokens, pad_id, mode, eos_id
+    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str, eos_id: int, bos_id: int | None = None) -> None:
+        self.tokens, self.pad_id, self.mode, self.eos_id, self.bos_id = tokens, pad_id, mode, eos_id, bos_id
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -44,7 +48,7 @@ class TokenDataset:
     def batch(self, idx) -> Batch:
         """Rows idx (a sequence of ints) as a Batch."""
         x = torch.from_numpy(np.asarray(self.tokens[np.asarray(idx)], dtype=np.int64))
-        return make_batch(x, self.pad_id, self.eos_id, self.mode)
+        return make_batch(x, self.pad_id, self.eos_id, self.mode, self.bos_id)
 
     def n_tokens(self) -> int:
         return int((np.asarray(self.tokens) != self.pad_id).sum())
@@ -55,16 +59,48 @@ class TokenDataset:
         return np.bincount(n, minlength=self.seq_len + 1)
 
 
-def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str) -> Batch:
-    """Batch of rows x (B, L): padding is never modelled; in lines mode [EOS] and [PAD] are fixed."""
+def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None) -> Batch:
+    """Batch of rows x (B, L): padding is never modelled; in lines mode [EOS] and [PAD] are fixed; in
+    pairs mode the source and its [BOS] separator are fixed and not modelled."""
     pad = x == pad_id
+    if mode == "pairs":
+        source = source_mask(x, bos_id)
+        return Batch(x, ~pad & ~source, source | pad)
     fixed = (pad | (x == eos_id)) if mode == "lines" else torch.zeros_like(pad)
     return Batch(x, ~pad, fixed)
 
 
-def _rows(tokenizer: Tokenizer, lines: list[str], mode: str, L: int) -> tuple[np.ndarray, int]:
-    ids = tokenizer.encode_lines(lines)
+def source_mask(x: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """(B, L) True up to and including each row's first [BOS] (the source and its separator)."""
+    if bos_id is None:
+        raise DiffLMError("pairs data needs a tokenizer with a [BOS] token")
+    sep = (x == bos_id).long()
+    if not bool((sep.sum(-1) > 0).all()):
+        raise DiffLMError("a pairs row has no [BOS] separator between source and target")
+    return (sep.cumsum(-1) - sep) == 0
+
+
+def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_source: int) -> tuple[list[int], bool]:
+    """source, [BOS], target, [EOS]… as one row of L ids; the source is cut to ``max_source`` ids and the
+    target to the room left (keeping at least one [EOS]). Returns (row, truncated)."""
+    cut = len(src) > max_source
+    src = src[:max_source]
+    room = L - len(src) - 1
+    cut |= len(tgt) + 1 > room
+    tgt = tgt[: room - 1]
+    return [*src, bos, *tgt] + [eos] * (room - len(tgt)), cut
+
+
+def _rows(tokenizer: Tokenizer, lines: list, mode: str, L: int) -> tuple[np.ndarray, int]:
     eos = tokenizer.eos_id
+    if mode == "pairs":
+        if L < 4:
+            raise DiffLMError(f"data.seq_len={L} leaves no room for a source and a target")
+        srcs = tokenizer.encode_lines([s for s, _ in lines])
+        tgts = tokenizer.encode_lines([t for _, t in lines])
+        built = [pair_row(s, t, L, tokenizer.bos_id, eos, L // 2) for s, t in zip(srcs, tgts)]
+        return np.asarray([r for r, _ in built], dtype=np.int32).reshape(len(built), L), sum(c for _, c in built)
+    ids = tokenizer.encode_lines(lines)
     if mode == "packed":
         stream = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int32)
         n = len(stream) // L
@@ -89,11 +125,11 @@ def _rows(tokenizer: Tokenizer, lines: list[str], mode: str, L: int) -> tuple[np
 
 def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     """cfg: DataConfig. Tokenizes the split once and memory-maps the result from the cache."""
-    lines = load_lines(cfg, split)
+    lines = load_pairs(cfg, split) if cfg.mode == "pairs" else load_lines(cfg, split)
     h = hashlib.sha256()
     h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str()]).encode())
     for line in lines:
-        h.update(line.encode("utf-8"))
+        h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))
         h.update(b"\n")
     root = cache_root(cfg)
     path = root / f"{split}-{h.hexdigest()[:24]}.npy"
@@ -101,14 +137,15 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
         try:
             arr = np.load(path, mmap_mode="r")
             if arr.ndim == 2 and arr.shape[1] == cfg.seq_len:
-                return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id)
+                return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
         except (ValueError, OSError):
             pass  # a damaged cache file is rebuilt below
     rows, truncated = _rows(tokenizer, lines, cfg.mode, cfg.seq_len)
     if truncated:
-        print(f"difflm: {truncated} {split} lines longer than data.seq_len={cfg.seq_len} were truncated")
+        what = "pairs" if cfg.mode == "pairs" else "lines"
+        print(f"difflm: {truncated} {split} {what} longer than data.seq_len={cfg.seq_len} were truncated")
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, rows)
     os.replace(tmp, path)
-    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id)
+    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
