@@ -19,42 +19,18 @@ import json
 import math
 import platform
 import sys
-import time
-from collections import Counter
 from datetime import date
 from pathlib import Path
 
 import torch
 
 from difflm.data import build_dataset
-from difflm.diffusion import Batch
-from difflm.errors import DiffLMError
+from difflm.evaluation.generative import ar_nll, bench_sampling, special_ids, unigram_entropy
 from difflm.pipeline import DiffusionLM
-from difflm.sampling import DEFAULT_SAMPLER, SAMPLER_NAMES, get_sampler
+from difflm.sampling import SAMPLER_NAMES
 
-SAMPLERS = {"masked": ["ancestral", "cached"], "sedd": ["analytic", "euler"], "uniform": ["ancestral"],
-            "d3pm": ["ancestral"]}
-
-
-@torch.no_grad()
-def ar_nll(ar: DiffusionLM, tokens: torch.Tensor, special: set[int]) -> tuple[float, int]:
-    """Total exact NLL (nats) of the sequences under the AR model and the number of tokens scored."""
-    loss_mask = torch.ones_like(tokens, dtype=torch.bool)
-    for s in special:
-        loss_mask &= tokens != s
-    total = 0.0
-    for i in range(0, len(tokens), 16):
-        b = Batch(tokens[i:i + 16], loss_mask[i:i + 16], torch.zeros_like(tokens[i:i + 16], dtype=torch.bool))
-        with ar._autocast(True):
-            total += float(ar.process.nelbo(ar.model, b).sum())
-    return total, int(loss_mask.sum())
-
-
-def unigram_entropy(tokens: torch.Tensor, special: set[int]) -> float:
-    """Entropy (nats) of the empirical token distribution of the samples."""
-    c = Counter(t for t in tokens.flatten().tolist() if t not in special)
-    n = sum(c.values())
-    return -sum(v / n * math.log(v / n) for v in c.values())
+SAMPLERS = {"masked": ["ancestral", "cached", "first-hitting"], "sedd": ["analytic", "euler"],
+            "uniform": ["ancestral"], "d3pm": ["ancestral"], "gaussian": ["ddpm", "dpm-solver"]}
 
 
 def main() -> None:
@@ -70,36 +46,27 @@ def main() -> None:
     if not ar_dir.exists():
         sys.exit(f"no AR baseline at {ar_dir}: run benchmarks/likelihood.py --corpus {a.corpus} first")
     ar = DiffusionLM.from_pretrained(ar_dir)
-    tok = ar.tokenizer
-    special = {tok.pad_id, tok.mask_id, tok.bos_id, tok.eos_id}
+    special = special_ids(ar.tokenizer)
     # reference: held-out text of the same length
-    valid = build_dataset(ar.run.data, tok, "valid")
+    valid = build_dataset(ar.run.data, ar.tokenizer, "valid")
     ref = valid.batch(list(range(min(len(valid), a.num * 4)))).tokens
     nll, n = ar_nll(ar, ref, special)
     rows = [{"family": "validation text", "sampler": "-", "steps": 0, "gen_ppl": math.exp(nll / n),
              "unigram_entropy": unigram_entropy(ref, special), "nfe": 0.0, "seconds_per_sample": 0.0}]
-    steps_list = [int(s) for s in a.steps.split(",")]
+    steps_list = tuple(int(s) for s in a.steps.split(","))
     for fam in a.families.split(","):
         run_dir = runs / f"{a.corpus}-{fam}"
         if not run_dir.exists():
             print(f"skipping {fam}: no run at {run_dir}", file=sys.stderr)
             continue
         lm = DiffusionLM.from_pretrained(run_dir)
-        for sampler in SAMPLERS.get(lm.process.family, [DEFAULT_SAMPLER[lm.process.family]]):
-            get_sampler(sampler, lm.process)  # fails loudly if the table above went stale
-            for steps in steps_list:
-                t0 = time.perf_counter()
-                try:
-                    g = lm.generate(a.num, steps=steps, sampler=sampler, seed=0, batch_size=a.num)
-                except DiffLMError as e:  # e.g. more steps than a D3PM model has
-                    print(f"{fam}/{sampler}/{steps}: {e}", file=sys.stderr)
-                    continue
-                sec = (time.perf_counter() - t0) / a.num
-                nll, n = ar_nll(ar, g.tokens, special)
-                rows.append({"family": fam, "sampler": sampler, "steps": steps, "gen_ppl": math.exp(nll / n),
-                             "unigram_entropy": unigram_entropy(g.tokens, special),
-                             "nfe": float(g.nfe.double().mean()), "seconds_per_sample": sec})
-                print(json.dumps(rows[-1]), flush=True)
+        samplers = [(name, {}) for name in SAMPLERS[lm.process.family]]
+        for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps_list, num=a.num, seed=0):
+            if "error" in r:
+                print(f"{fam}/{r['sampler']}/{r['steps']}: {r['error']}", file=sys.stderr)
+                continue
+            rows.append({"family": fam, **r})
+            print(json.dumps(rows[-1]), flush=True)
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "samplers": SAMPLER_NAMES}
@@ -107,7 +74,8 @@ def main() -> None:
     print("| family | sampler | steps | gen. perplexity (AR) | unigram entropy (nats) | NFE | s / sample |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} | {r['sampler']} | {r['steps']} | {r['gen_ppl']:.1f} | {r['unigram_entropy']:.3f} | "
+        steps = "-" if r["steps"] is None else r["steps"]
+        print(f"| {r['family']} | {r['sampler']} | {steps} | {r['gen_ppl']:.1f} | {r['unigram_entropy']:.3f} | "
               f"{r['nfe']:.0f} | {r['seconds_per_sample']:.3f} |")
 
 

@@ -84,3 +84,24 @@ def test_on_step_callback_reports_progress(markov_models):
     assert [s for s, _ in seen] == list(range(10, 0, -1))
     assert seen[-1][1] == 0 and all(a >= b for (_, a), (_, b) in zip(seen, seen[1:]))
     assert torch.is_tensor(models["masked"].generate(1, steps=2).nfe)
+
+
+def test_bench_sampling_reports_quality_and_speed_for_every_sampler(markov_models, capsys):
+    import json
+
+    from difflm.cli import main
+
+    models, P, H, d = markov_models
+    assert main(["bench-sampling", str(d / "masked"), "--ar", str(d / "ar"), "--steps", "4,32", "--num", "4",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    by = {(r["sampler"], r["steps"]): r for r in rows}
+    assert {r["sampler"] for r in rows} == {"ancestral", "cached", "first-hitting", "remdm", "confidence",
+                                            "threshold"}
+    L = models["masked"].seq_len
+    assert by["ancestral", 32]["nfe"] == 32 and by["cached", 32]["nfe"] <= 32
+    assert by["first-hitting", None]["nfe"] <= L  # at most one network call per token
+    for r in rows:
+        assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 < r["unigram_entropy"] <= math.log(26)
+    assert main(["bench-sampling", str(d / "masked"), "--ar", str(d / "masked")]) == 2
+    assert "must be an autoregressive model" in capsys.readouterr().err

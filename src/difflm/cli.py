@@ -155,6 +155,28 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_bench_sampling(a) -> int:
+    from .evaluation.generative import BENCH_SAMPLERS, bench_sampling, markdown
+    from .pipeline import DiffusionLM
+
+    try:
+        steps_list = tuple(int(x) for x in a.steps_list.split(","))
+    except ValueError:
+        raise DiffLMError(f"--steps expects comma-separated integers, got {a.steps_list!r}") from None
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    ar = DiffusionLM.from_pretrained(a.ar) if a.ar else None
+    samplers = BENCH_SAMPLERS.get(lm.process.family, [])
+    if a.samplers:
+        names = a.samplers.split(",")
+        samplers = [(n, dict(o)) for n, o in samplers if n in names] + [
+            (n, {}) for n in names if n not in {m for m, _ in samplers}]
+    progress = None if a.json else (lambda r: print(f"  {r['sampler']} steps={r['steps']}: done", file=sys.stderr))
+    rows = bench_sampling(lm, ar, samplers=samplers, steps_list=steps_list, num=a.num, seed=a.seed,
+                          length=a.length, on_row=progress)
+    print(json.dumps({"run": a.run_dir, "ar": a.ar, "rows": rows}) if a.json else markdown(rows))
+    return 0
+
+
 def cmd_quickstart(a) -> int:
     from .quickstart import quickstart
 
@@ -224,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
     g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench-sampling", help="quality vs speed of every sampler of a model at several step counts")
+    b.add_argument("run_dir")
+    b.add_argument("--ar", default=None, help="an AR run on the same data: generative perplexity under it")
+    b.add_argument("--samplers", default=None, help="comma-separated (default: the family's own set)")
+    b.add_argument("--steps", dest="steps_list", default="16,64,256,1024")
+    b.add_argument("--num", type=int, default=16, help="samples per (sampler, steps)")
+    b.add_argument("--length", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench_sampling)
 
     q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
     q.add_argument("--out", default="runs/quickstart")
