@@ -33,6 +33,7 @@ BASE = {"ptb": "ptb-mdlm-small", "shakespeare": "shakespeare-char-mdlm"}
 FAMILIES: dict[str, dict] = {
     "ar": {"type": "autoregressive"},
     "mdlm": {"type": "masked", "schedule": "loglinear", "time_conditioning": False},
+    "mdlm-time": {"type": "masked", "schedule": "loglinear", "time_conditioning": True},  # adaLN on t
     "sedd-absorb": {"type": "sedd", "graph": "absorb", "schedule": "loglinear"},
     "sedd-uniform": {"type": "sedd", "graph": "uniform", "schedule": "geometric"},
     "uniform": {"type": "uniform", "schedule": "loglinear"},
