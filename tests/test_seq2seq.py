@@ -103,13 +103,13 @@ def learned(tmp_path_factory):
     out = {}
     # copy is a constant relative offset (RoPE finds it in ~100 steps); reversal needs absolute positions,
     # which a bidirectional RoPE model must infer, and takes the masked model ~1,000 steps here
-    for task, family, steps in (("copy", "masked", 200), ("reverse", "masked", 1200),
-                                ("reverse", "autoregressive", 300)):
+    for task, family, steps, drop in (("copy", "masked", 200, 0.0), ("reverse", "masked", 1200, 0.0),
+                                      ("reverse", "autoregressive", 300, 0.0), ("copy-cfg", "masked", 300, 0.3)):
         d = tmp_path_factory.mktemp(task)
-        write_pairs(d, task)
+        write_pairs(d, task.removesuffix("-cfg"))
         from difflm.training.trainer import Trainer
 
-        Trainer(pairs_run(d, {"type": family}, max_steps=steps), d / "run", progress=False).fit()
+        Trainer(pairs_run(d, {"type": family}, max_steps=steps, cond_dropout=drop), d / "run", progress=False).fit()
         out[task, family] = (d, DiffusionLM.from_pretrained(d / "run", device="cpu"))
     return out
 
@@ -137,6 +137,48 @@ def test_generate_and_eval_metrics_through_the_cli(learned, tmp_path, capsys):
     assert "shorten it" in capsys.readouterr().err
     assert main(["eval", str(d / "run"), "--metrics", "meteor"]) == 2
     assert "unknown --metrics" in capsys.readouterr().err
+
+
+def test_classifier_free_guidance_mixes_the_conditional_and_unconditional_models(learned):
+    """Trained with 30% of sources dropped: w = −1 is the unconditional model (the target no longer follows
+    the source), w = 0 and w = 2 copy it."""
+    d, lm = learned["copy-cfg", "masked"]
+    pairs = load_pairs(lm.run.data, "test")
+    srcs = [s for s, _ in pairs]
+
+    def exact(w):
+        outs = lm.generate_targets(srcs, steps=16, seed=0, bf16=False, guidance=w)
+        return sum(o.prediction == t for o, (_, t) in zip(outs, pairs)) / len(pairs), outs
+
+    assert exact(0.0)[0] >= 0.95 and exact(2.0)[0] >= 0.95
+    free, outs = exact(-1.0)
+    assert free < 0.2 and all(len(o.prediction.split()) >= 1 for o in outs)
+    with pytest.raises(DiffLMError, match="cond_dropout"):
+        learned["copy", "masked"][1].generate_targets(srcs[:1], guidance=1.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_guidance_wrapper_is_the_linear_mix_and_keeps_a_separate_kv_cache(causal):
+    from difflm.models import Transformer, TransformerConfig
+    from difflm.models.transformer import KVCache
+    from difflm.sampling.guidance import ClassifierFreeGuidance
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=12, max_len=10, causal=causal, n_layer=2, n_head=2,
+                                          d_model=32)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randint(4, 12, (3, 10))
+    source = torch.zeros(3, 10, dtype=torch.bool)
+    source[:, :4] = True
+    g = ClassifierFreeGuidance(model, source, null_id=0, w=1.5)
+    with torch.no_grad():
+        want = 2.5 * model(x) - 1.5 * model(torch.where(source, 0, x))
+        assert torch.allclose(g(x), want, atol=1e-5)
+        if causal:  # token by token through a cache: the unconditional stream must get its own
+            cache = KVCache(2)
+            steps = [g(x[:, :4], cache=cache)] + [g(x[:, i : i + 1], cache=cache) for i in range(4, 10)]
+            assert torch.allclose(torch.cat(steps, 1), want, atol=1e-4)
 
 
 # ---- text metrics ---------------------------------------------------------------------------------------

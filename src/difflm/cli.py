@@ -114,7 +114,7 @@ def cmd_eval(a) -> int:
         res["generation"] = evaluate_seq2seq(
             lm, pairs, metrics, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps, sampler=a.sampler,
             seed=a.seed, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, bf16=not a.fp32,
-            sampler_options=_sampler_options(a))
+            sampler_options=_sampler_options(a), guidance=a.guidance)
     if a.json:
         print(json.dumps(res))
     else:
@@ -145,7 +145,8 @@ def cmd_generate(a) -> int:
     lm = DiffusionLM.from_pretrained(a.run_dir)
     outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
                                sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
-                               batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a))
+                               batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a),
+                               guidance=a.guidance)
     for o in outs:
         if a.json:
             print(json.dumps({"source": o.source, "prediction": o.prediction, "candidates": o.candidates,
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="--metrics: first N pairs of the split only")
     e.add_argument("--candidates", type=int, default=1, help="--metrics: samples per source (self-BLEU needs ≥2)")
     e.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
+    e.add_argument("--guidance", type=float, default=0.0, help="--metrics: classifier-free guidance weight w")
     _add_sampling(e, seed=False)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -243,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--candidates", type=int, default=1, help="samples per source; the prediction is their MBR")
     g.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
     g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w (models trained with train.cond_dropout > 0)")
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
     g.set_defaults(fn=cmd_generate)

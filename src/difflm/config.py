@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = True
     threads: int | None = None
+    cond_dropout: float = 0.0  # seq2seq: fraction of rows trained with the source dropped (classifier-free guidance)
 
 
 @dataclass

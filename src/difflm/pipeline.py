@@ -22,6 +22,7 @@ from .models import Transformer, TransformerConfig
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
 from .sampling.base import OnStep
+from .sampling.guidance import ClassifierFreeGuidance
 from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 GAP = re.compile(r"\[MASK\]|_{3,}")
@@ -166,7 +167,7 @@ class DiffusionLM:
             )
 
     def _sample(self, cond: Conditioning, *, steps, sampler, seed, temperature, top_p, batch_size, on_step,
-                bf16, sampler_options=None) -> tuple[torch.Tensor, torch.Tensor]:
+                bf16, sampler_options=None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
         if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
@@ -182,7 +183,11 @@ class DiffusionLM:
             idx = torch.arange(a, min(N, a + batch_size))
             with self._autocast(bf16):
                 part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
-                out = smp(self.model, self.process, part, steps=steps, seed=seed, rows=idx.to(self.device),
+                model = self.model
+                if guidance:
+                    source = part.fixed & (part.tokens != self.tokenizer.bos_id)
+                    model = ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, guidance)
+                out = smp(model, self.process, part, steps=steps, seed=seed, rows=idx.to(self.device),
                           temperature=temperature, top_p=top_p, on_step=on_step)
             toks.append(out.tokens.cpu())
             nfes.append(out.nfe.cpu())
@@ -279,13 +284,17 @@ class DiffusionLM:
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
+        guidance: float = 0.0,
     ) -> list[Transduction]:
         """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
-        BLEU against the others (minimum Bayes risk), else the first."""
+        BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
+        guidance, for models trained with ``train.cond_dropout`` > 0."""
         from .evaluation.text_metrics import mbr_select
 
         self._require_pairs()
+        if guidance and self.run.train.cond_dropout <= 0:
+            raise DiffLMError("--guidance needs a model trained with the source dropped: train.cond_dropout > 0")
         if candidates < 1:
             raise DiffLMError("--candidates must be at least 1")
         L, tok = self.seq_len, self.tokenizer
@@ -305,7 +314,7 @@ class DiffusionLM:
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
         toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
                                  top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
-                                 sampler_options=sampler_options)
+                                 sampler_options=sampler_options, guidance=guidance)
         texts = []
         for r, a in zip(toks.tolist(), starts):
             tgt = r[a:]

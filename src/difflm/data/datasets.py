@@ -80,6 +80,14 @@ def source_mask(x: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     return (sep.cumsum(-1) - sep) == 0
 
 
+def drop_condition(batch: Batch, drop: torch.Tensor, null_id: int, bos_id: int) -> Batch:
+    """Classifier-free guidance training: in rows where ``drop`` (B,) is True the source tokens become
+    ``null_id`` ([PAD]); they stay fixed and unmodelled, the [BOS] separator and the target are untouched."""
+    source = batch.fixed & (batch.tokens != bos_id) & drop[:, None].to(batch.tokens.device)
+    return Batch(torch.where(source, torch.full_like(batch.tokens, null_id), batch.tokens), batch.loss_mask,
+                 batch.fixed, batch.u, batch.rows, batch.seed, batch.step)
+
+
 def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_source: int) -> tuple[list[int], bool]:
     """source, [BOS], target, [EOS]… as one row of L ids; the source is cut to ``max_source`` ids and the
     target to the room left (keeping at least one [EOS]). Returns (row, truncated)."""

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import RunConfig
 from ..data import TokenDataset, Tokenizer, build_dataset, build_tokenizer, load_lines
+from ..data.datasets import drop_condition
 from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
@@ -108,6 +109,11 @@ class Trainer:
         # accumulation split of the same global batch sees the same noise (and so the same gradient)
         batch.rows = step * t.batch_size + slot * self.micro + torch.arange(self.micro)
         batch.seed, batch.step = t.seed, step
+        if t.cond_dropout > 0:
+            if data.mode != "pairs":
+                raise DiffLMError("train.cond_dropout drops a seq2seq source: it needs data.corpus pairs")
+            drop = uniform(t.seed, batch.rows, step, 1, stream=5)[:, 0] < t.cond_dropout
+            batch = drop_condition(batch, drop, data.pad_id, data.bos_id)
         return batch.to(self.device)
 
     # -- the loop ------------------------------------------------------------------------------

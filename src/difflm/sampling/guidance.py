@@ -1,0 +1,42 @@
+"""Classifier-free guidance (Ho & Salimans 2022) for any family whose network reads the condition as
+given tokens (a seq2seq source): the model is trained with the source dropped (replaced by [PAD]) for a
+fraction ``train.cond_dropout`` of rows, and at sampling the two predictions are mixed,
+    out = (1 + w)·out(x | source) − w·out(x | ∅),
+on whatever the network outputs (logits, log-scores, x̂0 embeddings). w = 0 is the conditional model,
+w = −1 the unconditional one."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..models.transformer import KVCache
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """Wraps a denoiser. ``source``: (B, L) bool, the positions holding the condition in this batch."""
+
+    def __init__(self, model: nn.Module, source: Tensor, null_id: int, w: float) -> None:
+        super().__init__()
+        self.model, self.source, self.null_id, self.w = model, source, int(null_id), float(w)
+        # what samplers and processes read off the backbone: its config, KV-cache size, token embeddings
+        self.cfg, self.blocks, self.embed = model.cfg, model.blocks, model.embed
+        self._caches: dict[int, KVCache] = {}
+
+    def forward(self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
+                cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None) -> Tensor:
+        offset = cache.length if cache is not None else 0
+        out = self.model(x, t, attn_mask=attn_mask, cache=cache, select=select, x0_prev=x0_prev)
+        if self.w == 0:
+            return out
+        src = self.source[:, offset : offset + x.shape[1]]
+        if x.dtype == torch.long:
+            xu = torch.where(src, torch.full_like(x, self.null_id), x)
+        else:  # embedding diffusion: the given positions hold clean embeddings
+            null = self.model.embed.weight[self.null_id].to(x.dtype)
+            xu = torch.where(src[..., None], null.expand_as(x), x)
+        ucache = None
+        if cache is not None:  # the unconditional stream keeps its own KV cache (autoregressive sampling)
+            ucache = self._caches.setdefault(id(cache), KVCache(len(self.model.blocks)))
+        uncond = self.model(xu, t, attn_mask=attn_mask, cache=ucache, select=select, x0_prev=x0_prev)
+        return (1 + self.w) * out - self.w * uncond
