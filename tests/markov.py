@@ -49,9 +49,8 @@ def write_corpus(path: Path, P: np.ndarray, n: int, L: int, seed: int) -> None:
     path.write_text("\n".join("".join(ALPHABET[i] for i in row) for row in x) + "\n")
 
 
-def bigram_tv(texts: list[str], P: np.ndarray) -> float:
-    """Total-variation distance between the samples' bigram frequencies and the source's."""
-    pi = stationary(P)
+def bigram_freqs(texts: list[str]) -> np.ndarray:
+    """(V, V) relative frequencies of the bigrams of alphabet symbols in the texts."""
     V = len(ALPHABET)
     idx = {c: i for i, c in enumerate(ALPHABET)}
     counts = np.zeros((V, V))
@@ -59,9 +58,13 @@ def bigram_tv(texts: list[str], P: np.ndarray) -> float:
         for a, b in zip(t, t[1:]):
             if a in idx and b in idx:
                 counts[idx[a], idx[b]] += 1
-    emp = counts / max(counts.sum(), 1)
-    true = pi[:, None] * P
-    return 0.5 * float(np.abs(emp - true).sum())
+    return counts / max(counts.sum(), 1)
+
+
+def bigram_tv(texts: list[str], P: np.ndarray) -> float:
+    """Total-variation distance between the samples' bigram frequencies and the source's."""
+    true = stationary(P)[:, None] * P
+    return 0.5 * float(np.abs(bigram_freqs(texts) - true).sum())
 
 
 def per_token_entropy(P: np.ndarray, L: int) -> float:
