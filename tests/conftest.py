@@ -114,6 +114,14 @@ def toy():
     return seqs, p, ExactDenoiser(seqs, p)
 
 
+# one small process config per family, for tests that run every family's samplers on untrained networks
+TINY_PROCESSES = {
+    "masked": {"type": "masked"}, "uniform": {"type": "uniform"}, "sedd": {"type": "sedd"},
+    "d3pm": {"type": "d3pm", "steps": 40}, "gaussian": {"type": "gaussian", "embed_dim": 8},
+    "autoregressive": {"type": "autoregressive"},
+}
+
+
 # ---- Markov source and tiny trained models -------------------------------------------------------------
 MARKOV_L = 16
 
@@ -151,4 +159,4 @@ def markov_models(markov_corpus):
     return out, P, markov.per_token_entropy(P, MARKOV_L), d
 
 
-__all__ = ["ExactDenoiser", "chi2_gof", "chi2_pvalue", "np"]
+__all__ = ["ExactDenoiser", "TINY_PROCESSES", "chi2_gof", "chi2_pvalue", "np"]

@@ -4,6 +4,7 @@ Reference fast decoders change their output with the batch; ours must not."""
 
 import pytest
 import torch
+from conftest import TINY_PROCESSES
 
 from difflm.config import RunConfig
 from difflm.data import build_tokenizer
@@ -11,18 +12,13 @@ from difflm.pipeline import build_components
 from difflm.sampling import SAMPLER_NAMES, Conditioning, get_sampler, sampler_fits
 
 L = 10
-FAMILIES = {
-    "masked": {"type": "masked"}, "uniform": {"type": "uniform"}, "sedd": {"type": "sedd"},
-    "d3pm": {"type": "d3pm", "steps": 40}, "gaussian": {"type": "gaussian", "embed_dim": 8},
-    "autoregressive": {"type": "autoregressive"},
-}
 OPTIONS = {"confidence": [{}, {"block": 4, "score": "margin"}], "threshold": [{"threshold": 0.5, "block": 5}],
            "remdm": [{"eta": 0.05}, {"eta": 0.5, "strategy": "rescale"}], "ddim": [{"eta": 0.0}],
            "dpm-solver": [{}, {"clamp": True}]}
 
 
 def cases():
-    for fam in FAMILIES:
+    for fam in TINY_PROCESSES:
         process = built(fam)[1]
         for name in SAMPLER_NAMES:
             if sampler_fits(name, process):
@@ -32,7 +28,7 @@ def cases():
 
 def built(family: str):
     run = RunConfig.from_dict({"data": {"seq_len": L}, "model": {"n_layer": 1, "n_head": 2, "d_model": 32},
-                               "process": FAMILIES[family]})
+                               "process": TINY_PROCESSES[family]})
     tok = build_tokenizer(run.tokenizer, ["a b c d e f g"])
     torch.manual_seed(0)
     model, process = build_components(run, tok)

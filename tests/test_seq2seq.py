@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_PROCESSES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,15 +75,10 @@ def test_pairs_errors_are_one_line(tmp_path):
         RunConfig.from_dict({"data": {"corpus": "pairs", "mode": "lines"}})
 
 
-FAMILIES = {"masked": {"type": "masked"}, "uniform": {"type": "uniform"}, "sedd": {"type": "sedd"},
-            "d3pm": {"type": "d3pm", "steps": 50}, "gaussian": {"type": "gaussian", "embed_dim": 8},
-            "autoregressive": {"type": "autoregressive"}}
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_PROCESSES))
 def test_no_sampler_of_any_family_changes_the_source(tmp_path, family):
     write_pairs(tmp_path, "copy", 50)
-    run = pairs_run(tmp_path, FAMILIES[family])
+    run = pairs_run(tmp_path, TINY_PROCESSES[family])
     tok = build_tokenizer(run.tokenizer, load_lines(run.data, "train"))
     model, process = build_components(run, tok)
     model.eval()
