@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, read_json
-from .data.datasets import make_batch
+from .data.datasets import condition_positions, make_batch
 from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
 from .errors import DiffLMError
@@ -185,7 +185,7 @@ class DiffusionLM:
                 part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
                 model = self.model
                 if guidance:
-                    source = part.fixed & (part.tokens != self.tokenizer.bos_id)
+                    source = condition_positions(part.tokens, part.fixed, self.tokenizer.bos_id)
                     model = ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, guidance)
                 out = smp(model, self.process, part, steps=steps, seed=seed, rows=idx.to(self.device),
                           temperature=temperature, top_p=top_p, on_step=on_step)

@@ -80,10 +80,16 @@ def source_mask(x: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     return (sep.cumsum(-1) - sep) == 0
 
 
+def condition_positions(tokens: torch.Tensor, fixed: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(B, L) True at the given positions that carry the condition (the seq2seq source): what classifier-free
+    guidance drops, in training and at sampling alike; the [BOS] separator is layout, not condition."""
+    return fixed & (tokens != bos_id)
+
+
 def drop_condition(batch: Batch, drop: torch.Tensor, null_id: int, bos_id: int) -> Batch:
     """Classifier-free guidance training: in rows where ``drop`` (B,) is True the source tokens become
     ``null_id`` ([PAD]); they stay fixed and unmodelled, the [BOS] separator and the target are untouched."""
-    source = batch.fixed & (batch.tokens != bos_id) & drop[:, None].to(batch.tokens.device)
+    source = condition_positions(batch.tokens, batch.fixed, bos_id) & drop[:, None].to(batch.tokens.device)
     return Batch(torch.where(source, torch.full_like(batch.tokens, null_id), batch.tokens), batch.loss_mask,
                  batch.fixed, batch.u, batch.rows, batch.seed, batch.step)
 
