@@ -37,14 +37,20 @@ def text_scores(predictions: list[str], references: list[str], candidates: list[
     return out
 
 
+def score_outputs(outs: list, references: list[str], metrics: list[str], *, mbr: bool, seconds: float) -> dict:
+    """outs: generate_targets' Transductions for the sources in order. Scores the MBR choice (``mbr``) or
+    each source's first candidate; self-BLEU is over all candidates either way."""
+    picks = [o.prediction if mbr else o.candidates[0] for o in outs]
+    scores = text_scores(picks, references, [o.candidates for o in outs], metrics)
+    k = len(outs[0].candidates)
+    return {**scores, "n": len(outs), "candidates": k, "mbr": bool(mbr and k > 1),
+            "nfe_per_candidate": sum(o.nfe for o in outs) / len(outs), "seconds_per_source": seconds / len(outs),
+            "examples": [{"source": o.source, "prediction": p} for o, p in zip(outs[:3], picks)]}
+
+
 def evaluate_seq2seq(lm, pairs: list[tuple[str, str]], metrics: list[str], *, candidates: int = 1,
                      mbr: bool = True, **generate_kw) -> dict:
     """lm: a DiffusionLM trained on pairs. Generates for every source and scores against its target."""
     t0 = time.time()
     outs = lm.generate_targets([s for s, _ in pairs], candidates=candidates, mbr=mbr, **generate_kw)
-    seconds = time.time() - t0
-    scores = text_scores([o.prediction for o in outs], [t for _, t in pairs], [o.candidates for o in outs],
-                         metrics)
-    return {**scores, "n": len(pairs), "candidates": candidates, "mbr": bool(mbr and candidates > 1),
-            "nfe_per_candidate": sum(o.nfe for o in outs) / len(outs), "seconds_per_source": seconds / len(pairs),
-            "examples": [{"source": o.source, "prediction": o.prediction} for o in outs[:3]]}
+    return score_outputs(outs, [t for _, t in pairs], metrics, mbr=mbr, seconds=time.time() - t0)
