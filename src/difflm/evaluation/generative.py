@@ -33,8 +33,7 @@ BENCH_SAMPLERS = {
 def ar_nll(ar, tokens: torch.Tensor, special: set[int], batch_size: int = 16) -> tuple[float, int]:
     """ar: a DiffusionLM of the autoregressive family. Total exact NLL (nats) of the rows of ``tokens``
     (N, L) over their non-special tokens, and the number of tokens scored."""
-    if ar.process.family != "autoregressive":
-        raise DiffLMError("the evaluator for generative perplexity must be an autoregressive model")
+    require_autoregressive(ar)
     if tokens.shape[1] > ar.seq_len:
         raise DiffLMError(f"samples of {tokens.shape[1]} tokens are longer than the evaluator's {ar.seq_len}")
     loss_mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -59,10 +58,14 @@ def special_ids(tokenizer) -> set[int]:
     return {tokenizer.pad_id, tokenizer.mask_id, tokenizer.bos_id, tokenizer.eos_id}
 
 
-def check_evaluator(lm, ar) -> None:
-    """The AR evaluator must be autoregressive and share the model's tokenizer (scores are on token ids)."""
+def require_autoregressive(ar) -> None:
     if ar.process.family != "autoregressive":
         raise DiffLMError("the evaluator for generative perplexity must be an autoregressive model")
+
+
+def check_evaluator(lm, ar) -> None:
+    """The AR evaluator must be autoregressive and share the model's tokenizer (scores are on token ids)."""
+    require_autoregressive(ar)
     if lm.tokenizer.hf.to_str() != ar.tokenizer.hf.to_str():
         raise DiffLMError("the AR evaluator uses a different tokenizer than the model; give one trained on the "
                           "same data (e.g. the matching *-ar run)")
