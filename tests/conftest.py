@@ -118,7 +118,7 @@ def toy():
 TINY_PROCESSES = {
     "masked": {"type": "masked"}, "uniform": {"type": "uniform"}, "sedd": {"type": "sedd"},
     "d3pm": {"type": "d3pm", "steps": 40}, "gaussian": {"type": "gaussian", "embed_dim": 8},
-    "autoregressive": {"type": "autoregressive"},
+    "autoregressive": {"type": "autoregressive"}, "block": {"type": "block", "block_size": 4},
 }
 
 

@@ -14,7 +14,7 @@ from difflm.sampling import SAMPLER_NAMES, Conditioning, get_sampler, sampler_fi
 L = 10
 OPTIONS = {"confidence": [{}, {"block": 4, "score": "margin"}], "threshold": [{"threshold": 0.5, "block": 5}],
            "remdm": [{"eta": 0.05}, {"eta": 0.5, "strategy": "rescale"}], "ddim": [{"eta": 0.0}],
-           "dpm-solver": [{}, {"clamp": True}]}
+           "dpm-solver": [{}, {"clamp": True}], "block": [{}, {"cache": False}, {"stop_at_eos": True}]}
 
 
 def cases():

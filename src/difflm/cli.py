@@ -14,7 +14,7 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None,
                    help="masked: ancestral|cached|first-hitting|remdm|confidence|threshold; uniform, d3pm: ancestral; "
-                        "sedd: analytic|euler; "
+                        "sedd: analytic|euler; block (BD3-LM): block; "
                         "gaussian: ddpm|ddim|dpm-solver; AR: autoregressive (default: the family's own)")
     p.add_argument("--eta", type=float, default=None,
                    help="gaussian ddim: η (0 deterministic, 1 = DDPM); remdm: remasking η")
@@ -23,6 +23,10 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--score", default=None, help="confidence/threshold: confidence|margin|entropy")
     p.add_argument("--block", type=int, default=None, help="confidence/threshold: semi-autoregressive block length")
     p.add_argument("--threshold", type=float, default=None, help="threshold: unmask where the score exceeds τ")
+    p.add_argument("--stop-at-eos", action="store_true", dest="stop_at_eos",
+                   help="block: end each sequence at the first [EOS] it generates (variable length)")
+    p.add_argument("--no-kv-cache", action="store_true", dest="no_kv_cache",
+                   help="block: recompute the clean prefix at every call instead of caching its keys/values")
     if seed:
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
@@ -40,6 +44,10 @@ def _sampler_options(a) -> dict:
     for key in ("score", "block", "threshold", "strategy"):
         if getattr(a, key) is not None:
             opts[key] = getattr(a, key)
+    if a.stop_at_eos:
+        opts["stop_at_eos"] = True
+    if a.no_kv_cache:
+        opts["cache"] = False
     return opts
 
 

@@ -197,6 +197,8 @@ class DiffusionLM:
         ids = row.tolist()
         if self.run.data.mode == "lines" and self.tokenizer.eos_id in ids:
             ids = ids[: ids.index(self.tokenizer.eos_id)]
+        if self.tokenizer.pad_id in ids:  # a sampler that stopped the row (block --stop-at-eos)
+            ids = ids[: ids.index(self.tokenizer.pad_id)]
         return self.tokenizer.decode(ids)
 
     def _require_pairs(self) -> None:
@@ -224,8 +226,9 @@ class DiffusionLM:
             self._check_length(len(ids), length, "prompt")
             cond.tokens[:, : len(ids)] = torch.tensor(ids)
             cond.fixed[:, : len(ids)] = True
-        elif getattr(self.process, "length_log_prior", None) is not None:
+        elif getattr(self.process, "length_log_prior", None) is not None and self.process.family != "block":
             # a model trained on padded lines sees where padding starts: draw each length from the prior
+            # (block diffusion generates left to right and ends a row at its [EOS] instead: --stop-at-eos)
             u = uniform(seed, torch.arange(num), 0, 1, stream=11)[:, 0]
             n = self.process.sample_length(u).clamp(max=length).cpu()  # tokens incl. [EOS]
             pos = torch.arange(length)[None]

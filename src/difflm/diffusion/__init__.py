@@ -7,6 +7,7 @@ import inspect
 from ..errors import DiffLMError
 from .autoregressive import Autoregressive
 from .base import Batch, Process, low_discrepancy_uniform
+from .block import BlockDiffusion
 from .d3pm import D3PM
 from .gaussian import GaussianDiffusion
 from .graphs import Graph
@@ -14,11 +15,11 @@ from .masked import MaskedDiffusion
 from .sedd import ScoreEntropy
 from .uniform import UniformDiffusion
 
-__all__ = ["Autoregressive", "Batch", "D3PM", "GaussianDiffusion",
+__all__ = ["Autoregressive", "Batch", "BlockDiffusion", "D3PM", "GaussianDiffusion",
            "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
            "build_process", "low_discrepancy_uniform"]
 
-FAMILIES = ("masked", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
+FAMILIES = ("masked", "block", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
 
 
 def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length_prior=None) -> Process:
@@ -30,14 +31,17 @@ def build_process(cfg: dict, *, vocab_size: int, special: dict[str, int], length
             raise DiffLMError(f"process.type autoregressive takes no options, got {sorted(cfg)}")
         return Autoregressive(special["bos"], special["pad"], special["mask"])
     classes = {"masked": MaskedDiffusion, "uniform": UniformDiffusion, "sedd": ScoreEntropy, "d3pm": D3PM,
-               "gaussian": GaussianDiffusion}
+               "gaussian": GaussianDiffusion, "block": BlockDiffusion}
     if kind not in classes:
         raise DiffLMError(f"unknown process.type {kind!r}; choose one of {', '.join(FAMILIES)}")
     cls = classes[kind]
-    known = set(inspect.signature(cls).parameters) - {"vocab_size", "mask_id", "pad_id", "bos_id", "length_prior"}
+    params = set(inspect.signature(cls).parameters)
+    known = params - {"vocab_size", "mask_id", "pad_id", "bos_id", "eos_id", "length_prior"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise DiffLMError(
             f"process.type {kind} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}"
         )
+    if "eos_id" in params:  # block diffusion stops generating at [EOS]
+        cfg["eos_id"] = special.get("eos")
     return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), length_prior=length_prior, **cfg)

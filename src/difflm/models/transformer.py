@@ -55,16 +55,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.cat([ang.cos(), ang.cos()], -1), persistent=False)
         self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1), persistent=False)
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:  # x: (B, H, L, Dh)
+    def forward(self, x: Tensor, offset: int, positions: Tensor | None = None) -> Tensor:  # x: (B, H, L, Dh)
         L = x.shape[-2]
-        cos = self.cos[offset : offset + L].to(x.dtype)
-        sin = self.sin[offset : offset + L].to(x.dtype)
+        idx = slice(offset, offset + L) if positions is None else positions
+        cos, sin = self.cos[idx].to(x.dtype), self.sin[idx].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, H, T, Dh) each."""
+    """Keys and values of the tokens seen so far, per layer: (B, H, T, Dh) each. Shared by autoregressive
+    decoding and block diffusion (which stores only a call's clean prefix: ``store`` in ``append``)."""
 
     def __init__(self, n_layer: int) -> None:
         self.k: list[Tensor | None] = [None] * n_layer
@@ -74,11 +75,14 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[-2]
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, layer: int, k: Tensor, v: Tensor, store: int | None = None) -> tuple[Tensor, Tensor]:
+        """Keys/values to attend to (cache + new); of the new positions the first ``store`` (None: all) are kept."""
+        old = 0 if self.k[layer] is None else self.k[layer].shape[-2]
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=-2)
             v = torch.cat([self.v[layer], v], dim=-2)
-        self.k[layer], self.v[layer] = k, v
+        keep = k.shape[-2] if store is None else old + store
+        self.k[layer], self.v[layer] = k[..., :keep, :], v[..., :keep, :]
         return k, v
 
 
@@ -92,13 +96,13 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, rope: Rotary, attn_mask: Tensor | None, causal: bool,
-        cache: KVCache | None, layer: int, offset: int,
+        cache: KVCache | None, layer: int, offset: int, positions: Tensor | None = None, store: int | None = None,
     ) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, offset), rope(k, offset)
+        q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
-            k, v = cache.append(layer, k, v)
+            k, v = cache.append(layer, k, v, store)
         is_causal = causal and attn_mask is None
         if is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
             if L == 1:
@@ -129,13 +133,13 @@ class Block(nn.Module):
         # adaLN-zero: shift, scale, gate for attention and MLP, zero-initialised so each block starts as identity
         self.ada = nn.Linear(cfg.d_time, 6 * cfg.d_model) if cfg.time_conditioning else None
 
-    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset):
+    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset, positions=None, store=None):
         if self.ada is None:
-            x = x + self.drop(self.attn(self.norm1(x), rope, attn_mask, causal, cache, layer, offset))
+            x = x + self.drop(self.attn(self.norm1(x), rope, attn_mask, causal, cache, layer, offset, positions, store))
             return x + self.drop(self.mlp(self.norm2(x)))
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
         h = self.norm1(x) * (1 + sc1) + sh1
-        x = x + g1 * self.drop(self.attn(h, rope, attn_mask, causal, cache, layer, offset))
+        x = x + g1 * self.drop(self.attn(h, rope, attn_mask, causal, cache, layer, offset, positions, store))
         h = self.norm2(x) * (1 + sc2) + sh2
         return x + g2 * self.drop(self.mlp(h))
 
@@ -194,16 +198,19 @@ class Transformer(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
         cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
+        positions: Tensor | None = None, store: int | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
-        select: optional (B, L) bool — compute the output head only there (the loss needs no more).
+        select: optional (B, L) bool — compute the output head only there (the loss needs no more);
+        positions: optional (L,) long RoPE positions (default: cache length + 0..L−1; block diffusion feeds
+        [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it.
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""
         B, L = x.shape[:2]
         offset = cache.length if cache is not None else 0
-        if offset + L > self.cfg.max_len:
+        if (offset + L if positions is None else int(positions.max()) + 1) > self.cfg.max_len:
             raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
         if self.cfg.d_embed:
             if self.cfg.self_conditioning:
@@ -217,7 +224,7 @@ class Transformer(nn.Module):
                 raise ValueError("this model is time-conditioned: pass t")
             c = self.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, self.cfg.d_time))
         for i, blk in enumerate(self.blocks):
-            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset)
+            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
         h = self.norm_f(h)
         if c is not None:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)

@@ -6,6 +6,7 @@ from ..diffusion.base import Process
 from ..errors import DiffLMError
 from .autoregressive import AutoregressiveSampler
 from .base import SampleOutput, Sampler, StepInfo
+from .block import BlockSampler
 from .conditioning import Conditioning
 from .confidence import ConfidenceDecoding, ThresholdDecoding
 from .gaussian import DDIM, DDPM, DPMSolver
@@ -13,11 +14,11 @@ from .graph import D3PMAncestral, SEDDAnalytic, SEDDEuler, UniformAncestral
 from .masked import FirstHitting, MaskedAncestral, MaskedCached, ReMDM
 
 _ALL = (MaskedAncestral, MaskedCached, FirstHitting, ReMDM, ConfidenceDecoding, ThresholdDecoding,
-        UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler, DDPM, DDIM, DPMSolver)
+        UniformAncestral, D3PMAncestral, SEDDAnalytic, SEDDEuler, AutoregressiveSampler, DDPM, DDIM, DPMSolver,
+        BlockSampler)
 SAMPLER_NAMES = sorted({c.name for c in _ALL})
-DEFAULT_SAMPLER = {"masked": "ancestral", "uniform": "ancestral", "sedd": "analytic", "d3pm": "ancestral",
-                   "gaussian": "ddpm",
-                   "autoregressive": "autoregressive"}
+DEFAULT_SAMPLER = {"masked": "ancestral", "block": "block", "uniform": "ancestral", "sedd": "analytic",
+                   "d3pm": "ancestral", "gaussian": "ddpm", "autoregressive": "autoregressive"}
 
 __all__ = ["Conditioning", "SampleOutput", "Sampler", "StepInfo", "get_sampler", "sampler_fits", "SAMPLER_NAMES"]
 

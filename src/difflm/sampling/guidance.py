@@ -24,9 +24,11 @@ class ClassifierFreeGuidance(nn.Module):
         self._caches: dict[int, KVCache] = {}
 
     def forward(self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
-                cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
+                positions: Tensor | None = None, store: int | None = None) -> Tensor:
         offset = cache.length if cache is not None else 0
-        out = self.model(x, t, attn_mask=attn_mask, cache=cache, select=select, x0_prev=x0_prev)
+        kw = {"attn_mask": attn_mask, "select": select, "x0_prev": x0_prev, "positions": positions, "store": store}
+        out = self.model(x, t, cache=cache, **kw)
         if self.w == 0:
             return out
         src = self.source[:, offset : offset + x.shape[1]]
@@ -38,5 +40,5 @@ class ClassifierFreeGuidance(nn.Module):
         ucache = None
         if cache is not None:  # the unconditional stream keeps its own KV cache (autoregressive sampling)
             ucache = self._caches.setdefault(id(cache), KVCache(len(self.model.blocks)))
-        uncond = self.model(xu, t, attn_mask=attn_mask, cache=ucache, select=select, x0_prev=x0_prev)
+        uncond = self.model(xu, t, cache=ucache, **kw)
         return (1 + self.w) * out - self.w * uncond

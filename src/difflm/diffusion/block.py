@@ -1,0 +1,124 @@
+"""Block diffusion: BD3-LM (Arriola et al. ICLR 2025, arXiv 2503.09573).
+
+The sequence is cut into blocks of ``block_size`` tokens; blocks are generated left to right, and within a
+block tokens are denoised by masked diffusion conditioned on the clean blocks before it:
+    −log p(x) ≤ Σ_b  ∫₀¹ −α'(t)/(1−α(t)) · E_q Σ_{i ∈ block b, masked} −log p_θ(x0ⁱ | x_t^b, x0^{<b}) dt   (eq. 8)
+with an independent time t_b per block. Block size 1 makes it autoregressive (each term is exactly
+−log p(xⁱ | x<ⁱ)); block size L makes it MDLM.
+
+Training runs every block's term in one forward pass over the concatenation [x_t, x0] (length 2L) with the
+block-causal mask of §3.2 (Fig. 2): x_t block b sees itself and x0 blocks < b; x0 block b sees x0 blocks ≤ b
+(the keys/values that the sampler's KV cache holds). Both halves take RoPE positions 0..L−1. The network is
+time-free (as MDLM's; BD3-LM does not condition on t either).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DiffLMError
+from ..schedules import Schedule
+from .base import Batch
+from .masked import MaskedDiffusion
+
+
+def block_causal(q_blocks: Tensor, k_blocks: Tensor) -> Tensor:
+    """Attention mask (Lq, Lk) bool, True = may attend: a query sees keys of its own block and earlier ones."""
+    return k_blocks[None, :] <= q_blocks[:, None]
+
+
+class BlockDiffusion(MaskedDiffusion):
+    family = "block"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        pad_id: int,
+        bos_id: int | None = None,
+        block_size: int = 4,
+        schedule: Schedule | str | dict = "loglinear",
+        clip: list[float] | None = None,
+        eos_id: int | None = None,
+        length_prior: list[float] | None = None,
+    ) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, schedule, time_conditioning=False,
+                         length_prior=length_prior)
+        if int(block_size) < 1:
+            raise DiffLMError(f"process.block_size must be at least 1, got {block_size}")
+        self.block_size, self.eos_id = int(block_size), eos_id
+        # BD3-LM §4 "clipped" schedules: train on t ~ U[β, ω] only (lower-variance gradients); the bound
+        # that ``difflm eval`` reports always integrates over the whole [0, 1]
+        if clip is not None and not (len(clip) == 2 and 0 <= clip[0] < clip[1] <= 1):
+            raise DiffLMError(f"process.clip must be [beta, omega] with 0 <= beta < omega <= 1, got {clip}")
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+
+    # -- the one-pass training input ---------------------------------------------------------------
+    def blocks_of(self, L: int, device=None) -> Tensor:
+        """Block index of each position 0..L−1: (L,) long."""
+        return torch.arange(L, device=device) // self.block_size
+
+    def training_mask(self, L: int, device=None) -> Tensor:
+        """The (2L, 2L) mask over [x_t, x0] (BD3-LM Fig. 2): block-diagonal on x_t, block-causal from x_t to
+        earlier x0 blocks, block-causal on x0, and x0 never sees x_t."""
+        blk = self.blocks_of(L, device)
+        tt = blk[:, None] == blk[None, :]
+        t0 = blk[None, :] < blk[:, None]
+        return torch.cat([torch.cat([tt, t0], 1), torch.cat([torch.zeros_like(tt), block_causal(blk, blk)], 1)], 0)
+
+    def denoiser_logits(self, model: nn.Module, xt: Tensor, x0: Tensor, select: Tensor | None = None) -> Tensor:
+        """Logits of x0 at the x_t positions given x_t's block and the clean earlier blocks, all blocks in one
+        pass: (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is True."""
+        B, L = xt.shape
+        pos = torch.arange(L, device=xt.device)
+        sel = None if select is None else torch.cat([select, torch.zeros_like(select)], 1)
+        out = model(torch.cat([xt, x0], 1), attn_mask=self.training_mask(L, xt.device),
+                    positions=torch.cat([pos, pos]), select=sel).float()
+        if select is None:
+            out = out[:, :L]
+        out[..., self.never] = -float("inf")
+        return out
+
+    # -- bound -------------------------------------------------------------------------------------
+    def _terms(self, model: nn.Module, batch: Batch, generator, clip: tuple[float, float] | None) -> Tensor:
+        x0 = batch.tokens
+        B, L = x0.shape
+        if L % self.block_size:
+            raise DiffLMError(
+                f"data.seq_len={L} is not a multiple of process.block_size={self.block_size}; change one of them"
+            )
+        nb = L // self.block_size
+        # one uniform per row, spread over its blocks: t_b = (u + b/nb) mod 1 (each t_b uniform; stratified)
+        u = (batch.time_uniforms(generator)[:, None] + torch.arange(nb, device=x0.device) / nb) % 1.0
+        if clip is None:
+            t, w = self.times(u)
+        else:
+            t = clip[0] + (clip[1] - clip[0]) * u.double()
+            w = -self.schedule.alpha_prime(t) / (1 - self.schedule.alpha(t))
+        t = t.repeat_interleave(self.block_size, dim=1)  # (B, L)
+        w = w.repeat_interleave(self.block_size, dim=1)
+        # every modelled position is noised, [EOS] included (in lines mode too: the length is generated, not
+        # drawn from a prior); padding after [EOS] is always hidden, as at sampling, where it does not exist yet
+        masked = (batch.rand(generator) < 1 - self.schedule.alpha(t)) & batch.loss_mask
+        hidden = masked | (x0 == self.pad_id)
+        xt = torch.where(hidden, torch.full_like(x0, self.mask_id), x0)
+        nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked), x0[masked], reduction="none")
+        terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
+        return terms
+
+    def sequence_terms(self, batch: Batch) -> Tensor:
+        """No −log p(length): block diffusion models the length through [EOS] (counted in the terms)."""
+        return torch.zeros(batch.tokens.shape[0], dtype=torch.float32, device=batch.tokens.device)
+
+    def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
+        return self._terms(model, batch, generator, None)
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return self._terms(model, batch, None, self.clip)
+
+    def config(self) -> dict:
+        return {"type": "block", "block_size": self.block_size, "schedule": self.schedule.to_dict(),
+                "clip": None if self.clip is None else list(self.clip)}

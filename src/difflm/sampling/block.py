@@ -1,0 +1,128 @@
+"""Block-by-block sampling for block diffusion (BD3-LM, arXiv 2503.09573, Alg. 2).
+
+Blocks are generated left to right. Within block b, ``steps`` MDLM ancestral steps t = k/steps -> (k−1)/steps
+unmask each masked position with probability (α_s − α_t)/(1 − α_t), drawing from x̂0 given the block's
+current state and the clean blocks before it; the network is time-free, so a row's x̂0 is reused while its
+block has not changed (at most one call per change, as MDLM's cached sampler).
+
+With ``cache`` the clean blocks live in the backbone's KV cache (the same ``KVCache`` the autoregressive
+baseline decodes with): a finished block is written to it by the first call of the next block, one forward
+pass over [clean block b−1, x_t block b] with the block-causal mask, keeping only the first part. Without
+``cache`` every call recomputes the whole prefix under the block-causal mask; both give the same tokens.
+With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the row becomes [PAD] and the
+row makes no more calls (variable-length generation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..diffusion.block import BlockDiffusion, block_causal
+from ..errors import DiffLMError
+from ..models.transformer import KVCache
+from ..rng import uniform
+from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .categorical import probs_from_logits, sample_categorical
+from .conditioning import Conditioning
+
+
+def _rows(cache: KVCache, idx: Tensor) -> KVCache:
+    """A read-only view of ``cache`` for a subset of its rows."""
+    sub = KVCache(len(cache.k))
+    sub.k = [None if k is None else k[idx] for k in cache.k]
+    sub.v = [None if v is None else v[idx] for v in cache.v]
+    return sub
+
+
+class BlockSampler(Sampler):
+    name = "block"
+    families = ("block",)
+
+    def __init__(self, cache: bool = True, stop_at_eos: bool = False) -> None:
+        self.cache, self.stop_at_eos = bool(cache), bool(stop_at_eos)
+
+    def _log_probs(self, model: nn.Module, process: BlockDiffusion, x: Tensor, a: int, e: int,
+                   cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
+        """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
+        cache holding x[:, :committed], the positions [committed, a) are written to it in the same call."""
+        S = process.block_size
+        if cache is None:  # the whole prefix, block-causal
+            xs = x[idx, :e]
+            blk = torch.arange(e, device=x.device) // S
+            sel = torch.zeros_like(xs, dtype=torch.bool)
+            sel[:, a:e] = True
+            out = model(xs, attn_mask=block_causal(blk, blk), select=sel).view(len(idx), e - a, -1)
+        elif committed < a:  # fused: write the finished block(s) [committed, a) and denoise [a, e)
+            assert len(idx) == x.shape[0], "the cache is written for every row at once"
+            blk = torch.arange(committed, e, device=x.device) // S
+            mask = torch.cat([torch.ones(e - committed, committed, dtype=torch.bool, device=x.device),
+                              block_causal(blk, blk)], 1)
+            out = model(x[:, committed:e], attn_mask=mask, cache=cache, store=a - committed)[:, a - committed:]
+        else:  # the cache holds the prefix: the block attends to it and to itself
+            view = cache if len(idx) == x.shape[0] else _rows(cache, idx)
+            out = model(x[idx, a:e], cache=view, store=0)
+        out = out.float()
+        out[..., process.never] = -float("inf")
+        return F.log_softmax(out, dim=-1)
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: BlockDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        """``steps``: denoising steps per block (network calls per block at most ``steps``)."""
+        if steps < 1:
+            raise DiffLMError("--steps must be at least 1")
+        if not cond.is_prefix_only():
+            raise DiffLMError(
+                "block diffusion generates left to right: it can continue a prompt but not fill gaps; "
+                "use a masked-diffusion model to infill"
+            )
+        if self.stop_at_eos and process.eos_id is None:
+            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+        rows = self.default_rows(cond, rows)
+        B, L = cond.shape
+        S, m = process.block_size, process.mask_id
+        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        cache = KVCache(len(model.blocks)) if self.cache else None
+        committed = 0
+        p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))
+                    for k in range(steps + 1)]
+        for b, a in enumerate(range(0, L, S)):
+            e = min(a + S, L)
+            logp = torch.zeros(B, e - a, process.vocab_size, device=x.device)
+            dirty = torch.ones(B, dtype=torch.bool, device=x.device)
+            for k in range(steps, 0, -1):
+                masked = (x[:, a:e] == m) & ~done[:, None]
+                need = masked.any(-1) & dirty
+                if cache is not None and committed < a:  # the previous block goes into the cache now
+                    need = ~done
+                    call = torch.arange(B, device=x.device)
+                else:
+                    call = need.nonzero().squeeze(-1)
+                if len(call):
+                    logp[call] = self._log_probs(model, process, x, a, e, cache, committed, call)
+                    nfe += need
+                    committed = a if cache is not None else committed
+                key = b * (steps + 1) + k  # each (block, step) draws its own random numbers
+                unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
+                if unmask.any():
+                    probs = probs_from_logits(logp[unmask], temperature, top_p)
+                    x = x.clone()
+                    x[:, a:e][unmask] = sample_categorical(probs, uniform(seed, rows, key, e - a, stream=1)[unmask])
+                dirty = unmask.any(-1)
+                if on_step is not None:
+                    on_step(StepInfo(k, steps, k / steps, (k - 1) / steps, x, nfe.clone()))
+            if self.stop_at_eos:
+                eos = (x[:, a:e] == process.eos_id) & ~cond.fixed[:, a:e] & ~done[:, None]
+                for r in eos.any(-1).nonzero().squeeze(-1).tolist():
+                    x[r, a + int(eos[r].float().argmax()) + 1:] = process.pad_id
+                    done[r] = True
+                if bool(done.all()):
+                    break
+        return SampleOutput(x, nfe)

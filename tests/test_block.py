@@ -1,0 +1,231 @@
+"""Block diffusion (BD3-LM): the one-pass [x_t, x0] training input against block-by-block and KV-cached
+evaluation, the two limits of the bound (block size L = MDLM, block size 1 = autoregressive), the block
+sampler's distribution with the exact denoiser, KV-cached = uncached sampling, and [EOS]-stopped lengths."""
+
+import math
+
+import markov
+import pytest
+import torch
+from conftest import MARKOV_L, TOY_L, TOY_MASK, TOY_PAD, TOY_V, chi2_gof, markov_run
+from torch import nn
+
+from difflm.data import build_dataset
+from difflm.diffusion import Batch, BlockDiffusion, MaskedDiffusion
+from difflm.diffusion.block import block_causal
+from difflm.errors import DiffLMError
+from difflm.evaluation import evaluate
+from difflm.models import Transformer, TransformerConfig
+from difflm.models.transformer import KVCache
+from difflm.pipeline import DiffusionLM
+from difflm.sampling import Conditioning, get_sampler
+from difflm.training.trainer import Trainer
+
+V, MASK, PAD, BOS, EOS = 12, 8, 9, 10, 11
+
+
+def net(max_len: int = 32, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(TransformerConfig(vocab_size=V, max_len=max_len, n_layer=2, n_head=2, d_model=32))
+    for p in m.parameters():  # untrained but not degenerate
+        p.data.normal_(0, 0.15)
+    return m.eval()
+
+
+def proc(block_size: int) -> BlockDiffusion:
+    return BlockDiffusion(V, MASK, PAD, BOS, block_size=block_size, eos_id=EOS)
+
+
+def batch(x0: torch.Tensor, seed: int = 0) -> Batch:
+    b = Batch(x0, torch.ones_like(x0, dtype=torch.bool), torch.zeros_like(x0, dtype=torch.bool))
+    b.u, b.rows, b.seed = torch.rand(x0.shape[0], dtype=torch.float64), torch.arange(x0.shape[0]), seed
+    return b
+
+
+def test_training_mask_is_bd3lms_figure_2():
+    L, S = 6, 2
+    M = proc(S).training_mask(L)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            qb, kb = (q % L) // S, (k % L) // S
+            if q < L:  # an x_t query: its own noisy block, and the clean blocks before it
+                want = (k < L and kb == qb) or (k >= L and kb < qb)
+            else:  # an x0 query: clean blocks up to its own, never x_t
+                want = k >= L and kb <= qb
+            assert bool(M[q, k]) == want, (q, k)
+
+
+def test_one_pass_equals_block_by_block_and_kv_cached():
+    """The logits the loss uses (all blocks in one pass over [x_t, x0]) are those of each block seen alone
+    after its clean prefix, recomputed or read from the KV cache."""
+    L, S = 12, 4
+    model, p = net(), proc(S)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 8, (3, L), generator=g)
+    xt = torch.where(torch.rand(3, L, generator=g) < 0.5, torch.full_like(x0, MASK), x0)
+    with torch.no_grad():
+        one = p.denoiser_logits(model, xt, x0)
+        cache = KVCache(len(model.blocks))
+        for a in range(0, L, S):
+            prefix = torch.cat([x0[:, :a], xt[:, a : a + S]], 1)
+            blk = torch.arange(a + S) // S
+            alone = model(prefix, attn_mask=block_causal(blk, blk))[:, a:].float()
+            cached = model(xt[:, a : a + S], cache=cache, store=0).float()
+            model(x0[:, a : a + S], cache=cache)  # commit the clean block
+            for other in (alone, cached):
+                other[..., p.never] = -math.inf
+                torch.testing.assert_close(one[:, a : a + S], other, atol=1e-4, rtol=1e-4)
+        assert cache.length == L
+
+
+def test_block_size_L_is_mdlm():
+    """One block: the bound is MDLM's, term for term, on the same noise (x_t never sees x0)."""
+    L = 8
+    model = net()
+    x0 = torch.randint(0, 8, (4, L), generator=torch.Generator().manual_seed(1))
+    b = batch(x0)
+    with torch.no_grad():
+        block = proc(L).bound_terms(model, b)
+        mdlm = MaskedDiffusion(V, MASK, PAD, BOS).bound_terms(model, b)
+    assert (block > 0).any()
+    torch.testing.assert_close(block, mdlm, atol=1e-4, rtol=1e-4)
+
+
+def test_block_size_1_is_autoregressive():
+    """Block size 1: every nonzero term divided by its weight is −log p(xⁱ | x<ⁱ) computed directly, and the
+    bound's expectation over the noise is the autoregressive NLL Σᵢ −log p(xⁱ | x<ⁱ)."""
+    L = 6
+    model, p = net(), proc(1)
+    x0 = torch.randint(0, 8, (1, L), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        direct = []
+        for i in range(L):
+            inp = torch.cat([x0[:, :i], torch.full((1, 1), MASK)], 1)
+            blk = torch.arange(i + 1)
+            logits = model(inp, attn_mask=block_causal(blk, blk))[0, -1].float()
+            logits[p.never] = -math.inf
+            direct.append(-torch.log_softmax(logits, -1)[x0[0, i]])
+        ar = torch.stack(direct).double()
+        K = 4000
+        b = batch(x0.expand(K, L).contiguous(), seed=3)
+        b.u = torch.rand(K, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        t, w = p.times((b.u[:, None] + torch.arange(L) / L) % 1)  # block b's time: (u + b/n_blocks) mod 1
+        terms = p.bound_terms(model, b).double()
+    hit = terms > 0
+    ratio = terms / w.expand(K, L)
+    torch.testing.assert_close(ratio[hit], ar.expand(K, L)[hit], atol=1e-4, rtol=1e-4)
+    est = terms.sum(-1)
+    assert abs(float(est.mean()) - float(ar.sum())) < 4 * float(est.std()) / math.sqrt(K)
+
+
+class ExactBlockDenoiser(nn.Module):
+    """The exact denoiser of the toy distribution as a block model: a call on a prefix (n, e) sees only the
+    prefix (later positions are unknown, i.e. masked) — what a block model learns."""
+
+    def __init__(self, exact: nn.Module) -> None:
+        super().__init__()
+        self.exact = exact
+
+    def forward(self, x, t=None, attn_mask=None, select=None, **kw):
+        full = torch.full((x.shape[0], TOY_L), TOY_MASK, dtype=torch.long)
+        full[:, : x.shape[1]] = x
+        out = self.exact(full)[:, : x.shape[1]]
+        return out if select is None else out[select]
+
+
+def toy_proc(block_size: int) -> BlockDiffusion:
+    return BlockDiffusion(TOY_V + 2, TOY_MASK, TOY_PAD, block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size,steps", [(1, 1), (2, 128), (3, 128)])
+def test_block_sampler_matches_the_true_distribution(toy, block_size, steps):
+    seqs, p, exact = toy
+    pr = toy_proc(block_size)
+    out = get_sampler("block", pr, cache=False)(ExactBlockDenoiser(exact), pr, Conditioning.unconditional(6000, TOY_L),
+                                                 steps=steps, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) > 1e-3
+    assert int(out.nfe.max()) <= -(-TOY_L // block_size) * steps
+
+
+def test_one_step_per_block_of_two_is_detectably_wrong(toy):
+    """Two tokens of a block drawn together in one step are independent given the prefix: the test sees it."""
+    seqs, p, exact = toy
+    pr = toy_proc(2)
+    out = get_sampler("block", pr, cache=False)(ExactBlockDenoiser(exact), pr, Conditioning.unconditional(6000, TOY_L),
+                                                 steps=1, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) < 1e-6
+
+
+def prompt_cond(n: int, L: int, prompt_len: int) -> Conditioning:
+    cond = Conditioning.unconditional(n, L, fill=MASK)
+    cond.tokens[:, :prompt_len] = torch.arange(prompt_len) % 8
+    cond.fixed[:, :prompt_len] = True
+    return cond
+
+
+@pytest.mark.parametrize("prompt_len", [0, 3, 8])
+def test_kv_cached_block_sampling_equals_uncached(prompt_len):
+    L, S = 14, 4  # a partial last block, and prompts ending inside / at the end of a block
+    model, p = net(), proc(S)
+    cond = prompt_cond(6, L, prompt_len)
+    a = get_sampler("block", p, cache=True)(model, p, cond, steps=5, seed=7)
+    b = get_sampler("block", p, cache=False)(model, p, cond, steps=5, seed=7)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.tokens[:, :prompt_len], cond.tokens[:, :prompt_len])
+    assert not (a.tokens == MASK).any()
+    assert (b.nfe <= a.nfe).all() and (a.nfe <= math.ceil(L / S) * 5).all()
+
+
+def test_stop_at_eos_ends_rows_without_changing_what_came_before():
+    L, S = 16, 4
+    model, p = net(), proc(S)
+    model.head.weight.data[EOS] += 0.4 * model.head.weight.data[3]  # make [EOS] common but not certain
+    cond = prompt_cond(12, L, 2)
+    full = get_sampler("block", p)(model, p, cond, steps=4, seed=2)
+    stop = get_sampler("block", p, stop_at_eos=True)(model, p, cond, steps=4, seed=2)
+    ended = 0
+    for r in range(12):
+        row, ref = stop.tokens[r].tolist(), full.tokens[r].tolist()
+        gen = ref[2:]
+        if EOS not in gen:
+            assert row == ref and stop.nfe[r] == full.nfe[r]
+            continue
+        ended += 1
+        end = 2 + gen.index(EOS)
+        assert row[: end + 1] == ref[: end + 1]  # the same text up to its first [EOS]
+        assert set(row[end + 1 :]) <= {PAD}
+        last_block = end // S == math.ceil(L / S) - 1
+        assert stop.nfe[r] == full.nfe[r] if last_block else stop.nfe[r] < full.nfe[r]  # no calls after its end
+    assert 0 < ended < 12
+
+
+def test_block_sampler_refuses_gaps_and_other_families_refuse_it():
+    model, p = net(), proc(4)
+    cond = Conditioning.unconditional(2, 8, fill=MASK)
+    cond.fixed[:, 5] = True
+    with pytest.raises(DiffLMError, match="continue a prompt but not fill gaps"):
+        get_sampler("block", p)(model, p, cond, steps=2)
+    with pytest.raises(DiffLMError, match="does not fit a masked model"):
+        get_sampler("block", MaskedDiffusion(V, MASK, PAD))
+    with pytest.raises(DiffLMError, match="does not fit a block model"):
+        get_sampler("ancestral", p)
+    with pytest.raises(DiffLMError, match="multiple of process.block_size"):
+        p.bound_terms(model, batch(torch.zeros(2, 10, dtype=torch.long)))
+
+
+def test_known_distribution_bound_and_variable_length_samples(markov_corpus, tmp_path):
+    """Trained on the Markov source of known entropy H: the bound is above H and close to it (closer than
+    the masked model's at the same budget), and [EOS]-stopped samples have the source's length and bigrams."""
+    d, P = markov_corpus
+    H = markov.per_token_entropy(P, MARKOV_L)
+    run = markov_run(d, {"type": "block", "block_size": 4}, batch_size=128, lr=2e-3, max_steps=600)
+    run.data.seq_len = 20  # 16 characters + [EOS] + padding, a multiple of the block size
+    Trainer(run, tmp_path / "bd3", progress=False).fit()
+    lm = DiffusionLM.from_pretrained(tmp_path / "bd3")
+    r = evaluate(lm.model, lm.process, build_dataset(lm.run.data, lm.tokenizer, "valid"), n_samples=4, bf16=False)
+    assert r.nelbo > H - max(3 * r.ci95, 0.005), (r.nelbo, H)
+    assert r.nelbo - H < 0.1, (r.nelbo, H)
+    g = lm.generate(300, steps=8, seed=0, sampler_options={"stop_at_eos": True})
+    assert sum(len(t) == MARKOV_L and set(t) <= set(markov.ALPHABET) for t in g.texts) >= 0.95 * 300
+    assert (g.tokens[:, MARKOV_L + 1 :] == lm.tokenizer.pad_id).float().mean() > 0.95  # ended at the [EOS]
+    assert markov.bigram_tv(g.texts, P) < 0.15
