@@ -37,6 +37,8 @@ FAMILIES: dict[str, dict] = {
     "sedd-absorb": {"type": "sedd", "graph": "absorb", "schedule": "loglinear"},
     "sedd-uniform": {"type": "sedd", "graph": "uniform", "schedule": "geometric"},
     "uniform": {"type": "uniform", "schedule": "loglinear"},
+    "bd3lm-4": {"type": "block", "block_size": 4},  # BD3-LM, blocks of 4 tokens
+    "bd3lm-16": {"type": "block", "block_size": 16},
     "d3pm-absorb": {"type": "d3pm", "transition": "absorb", "steps": 1000},  # β = 1/(T−t+1)
     "d3pm-uniform": {"type": "d3pm", "transition": "uniform", "steps": 1000},  # cosine
     # the auxiliary CE's optimum is not eq. 4's for non-absorbing matrices (d3pm.py): a smaller λ

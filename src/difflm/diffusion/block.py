@@ -41,9 +41,13 @@ class BlockDiffusion(MaskedDiffusion):
         block_size: int = 4,
         schedule: Schedule | str | dict = "loglinear",
         clip: list[float] | None = None,
+        time_conditioning: bool = False,
         eos_id: int | None = None,
         length_prior: list[float] | None = None,
     ) -> None:
+        if time_conditioning:
+            raise DiffLMError("block diffusion uses a time-free network (as BD3-LM): "
+                              "set process.time_conditioning: false")
         super().__init__(vocab_size, mask_id, pad_id, bos_id, schedule, time_conditioning=False,
                          length_prior=length_prior)
         if int(block_size) < 1:

@@ -25,7 +25,7 @@ BENCH_SAMPLERS = {
                ("confidence", {}), ("threshold", {"threshold": 0.9})],
     "sedd": [("analytic", {}), ("euler", {})], "uniform": [("ancestral", {})], "d3pm": [("ancestral", {})],
     "gaussian": [("ddpm", {}), ("ddim", {"eta": 0.0}), ("dpm-solver", {})],
-    "autoregressive": [("autoregressive", {})],
+    "autoregressive": [("autoregressive", {})], "block": [("block", {}), ("block", {"cache": False})],
 }
 
 

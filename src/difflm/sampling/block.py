@@ -1,7 +1,7 @@
 """Block-by-block sampling for block diffusion (BD3-LM, arXiv 2503.09573, Alg. 2).
 
-Blocks are generated left to right. Within block b, ``steps`` MDLM ancestral steps t = k/steps -> (k−1)/steps
-unmask each masked position with probability (α_s − α_t)/(1 − α_t), drawing from x̂0 given the block's
+Blocks are generated left to right. Within block b, K = ``steps`` // n_blocks MDLM ancestral steps
+t = k/K -> (k−1)/K unmask each masked position with probability (α_s − α_t)/(1 − α_t), drawing from x̂0 given the block's
 current state and the clean blocks before it; the network is time-free, so a row's x̂0 is reused while its
 block has not changed (at most one call per change, as MDLM's cached sampler).
 
@@ -73,7 +73,8 @@ class BlockSampler(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        """``steps``: denoising steps per block (network calls per block at most ``steps``)."""
+        """``steps``: the total step budget, as for the other samplers: each of the ⌈L/S⌉ blocks gets
+        max(1, steps // ⌈L/S⌉) denoising steps (and at most that many network calls)."""
         if steps < 1:
             raise DiffLMError("--steps must be at least 1")
         if not cond.is_prefix_only():
@@ -91,6 +92,7 @@ class BlockSampler(Sampler):
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         cache = KVCache(len(model.blocks)) if self.cache else None
         committed = 0
+        steps = max(1, steps // -(-L // S))  # per block
         p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))
                     for k in range(steps + 1)]
         for b, a in enumerate(range(0, L, S)):

@@ -1,0 +1,112 @@
+"""Quality against speed: a masked model (MDLM) and a block model (BD3-LM) trained on the same data, every
+sampler at several step budgets, next to the AR baseline with its KV cache — all in one run, so tokens/s
+are comparable as ratios.
+
+    python benchmarks/quality_speed.py --corpus shakespeare --runs benchmarks/out/small/runs
+
+Needs <corpus>-mdlm, <corpus>-bd3lm-4 and <corpus>-ar in --runs (benchmarks/likelihood.py trains them:
+`--families mdlm,bd3lm-4,ar`). For each row: generative perplexity of the samples under the AR baseline
+(exact NLL on the token ids), unigram entropy of the samples, network calls per sequence, tokens per second
+and seconds per sample (batch of --num, bf16). Writes benchmarks/out/quality-speed-<corpus>.json, prints a
+Markdown table, and saves the two curves (gen. perplexity against network calls and against tokens/s) to
+benchmarks/quality_speed_<corpus>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from difflm.data import build_dataset
+from difflm.evaluation.generative import BENCH_SAMPLERS, ar_nll, bench_sampling, special_ids, unigram_entropy
+from difflm.pipeline import DiffusionLM
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | sampler | options | steps | gen. perplexity (AR) | unigram entropy (nats) | NFE / sequence | "
+           "tokens/s | s / sample |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "-"
+        steps = "-" if r.get("steps") is None else r["steps"]
+        out.append(f"| {r['model']} | {r['sampler']} | {opts} | {steps} | {r['gen_ppl']:.1f} | "
+                   f"{r['unigram_entropy']:.3f} | {r['nfe']:.1f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['seconds_per_sample']:.3f} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], ref: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    curves: dict[str, list[dict]] = {}
+    for r in rows:
+        opts = ",".join(f"{k}={v}" for k, v in r["options"].items())
+        curves.setdefault(f"{r['model']} {r['sampler']}" + (f" ({opts})" if opts else ""), []).append(r)
+    for ax, key, label in ((axes[0], "nfe", "network calls per sequence"), (axes[1], "tokens_per_s", "tokens / s")):
+        for name, rs in curves.items():
+            rs = sorted(rs, key=lambda r: r[key])
+            ax.plot([r[key] for r in rs], [r["gen_ppl"] for r in rs], marker="o", label=name)
+        ax.axhline(ref, color="gray", linestyle=":", label="held-out text")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("generative perplexity under the AR baseline")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", choices=["ptb", "shakespeare"], required=True)
+    ap.add_argument("--runs", default="benchmarks/out/small/runs")
+    ap.add_argument("--block", default="bd3lm-4", help="the block family's run name (after <corpus>-)")
+    ap.add_argument("--steps", default="16,64,256,1024")
+    ap.add_argument("--num", type=int, default=16, help="samples per row (one batch)")
+    ap.add_argument("--out", default="benchmarks/out")
+    a = ap.parse_args()
+    runs = Path(a.runs)
+    need = {"mdlm": runs / f"{a.corpus}-mdlm", a.block: runs / f"{a.corpus}-{a.block}", "ar": runs / f"{a.corpus}-ar"}
+    missing = [str(p) for p in need.values() if not (p / "model.safetensors").exists()]
+    if missing:
+        sys.exit(f"missing runs {missing}: train them with benchmarks/likelihood.py --families mdlm,{a.block},ar")
+    ar = DiffusionLM.from_pretrained(need["ar"])
+    special = special_ids(ar.tokenizer)
+    valid = build_dataset(ar.run.data, ar.tokenizer, "valid")
+    ref_tokens = valid.batch(list(range(min(len(valid), a.num * 4)))).tokens
+    nll, n = ar_nll(ar, ref_tokens, special)
+    ref = math.exp(nll / n)
+    print(f"held-out text: gen. perplexity {ref:.2f}, unigram entropy {unigram_entropy(ref_tokens, special):.3f}")
+    steps = tuple(int(s) for s in a.steps.split(","))
+    rows: list[dict] = []
+    for model_name, samplers in (("ar", BENCH_SAMPLERS["autoregressive"]), (a.block, BENCH_SAMPLERS["block"]),
+                                    ("mdlm", BENCH_SAMPLERS["masked"])):
+        lm = ar if model_name == "ar" else DiffusionLM.from_pretrained(need[model_name])
+        for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps, num=a.num,
+                                on_row=lambda r: print(r, flush=True)):
+            rows.append({"model": model_name, **r})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "reference_gen_ppl": ref}
+    (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    png = Path(__file__).parent / f"quality_speed_{a.corpus}.png"
+    plot(rows, ref, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
+    print(table(rows))
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()
