@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from difflm.diffusion import build_process
 from difflm.pipeline import GAP, DiffusionLM
 
 literal = st.text(alphabet="abcdef \n", max_size=3)
@@ -105,3 +106,21 @@ def test_bench_sampling_reports_quality_and_speed_for_every_sampler(markov_model
         assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and 0 < r["unigram_entropy"] <= math.log(26)
     assert main(["bench-sampling", str(d / "masked"), "--ar", str(d / "masked")]) == 2
     assert "must be an autoregressive model" in capsys.readouterr().err
+
+
+def test_every_preset_loads_and_builds_its_model():
+    from pathlib import Path
+
+    from difflm.config import load_config
+    from difflm.pipeline import transformer_config
+
+    presets = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {"ptb-bd3lm-small", "shakespeare-char-bd3lm", "ptb-mdlm-small"} <= set(presets)
+    special = {"pad": 0, "mask": 1, "bos": 2, "eos": 3}
+    for name in presets:
+        run = load_config(name, [])
+        process = build_process(run.process, vocab_size=50, special=special)
+        cfg = transformer_config(run, 50, process)
+        assert cfg.causal == (process.family == "autoregressive"), name
+        if process.family == "block":
+            assert run.data.seq_len % process.block_size == 0, name
