@@ -1,4 +1,5 @@
-"""The ``difflm`` command: train, sample, infill, eval, quickstart."""
+"""The ``difflm`` command: train, sample, infill, eval, generate, bench-sampling, train-classifier, control,
+quickstart."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    help="block: end each sequence at the first [EOS] it generates (variable length)")
     p.add_argument("--no-kv-cache", action="store_true", dest="no_kv_cache",
                    help="block: recompute the clean prefix at every call instead of caching its keys/values")
+    p.add_argument("--classifier", default=None,
+                   help="gaussian: steer toward the attribute of this classifier (difflm train-classifier)")
+    p.add_argument("--target", default="yes", choices=["yes", "no"], help="--classifier: want the attribute or not")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="--classifier: weight of log p(attribute)")
+    p.add_argument("--classifier-steps", type=int, default=3, help="--classifier: Adagrad steps per reverse step")
+    p.add_argument("--classifier-lr", type=float, default=0.1, help="--classifier: Adagrad step size")
+    p.add_argument("--fluency", type=float, default=0.01, help="--classifier: weight of the proximity term")
     if seed:
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
@@ -48,7 +56,52 @@ def _sampler_options(a) -> dict:
         opts["stop_at_eos"] = True
     if a.no_kv_cache:
         opts["cache"] = False
+    if a.classifier:
+        opts["guide"] = _guide(a)
     return opts
+
+
+def _guide(a):
+    from .control import ClassifierGuidance, NoisyClassifier
+
+    return ClassifierGuidance(NoisyClassifier.load(a.classifier), target=a.target == "yes", scale=a.classifier_scale,
+                              steps=a.classifier_steps, lr=a.classifier_lr, fluency=a.fluency)
+
+
+def cmd_train_classifier(a) -> int:
+    from .control import train_classifier
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    out = Path(a.out or Path(a.run_dir) / "classifiers" / a.attribute.replace(":", "-").replace("/", "_"))
+    log = None if a.json else (lambda m: print(m, file=sys.stderr))
+    clf, stats = train_classifier(lm, a.attribute, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                  log=log)
+    clf.save(out)
+    stats["out"] = str(out)
+    print(json.dumps(stats) if a.json else "\n".join(f"{k}: {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_control(a) -> int:
+    from .control import NoisyClassifier, control_table
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    ar = DiffusionLM.from_pretrained(a.ar) if a.ar else None
+    clfs = [NoisyClassifier.load(c) for c in a.classifiers]
+    opts = {"scale": a.classifier_scale, "steps": a.classifier_steps, "lr": a.classifier_lr, "fluency": a.fluency}
+    rows = control_table(lm, [(c.cfg.attribute, c) for c in clfs], ar, num=a.num, steps=a.steps, seed=a.seed,
+                         sampler=a.sampler or "ddpm", guide_options=opts)
+    if a.json:
+        print(json.dumps({"run": a.run_dir, "rows": rows}))
+        return 0
+    print("| attribute | success unguided | success guided | gen. ppl unguided | gen. ppl guided |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['attribute']} | {r['unguided_success']:.1%} | {r['guided_success']:.1%} | "
+              f"{r['unguided_gen_ppl']:.1f} | {r['guided_gen_ppl']:.1f} |")
+    return 0
 
 
 def cmd_train(a) -> int:
@@ -269,6 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench_sampling)
+
+    c = sub.add_parser("train-classifier", help="gaussian: train an attribute classifier on noisy embeddings")
+    c.add_argument("run_dir")
+    c.add_argument("--attribute", required=True,
+                   help="contains:WORD | endswith:TEXT (e.g. endswith:?) | startswith:TEXT")
+    c.add_argument("--steps", type=int, default=500)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="folder (default RUN/classifiers/ATTRIBUTE)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_train_classifier)
+
+    k = sub.add_parser("control", help="gaussian: attribute success rate and fluency, guided vs unguided")
+    k.add_argument("run_dir")
+    k.add_argument("--classifier", action="append", dest="classifiers", required=True, help="repeatable")
+    k.add_argument("--ar", default=None, help="an AR run on the same data: fluency as generative perplexity")
+    k.add_argument("--num", type=int, default=64)
+    k.add_argument("--steps", type=int, default=100)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--sampler", default=None, help="ddpm (default) | ddim | dpm-solver")
+    k.add_argument("--classifier-scale", type=float, default=1.0)
+    k.add_argument("--classifier-steps", type=int, default=3)
+    k.add_argument("--classifier-lr", type=float, default=0.1)
+    k.add_argument("--fluency", type=float, default=0.01)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(fn=cmd_control)
 
     q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
     q.add_argument("--out", default="runs/quickstart")

@@ -8,7 +8,8 @@ dpm-solver  DPM-Solver++(2M) in x0-prediction form (Lu et al. 2022, Alg. 2; Diff
             h = λ_s − λ_t, z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D, D = x̂0 at the first and last step, else
             (1 + 1/(2r)) x̂0 − 1/(2r) x̂0_prev with r = h_prev/h.
 
-Options: ``clamp`` snaps each x̂0 to its nearest token embedding (Diffusion-LM's clamping trick);
+Options: ``clamp`` snaps each x̂0 to its nearest token embedding (Diffusion-LM's clamping trick); ``guide``
+moves each z_s toward an attribute (``difflm.control.ClassifierGuidance``, Diffusion-LM §5.2);
 self-conditioned models get the previous step's x̂0 as their second input. Given positions stay at their
 clean embeddings throughout and come out unchanged.
 """
@@ -29,8 +30,8 @@ from .conditioning import Conditioning
 class GaussianSampler(Sampler):
     families = ("gaussian",)
 
-    def __init__(self, clamp: bool | None = None) -> None:
-        self.clamp_opt = clamp
+    def __init__(self, clamp: bool | None = None, guide=None) -> None:
+        self.clamp_opt, self.guide = clamp, guide
 
     def update(self, process: GaussianDiffusion, z: Tensor, x0: Tensor, t: Tensor, s: Tensor, noise: Tensor,
                memory: dict) -> Tensor:
@@ -71,7 +72,10 @@ class GaussianSampler(Sampler):
                 x0 = process.nearest_embedding(model, x0).double()
             noise = gaussian_noise(uniform(seed, rows, k, L * d, stream=1).to(dev)).view(B, L, d)
             memory["last"] = k == 1
-            z = torch.where(fixed, clean, self.update(process, z, x0, t, s, noise, memory))
+            z_s = self.update(process, z, x0, t, s, noise, memory)
+            if self.guide is not None:  # classifier guidance (Diffusion-LM §5.2), anchored at the unguided z_s
+                z_s = self.guide(z_s, s, process.posterior(x0, z, t, s)[1], fixed)
+            z = torch.where(fixed, clean, z_s)
             if on_step is not None:
                 on_step(StepInfo(k, steps, float(t), float(s), cond.tokens, nfe.clone()))
         logits = process.decoder_logits(model, z)
@@ -93,8 +97,8 @@ class DDPM(GaussianSampler):
 class DDIM(GaussianSampler):
     name = "ddim"
 
-    def __init__(self, eta: float = 0.0, clamp: bool | None = None) -> None:
-        super().__init__(clamp)
+    def __init__(self, eta: float = 0.0, clamp: bool | None = None, guide=None) -> None:
+        super().__init__(clamp, guide)
         self.eta = float(eta)
 
     def update(self, process, z, x0, t, s, noise, memory):
