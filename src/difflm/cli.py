@@ -30,16 +30,26 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    help="block: recompute the clean prefix at every call instead of caching its keys/values")
     p.add_argument("--classifier", default=None,
                    help="gaussian: steer toward the attribute of this classifier (difflm train-classifier)")
-    p.add_argument("--target", default="yes", choices=["yes", "no"], help="--classifier: want the attribute or not")
-    p.add_argument("--classifier-scale", type=float, default=1.0, help="--classifier: weight of log p(attribute)")
-    p.add_argument("--classifier-steps", type=int, default=3, help="--classifier: Adagrad steps per reverse step")
-    p.add_argument("--classifier-lr", type=float, default=0.1, help="--classifier: Adagrad step size")
-    p.add_argument("--fluency", type=float, default=0.01, help="--classifier: weight of the proximity term")
+    _add_guide_options(p)
     if seed:
         p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None, dest="top_p")
     p.add_argument("--fp32", action="store_true", help="run the network in float32 instead of bf16 autocast")
+
+
+def _add_guide_options(p: argparse.ArgumentParser) -> None:
+    """The classifier-guidance knobs (Diffusion-LM §5.2), shared by sample/infill/eval/generate and control."""
+    p.add_argument("--target", default="yes", choices=["yes", "no"], help="--classifier: want the attribute or not")
+    p.add_argument("--classifier-scale", type=float, default=1.0, help="--classifier: weight of log p(attribute)")
+    p.add_argument("--classifier-steps", type=int, default=3, help="--classifier: Adagrad steps per reverse step")
+    p.add_argument("--classifier-lr", type=float, default=0.1, help="--classifier: Adagrad step size")
+    p.add_argument("--fluency", type=float, default=0.01, help="--classifier: weight of the proximity term")
+
+
+def _guide_options(a) -> dict:
+    return {"target": a.target == "yes", "scale": a.classifier_scale, "steps": a.classifier_steps,
+            "lr": a.classifier_lr, "fluency": a.fluency}
 
 
 def _sampler_options(a) -> dict:
@@ -64,8 +74,7 @@ def _sampler_options(a) -> dict:
 def _guide(a):
     from .control import ClassifierGuidance, NoisyClassifier
 
-    return ClassifierGuidance(NoisyClassifier.load(a.classifier), target=a.target == "yes", scale=a.classifier_scale,
-                              steps=a.classifier_steps, lr=a.classifier_lr, fluency=a.fluency)
+    return ClassifierGuidance(NoisyClassifier.load(a.classifier), **_guide_options(a))
 
 
 def cmd_train_classifier(a) -> int:
@@ -90,9 +99,8 @@ def cmd_control(a) -> int:
     lm = DiffusionLM.from_pretrained(a.run_dir)
     ar = DiffusionLM.from_pretrained(a.ar) if a.ar else None
     clfs = [NoisyClassifier.load(c) for c in a.classifiers]
-    opts = {"scale": a.classifier_scale, "steps": a.classifier_steps, "lr": a.classifier_lr, "fluency": a.fluency}
     rows = control_table(lm, [(c.cfg.attribute, c) for c in clfs], ar, num=a.num, steps=a.steps, seed=a.seed,
-                         sampler=a.sampler or "ddpm", guide_options=opts)
+                         sampler=a.sampler or "ddpm", guide_options=_guide_options(a))
     if a.json:
         print(json.dumps({"run": a.run_dir, "rows": rows}))
         return 0
@@ -343,10 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--steps", type=int, default=100)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--sampler", default=None, help="ddpm (default) | ddim | dpm-solver")
-    k.add_argument("--classifier-scale", type=float, default=1.0)
-    k.add_argument("--classifier-steps", type=int, default=3)
-    k.add_argument("--classifier-lr", type=float, default=0.1)
-    k.add_argument("--fluency", type=float, default=0.01)
+    _add_guide_options(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_control)
 
