@@ -110,7 +110,8 @@ class BlockSampler(Sampler):
                 if len(call):
                     logp[call] = self._log_probs(model, process, x, a, e, cache, committed, call)
                     nfe += need
-                    committed = a if cache is not None else committed
+                    if cache is not None:  # the fused call (if any) has written [committed, a)
+                        committed = a
                 key = b * (steps + 1) + k  # each (block, step) draws its own random numbers
                 unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
                 if unmask.any():
