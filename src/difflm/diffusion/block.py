@@ -53,6 +53,7 @@ class BlockDiffusion(MaskedDiffusion):
         if int(block_size) < 1:
             raise DiffLMError(f"process.block_size must be at least 1, got {block_size}")
         self.block_size, self.eos_id = int(block_size), eos_id
+        self.never = [i for i in self.never if i != pad_id]  # padding after [EOS] is generated (see _terms)
         # BD3-LM §4 "clipped" schedules: train on t ~ U[β, ω] only (lower-variance gradients); the bound
         # that ``difflm eval`` reports always integrates over the whole [0, 1]
         if clip is not None and not (len(clip) == 2 and 0 <= clip[0] < clip[1] <= 1):
@@ -104,10 +105,12 @@ class BlockDiffusion(MaskedDiffusion):
         t = t.repeat_interleave(self.block_size, dim=1)  # (B, L)
         w = w.repeat_interleave(self.block_size, dim=1)
         # every modelled position is noised, [EOS] included (in lines mode too: the length is generated, not
-        # drawn from a prior); padding after [EOS] is always hidden, as at sampling, where it does not exist yet
-        masked = (batch.rand(generator) < 1 - self.schedule.alpha(t)) & batch.loss_mask
-        hidden = masked | (x0 == self.pad_id)
-        xt = torch.where(hidden, torch.full_like(x0, self.mask_id), x0)
+        # drawn from a prior), and so is the padding after [EOS]: the sampler generates it like any token, so
+        # the model learns it (its terms tend to 0: a bound on −log p(x, padding) = −log p(x), counted over
+        # the text's tokens only)
+        modelled = batch.loss_mask | (x0 == self.pad_id)
+        masked = (batch.rand(generator) < 1 - self.schedule.alpha(t)) & modelled
+        xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked), x0[masked], reduction="none")
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
