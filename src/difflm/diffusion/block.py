@@ -53,7 +53,8 @@ class BlockDiffusion(MaskedDiffusion):
         if int(block_size) < 1:
             raise DiffLMError(f"process.block_size must be at least 1, got {block_size}")
         self.block_size, self.eos_id = int(block_size), eos_id
-        self.never = [i for i in self.never if i != pad_id]  # padding after [EOS] is generated (see _terms)
+        if length_prior is not None:  # padded rows (lines mode): the padding after [EOS] is generated (_terms)
+            self.never = [i for i in self.never if i != pad_id]
         # BD3-LM §4 "clipped" schedules: train on t ~ U[β, ω] only (lower-variance gradients); the bound
         # that ``difflm eval`` reports always integrates over the whole [0, 1]
         if clip is not None and not (len(clip) == 2 and 0 <= clip[0] < clip[1] <= 1):
