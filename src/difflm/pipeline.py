@@ -193,6 +193,10 @@ class DiffusionLM:
             nfes.append(out.nfe.cpu())
         return torch.cat(toks), torch.cat(nfes)
 
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Token rows (N, L) -> texts, cut as ``generate`` cuts them (at [EOS] in lines mode, at [PAD])."""
+        return [self._decode_row(r) for r in tokens]
+
     def _decode_row(self, row: torch.Tensor) -> str:
         ids = row.tolist()
         if self.run.data.mode == "lines" and self.tokenizer.eos_id in ids:

@@ -73,9 +73,10 @@ def check_evaluator(lm, ar) -> None:
 
 def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = None,
                    steps_list: tuple[int, ...] = (16, 64, 256, 1024), num: int = 16, seed: int = 0,
-                   length: int | None = None, on_row=None) -> list[dict]:
-    """For each (sampler, options) and step count: generative perplexity under ``ar`` (when given), unigram
-    entropy, network calls per sequence, tokens/s and seconds per sample; one row each."""
+                   length: int | None = None, on_row=None, scorer=None) -> list[dict]:
+    """For each (sampler, options) and step count: generative perplexity under ``ar`` (when given) and under
+    ``scorer`` (a pretrained LM, ``evaluation.external``; key ``scorer_ppl``), unigram entropy, network calls
+    per sequence, tokens/s and seconds per sample; one row each."""
     if ar is not None:
         check_evaluator(lm, ar)
     special = special_ids(lm.tokenizer)
@@ -98,22 +99,28 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
             if ar is not None:
                 nll, n = ar_nll(ar, g.tokens, special)
                 row["gen_ppl"] = math.exp(nll / max(n, 1))
+            if scorer is not None:
+                row["scorer_ppl"] = scorer.perplexity(g.texts)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    out = ["| sampler | options | steps | gen. perplexity (AR) | unigram entropy (nats) | NFE / sequence | "
-           "tokens/s | s / sample |", "|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], scorer_name: str = "pretrained LM") -> str:
+    """The rows as a Markdown table (a column for the pretrained scorer when the rows have one)."""
+    scored = any("scorer_ppl" in r for r in rows)
+    extra = f" gen. perplexity ({scorer_name}) |" if scored else ""
+    out = [f"| sampler | options | steps | gen. perplexity (AR) |{extra} unigram entropy (nats) | NFE / sequence | "
+           "tokens/s | s / sample |", "|---|---|---|---|" + "---|" * (5 if scored else 4)]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "-"
         if "error" in r:
-            out.append(f"| {r['sampler']} | {opts} | {r['steps']} | {r['error']} | | | | |")
+            out.append(f"| {r['sampler']} | {opts} | {r['steps']} | {r['error']} |" + " |" * (5 if scored else 4))
             continue
         ppl = f"{r['gen_ppl']:.1f}" if "gen_ppl" in r else "-"
+        if scored:
+            ppl += f" | {r['scorer_ppl']:.1f}" if "scorer_ppl" in r else " | -"
         steps = "-" if r["steps"] is None else r["steps"]
         out.append(f"| {r['sampler']} | {opts} | {steps} | {ppl} | {r['unigram_entropy']:.3f} | {r['nfe']:.1f} | "
                    f"{r['tokens_per_s']:.1f} | {r['seconds_per_sample']:.3f} |")
