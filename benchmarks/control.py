@@ -1,13 +1,15 @@
 """Diffusion-LM control table: attribute success rate and fluency, guided vs unguided, on one model.
 
     python benchmarks/control.py --attributes endswith:c,contains:ee,startswith:e
+    python benchmarks/control.py --corpus shakespeare --attributes "endswith:?,contains:thou,startswith:And"
 
 Trains (or reuses, in --out) a Gaussian embedding diffusion model (Diffusion-LM, 16-dim embeddings, VDM
 bound) and an AR baseline on the first-order Markov source of tests/markov.py (16-character lines, known
-entropy), an attribute classifier on noisy embeddings for each attribute (`difflm train-classifier`), then
+entropy) or on the lines of tiny-Shakespeare (character level, one line per sample, up to 63 characters;
+natural text), an attribute classifier on noisy embeddings for each attribute (`difflm train-classifier`), then
 samples --num lines unguided and guided (`difflm control`): success = share of lines with the attribute,
 fluency = generative perplexity under the AR baseline (the source's own perplexity is printed for reference).
-Writes benchmarks/out/control.json and prints a Markdown table.
+Writes benchmarks/out/control[-shakespeare].json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -27,47 +29,74 @@ import markov  # noqa: E402
 
 from difflm.config import RunConfig  # noqa: E402
 from difflm.control import NoisyClassifier, control_table, train_classifier  # noqa: E402
+from difflm.data import build_dataset  # noqa: E402
+from difflm.evaluation.generative import ar_nll, special_ids  # noqa: E402
 from difflm.pipeline import DiffusionLM  # noqa: E402
 from difflm.training.trainer import Trainer  # noqa: E402
 
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+# corpus -> (sequence length incl. [EOS], model, batch size, learning rate, bf16)
+SETUPS = {"markov": (17, {"n_layer": 2, "n_head": 2, "d_model": 64}, 128, 2e-3, False),
+          "shakespeare": (64, {"n_layer": 4, "n_head": 4, "d_model": 128}, 64, 1e-3, True)}
 
-def run_config(d: Path, process: dict, steps: int) -> RunConfig:
+
+def run_config(d: Path, process: dict, steps: int, corpus: str = "markov") -> RunConfig:
+    seq_len, model, batch, lr, bf16 = SETUPS[corpus]
     return RunConfig.from_dict({
         "name": process["type"],
         "data": {"corpus": "text", "path": str(d / "train.txt"), "valid_path": str(d / "valid.txt"),
-                 "mode": "lines", "seq_len": 17, "cache_dir": str(d / "cache")},
-        "tokenizer": {"type": "char"}, "model": {"n_layer": 2, "n_head": 2, "d_model": 64},
+                 "mode": "lines", "seq_len": seq_len, "cache_dir": str(d / "cache")},
+        "tokenizer": {"type": "char"}, "model": model,
         "process": process,
-        "train": {"batch_size": 128, "max_steps": steps, "lr": 2e-3, "warmup_steps": 50, "ema": 0.99,
-                  "eval_every": 10**6, "save_every": 10**6, "tensorboard": False, "bf16": False},
+        "train": {"batch_size": batch, "max_steps": steps, "lr": lr, "warmup_steps": 50, "ema": 0.99,
+                  "eval_every": 10**6, "save_every": 10**6, "tensorboard": False, "bf16": bf16},
     })
+
+
+def write_shakespeare_lines(d: Path) -> None:
+    """Non-empty lines of tiny-Shakespeare; every 20th line is validation."""
+    if not SHAKESPEARE.exists():
+        sys.exit(f"{SHAKESPEARE} not found (the shared data directory)")
+    lines = [ln.strip() for ln in SHAKESPEARE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    (d / "train.txt").write_text("\n".join(ln for i, ln in enumerate(lines) if i % 20) + "\n", encoding="utf-8")
+    (d / "valid.txt").write_text("\n".join(ln for i, ln in enumerate(lines) if i % 20 == 0) + "\n", encoding="utf-8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--attributes", default="endswith:c,contains:ee,startswith:e")
+    ap.add_argument("--corpus", choices=sorted(SETUPS), default="markov")
+    ap.add_argument("--attributes", default=None,
+                    help="comma-separated (default: endswith:c,contains:ee,startswith:e on markov, "
+                         "endswith:?,contains:thou,startswith:And on shakespeare)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of the diffusion and AR models")
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--num", type=int, default=400)
     ap.add_argument("--sample-steps", type=int, default=32)
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--out", default="benchmarks/out/control")
+    ap.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm-solver"])
+    ap.add_argument("--out", default=None, help="default: benchmarks/out/control[-shakespeare]")
     a = ap.parse_args()
-    d = Path(a.out)
+    markov_source = a.corpus == "markov"
+    attributes = a.attributes or ("endswith:c,contains:ee,startswith:e" if markov_source
+                                  else "endswith:?,contains:thou,startswith:And")
+    d = Path(a.out or ("benchmarks/out/control" if markov_source else f"benchmarks/out/control-{a.corpus}"))
     d.mkdir(parents=True, exist_ok=True)
     P = markov.transition_matrix(0)
     if not (d / "train.txt").exists():
-        markov.write_corpus(d / "train.txt", P, 20000, 16, 1)
-        markov.write_corpus(d / "valid.txt", P, 2000, 16, 2)
+        if markov_source:
+            markov.write_corpus(d / "train.txt", P, 20000, 16, 1)
+            markov.write_corpus(d / "valid.txt", P, 2000, 16, 2)
+        else:
+            write_shakespeare_lines(d)
     models = {}
     for name, proc in (("gaussian", {"type": "gaussian", "embed_dim": 16, "loss": "elbo"}),
                        ("ar", {"type": "autoregressive"})):
         if not (d / name / "model.safetensors").exists():
-            Trainer(run_config(d, proc, a.steps), d / name, progress=False, overwrite=True).fit()
+            Trainer(run_config(d, proc, a.steps, a.corpus), d / name, progress=False, overwrite=True).fit()
         models[name] = DiffusionLM.from_pretrained(d / name, device="cpu")
     lm, ar = models["gaussian"], models["ar"]
     clfs, stats = [], {}
-    for spec in a.attributes.split(","):
+    for spec in attributes.split(","):
         path = d / "classifiers" / spec.replace(":", "-")
         if (path / "classifier.json").exists():
             clf = NoisyClassifier.load(path)
@@ -75,18 +104,30 @@ def main() -> None:
             clf, stats[spec] = train_classifier(lm, spec, steps=a.classifier_steps, log=None)
             clf.save(path)
         clfs.append((spec, clf))
-    rows = control_table(lm, clfs, ar, num=a.num, steps=a.sample_steps, guide_options={"scale": a.scale})
+    rows = control_table(lm, clfs, ar, num=a.num, steps=a.sample_steps, sampler=a.sampler,
+                         guide_options={"scale": a.scale})
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "source_entropy_per_char": markov.per_token_entropy(P, 16), "classifier_stats": stats}
-    (d.parent / "control.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"source perplexity per character (AR-model-free, exact): {math.exp(meta['source_entropy_per_char']):.2f}")
+            "classifier_stats": stats}
+    if markov_source:
+        meta["source_entropy_per_char"] = markov.per_token_entropy(P, 16)
+        print(f"source perplexity per character (exact): {math.exp(meta['source_entropy_per_char']):.2f}")
+    else:
+        valid = build_dataset(ar.run.data, ar.tokenizer, "valid")
+        ref = valid.batch(list(range(min(len(valid), a.num)))).tokens
+        nll, n = ar_nll(ar, ref, special_ids(ar.tokenizer))
+        meta["valid_gen_ppl"] = math.exp(nll / n)
+        print(f"held-out lines: perplexity per character under the AR baseline {meta['valid_gen_ppl']:.2f}")
+    name = "control.json" if markov_source else f"control-{a.corpus}.json"
+    (d.parent / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("| attribute | base rate (data) | success unguided | success guided | gen. ppl unguided | gen. ppl guided |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         base = stats.get(r["attribute"], {}).get("base_rate", float("nan"))
         print(f"| {r['attribute']} | {base:.1%} | {r['unguided_success']:.1%} | {r['guided_success']:.1%} | "
               f"{r['unguided_gen_ppl']:.2f} | {r['guided_gen_ppl']:.2f} |")
+    for r in rows:
+        print(f"{r['attribute']} guided examples: {r['examples']}")
 
 
 if __name__ == "__main__":
