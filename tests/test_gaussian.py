@@ -164,3 +164,35 @@ def test_training_step_and_bound_on_a_real_network(self_conditioning):
         a, b = proc.nelbo(model, batch), proc.nelbo(model, batch)
     assert torch.equal(a, b) and torch.isfinite(a).all()  # keyed noise: the bound is a function of the batch
 
+
+
+def test_t0_weight_adds_diffusion_lm_embedding_loss_at_t0_in_expectation():
+    """x̂0 = c·z_t gives ‖e − x̂0‖² in closed form; with t0_weight w the simple loss gains w·mse(0) on average
+    (rounding and the prior-mean term are keyed on the rows, so they cancel in the difference)."""
+    c, w, n = 0.5, 3.0, 40_000
+
+    class Shrink(nn.Module):
+        def __init__(self, E):
+            super().__init__()
+            self.embed = nn.Embedding(V, E.shape[1])
+            self.embed.weight.data.copy_(E)
+
+        def forward(self, z, t, x0_prev=None):
+            return c * z
+
+    model = Shrink(toy_embeddings(2.0))
+    x0 = (torch.arange(n) % TOY_V)[:, None]
+    batch = Batch(x0, torch.ones_like(x0, dtype=torch.bool), torch.zeros_like(x0, dtype=torch.bool),
+                  u=low_discrepancy_uniform(0.37, n), rows=torch.arange(n), seed=5)
+    plain = GaussianDiffusion(V, TOY_MASK, TOY_PAD, schedule="sqrt", embed_dim=2)
+    with_t0 = GaussianDiffusion(V, TOY_MASK, TOY_PAD, schedule="sqrt", embed_dim=2, t0_weight=w)
+    a0 = float(plain.schedule.alpha_bar(torch.zeros((), dtype=torch.float64)))
+    mse0 = 4.0 * (1 - c * math.sqrt(a0)) ** 2 + c * c * (1 - a0) * 2  # ‖e‖² = 4, d = 2
+    with torch.no_grad():
+        diff = (with_t0.loss(model, batch) - plain.loss(model, batch)).double()[:, 0]
+    se = float(diff.std()) / math.sqrt(n)
+    assert abs(float(diff.mean()) - w * mse0) < 4 * se + 1e-3, (float(diff.mean()), w * mse0, se)
+    with pytest.raises(DiffLMError, match="t0_weight"):
+        GaussianDiffusion(V, TOY_MASK, TOY_PAD, loss="elbo", t0_weight=1.0)
+    with pytest.raises(DiffLMError, match="t0_weight"):
+        GaussianDiffusion(V, TOY_MASK, TOY_PAD, t0_weight=-1.0)

@@ -15,7 +15,11 @@ with the rounding decoder tied to the embeddings: p(w | z_0) ∝ exp(−SNR(0)/2
 Bayes decoder of the t = 0 Gaussian (logits SNR(0)·(ẑ·e_w − ‖e_w‖²/2)).
 Training (``loss``): ``simple`` is Diffusion-LM's L_simple — ‖e − x̂0‖² at a uniform t (at t → 0 this is the
 embedding loss at t = 0), plus ‖√ᾱ(1)·e‖² (the prior's mean term) and the rounding cross-entropy; ``elbo``
-trains on the bound itself. Self-conditioning (Chen et al., Analog Bits): with probability ½ the network
+trains on the bound itself. ``t0_weight`` w adds Diffusion-LM's t = 0 embedding loss explicitly,
+w·‖e − x̂0(z_0, 0)‖² (§4.1, L_e2e), without a second forward pass: a share w/(1+w) of the rows is put at
+t = 0 and every row's MSE is scaled by 1 + w, an unbiased estimate of E_t‖e − x̂0‖² + w·‖e − x̂0(z_0, 0)‖².
+(Diffusion-LM's code puts t = 0 with probability 1/T, i.e. w = 1/T; the default 0 leaves it to the t → 0 end.)
+Self-conditioning (Chen et al., Analog Bits): with probability ½ the network
 first predicts x̂0 with a zero input, and that (detached) prediction is fed back; evaluation always uses the
 two-pass prediction, a deterministic function of z_t, so the bound stays a bound.
 """
@@ -127,8 +131,15 @@ class GaussianDiffusion(Process):
         self_conditioning: bool = False,
         clamp: bool = False,
         length_prior: list[float] | None = None,
+        t0_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (t0_weight >= 0 and math.isfinite(t0_weight)):
+            raise DiffLMError(f"process.t0_weight must be a finite number ≥ 0, got {t0_weight!r}")
+        if t0_weight > 0 and loss != "simple":
+            raise DiffLMError("process.t0_weight adds Diffusion-LM's t = 0 embedding loss to loss: simple; "
+                              "the elbo loss is the bound itself — set loss: simple or drop t0_weight")
+        self.t0_weight = float(t0_weight)
         if schedule not in GAUSSIAN_SCHEDULES:
             raise DiffLMError(f"unknown gaussian schedule {schedule!r}; choose one of {', '.join(GAUSSIAN_SCHEDULES)}")
         if loss not in ("simple", "elbo"):
@@ -183,6 +194,9 @@ class GaussianDiffusion(Process):
     # -- bound and loss --------------------------------------------------------------------------
     def _terms(self, model: nn.Module, batch: Batch, generator, training: bool) -> tuple[Tensor, ...]:
         t = batch.time_uniforms(generator)
+        if training and self.t0_weight > 0:  # the explicit t = 0 embedding loss as a mixture over t (docstring)
+            at0 = batch.rand(generator, stream=4, width=1)[:, 0] < self.t0_weight / (1 + self.t0_weight)
+            t = torch.where(at0, torch.zeros_like(t), t)
         e, z = self.corrupt(model, batch, t, generator)
         prev = None
         if training and self.self_conditioning:
@@ -211,7 +225,10 @@ class GaussianDiffusion(Process):
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         mse, weight, prior, rounding, mean_term = self._terms(model, batch, None, training=True)
-        terms = weight * mse + prior + rounding if self.loss_type == "elbo" else mse + mean_term + rounding
+        if self.loss_type == "elbo":
+            terms = weight * mse + prior + rounding
+        else:
+            terms = (1 + self.t0_weight) * mse + mean_term + rounding
         return torch.where(batch.loss_mask, terms, torch.zeros_like(terms)).float()
 
     # -- reverse steps (pure functions of their inputs) ------------------------------------------
