@@ -57,6 +57,36 @@ def test_closed_form_score_entropy_matches_the_definition(kind, alpha, seed):
     assert (got >= -1e-9).all()  # a Bregman divergence: never negative
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1e-4, 1 - 1e-4), st.integers(0, 10_000), st.sampled_from([0.0, 4.0]))
+def test_uniform_one_pass_from_x0_equals_the_general_route(alpha, seed, sharpness):
+    """UDLM's bound through the one-pass form equals score_entropy(exact_log_score_from_x0(...)), values and
+    gradients (sharpness 4: a confident x0-prediction, where the terms cancel the most)."""
+    g = Graph("uniform", V, [TOY_MASK, TOY_PAD], TOY_MASK)
+    gen = torch.Generator().manual_seed(seed)
+    B, L = 3, 4
+    x0 = torch.randint(0, TOY_V, (B, L), generator=gen)
+    a = torch.full((B,), alpha, dtype=torch.float64)
+    xt = g.corrupt(x0, a, torch.rand(B, L, generator=gen, dtype=torch.float64),
+                   torch.rand(B, L, generator=gen, dtype=torch.float64))
+    logits = torch.randn(B, L, V, generator=gen, dtype=torch.float64)
+    logits = logits + sharpness * torch.nn.functional.one_hot(x0, V)
+    logits[..., [TOY_MASK, TOY_PAD]] = -math.inf
+    routes = []
+    for fused in (True, False):
+        z = logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(z, -1)
+        val = g.score_entropy_from_x0(lp, xt, x0, a) if fused else \
+            g.score_entropy(g.exact_log_score_from_x0(lp, xt, a), xt, x0, a)
+        (grad,) = torch.autograd.grad(val.sum(), z)
+        routes.append((val.detach(), grad[..., :TOY_V]))
+    (v1, g1), (v2, g2) = routes
+    assert torch.allclose(v1, v2, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(g1, g2, rtol=1e-7, atol=1e-9)
+    v32 = g.score_entropy_from_x0(torch.log_softmax(logits, -1).float(), xt, x0, a)  # a network's float32
+    assert v32.dtype == torch.float64 and torch.allclose(v32, v2, rtol=1e-5, atol=1e-5)
+
+
 def mc_nelbo(process, model, x0, K, seed=0):
     x = x0[None].expand(K, -1)
     b = Batch(x, torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool))

@@ -54,7 +54,8 @@ class UniformDiffusion(GraphDiffusion):
         x0 = batch.tokens
         t, w = self.times(batch.time_uniforms(generator))
         xt = self.corrupt(batch, t, generator)
-        terms = self.graph.score_entropy(self.log_score(model, xt, t), xt, x0, self.schedule.alpha(t)) * w[:, None]
+        log_p0 = self.x0_log_probs(model, xt, t)
+        terms = self.graph.score_entropy_from_x0(log_p0, xt, x0, self.schedule.alpha(t)) * w[:, None]
         return torch.where(batch.loss_mask, terms, torch.zeros_like(terms)).float()
 
     def config(self) -> dict:
