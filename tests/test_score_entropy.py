@@ -55,6 +55,8 @@ def test_closed_form_score_entropy_matches_the_definition(kind, alpha, seed):
     want = brute_score_entropy(g, log_s, xt, x0, a)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
     assert (got >= -1e-9).all()  # a Bregman divergence: never negative
+    got32 = g.score_entropy(log_s.float(), xt, x0, a)  # a network's float32 scores: float64 out, same value
+    assert got32.dtype == torch.float64 and torch.allclose(got32, want, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

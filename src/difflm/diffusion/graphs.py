@@ -118,13 +118,11 @@ class Graph:
         b = (1 - a) / N
         same = xt == x0
         p_x = torch.where(same, a + b, b)
-        ls = log_s.double()
-        on = self.support.to(ls.device).expand_as(ls)
-        not_x = torch.ones_like(on).scatter_(-1, xt[..., None], False)
-        keep = on & not_x
-        s1 = torch.logsumexp(ls.masked_fill(~keep, -math.inf), dim=-1).exp()  # Σ_{y≠x} s_y
-        sl = ls.masked_fill(~keep, 0.0).sum(-1)  # Σ_{y≠x} log s_y
-        ls_x0 = ls.gather(-1, x0[..., None]).squeeze(-1)
+        ls = log_s  # the V-wide passes stay in the input's dtype (float32 from a network), reductions in float64
+        keep = self.support.to(ls.device).expand_as(ls).scatter(-1, xt[..., None], False)  # data tokens y ≠ x
+        s1 = torch.logsumexp(ls.masked_fill(~keep, -math.inf), dim=-1).double().exp()  # Σ_{y≠x} s_y
+        sl = ls.masked_fill(~keep, 0.0).sum(-1, dtype=torch.float64)  # Σ_{y≠x} log s_y
+        ls_x0 = ls.gather(-1, x0[..., None]).squeeze(-1).double()
         s2 = (b / p_x) * sl + torch.where(same, torch.zeros_like(sl), (a / p_x) * ls_x0)
         s3 = torch.where(same, (N - 1) * _k(b / (a + b)), _k((a + b) / b) - (N - 2))
         return (s1 - s2 + s3) / N
