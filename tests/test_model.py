@@ -1,5 +1,6 @@
 """The backbone: masks, KV cache, adaLN-zero time conditioning."""
 
+import pytest
 import torch
 
 from difflm.models import KVCache, Transformer, TransformerConfig
@@ -22,10 +23,11 @@ def test_causal_mask_hides_the_future_and_bidirectional_does_not():
     assert not torch.allclose(b(x)[:, :8], b(y)[:, :8])
 
 
-def test_kv_cache_matches_the_full_forward():
+@pytest.mark.parametrize("capacity", [None, 16])
+def test_kv_cache_matches_the_full_forward(capacity):
     m = _model(causal=True)
     x = torch.randint(0, 20, (3, 16))
-    cache = KVCache(2)
+    cache = KVCache(2, capacity)
     parts = [m(x[:, :5], cache=cache), m(x[:, 5:9], cache=cache)] + [m(x[:, i : i + 1], cache=cache)
                                                                        for i in range(9, 16)]
     assert torch.allclose(torch.cat(parts, 1), m(x), atol=1e-5)

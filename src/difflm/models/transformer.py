@@ -65,18 +65,50 @@ class Rotary(nn.Module):
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer: (B, H, T, Dh) each. Shared by autoregressive
-    decoding and block diffusion (which stores only a call's clean prefix: ``store`` in ``append``)."""
+    decoding and block diffusion (which stores only a call's clean prefix: ``store`` in ``append``).
 
-    def __init__(self, n_layer: int) -> None:
+    With ``capacity`` the cache is static: every call attends over exactly ``capacity`` key slots, those not
+    yet written masked out. A query row then sums over the same number of keys in every call, and in a full
+    forward pass over ``capacity`` positions, so bf16 results do not depend on how the sequence was split
+    into calls (the summation order of the attention kernels depends on the key count)."""
+
+    def __init__(self, n_layer: int, capacity: int | None = None) -> None:
         self.k: list[Tensor | None] = [None] * n_layer
         self.v: list[Tensor | None] = [None] * n_layer
+        self.capacity = capacity
+        self._length = 0
 
     @property
     def length(self) -> int:
+        if self.capacity is not None:
+            return self._length
         return 0 if self.k[0] is None else self.k[0].shape[-2]
 
+    def rows(self, idx: Tensor) -> KVCache:
+        """A read-only copy holding the rows ``idx`` (for calls on a subset of the batch, ``store=0``)."""
+        sub = KVCache(len(self.k), self.capacity)
+        sub.k = [None if k is None else k[idx] for k in self.k]
+        sub.v = [None if v is None else v[idx] for v in self.v]
+        sub._length = self._length
+        return sub
+
     def append(self, layer: int, k: Tensor, v: Tensor, store: int | None = None) -> tuple[Tensor, Tensor]:
-        """Keys/values to attend to (cache + new); of the new positions the first ``store`` (None: all) are kept."""
+        """Keys/values to attend to (cache + new; with a capacity, all ``capacity`` slots); of the new
+        positions the first ``store`` (None: all) are kept."""
+        n = k.shape[-2]
+        if self.capacity is not None:
+            old = self._length
+            if old + n > self.capacity:
+                raise ValueError(f"KV cache of capacity {self.capacity} cannot take {old + n} positions")
+            if self.k[layer] is None:
+                shape = (*k.shape[:-2], self.capacity, k.shape[-1])
+                self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            # the positions past ``store`` are written too (this call attends to them) and overwritten later
+            self.k[layer][..., old : old + n, :] = k
+            self.v[layer][..., old : old + n, :] = v
+            if layer == len(self.k) - 1:
+                self._length = old + (n if store is None else store)
+            return self.k[layer], self.v[layer]
         old = 0 if self.k[layer] is None else self.k[layer].shape[-2]
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=-2)
@@ -104,7 +136,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v, store)
         is_causal = causal and attn_mask is None
-        if is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
+        if cache is not None and cache.capacity is not None:  # static cache: mask the slots past this call
+            T, end = k.shape[-2], offset + L
+            if attn_mask is None:
+                attn_mask = torch.ones(L, end, dtype=torch.bool, device=x.device)
+                if causal:
+                    attn_mask = attn_mask.tril(diagonal=offset)
+            attn_mask = F.pad(attn_mask[..., :end], (0, T - end), value=False)
+            is_causal = False
+        elif is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
             if L == 1:
                 is_causal = False
             else:

@@ -8,7 +8,9 @@ block has not changed (at most one call per change, as MDLM's cached sampler).
 With ``cache`` the clean blocks live in the backbone's KV cache (the same ``KVCache`` the autoregressive
 baseline decodes with): a finished block is written to it by the first call of the next block, one forward
 pass over [clean block b−1, x_t block b] with the block-causal mask, keeping only the first part. Without
-``cache`` every call recomputes the whole prefix under the block-causal mask; both give the same tokens.
+``cache`` every call recomputes the whole row under the block-causal mask. Both give the same tokens, in
+bf16 too: the cache is static (L key slots, the unwritten ones masked), so every attention row sums over
+L keys in both routes and the kernels add in the same order.
 With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the row becomes [PAD] and the
 row makes no more calls (variable-length generation).
 """
@@ -28,14 +30,6 @@ from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
-def _rows(cache: KVCache, idx: Tensor) -> KVCache:
-    """A read-only view of ``cache`` for a subset of its rows."""
-    sub = KVCache(len(cache.k))
-    sub.k = [None if k is None else k[idx] for k in cache.k]
-    sub.v = [None if v is None else v[idx] for v in cache.v]
-    return sub
-
-
 class BlockSampler(Sampler):
     name = "block"
     families = ("block",)
@@ -48,9 +42,9 @@ class BlockSampler(Sampler):
         """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
         cache holding x[:, :committed], the positions [committed, a) are written to it in the same call."""
         S = process.block_size
-        if cache is None:  # the whole prefix, block-causal
-            xs = x[idx, :e]
-            blk = torch.arange(e, device=x.device) // S
+        if cache is None:  # the whole row, block-causal (the blocks after e are masked out)
+            xs = x[idx]
+            blk = torch.arange(xs.shape[1], device=x.device) // S
             sel = torch.zeros_like(xs, dtype=torch.bool)
             sel[:, a:e] = True
             out = model(xs, attn_mask=block_causal(blk, blk), select=sel).view(len(idx), e - a, -1)
@@ -61,7 +55,7 @@ class BlockSampler(Sampler):
                               block_causal(blk, blk)], 1)
             out = model(x[:, committed:e], attn_mask=mask, cache=cache, store=a - committed)[:, a - committed:]
         else:  # the cache holds the prefix: the block attends to it and to itself
-            view = cache if len(idx) == x.shape[0] else _rows(cache, idx)
+            view = cache if len(idx) == x.shape[0] else cache.rows(idx)
             out = model(x[idx, a:e], cache=view, store=0)
         out = out.float()
         out[..., process.never] = -float("inf")
@@ -90,7 +84,7 @@ class BlockSampler(Sampler):
         x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        cache = KVCache(len(model.blocks)) if self.cache else None
+        cache = KVCache(len(model.blocks), capacity=L) if self.cache else None
         committed = 0
         steps = max(1, steps // -(-L // S))  # per block
         p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))

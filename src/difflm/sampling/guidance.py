@@ -39,6 +39,6 @@ class ClassifierFreeGuidance(nn.Module):
             xu = torch.where(src[..., None], null.expand_as(x), x)
         ucache = None
         if cache is not None:  # the unconditional stream keeps its own KV cache (autoregressive sampling)
-            ucache = self._caches.setdefault(id(cache), KVCache(len(self.model.blocks)))
+            ucache = self._caches.setdefault(id(cache), KVCache(len(self.model.blocks), cache.capacity))
         uncond = self.model(xu, t, cache=ucache, **kw)
         return (1 + self.w) * out - self.w * uncond
