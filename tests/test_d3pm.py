@@ -365,3 +365,33 @@ def test_loss_gradient_is_finite_at_every_step(transition):
         (kl.sum() + proc.hybrid_lambda * ce.sum()).backward()
         assert torch.isfinite(logits.grad).all(), (transition, k)
         assert logits.grad.abs().sum() > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(["uniform", "absorb"]), st.sampled_from([10, 1000]), st.integers(0, 10_000),
+       st.floats(0.1, 8.0))
+def test_step_kl_from_float32_logits_equals_the_float64_route(transition, T, seed, scale):
+    """Training's route (vocabulary-wide passes in float32, float64 sums and gathered entries) against
+    ``step_kl`` on float64 log-probabilities: values and gradients, at a 3,000-token vocabulary."""
+    Vb, mask = 3000, 2998
+    proc = D3PM(Vb, mask, Vb - 1, transition=transition, steps=T)
+    g = torch.Generator().manual_seed(seed)
+    M = 48
+    x0 = torch.randint(0, mask, (M, 1), generator=g)
+    k = torch.randint(1, T + 1, (M,), generator=g)
+    k[:2] = torch.tensor([1, T])  # both ends of the chain
+    xt = proc.transitions.corrupt(x0, k, torch.rand(M, 1, generator=g, dtype=torch.float64),
+                                  torch.rand(M, 1, generator=g, dtype=torch.float64), None)[:, 0]
+    base = (scale * torch.randn(M, Vb, generator=g)).float()
+    base[:, [mask, Vb - 1]] = -math.inf
+    f32 = base.clone().requires_grad_(True)
+    kl, lp_x0 = proc.transitions.step_kl_from_logits(f32, x0[:, 0], xt, k)
+    f64 = base.double().requires_grad_(True)
+    lp = torch.log_softmax(f64, -1)
+    ref = proc.step_kl(lp, x0[:, 0], xt, k)
+    assert torch.allclose(kl, ref, rtol=1e-4, atol=2e-6)
+    assert torch.allclose(lp_x0, lp.gather(-1, x0).squeeze(-1), rtol=1e-6, atol=1e-6)
+    (kl.sum() - 0.01 * lp_x0.sum()).backward()
+    (ref.sum() - 0.01 * lp.gather(-1, x0).sum()).backward()
+    assert torch.isfinite(f32.grad).all()
+    assert torch.allclose(f32.grad.double(), f64.grad, rtol=1e-3, atol=1e-6)

@@ -65,24 +65,52 @@ class GraphTransitions:
         KL = [c·Σ_y m_q log(m_q/m_p) + r·m_q(x_k) log(m_q(x_k)/m_p(x_k))]/Z_q + log Z_p − log Z_q,
         Z = c + r·m(x_k), and Σ_y m_q log m_p = a·log m_p(x0) + (1−a)·E_π[log m_p]: one pass over V
         instead of materialising both posteriors (the ``reverse_probs`` route, which tests compare)."""
-        g = self.graph
-        ab = self.alpha_bar.to(x0.device)
-        a, at = ab[k - 1], ab[k]
-        r = torch.where(a > 0, at / a.clamp_min(1e-300), torch.zeros_like(at))
-        pi = g.pi(x0.device)
-        c = (1 - r) * pi[xt]
+        a, r, pi = self._coefficients(k, x0.device)
         # log m_p with −inf floored to a finite −1e30 (exp underflows to exactly 0, so the values are
         # unchanged): logaddexp(−inf, −inf) has a NaN gradient, which log_softmax would spread to every logit
-        log_pi = torch.log(pi).clamp_min(_NEG)
         log_mp = torch.logaddexp(torch.log(a)[:, None] + log_p0.double().clamp_min(_NEG),
-                                 torch.log1p(-a).clamp_min(_NEG)[:, None] + log_pi)
+                                 torch.log1p(-a).clamp_min(_NEG)[:, None] + torch.log(pi).clamp_min(_NEG))
         e_pi = torch.where(pi > 0, pi * log_mp, torch.zeros_like(log_mp)).sum(-1)  # E_π[log m_p]
         mp_x0, mp_xt = log_mp.gather(-1, x0[:, None]).squeeze(-1), log_mp.gather(-1, xt[:, None]).squeeze(-1)
+        return self._kl(a, r, pi, x0, xt, e_pi, mp_x0, mp_xt)
+
+    def step_kl_from_logits(self, logits: Tensor, x0: Tensor, xt: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``step_kl`` and log p̃_θ(x0 | x_k) from the network's logits (M, V) (−inf off the data), both (M,)
+        float64. The vocabulary-wide passes (normaliser, E_π[log m_p]) run in the logits' float32 with float64
+        sums; the entries at x0 and x_k are gathered and finished in float64 (training at a 10k vocabulary
+        spends most of its time in these passes; ``step_kl`` on float64 log-probabilities is the reference)."""
+        a, r, pi = self._coefficients(k, x0.device)
+        logits = logits.float()
+        top = logits.max(-1, keepdim=True).values.detach()
+        lse = top.squeeze(-1).double() + torch.exp(logits - top).sum(-1, dtype=torch.float64).log()
+        lp_x0 = logits.gather(-1, x0[:, None]).squeeze(-1).double() - lse
+        lp_xt = logits.gather(-1, xt[:, None]).squeeze(-1).double() - lse
+        log_pi = torch.log(pi).clamp_min(_NEG)
+        log_a, log_1a = torch.log(a), torch.log1p(-a).clamp_min(_NEG)
+        mp_x0 = torch.logaddexp(log_a + lp_x0.clamp_min(_NEG), log_1a + log_pi[x0])
+        mp_xt = torch.logaddexp(log_a + lp_xt.clamp_min(_NEG), log_1a + log_pi[xt])
+        # E_π[log m_p] = Σ_y π_y log(a p̃_y + (1−a) π_y); floored so that a = 1 rows (weight 1 − a = 0) stay finite
+        p0 = torch.exp(logits - lse.float()[:, None])
+        m = (a.float()[:, None] * p0 + (1 - a).float()[:, None] * pi.float()).clamp_min(1e-37)
+        e_pi = (pi.float() * torch.log(m)).sum(-1, dtype=torch.float64)
+        return self._kl(a, r, pi, x0, xt, e_pi, mp_x0, mp_xt), lp_x0
+
+    def _coefficients(self, k: Tensor, device) -> tuple[Tensor, Tensor, Tensor]:
+        """a = ᾱ_{k−1}, r = ᾱ_k/ᾱ_{k−1} (M,) and π (V,), float64."""
+        ab = self.alpha_bar.to(device)
+        a, at = ab[k - 1], ab[k]
+        r = torch.where(a > 0, at / a.clamp_min(1e-300), torch.zeros_like(at))
+        return a, r, self.graph.pi(device)
+
+    def _kl(self, a: Tensor, r: Tensor, pi: Tensor, x0: Tensor, xt: Tensor, e_pi: Tensor, mp_x0: Tensor,
+            mp_xt: Tensor) -> Tensor:
+        """The closed form of ``step_kl`` from E_π[log m_p] and log m_p at x0 and x_k (M,) float64."""
+        c = (1 - r) * pi[xt]
         b = (1 - a) * pi[x0]  # (1−a)π at x0: the uniform background there (0 for absorb)
-        if g.absorb:
+        if self.graph.absorb:
             mq_log_mq = _xlogx(a) + _xlogx(1 - a)
         else:
-            mq_log_mq = _xlogx(a + b) + (g.N - 1) * _xlogx(b)
+            mq_log_mq = _xlogx(a + b) + (self.graph.N - 1) * _xlogx(b)
         mq_log_mp = _xmul(a, mp_x0) + _xmul(1 - a, e_pi)
         mq_xt = a * (xt == x0) + (1 - a) * pi[xt]
         z_q, z_p = c + r * mq_xt, c + r * mp_xt.exp()
@@ -264,10 +292,14 @@ class D3PM(Process):
     def x0_log_probs(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None = None) -> Tensor:
         """log p̃_θ(x0 | x_t) in float64: (B, L, V), or (M, V) at the positions ``select`` holds; −inf off the
         data. k: (B,) the step of x_t (the network sees t = k/T)."""
+        return F.log_softmax(self._logits(model, xt, k, select).double(), dim=-1)
+
+    def _logits(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None) -> Tensor:
+        """The network's logits in float32, −inf off the data: (B, L, V) or (M, V)."""
         tc = (k.double() / self.T).float() if self.time_conditioning else None
-        logits = (model(xt, tc) if select is None else model(xt, tc, select=select)).double()
+        logits = (model(xt, tc) if select is None else model(xt, tc, select=select)).float()
         logits[..., self.never] = -math.inf
-        return F.log_softmax(logits, dim=-1)
+        return logits
 
     def reverse_probs(self, p0: Tensor, xt: Tensor, s: Tensor, t: Tensor) -> Tensor:
         """p(x_s | x_t) ∝ Q_{t|s}[·, x_t] ⊙ (p0 Q̄_s), normalised: (..., V) float64. p0 (..., V) is a
@@ -298,10 +330,15 @@ class D3PM(Process):
         kl = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)
         ce = torch.zeros_like(kl)
         if counted.any():
-            log_p0 = self.x0_log_probs(model, xt, k, select=counted)
             kk = k[:, None].expand_as(x0)[counted]
-            kl[counted] = self.step_kl(log_p0, x0[counted], xt[counted], kk)
-            ce[counted] = -log_p0.gather(-1, x0[counted][:, None]).squeeze(-1)
+            if isinstance(self.transitions, GraphTransitions):
+                logits = self._logits(model, xt, k, counted)
+                kl[counted], lp_x0 = self.transitions.step_kl_from_logits(logits, x0[counted], xt[counted], kk)
+                ce[counted] = -lp_x0
+            else:
+                log_p0 = self.x0_log_probs(model, xt, k, select=counted)
+                kl[counted] = self.step_kl(log_p0, x0[counted], xt[counted], kk)
+                ce[counted] = -log_p0.gather(-1, x0[counted][:, None]).squeeze(-1)
         return kl, ce
 
     def prior_terms(self, batch: Batch) -> Tensor:
