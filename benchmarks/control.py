@@ -70,6 +70,7 @@ def main() -> None:
                          "endswith:?,contains:thou,startswith:And on shakespeare)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of the diffusion and AR models")
     ap.add_argument("--classifier-steps", type=int, default=300)
+    ap.add_argument("--pooling", choices=["attention", "mean"], default="attention", help="the classifiers' pooling")
     ap.add_argument("--num", type=int, default=400)
     ap.add_argument("--sample-steps", type=int, default=32)
     ap.add_argument("--scale", type=float, default=1.0)
@@ -97,11 +98,11 @@ def main() -> None:
     lm, ar = models["gaussian"], models["ar"]
     clfs, stats = [], {}
     for spec in attributes.split(","):
-        path = d / "classifiers" / spec.replace(":", "-")
+        path = d / "classifiers" / (spec.replace(":", "-") + ("" if a.pooling == "attention" else "-mean"))
         if (path / "classifier.json").exists():
             clf = NoisyClassifier.load(path)
         else:
-            clf, stats[spec] = train_classifier(lm, spec, steps=a.classifier_steps, log=None)
+            clf, stats[spec] = train_classifier(lm, spec, steps=a.classifier_steps, pooling=a.pooling, log=None)
             clf.save(path)
         clfs.append((spec, clf))
     rows = control_table(lm, clfs, ar, num=a.num, steps=a.sample_steps, sampler=a.sampler,

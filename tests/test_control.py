@@ -77,3 +77,18 @@ def test_classifier_guidance_reaches_the_attribute(markov_corpus, tmp_path, caps
     assert main(["sample", g, "--classifier", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "holds no attribute classifier" in err and len(err.strip().splitlines()) == 1
+
+
+def test_classifier_pooling_round_trips_and_old_configs_load_as_mean(tmp_path):
+    z, t = torch.randn(3, 8, 8), torch.rand(3)
+    for pooling in ("attention", "mean"):
+        torch.manual_seed(0)
+        clf = NoisyClassifier(ClassifierConfig("endswith:a", 8, 8, 1, 2, 32, pooling)).eval()
+        clf.save(tmp_path / pooling)
+        assert torch.equal(NoisyClassifier.load(tmp_path / pooling)(z, t), clf(z, t))
+    cfg = json.loads((tmp_path / "mean" / "classifier.json").read_text())
+    del cfg["pooling"]  # written before the option existed
+    (tmp_path / "mean" / "classifier.json").write_text(json.dumps(cfg))
+    assert NoisyClassifier.load(tmp_path / "mean").cfg.pooling == "mean"
+    with pytest.raises(DiffLMError, match="pooling"):
+        NoisyClassifier(ClassifierConfig("endswith:a", 8, 8, 1, 2, 32, "max"))

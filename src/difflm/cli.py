@@ -85,7 +85,7 @@ def cmd_train_classifier(a) -> int:
     out = Path(a.out or Path(a.run_dir) / "classifiers" / a.attribute.replace(":", "-").replace("/", "_"))
     log = None if a.json else (lambda m: print(m, file=sys.stderr))
     clf, stats = train_classifier(lm, a.attribute, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                  log=log)
+                                  pooling=a.pooling, log=log)
     clf.save(out)
     stats["out"] = str(out)
     print(json.dumps(stats) if a.json else "\n".join(f"{k}: {v}" for k, v in stats.items()))
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--pooling", choices=["attention", "mean"], default="attention",
+                   help="how the classifier reads its per-position features (default: attention)")
     c.add_argument("--out", default=None, help="folder (default RUN/classifiers/ATTRIBUTE)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_train_classifier)

@@ -86,11 +86,14 @@ class ClassifierConfig:
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 128
+    pooling: str = "attention"  # "attention": a learned softmax over positions; "mean": their average
 
 
 class NoisyClassifier(nn.Module):
     """log-odds of the attribute from noisy embeddings: (z_t (B, L, d), t (B,)) -> (B,). A time-conditioned
-    bidirectional transformer over z_t (the library's backbone), mean-pooled, then a linear read-out."""
+    bidirectional transformer over z_t (the library's backbone), pooled over positions, then a linear read-out.
+    Attention pooling (a learned score per position, softmax over the row) lets the read-out pick single
+    positions — the last character before [EOS] for "ends with a question" — which an average dilutes by 1/L."""
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
@@ -99,10 +102,17 @@ class NoisyClassifier(nn.Module):
             vocab_size=1, max_len=cfg.max_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
             time_conditioning=True, d_embed=cfg.embed_dim))
         nn.init.normal_(self.body.head.weight, 0.0, 0.02)  # the backbone zero-initialises its head
+        if cfg.pooling not in ("attention", "mean"):
+            raise DiffLMError(f"classifier pooling must be 'attention' or 'mean', not {cfg.pooling!r}")
+        self.score = nn.Linear(cfg.embed_dim, 1) if cfg.pooling == "attention" else None
         self.out = nn.Linear(cfg.embed_dim, 1)
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        return self.out(self.body(z, t).mean(1))[:, 0]
+        h = self.body(z, t)  # (B, L, d)
+        if self.score is None:
+            return self.out(h.mean(1))[:, 0]
+        w = torch.softmax(self.score(h).float(), dim=1)  # (B, L, 1)
+        return self.out((w * h).sum(1))[:, 0]
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -117,7 +127,7 @@ class NoisyClassifier(nn.Module):
         if not (path / "classifier.json").is_file() or not (path / "classifier.safetensors").is_file():
             raise DiffLMError(f"{path} holds no attribute classifier; train one with difflm train-classifier")
         try:
-            cfg = ClassifierConfig(**json.loads((path / "classifier.json").read_text()))
+            cfg = ClassifierConfig(**{"pooling": "mean", **json.loads((path / "classifier.json").read_text())})
         except (TypeError, json.JSONDecodeError):
             raise DiffLMError(f"{path / 'classifier.json'} is not a difflm classifier config") from None
         clf = cls(cfg)
@@ -130,7 +140,8 @@ class NoisyClassifier(nn.Module):
 
 
 def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 64, lr: float = 1e-3,
-                     seed: int = 0, layers: int = 2, d_model: int = 128, log=print) -> tuple[NoisyClassifier, dict]:
+                     seed: int = 0, layers: int = 2, d_model: int = 128, pooling: str = "attention",
+                     log=print) -> tuple[NoisyClassifier, dict]:
     """Train p_φ(attribute | z_t, t) on the run's training split corrupted by its own forward process (the
     diffusion model's embeddings are frozen), with positives up-weighted to balance the classes. Returns the
     classifier and its validation accuracy at t = 0.1, 0.5, 0.9 with the attribute's base rate."""
@@ -147,7 +158,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
         raise DiffLMError(f"attribute {attribute!r} is {'never' if rate == 0 else 'always'} true in the training "
                           "data: nothing to learn; pick another")
     torch.manual_seed(seed)
-    clf = NoisyClassifier(ClassifierConfig(attribute, lm.process.embed_dim, lm.seq_len, layers, 4, d_model))
+    clf = NoisyClassifier(ClassifierConfig(attribute, lm.process.embed_dim, lm.seq_len, layers, 4, d_model, pooling))
     clf.to(lm.device).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
