@@ -7,9 +7,10 @@ are comparable as ratios.
 Needs <corpus>-mdlm, <corpus>-bd3lm-4 and <corpus>-ar in --runs (benchmarks/likelihood.py trains them:
 `--families mdlm,bd3lm-4,ar`). For each row: generative perplexity of the samples under the AR baseline
 (exact NLL on the token ids), unigram entropy of the samples, network calls per sequence, tokens per second
-and seconds per sample (batch of --num, bf16). Writes benchmarks/out/quality-speed-<corpus>.json, prints a
-Markdown table, and saves the two curves (gen. perplexity against network calls and against tokens/s) to
-benchmarks/quality_speed_<corpus>.png.
+and seconds per sample (batch of --num, bf16); then, per sampler at 64 steps, whether batches of 1 and
+3 (and, for blocks, no KV cache) give the same tokens as one batch. Writes
+benchmarks/out/quality-speed-<corpus>.json, prints Markdown tables, and saves the two curves (gen. perplexity
+against network calls and against tokens/s) to benchmarks/quality_speed_<corpus>.png.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def table(rows: list[dict], scorer: str | None = None) -> str:
                    f"{r['unigram_entropy']:.3f} | {r['nfe']:.1f} | {r['tokens_per_s']:.0f} | "
                    f"{r['seconds_per_sample']:.3f} |")
     return "\n".join(out)
+
+
+def invariance(lm, samplers: list[tuple[str, dict]], num: int, steps: int = 64) -> list[dict]:
+    """The batch-invariance promise on a trained model, in the benchmark's bf16: for each sampler, the share of
+    tokens (and of whole rows) equal to the one-batch result when the same rows are drawn in batches of 1 and
+    of 3, and, for the block sampler, with the prefix recomputed instead of read from the KV cache."""
+    out = []
+    for name, opts in samplers:
+        if opts.get("cache") is False:
+            continue
+        ref = lm.generate(num, lm.seq_len, steps=steps, sampler=name, seed=0, batch_size=num, sampler_options=opts)
+        variants = [("batch 1", 1, opts), ("batch 3", 3, opts)]
+        if name == "block":
+            variants.append(("no KV cache", num, {**opts, "cache": False}))
+        for label, size, o in variants:
+            g = lm.generate(num, lm.seq_len, steps=steps, sampler=name, seed=0, batch_size=size, sampler_options=o)
+            same = g.tokens == ref.tokens
+            out.append({"sampler": name, "options": opts, "variant": label,
+                        "tokens_equal": float(same.float().mean()), "rows_equal": float(same.all(1).float().mean())})
+    return out
 
 
 def plot(rows: list[dict], refs: dict[str, float], path: Path, title: str) -> None:
@@ -109,22 +130,30 @@ def main() -> None:
         print(f"held-out text under {scorer.name}: perplexity {refs['scorer_ppl']:.2f}")
     steps = tuple(int(s) for s in a.steps.split(","))
     rows: list[dict] = []
+    checks: list[dict] = []
     for model_name, samplers in (("ar", BENCH_SAMPLERS["autoregressive"]), (a.block, BENCH_SAMPLERS["block"]),
                                     ("mdlm", BENCH_SAMPLERS["masked"])):
         lm = ar if model_name == "ar" else DiffusionLM.from_pretrained(need[model_name])
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps, num=a.num,
                                 on_row=lambda r: print(r, flush=True), scorer=scorer):
             rows.append({"model": model_name, **r})
+        for c in invariance(lm, samplers, a.num):
+            checks.append({"model": model_name, **c})
+            print(checks[-1], flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "reference_gen_ppl": ref, "scorer": scorer.name if scorer else None,
             "reference_scorer_ppl": refs.get("scorer_ppl")}
-    (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    result = {"meta": meta, "rows": rows, "invariance": checks}
+    (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps(result, indent=2))
     png = Path(__file__).parent / f"quality_speed_{a.corpus}.png"
     plot(rows, refs, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
     print(table(rows, scorer.name if scorer else None))
+    print("\n| model | sampler | compared with one batch of --num | equal tokens | equal rows |\n|---|---|---|---|---|")
+    for c in checks:
+        print(f"| {c['model']} | {c['sampler']} | {c['variant']} | {c['tokens_equal']:.4f} | {c['rows_equal']:.3f} |")
     print(f"plot: {png}")
 
 
