@@ -8,9 +8,9 @@ block has not changed (at most one call per change, as MDLM's cached sampler).
 With ``cache`` the clean blocks live in the backbone's KV cache (the same ``KVCache`` the autoregressive
 baseline decodes with): a finished block is written to it by the first call of the next block, one forward
 pass over [clean block b−1, x_t block b] with the block-causal mask, keeping only the first part. Without
-``cache`` every call recomputes the whole row under the block-causal mask. Both give the same tokens, in
-bf16 too: the cache is static (L key slots, the unwritten ones masked), so every attention row sums over
-L keys in both routes and the kernels add in the same order.
+``cache`` every call recomputes the whole prefix under the block-causal mask. Both give the same tokens, in
+bf16 too: both attend over a static cache of L key slots (the unwritten ones masked; the recomputing route
+uses a throwaway one), so every attention row sums over L keys in both and the kernels add in the same order.
 With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the row becomes [PAD] and the
 row makes no more calls (variable-length generation).
 """
@@ -42,12 +42,13 @@ class BlockSampler(Sampler):
         """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
         cache holding x[:, :committed], the positions [committed, a) are written to it in the same call."""
         S = process.block_size
-        if cache is None:  # the whole row, block-causal (the blocks after e are masked out)
-            xs = x[idx]
-            blk = torch.arange(xs.shape[1], device=x.device) // S
+        if cache is None:  # the whole prefix, block-causal, in a throwaway static cache of the row's length
+            xs = x[idx, :e]
+            blk = torch.arange(e, device=x.device) // S
             sel = torch.zeros_like(xs, dtype=torch.bool)
             sel[:, a:e] = True
-            out = model(xs, attn_mask=block_causal(blk, blk), select=sel).view(len(idx), e - a, -1)
+            scratch = KVCache(len(model.blocks), capacity=x.shape[1])
+            out = model(xs, attn_mask=block_causal(blk, blk), select=sel, cache=scratch).view(len(idx), e - a, -1)
         elif committed < a:  # fused: write the finished block(s) [committed, a) and denoise [a, e)
             assert len(idx) == x.shape[0], "the cache is written for every row at once"
             blk = torch.arange(committed, e, device=x.device) // S
