@@ -125,6 +125,7 @@ class ExactBlockDenoiser(nn.Module):
     def __init__(self, exact: nn.Module) -> None:
         super().__init__()
         self.exact = exact
+        self.blocks = nn.ModuleList()  # no layers: the sampler's scratch KV cache stays empty (and unused)
 
     def forward(self, x, t=None, attn_mask=None, select=None, **kw):
         full = torch.full((x.shape[0], TOY_L), TOY_MASK, dtype=torch.long)
