@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=32)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm-solver"])
+    ap.add_argument("--loss", default="elbo", choices=["elbo", "simple"],
+                    help="the Gaussian model's training loss: its VDM bound, or Diffusion-LM's L_simple")
     ap.add_argument("--out", default=None, help="default: benchmarks/out/control[-shakespeare]")
     a = ap.parse_args()
     markov_source = a.corpus == "markov"
@@ -90,7 +92,7 @@ def main() -> None:
         else:
             write_shakespeare_lines(d)
     models = {}
-    for name, proc in (("gaussian", {"type": "gaussian", "embed_dim": 16, "loss": "elbo"}),
+    for name, proc in (("gaussian", {"type": "gaussian", "embed_dim": 16, "loss": a.loss}),
                        ("ar", {"type": "autoregressive"})):
         if not (d / name / "model.safetensors").exists():
             Trainer(run_config(d, proc, a.steps, a.corpus), d / name, progress=False, overwrite=True).fit()
