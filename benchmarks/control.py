@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--attributes", default=None,
                     help="comma-separated (default: endswith:c,contains:ee,startswith:e on markov, "
                          "endswith:?,contains:thou,startswith:And on shakespeare)")
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the diffusion and AR models")
+    ap.add_argument("--steps", type=int, default=600, help="training steps of the diffusion model")
+    ap.add_argument("--ar-steps", type=int, default=None, help="training steps of the AR judge (default: --steps)")
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--pooling", choices=["attention", "mean"], default="attention", help="the classifiers' pooling")
     ap.add_argument("--num", type=int, default=400)
@@ -92,10 +93,10 @@ def main() -> None:
         else:
             write_shakespeare_lines(d)
     models = {}
-    for name, proc in (("gaussian", {"type": "gaussian", "embed_dim": 16, "loss": a.loss}),
-                       ("ar", {"type": "autoregressive"})):
+    for name, proc, steps in (("gaussian", {"type": "gaussian", "embed_dim": 16, "loss": a.loss}, a.steps),
+                              ("ar", {"type": "autoregressive"}, a.ar_steps or a.steps)):
         if not (d / name / "model.safetensors").exists():
-            Trainer(run_config(d, proc, a.steps, a.corpus), d / name, progress=False, overwrite=True).fit()
+            Trainer(run_config(d, proc, steps, a.corpus), d / name, progress=False, overwrite=True).fit()
         models[name] = DiffusionLM.from_pretrained(d / name, device="cpu")
     lm, ar = models["gaussian"], models["ar"]
     clfs, stats = [], {}
