@@ -37,11 +37,11 @@ def main() -> None:
         fill = b.loss_mask & (b.tokens == tok.eos_id)
         fill &= fill.cumsum(-1) > 1  # the first [EOS] ends the target and belongs to it
         words = b.loss_mask & ~fill
+        draws = 1 if lm.process.family == "autoregressive" else a.draws  # the AR bound is exact
         cells = {}
         for name, batch in (("with", b), ("without", drop_condition(b, torch.ones(len(b.tokens), dtype=torch.bool),
                                                                      tok.pad_id, tok.bos_id))):
             g = torch.Generator().manual_seed(0)
-            draws = 1 if lm.process.family == "autoregressive" else a.draws
             tot = torch.zeros(b.tokens.shape, dtype=torch.float64)
             for _ in range(draws):
                 with torch.no_grad():
