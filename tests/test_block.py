@@ -7,6 +7,7 @@ import math
 import markov
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import MARKOV_L, TOY_L, TOY_MASK, TOY_PAD, TOY_V, chi2_gof, markov_run
 from torch import nn
 
@@ -177,9 +178,23 @@ def test_kv_cached_block_sampling_equals_uncached(prompt_len):
     assert (b.nfe <= a.nfe).all() and (a.nfe <= math.ceil(L / S) * 5).all()
 
 
+def bf16_gemm_depends_on_row_count() -> bool:
+    """Whether this CPU's bf16 matrix product rounds a row differently according to how many rows share the
+    call (oneDNN picks its kernel by shape; seen on AMX Xeons, where 96 or 128 rows differ from 1 row at a time).
+    No sampler can be exact across routes that batch rows differently there, short of 60× slower bf16."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(192, 768, generator=g), torch.randn(512, 768, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = torch.cat([F.linear(x[i:i + 1], w) for i in range(len(x))])
+        return any(not torch.equal(F.linear(x[:m], w), one[:m]) for m in (32, 64, 96, 128, 256, 512))
+
+
 def test_kv_cached_block_sampling_equals_uncached_in_bf16():
     """In bf16 the attention kernels round differently for different key counts; the static cache makes every
     row sum over L keys in both routes (a growing cache differed here in ~1% of tokens, half the rows)."""
+    if bf16_gemm_depends_on_row_count():
+        pytest.skip("this CPU's bf16 matmul rounds by row count (oneDNN kernel choice), so routes that batch rows "
+                    "differently cannot agree to the token; the fp32 test above checks the routes' exactness")
     L, S, Vb = 64, 4, 600
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(vocab_size=Vb, max_len=L, n_layer=3, n_head=4, d_model=192))
