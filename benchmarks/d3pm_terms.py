@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from difflm.data import build_dataset
 from difflm.pipeline import DiffusionLM
+from difflm.precision import autocast
 
 
 class UnigramDenoiser(nn.Module):
@@ -58,7 +59,7 @@ def main() -> None:
             for i, k0 in enumerate(grid):
                 k = torch.full((a.rows,), min(proc.T, k0 + rep * shift), dtype=torch.long)
                 xt = proc.corrupt(batch, k, g)
-                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                with torch.no_grad(), autocast("cpu", True):
                     kl_t, ce_t = proc.step_terms(model, batch.tokens, xt, k, batch.loss_mask)
                 kl[i] += float(kl_t.sum() / n) / a.repeats
                 ce[i] += float(ce_t.sum() / n) / a.repeats

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
 from .errors import DiffLMError
 from .models import Transformer, TransformerConfig
+from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
 from .sampling.base import OnStep
@@ -139,7 +139,7 @@ class DiffusionLM:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _autocast(self, bf16: bool):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        return autocast(self.device, bf16)
 
     def encode_text(self, text: str) -> list[int]:
         """Text (may span lines) -> ids, a line break becoming [EOS]."""

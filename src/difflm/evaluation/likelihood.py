@@ -4,7 +4,6 @@ perplexity bound, bits per character, with a 95% confidence interval over K inde
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from ..data.datasets import TokenDataset
 from ..diffusion.base import Process, low_discrepancy_uniform
 from ..errors import DiffLMError
+from ..precision import autocast
 from ..rng import uniform
 
 # two-sided 97.5% quantiles of Student's t with df = 1..30 (beyond: normal)
@@ -74,7 +74,7 @@ def evaluate(
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     dev = torch.device(device)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    amp = autocast(dev, bf16)
     totals = []
     n_tokens = n_seq = 0
     it = range(K * n_batches)

@@ -23,6 +23,7 @@ from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
 from ..pipeline import DiffusionLM, build_components
+from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -144,7 +145,7 @@ class Trainer:
                 self._truncate_metrics(step)
         lm = DiffusionLM(model, process, tok, run, length_prior, self.device)
         net = DDP(model) if dist.world > 1 else model
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
+        amp = autocast(self.device, t.bf16)
         logger = _Logger(self.out, t.tensorboard) if dist.is_main else None
         if dist.is_main:
             (self.out / "config.json").write_text(json.dumps(lm.config_dict(), indent=2))
