@@ -8,6 +8,7 @@ from conftest import TINY_PROCESSES
 
 from difflm.config import RunConfig
 from difflm.data import build_tokenizer
+from difflm.errors import DiffLMError
 from difflm.pipeline import build_components
 from difflm.sampling import SAMPLER_NAMES, Conditioning, get_sampler, sampler_fits
 
@@ -50,3 +51,14 @@ def test_same_seed_same_sequences_at_batch_sizes_1_3_8(family, name, opts):
                      rows=torch.arange(a, min(a + size, 8))).tokens for a in range(0, 8, size)]
         assert torch.equal(full, torch.cat(parts)), (family, name, opts, size)
     assert len({tuple(r) for r in full.tolist()}) > 1  # rows differ: each row has its own random stream
+
+
+STEPLESS = {"first-hitting", "autoregressive"}  # one network call per token; they take no step budget
+
+
+@pytest.mark.parametrize("family,name,opts", [c for c in cases() if c[1] not in STEPLESS])
+def test_a_step_budget_below_one_is_a_clear_error(family, name, opts):
+    model, process, tok = built(family)
+    with pytest.raises(DiffLMError, match="at least 1"):
+        get_sampler(name, process, **opts)(model, process, Conditioning.unconditional(2, L, fill=tok.mask_id),
+                                           steps=0, seed=0)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.base import Process
+from ..errors import DiffLMError
 from .conditioning import Conditioning
 
 
@@ -51,5 +52,9 @@ class Sampler:
         raise NotImplementedError
 
     @staticmethod
-    def default_rows(cond: Conditioning, rows: Tensor | None) -> Tensor:
+    def default_rows(cond: Conditioning, rows: Tensor | None, steps: int | None = None) -> Tensor:
+        """The rows' global indices (B,), 0..B-1 unless given (they key the random streams); checks a step
+        budget when one is given."""
+        if steps is not None and steps < 1:
+            raise DiffLMError("--steps must be at least 1")
         return torch.arange(cond.shape[0], device=cond.tokens.device) if rows is None else rows

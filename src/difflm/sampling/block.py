@@ -70,8 +70,6 @@ class BlockSampler(Sampler):
     ) -> SampleOutput:
         """``steps``: the total step budget, as for the other samplers: each of the ⌈L/S⌉ blocks gets
         max(1, steps // ⌈L/S⌉) denoising steps (and at most that many network calls)."""
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
         if not cond.is_prefix_only():
             raise DiffLMError(
                 "block diffusion generates left to right: it can continue a prompt but not fill gaps; "
@@ -79,7 +77,7 @@ class BlockSampler(Sampler):
             )
         if self.stop_at_eos and process.eos_id is None:
             raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         S, m = process.block_size, process.mask_id
         x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))

@@ -70,9 +70,7 @@ class ConfidenceDecoding(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         m = process.mask_id
         x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.gaussian import GaussianDiffusion, gaussian_noise
-from ..errors import DiffLMError
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
@@ -44,9 +43,7 @@ class GaussianSampler(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         clamp = process.clamp if self.clamp_opt is None else self.clamp_opt
         B, L = cond.shape
         E = process.embeddings(model).detach()

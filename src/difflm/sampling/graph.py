@@ -43,9 +43,7 @@ class GraphSampler(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         start = process.draw_prior(uniform(seed, rows, steps + 1, L, stream=2).to(cond.tokens.device))
         x = torch.where(cond.fixed, cond.tokens, start)

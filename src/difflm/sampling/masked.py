@@ -30,14 +30,12 @@ class MaskedAncestral(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
         if self.cache and process.time_conditioning:
             raise DiffLMError(
                 "the cached sampler needs a time-free network (process.time_conditioning: false); "
                 "use --sampler ancestral for this model"
             )
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         m = process.mask_id
         x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
@@ -107,7 +105,7 @@ class FirstHitting(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows)  # steps unused: one call per token
         B, L = cond.shape
         m = process.mask_id
         x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
@@ -164,9 +162,7 @@ class ReMDM(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        if steps < 1:
-            raise DiffLMError("--steps must be at least 1")
-        rows = self.default_rows(cond, rows)
+        rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         m = process.mask_id
         free = ~cond.fixed
