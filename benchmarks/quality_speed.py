@@ -26,22 +26,15 @@ from pathlib import Path
 import torch
 
 from difflm.data import build_dataset
-from difflm.evaluation.generative import BENCH_SAMPLERS, ar_nll, bench_sampling, special_ids, unigram_entropy
+from difflm.evaluation.generative import (
+    BENCH_SAMPLERS,
+    ar_nll,
+    bench_sampling,
+    markdown,
+    special_ids,
+    unigram_entropy,
+)
 from difflm.pipeline import DiffusionLM
-
-
-def table(rows: list[dict], scorer: str | None = None) -> str:
-    extra = f" gen. perplexity ({scorer}) |" if scorer else ""
-    out = [f"| model | sampler | options | steps | gen. perplexity (AR) |{extra} unigram entropy (nats) | "
-           "NFE / sequence | tokens/s | s / sample |", "|---|---|---|---|---|" + "---|" * (5 if scorer else 4)]
-    for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "-"
-        steps = "-" if r.get("steps") is None else r["steps"]
-        ppl = f"{r['gen_ppl']:.1f} |" + (f" {r['scorer_ppl']:.1f} |" if scorer else "")
-        out.append(f"| {r['model']} | {r['sampler']} | {opts} | {steps} | {ppl} "
-                   f"{r['unigram_entropy']:.3f} | {r['nfe']:.1f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['seconds_per_sample']:.3f} |")
-    return "\n".join(out)
 
 
 def invariance(lm, samplers: list[tuple[str, dict]], num: int, steps: int = 64) -> list[dict]:
@@ -153,7 +146,7 @@ def main() -> None:
     (out / f"quality-speed-{a.corpus}.json").write_text(json.dumps(result, indent=2))
     png = Path(a.png or Path(a.out) / f"quality_speed_{a.corpus}.png")
     plot(rows, refs, png, f"{a.corpus}: quality vs speed ({a.num} samples × {ar.seq_len} tokens, {date.today()})")
-    print(table(rows, scorer.name if scorer else None))
+    print(markdown(rows, scorer.name if scorer else "pretrained LM"))
     print("\n| model | sampler | compared with one batch of --num | equal tokens | equal rows |\n|---|---|---|---|---|")
     for c in checks:
         print(f"| {c['model']} | {c['sampler']} | {c['variant']} | {c['tokens_equal']:.4f} | {c['rows_equal']:.3f} |")

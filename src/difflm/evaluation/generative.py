@@ -108,20 +108,24 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
 
 
 def markdown(rows: list[dict], scorer_name: str = "pretrained LM") -> str:
-    """The rows as a Markdown table (a column for the pretrained scorer when the rows have one)."""
+    """The rows as a Markdown table (a column for the pretrained scorer when the rows have one, and a first
+    column for the model when they name one)."""
     scored = any("scorer_ppl" in r for r in rows)
+    named = any("model" in r for r in rows)
     extra = f" gen. perplexity ({scorer_name}) |" if scored else ""
-    out = [f"| sampler | options | steps | gen. perplexity (AR) |{extra} unigram entropy (nats) | NFE / sequence | "
-           "tokens/s | s / sample |", "|---|---|---|---|" + "---|" * (5 if scored else 4)]
+    out = [("| model " if named else "") + f"| sampler | options | steps | gen. perplexity (AR) |{extra} "
+           "unigram entropy (nats) | NFE / sequence | tokens/s | s / sample |",
+           "|---|---|---|---|" + "---|" * (5 if scored else 4) + ("---|" if named else "")]
     for r in rows:
+        lead = f"| {r.get('model', '-')} " if named else ""
         opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "-"
         if "error" in r:
-            out.append(f"| {r['sampler']} | {opts} | {r['steps']} | {r['error']} |" + " |" * (5 if scored else 4))
+            out.append(f"{lead}| {r['sampler']} | {opts} | {r['steps']} | {r['error']} |" + " |" * (5 if scored else 4))
             continue
         ppl = f"{r['gen_ppl']:.1f}" if "gen_ppl" in r else "-"
         if scored:
             ppl += f" | {r['scorer_ppl']:.1f}" if "scorer_ppl" in r else " | -"
         steps = "-" if r["steps"] is None else r["steps"]
-        out.append(f"| {r['sampler']} | {opts} | {steps} | {ppl} | {r['unigram_entropy']:.3f} | {r['nfe']:.1f} | "
-                   f"{r['tokens_per_s']:.1f} | {r['seconds_per_sample']:.3f} |")
+        out.append(f"{lead}| {r['sampler']} | {opts} | {steps} | {ppl} | {r['unigram_entropy']:.3f} | "
+                   f"{r['nfe']:.1f} | {r['tokens_per_s']:.1f} | {r['seconds_per_sample']:.3f} |")
     return "\n".join(out)
