@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difflm.diffusion import Batch, MaskedDiffusion, low_discrepancy_uniform
+from difflm.models import Transformer, TransformerConfig
 from difflm.schedules import SCHEDULES, build_schedule
 
 
@@ -101,3 +102,22 @@ def test_schedule_derivative_and_endpoints(name, t):
     assert float(s.alpha(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(1.0)
     assert float(s.alpha(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(0.0, abs=1e-12)
     assert float(s.alpha_prime(tt)) <= 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), t=st.floats(0.05, 1.0))
+def test_log_probs_at_selected_positions_equal_the_full_tensor_there(seed, t):
+    """The samplers ask for x̂0 only where they draw; that route must give the full route's numbers."""
+    g = torch.Generator().manual_seed(seed)
+    V, L, B = 24, 12, 3
+    proc = MaskedDiffusion(V, V - 2, V - 1)
+    torch.manual_seed(seed)
+    model = Transformer(TransformerConfig(vocab_size=V, max_len=L, n_layer=1, n_head=2, d_model=16)).eval()
+    x0 = torch.randint(0, V - 2, (B, L), generator=g)
+    xt = torch.where(torch.rand(B, L, generator=g) < t, torch.full_like(x0, V - 2), x0)
+    select = torch.rand(B, L, generator=g) < 0.5  # masked and visible positions both
+    tt = torch.full((B,), t)
+    with torch.no_grad():
+        full, part = proc.log_probs(model, xt, tt), proc.log_probs(model, xt, tt, select=select)
+    assert part.shape == (int(select.sum()), V)
+    assert torch.allclose(part, full[select], atol=1e-5) and torch.equal(part.isinf(), full[select].isinf())

@@ -77,14 +77,15 @@ class MaskedDiffusion(Process):
         logits[..., self.never] = -math.inf
         return logits
 
-    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None) -> Tensor:
-        """SUBS log p_θ(x0 | x_t): (B, L, V) float32; [MASK] and [PAD] get −inf, unmasked carry over."""
-        logits = self.subs_logits(model, xt, t)
-        logp = F.log_softmax(logits, dim=-1)
-        keep = xt != self.mask_id
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None) -> Tensor:
+        """SUBS log p_θ(x0 | x_t): (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is
+        True (the head and the softmax run only there); [MASK] and [PAD] get −inf, unmasked carry over."""
+        logp = F.log_softmax(self.subs_logits(model, xt, t, select), dim=-1)
+        cur = xt if select is None else xt[select]
+        keep = cur != self.mask_id
         if keep.any():  # carry-over unmasking: a visible token is its own prediction
             onehot = torch.full_like(logp, -math.inf)
-            onehot.scatter_(-1, xt.unsqueeze(-1), 0.0)
+            onehot.scatter_(-1, cur.unsqueeze(-1), 0.0)
             logp = torch.where(keep.unsqueeze(-1), onehot, logp)
         return logp
 

@@ -46,8 +46,11 @@ class MaskedAncestral(Sampler):
             t, s = k / steps, (k - 1) / steps
             masked = x == m
             t_vec = torch.full((B,), t, device=x.device)
+            p_unmask = float(process.unmask_probability(torch.tensor(t), torch.tensor(s)))
+            u_move = uniform(seed, rows, k, L, stream=0)
+            unmask = masked & (u_move < p_unmask)  # drawn before the call: x̂0 is needed only there
             if not self.cache:
-                logp = process.log_probs(model, x, t_vec)
+                chosen = process.log_probs(model, x, t_vec, select=unmask)  # (N, V)
                 nfe += 1
             else:
                 need = dirty & masked.any(-1)
@@ -58,11 +61,9 @@ class MaskedAncestral(Sampler):
                     idx = need.nonzero().squeeze(-1)
                     logp[idx] = process.log_probs(model, x[idx], t_vec[idx])
                     nfe[idx] += 1
-            p_unmask = float(process.unmask_probability(torch.tensor(t), torch.tensor(s)))
-            u_move = uniform(seed, rows, k, L, stream=0)
-            unmask = masked & (u_move < p_unmask)
+                chosen = logp[unmask]
             if unmask.any():
-                probs = probs_from_logits(logp[unmask], temperature, top_p)
+                probs = probs_from_logits(chosen, temperature, top_p)
                 u_tok = uniform(seed, rows, k, L, stream=1)[unmask]
                 x = x.clone()
                 x[unmask] = sample_categorical(probs, u_tok)
@@ -120,13 +121,15 @@ class FirstHitting(Sampler):
                 break
             u = uniform(seed, rows[idx], j, 2, stream=4)
             s = self.next_time(process, t[idx], n[idx], u[:, 0])
-            logp = process.log_probs(model, x[idx], s.float())  # the state just before the jump at s
-            nfe[idx] += 1
             # the position: the ⌊u·n⌋-th masked one of the row
             k = torch.floor(u[:, 1] * n[idx]).long().clamp(max=n[idx] - 1)
             order = masked[idx].long().cumsum(-1) - 1
-            pos = ((order == k[:, None]) & masked[idx]).float().argmax(-1)
-            probs = probs_from_logits(logp[torch.arange(len(idx)), pos], temperature, top_p)
+            at = (order == k[:, None]) & masked[idx]  # (len(idx), L), one True per row
+            pos = at.float().argmax(-1)
+            # x̂0 at that position only, from the state just before the jump at s
+            logp = process.log_probs(model, x[idx], s.float(), select=at)
+            nfe[idx] += 1
+            probs = probs_from_logits(logp, temperature, top_p)
             u_tok = uniform(seed, rows[idx], j, 1, stream=5)[:, 0]
             x = x.clone()
             x[idx, pos] = sample_categorical(probs, u_tok)
