@@ -178,14 +178,14 @@ class ReMDM(Sampler):
             s_max = min(1.0, (1 - a_s) / a_t) if a_t > 0 else 1.0
             sigma = min(self.eta, s_max) if self.strategy == "cap" else self.eta * s_max
             masked = x == m
-            logp = process.log_probs(model, x, torch.full((B,), t, device=x.device))
-            nfe += 1
             p_unmask = min(max((a_s - (1 - sigma) * a_t) / (1 - a_t), 0.0), 1.0)
             unmask = masked & (uniform(seed, rows, k, L, stream=0) < p_unmask)
             remask = ~masked & free & (uniform(seed, rows, k, L, stream=7) < sigma)
+            chosen = process.log_probs(model, x, torch.full((B,), t, device=x.device), select=unmask)  # (N, V)
+            nfe += 1
             x = x.clone()
             if unmask.any():
-                probs = probs_from_logits(logp[unmask], temperature, top_p)
+                probs = probs_from_logits(chosen, temperature, top_p)
                 x[unmask] = sample_categorical(probs, uniform(seed, rows, k, L, stream=1)[unmask])
             x[remask] = m
             if on_step is not None:
