@@ -90,9 +90,9 @@ class ConfidenceDecoding(Sampler):
             spent[idx] = torch.where(moved, 0, spent[idx])
             cur_block[idx] = blk
             t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
-            logp = process.log_probs(model, x[idx], t)
+            logp = process.log_probs(model, x[idx], t, select=cand)  # x̂0 at the candidates only: (N, V)
             nfe[idx] += 1
-            probs = probs_from_logits(logp[cand], temperature, top_p)
+            probs = probs_from_logits(logp, temperature, top_p)
             u = uniform(seed, rows[idx], call, L, stream=6)[cand]
             tok = sample_categorical(probs, u)
             score = torch.full(cand.shape, -math.inf, dtype=torch.float64, device=x.device)
