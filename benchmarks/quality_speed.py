@@ -7,7 +7,7 @@ are comparable as ratios.
 Needs <corpus>-mdlm, <corpus>-bd3lm-4 and <corpus>-ar in --runs (benchmarks/likelihood.py trains them:
 `--families mdlm,bd3lm-4,ar`). For each row: generative perplexity of the samples under the AR baseline
 (exact NLL on the token ids), unigram entropy of the samples, network calls per sequence, tokens per second
-and seconds per sample (batch of --num, bf16); then, per sampler at 64 steps, whether batches of 1 and
+and seconds per sample (batch of --num, bf16 where native); then, per sampler at 64 steps, whether batches of 1 and
 3 (and, for blocks, no KV cache) give the same tokens as one batch. Writes
 benchmarks/out/quality-speed-<corpus>.json, prints Markdown tables, and saves the two curves (gen. perplexity
 against network calls and against tokens/s) to <out>/quality_speed_<corpus>.png (--png to choose).

@@ -15,6 +15,7 @@ import torch
 
 from ..diffusion import Batch
 from ..errors import DiffLMError
+from ..precision import autocast
 
 #: samplers whose cost and output do not depend on ``steps`` (run once, at steps = sequence length)
 STEP_FREE = {"first-hitting", "threshold", "autoregressive"}
@@ -42,7 +43,7 @@ def ar_nll(ar, tokens: torch.Tensor, special: set[int], batch_size: int = 16) ->
     total = 0.0
     for i in range(0, len(tokens), batch_size):
         x, m = tokens[i : i + batch_size].to(ar.device), loss_mask[i : i + batch_size].to(ar.device)
-        with ar._autocast(True):
+        with autocast(ar.device, True):
             total += float(ar.process.nelbo(ar.model, Batch(x, m, torch.zeros_like(m))).sum())
     return total, int(loss_mask.sum())
 
