@@ -138,9 +138,6 @@ class DiffusionLM:
         return cls(model, process, tokenizer, run, cfg.get("length_prior"), dev)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _autocast(self, bf16: bool):
-        return autocast(self.device, bf16)
-
     def encode_text(self, text: str) -> list[int]:
         """Text (may span lines) -> ids, a line break becoming [EOS]."""
         ids: list[int] = []
@@ -181,7 +178,7 @@ class DiffusionLM:
         N = cond.shape[0]
         for a in range(0, N, batch_size):
             idx = torch.arange(a, min(N, a + batch_size))
-            with self._autocast(bf16):
+            with autocast(self.device, bf16):
                 part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
                 model = self.model
                 if guidance:
@@ -353,7 +350,7 @@ class DiffusionLM:
             xs = Batch(x.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
             xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed + j)
-            with self._autocast(bf16):
+            with autocast(self.device, bf16):
                 nats = float(self.process.nelbo(self.model, xs, generator=gen).mean())
             n = int(batch.loss_mask.sum())
             out.append({"nats": nats, "tokens": n, "nats_per_token": nats / n, "ppl": math.exp(nats / n)})
