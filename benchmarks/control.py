@@ -9,7 +9,8 @@ entropy) or on the lines of tiny-Shakespeare (character level, one line per samp
 natural text), an attribute classifier on noisy embeddings for each attribute (`difflm train-classifier`), then
 samples --num lines unguided and guided (`difflm control`): success = share of lines with the attribute,
 fluency = generative perplexity under the AR baseline (the source's own perplexity is printed for reference).
-Writes benchmarks/out/control[-shakespeare].json and prints a Markdown table.
+--scale and --lr take comma-separated lists: one guided row per attribute and setting, against the same
+unguided samples. Writes <out>/control.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import markov  # noqa: E402
 
 from difflm.config import RunConfig  # noqa: E402
-from difflm.control import NoisyClassifier, control_table, train_classifier  # noqa: E402
+from difflm.control import NoisyClassifier, attribute_labels, control_table, train_classifier  # noqa: E402
 from difflm.data import build_dataset  # noqa: E402
 from difflm.evaluation.generative import ar_nll, special_ids  # noqa: E402
 from difflm.pipeline import DiffusionLM  # noqa: E402
@@ -74,7 +75,8 @@ def main() -> None:
     ap.add_argument("--pooling", choices=["attention", "mean"], default="attention", help="the classifiers' pooling")
     ap.add_argument("--num", type=int, default=400)
     ap.add_argument("--sample-steps", type=int, default=32)
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--scale", default="1", help="classifier weight; comma-separated for a sweep, e.g. 1,3,10")
+    ap.add_argument("--lr", default="0.1", help="guidance Adagrad step size; comma-separated for a sweep")
     ap.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm-solver"])
     ap.add_argument("--loss", default="elbo", choices=["elbo", "simple"],
                     help="the Gaussian model's training loss: its VDM bound, or Diffusion-LM's L_simple")
@@ -104,12 +106,16 @@ def main() -> None:
         path = d / "classifiers" / (spec.replace(":", "-") + ("" if a.pooling == "attention" else "-mean"))
         if (path / "classifier.json").exists():
             clf = NoisyClassifier.load(path)
+            stats[spec] = json.loads((path / "stats.json").read_text()) if (path / "stats.json").exists() else {}
         else:
             clf, stats[spec] = train_classifier(lm, spec, steps=a.classifier_steps, pooling=a.pooling, log=None)
             clf.save(path)
+            (path / "stats.json").write_text(json.dumps(stats[spec], indent=2))
+        stats[spec]["base_rate"] = float(attribute_labels(lm, spec, "train").float().mean())
         clfs.append((spec, clf))
-    rows = control_table(lm, clfs, ar, num=a.num, steps=a.sample_steps, sampler=a.sampler,
-                         guide_options={"scale": a.scale})
+    sweep = [{"scale": float(s), "lr": float(r)} for s in a.scale.split(",") for r in a.lr.split(",")]
+    rows = control_table(lm, clfs, ar, num=a.num, steps=a.sample_steps, sampler=a.sampler, guide_options=sweep,
+                         log=lambda m: print(m, flush=True))
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "classifier_stats": stats}
@@ -122,13 +128,16 @@ def main() -> None:
         nll, n = ar_nll(ar, ref, special_ids(ar.tokenizer))
         meta["valid_gen_ppl"] = math.exp(nll / n)
         print(f"held-out lines: perplexity per character under the AR baseline {meta['valid_gen_ppl']:.2f}")
-    name = "control.json" if markov_source else f"control-{a.corpus}.json"
-    (d.parent / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print("| attribute | base rate (data) | success unguided | success guided | gen. ppl unguided | gen. ppl guided |")
-    print("|---|---|---|---|---|---|")
+    (d / "control.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("| attribute | base rate (data) | classifier balanced acc. t=0.1 / 0.5 / 0.9 | scale | step size | "
+          "success unguided | success guided | gen. ppl unguided | gen. ppl guided |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = stats.get(r["attribute"], {}).get("base_rate", float("nan"))
-        print(f"| {r['attribute']} | {base:.1%} | {r['unguided_success']:.1%} | {r['guided_success']:.1%} | "
+        st = stats[r["attribute"]]
+        acc = " / ".join(f"{st[f'balanced_accuracy_t{t}']:.2f}" if f"balanced_accuracy_t{t}" in st else "-"
+                         for t in (0.1, 0.5, 0.9))
+        print(f"| {r['attribute']} | {st['base_rate']:.1%} | {acc} | {r['guide']['scale']:g} | {r['guide']['lr']:g} | "
+              f"{r['unguided_success']:.1%} | {r['guided_success']:.1%} | "
               f"{r['unguided_gen_ppl']:.2f} | {r['guided_gen_ppl']:.2f} |")
     for r in rows:
         print(f"{r['attribute']} guided examples: {r['examples']}")

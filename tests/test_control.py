@@ -10,10 +10,10 @@ from conftest import MARKOV_L, markov_run
 
 from difflm.cli import main
 from difflm.config import RunConfig
-from difflm.control import Attribute, ClassifierConfig, ClassifierGuidance, NoisyClassifier
+from difflm.control import Attribute, ClassifierConfig, ClassifierGuidance, NoisyClassifier, control_table
 from difflm.data import build_tokenizer
 from difflm.errors import DiffLMError
-from difflm.pipeline import build_components
+from difflm.pipeline import DiffusionLM, build_components
 from difflm.sampling import Conditioning, get_sampler
 from difflm.training.trainer import Trainer
 
@@ -50,6 +50,8 @@ def test_guided_sampling_is_batch_invariant_and_keeps_given_tokens():
     assert (full[:, 0] == tok.encode("c")[0]).all()
     plain = get_sampler("ddpm", process)(model, process, cond, steps=6, seed=3).tokens
     assert not torch.equal(full, plain)  # the guide moved something
+    idle = get_sampler("ddpm", process, guide=ClassifierGuidance(clf, scale=0.0))  # no classifier term: no move
+    assert torch.equal(idle(model, process, cond, steps=6, seed=3).tokens, plain)
 
 
 def test_classifier_guidance_reaches_the_attribute(markov_corpus, tmp_path, capsys):
@@ -67,6 +69,11 @@ def test_classifier_guidance_reaches_the_attribute(markov_corpus, tmp_path, caps
     assert main(["control", g, "--classifier", stats["out"], "--num", "200", "--steps", "32", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["guided_success"] > row["unguided_success"] + 0.2, row
+    # a sweep: one row per setting, all against the same unguided samples; weight 0 leaves them unchanged
+    lm, clf = DiffusionLM.from_pretrained(g), NoisyClassifier.load(stats["out"])
+    rows = control_table(lm, [("endswith:c", clf)], num=64, steps=8, guide_options=[{"scale": 0.0}, {"scale": 3.0}])
+    assert [r["guide"] for r in rows] == [{"scale": 0.0}, {"scale": 3.0}]
+    assert rows[0]["guided_success"] == rows[0]["unguided_success"] == rows[1]["unguided_success"]
     assert main(["sample", g, "--classifier", stats["out"], "--num", "50", "--steps", "32", "--json"]) == 0
     texts = json.loads(capsys.readouterr().out)["samples"]
     assert sum(len(t) == MARKOV_L and set(t) <= set(markov.ALPHABET) for t in texts) >= 0.9 * len(texts)

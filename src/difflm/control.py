@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,6 +140,14 @@ class NoisyClassifier(nn.Module):
         return clf.eval()
 
 
+def attribute_labels(lm, attribute: str, split: str = "train") -> Tensor:
+    """(N,) bool: which rows of the run's ``split`` have the attribute; its mean is the data's base rate."""
+    from .data import build_dataset
+
+    data = build_dataset(lm.run.data, lm.tokenizer, split)
+    return Attribute.parse(attribute, lm.tokenizer)(torch.from_numpy(data.tokens[:].astype("int64")))
+
+
 def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 64, lr: float = 1e-3,
                      seed: int = 0, layers: int = 2, d_model: int = 128, pooling: str = "attention",
                      log=print) -> tuple[NoisyClassifier, dict]:
@@ -152,7 +161,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
                           f"this is a {lm.process.family} model")
     attr = Attribute.parse(attribute, lm.tokenizer)
     train = build_dataset(lm.run.data, lm.tokenizer, "train")
-    labels = attr(torch.from_numpy(train.tokens[:].astype("int64")))
+    labels = attribute_labels(lm, attribute, "train")
     rate = float(labels.float().mean())
     if rate == 0.0 or rate == 1.0:
         raise DiffLMError(f"attribute {attribute!r} is {'never' if rate == 0 else 'always'} true in the training "
@@ -224,14 +233,19 @@ class ClassifierGuidance:
 
 
 def control_table(lm, attributes: list[tuple[str, NoisyClassifier]], ar=None, *, num: int = 64, steps: int = 100,
-                  seed: int = 0, sampler: str = "ddpm", guide_options: dict | None = None) -> list[dict]:
-    """For each (attribute spec, classifier): the share of ``num`` samples that have the attribute without and
-    with classifier guidance, and the samples' generative perplexity under the AR model ``ar`` (fluency)."""
+                  seed: int = 0, sampler: str = "ddpm", guide_options: dict | list[dict] | None = None,
+                  log=None) -> list[dict]:
+    """For each (attribute spec, classifier) and each guidance setting: the share of ``num`` samples that have
+    the attribute without and with classifier guidance, and the samples' generative perplexity under the AR
+    model ``ar`` (fluency). ``guide_options`` is one dict of ClassifierGuidance options or a list of them (a
+    sweep: one row per attribute and setting, all against the same unguided samples). ``log`` (a callable
+    taking a str) gets one line per sampling pass."""
     from .evaluation.generative import ar_nll, check_evaluator, special_ids
 
     if ar is not None:
         check_evaluator(lm, ar)
     special = special_ids(lm.tokenizer)
+    settings = guide_options if isinstance(guide_options, list) else [guide_options or {}]
 
     def fluency(tokens: Tensor) -> float:
         if ar is None:
@@ -239,15 +253,27 @@ def control_table(lm, attributes: list[tuple[str, NoisyClassifier]], ar=None, *,
         nll, n = ar_nll(ar, tokens, special)
         return math.exp(nll / max(n, 1))
 
-    plain = lm.generate(num, steps=steps, sampler=sampler, seed=seed, batch_size=num)
+    def sample(guide=None):
+        t0 = time.perf_counter()
+        out = lm.generate(num, steps=steps, sampler=sampler, seed=seed, batch_size=num,
+                          sampler_options={} if guide is None else {"guide": guide})
+        return out, time.perf_counter() - t0
+
+    plain, secs = sample()
+    plain_ppl = fluency(plain.tokens)
+    if log:
+        log(f"unguided: {num} samples x {steps} steps in {secs:.0f} s")
     rows = []
     for spec, clf in attributes:
         attr = Attribute.parse(spec, lm.tokenizer)
-        guide = ClassifierGuidance(clf, **(guide_options or {}))
-        guided = lm.generate(num, steps=steps, sampler=sampler, seed=seed, batch_size=num,
-                             sampler_options={"guide": guide})
-        rows.append({"attribute": spec, "unguided_success": float(attr(plain.tokens).float().mean()),
-                     "guided_success": float(attr(guided.tokens).float().mean()),
-                     "unguided_gen_ppl": fluency(plain.tokens), "guided_gen_ppl": fluency(guided.tokens),
-                     "num": num, "steps": steps, "examples": guided.texts[:3]})
+        for opts in settings:
+            guided, secs = sample(ClassifierGuidance(clf, **opts))
+            rows.append({"attribute": spec, "guide": dict(opts),
+                         "unguided_success": float(attr(plain.tokens).float().mean()),
+                         "guided_success": float(attr(guided.tokens).float().mean()),
+                         "unguided_gen_ppl": plain_ppl, "guided_gen_ppl": fluency(guided.tokens),
+                         "num": num, "steps": steps, "examples": guided.texts[:3]})
+            if log:
+                log(f"{spec} {opts}: success {rows[-1]['unguided_success']:.1%} -> {rows[-1]['guided_success']:.1%}, "
+                    f"gen. ppl {plain_ppl:.1f} -> {rows[-1]['guided_gen_ppl']:.1f} ({secs:.0f} s)")
     return rows
