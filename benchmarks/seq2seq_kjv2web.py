@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from likelihood import finished  # benchmarks/likelihood.py: a finished run's step, tokens and seconds
 
 from difflm.config import load_config
 from difflm.data.corpora import load_pairs
@@ -44,6 +45,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4, help="samples per source (MBR, self-BLEU)")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every model")
+    ap.add_argument("--reuse", action="store_true",
+                    help="generate with runs already trained to --steps in OUT/runs instead of training them again "
+                         "(train s then comes from each run's own log)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,9 +58,13 @@ def main() -> None:
         run = load_config(preset, [f"data.path={DATA}", f"train.max_steps={a.steps}", f"train.eval_every={a.steps}",
                                    f"name=kjv2web-{name}", *extra, *a.set])
         run_dir = out / "runs" / f"kjv2web-{name}"
-        t0 = time.time()
-        Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
-        train_s = time.time() - t0
+        done = finished(run_dir, a.steps) if a.reuse else None
+        if done is not None:
+            train_s = done[2]
+        else:
+            t0 = time.time()
+            Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
+            train_s = time.time() - t0
         lm = DiffusionLM.from_pretrained(run_dir)
         pairs = pairs or load_pairs(lm.run.data, "test")[: a.limit]
         t0 = time.time()  # one generation; the first candidate and the MBR choice are both scored from it
