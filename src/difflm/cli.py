@@ -41,7 +41,9 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
 def _add_guide_options(p: argparse.ArgumentParser) -> None:
     """The classifier-guidance knobs (Diffusion-LM §5.2), shared by sample/infill/eval/generate and control."""
     p.add_argument("--target", default="yes", choices=["yes", "no"], help="--classifier: want the attribute or not")
-    p.add_argument("--classifier-scale", type=float, default=1.0, help="--classifier: weight of log p(attribute)")
+    p.add_argument("--classifier-scale", type=float, default=1.0,
+                   help="--classifier: weight of log p(attribute) against the fluency term; higher (e.g. 10) "
+                        "reaches the attribute more often at some fluency cost")
     p.add_argument("--classifier-steps", type=int, default=3, help="--classifier: Adagrad steps per reverse step")
     p.add_argument("--classifier-lr", type=float, default=0.1, help="--classifier: Adagrad step size")
     p.add_argument("--fluency", type=float, default=0.01, help="--classifier: weight of the proximity term")
