@@ -33,7 +33,7 @@ def bf16_is_native(device_type: str) -> bool:
 
 @functools.cache
 def _warn_fallback(device_type: str) -> None:
-    print(f"difflm: this {device_type} has no native bf16 matrix units (emulated bf16 is ~100x slower); "
+    print(f"difflm: note: this {device_type} has no native bf16 matrix units (emulated bf16 is ~100x slower); "
           "running in float32 instead", file=sys.stderr)
 
 
