@@ -161,7 +161,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
                           f"this is a {lm.process.family} model")
     attr = Attribute.parse(attribute, lm.tokenizer)
     train = build_dataset(lm.run.data, lm.tokenizer, "train")
-    labels = attribute_labels(lm, attribute, "train")
+    labels = attr(torch.from_numpy(train.tokens[:].astype("int64")))
     rate = float(labels.float().mean())
     if rate == 0.0 or rate == 1.0:
         raise DiffLMError(f"attribute {attribute!r} is {'never' if rate == 0 else 'always'} true in the training "
@@ -266,14 +266,14 @@ def control_table(lm, attributes: list[tuple[str, NoisyClassifier]], ar=None, *,
     rows = []
     for spec, clf in attributes:
         attr = Attribute.parse(spec, lm.tokenizer)
+        plain_success = float(attr(plain.tokens).float().mean())
         for opts in settings:
             guided, secs = sample(ClassifierGuidance(clf, **opts))
-            rows.append({"attribute": spec, "guide": dict(opts),
-                         "unguided_success": float(attr(plain.tokens).float().mean()),
+            rows.append({"attribute": spec, "guide": dict(opts), "unguided_success": plain_success,
                          "guided_success": float(attr(guided.tokens).float().mean()),
                          "unguided_gen_ppl": plain_ppl, "guided_gen_ppl": fluency(guided.tokens),
                          "num": num, "steps": steps, "examples": guided.texts[:3]})
             if log:
-                log(f"{spec} {opts}: success {rows[-1]['unguided_success']:.1%} -> {rows[-1]['guided_success']:.1%}, "
+                log(f"{spec} {opts}: success {plain_success:.1%} -> {rows[-1]['guided_success']:.1%}, "
                     f"gen. ppl {plain_ppl:.1f} -> {rows[-1]['guided_gen_ppl']:.1f} ({secs:.0f} s)")
     return rows
