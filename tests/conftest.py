@@ -25,6 +25,13 @@ TOY_V, TOY_L = 3, 3
 TOY_MASK, TOY_PAD = TOY_V, TOY_V + 1
 
 
+def one_line_error(err: str) -> bool:
+    """A user's mistake: exactly one ``difflm: error:`` line on stderr and no traceback. A ``difflm: note:`` (the
+    once-per-process float32 fallback notice) is information, not part of the error."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("difflm: note:")]
+    return len(lines) == 1 and lines[0].startswith("difflm: error:") and "Traceback" not in err
+
+
 def toy_distribution(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """All V^L sequences (N, L) and a random joint distribution over them (N,), float64."""
     seqs = torch.tensor(list(itertools.product(range(TOY_V), repeat=TOY_L)))

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import markov_run
+from conftest import markov_run, one_line_error
 
 from difflm.cli import main
 from difflm.config import load_config
@@ -15,12 +15,6 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     code = main(list(args))
     err = capsys.readouterr().err
     return code, err
-
-
-def one_line_error(err: str) -> bool:
-    # a "difflm: note:" (the once-per-process float32 fallback notice) is information, not part of the error
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("difflm: note:")]
-    return len(lines) == 1 and lines[0].startswith("difflm: error:") and "Traceback" not in err
 
 
 def test_missing_model_folder(capsys, tmp_path):
