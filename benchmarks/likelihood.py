@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from difflm.config import load_config
-from difflm.data import build_dataset
-from difflm.evaluation import evaluate
+from difflm.config import load_config, process_options
 from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
@@ -82,7 +80,7 @@ def main() -> None:
         if a.corpus == "shakespeare":
             overrides.append(f"data.path={SHAKESPEARE}")
         run = load_config(BASE[a.corpus], overrides)
-        run.process = dict(FAMILIES[name])
+        run.process = process_options(FAMILIES[name])
         run_dir = out / "runs" / f"{a.corpus}-{name}"
         done = finished(run_dir, a.steps) if a.reuse else None
         if done is not None:
@@ -92,8 +90,7 @@ def main() -> None:
             res = Trainer(run, run_dir, overwrite=True, progress=sys.stderr.isatty()).fit()
             step, tokens, train_s = res.step, res.tokens, time.time() - t0
         lm = DiffusionLM.from_pretrained(run_dir)
-        data = build_dataset(run.data, lm.tokenizer, "valid")
-        r = evaluate(lm.model, lm.process, data, n_samples=a.samples, char_level=lm.tokenizer.kind == "char")
+        r = lm.evaluate("valid", samples=a.samples)
         rows.append({"family_name": name, "family": lm.process.family, "tokens": tokens, "steps": step,
                      "train_seconds": round(train_s, 1), "params_non_embedding": lm.model.num_params(),
                      **r.to_dict()})

@@ -21,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import markov  # noqa: E402
 from conftest import MARKOV_L, markov_run  # noqa: E402
 
-from difflm.data import build_dataset  # noqa: E402
-from difflm.evaluation import evaluate  # noqa: E402
 from difflm.pipeline import DiffusionLM  # noqa: E402
 from difflm.training.trainer import Trainer  # noqa: E402
 
@@ -63,7 +61,7 @@ def main() -> None:
         Trainer(markov_run(d, proc, batch_size=128, lr=2e-3, max_steps=a.steps), run_dir, progress=False).fit()
         train_s = time.time() - t0
         lm = DiffusionLM.from_pretrained(run_dir)
-        r = evaluate(lm.model, lm.process, build_dataset(lm.run.data, lm.tokenizer, "valid"), n_samples=4, bf16=False)
+        r = lm.evaluate("valid", samples=4, bf16=False)
         tvs = [markov.bigram_tv(lm.generate(300, steps=s, sampler=sampler, seed=0).texts, P) for s in steps]
         print(f"| {name} | {r.nelbo:.4f} | ± {r.ci95:.4f} | {r.nelbo - H:+.4f} | "
               + " | ".join(f"{tv:.3f}" for tv in tvs) + f" | {train_s:.0f} |", flush=True)

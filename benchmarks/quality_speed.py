@@ -27,8 +27,8 @@ import torch
 
 from difflm.data import build_dataset
 from difflm.evaluation.generative import (
-    BENCH_SAMPLERS,
     ar_nll,
+    bench_samplers,
     bench_sampling,
     markdown,
     special_ids,
@@ -127,8 +127,8 @@ def main() -> None:
     steps = tuple(int(s) for s in a.steps.split(","))
     rows: list[dict] = []
     checks: list[dict] = []
-    for model_name, samplers in (("ar", BENCH_SAMPLERS["autoregressive"]), (a.block, BENCH_SAMPLERS["block"]),
-                                    ("mdlm", BENCH_SAMPLERS["masked"])):
+    for model_name, samplers in (("ar", bench_samplers("autoregressive")), (a.block, bench_samplers("block")),
+                                    ("mdlm", bench_samplers("masked"))):
         lm = ar if model_name == "ar" else DiffusionLM.from_pretrained(need[model_name])
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps, num=a.num,
                                 on_row=lambda r: print(r, flush=True), scorer=scorer):

@@ -25,12 +25,9 @@ from pathlib import Path
 import torch
 
 from difflm.data import build_dataset
-from difflm.evaluation.generative import ar_nll, bench_sampling, special_ids, unigram_entropy
+from difflm.evaluation.generative import ar_nll, bench_samplers, bench_sampling, special_ids, unigram_entropy
 from difflm.pipeline import DiffusionLM
-from difflm.sampling import SAMPLER_NAMES
-
-SAMPLERS = {"masked": ["ancestral", "cached", "first-hitting"], "sedd": ["analytic", "euler"],
-            "uniform": ["ancestral"], "d3pm": ["ancestral"], "gaussian": ["ddpm", "dpm-solver"]}
+from difflm.sampling import sampler_names
 
 
 def main() -> None:
@@ -39,6 +36,8 @@ def main() -> None:
     ap.add_argument("--families", default="mdlm,sedd-absorb,sedd-uniform,uniform,d3pm-absorb,d3pm-uniform")
     ap.add_argument("--steps", default="16,64,256,1024")
     ap.add_argument("--num", type=int, default=16, help="samples per (sampler, steps)")
+    ap.add_argument("--samplers", default=None,
+                    help="comma-separated sampler names to run (default: each family's bench-sampling set)")
     ap.add_argument("--out", default="benchmarks/out")
     a = ap.parse_args()
     runs = Path(a.out) / "runs"
@@ -60,7 +59,8 @@ def main() -> None:
             print(f"skipping {fam}: no run at {run_dir}", file=sys.stderr)
             continue
         lm = DiffusionLM.from_pretrained(run_dir)
-        samplers = [(name, {}) for name in SAMPLERS[lm.process.family]]
+        samplers = [(n, o) for n, o in bench_samplers(lm.process.family)
+                    if a.samplers is None or n in a.samplers.split(",")]
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps_list, num=a.num, seed=0):
             if "error" in r:
                 print(f"{fam}/{r['sampler']}/{r['steps']}: {r['error']}", file=sys.stderr)
@@ -69,7 +69,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     meta = {"command": " ".join(["python", *sys.argv]), "date": str(date.today()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "samplers": SAMPLER_NAMES}
+            "samplers": sampler_names()}
     (Path(a.out) / f"sample-quality-{a.corpus}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("| family | sampler | steps | gen. perplexity (AR) | unigram entropy (nats) | NFE | s / sample |")
     print("|---|---|---|---|---|---|---|")

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from difflm.components import build_components
 from difflm.config import load_config
 from difflm.data import build_dataset, build_tokenizer, load_lines
-from difflm.pipeline import DiffusionLM, build_components
+from difflm.pipeline import DiffusionLM
 
 
 def best_time(fn, repeat: int) -> float:

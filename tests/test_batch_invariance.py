@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import TINY_PROCESSES
 
+from difflm.components import build_components
 from difflm.config import RunConfig
 from difflm.data import build_tokenizer
 from difflm.errors import DiffLMError
-from difflm.pipeline import build_components
-from difflm.sampling import SAMPLER_NAMES, Conditioning, get_sampler, sampler_fits
+from difflm.sampling import Conditioning, get_sampler, sampler_fits, sampler_names
 
 L = 10
 OPTIONS = {"confidence": [{}, {"block": 4, "score": "margin"}], "threshold": [{"threshold": 0.5, "block": 5}],
@@ -21,7 +21,7 @@ OPTIONS = {"confidence": [{}, {"block": 4, "score": "margin"}], "threshold": [{"
 def cases():
     for fam in TINY_PROCESSES:
         process = built(fam)[1]
-        for name in SAMPLER_NAMES:
+        for name in sampler_names():
             if sampler_fits(name, process):
                 for opts in OPTIONS.get(name, [{}]):
                     yield fam, name, opts

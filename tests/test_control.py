@@ -9,11 +9,12 @@ import torch
 from conftest import MARKOV_L, markov_run, one_line_error
 
 from difflm.cli import main
+from difflm.components import build_components
 from difflm.config import RunConfig
 from difflm.control import Attribute, ClassifierConfig, ClassifierGuidance, NoisyClassifier, control_table
 from difflm.data import build_tokenizer
 from difflm.errors import DiffLMError
-from difflm.pipeline import DiffusionLM, build_components
+from difflm.pipeline import DiffusionLM
 from difflm.sampling import Conditioning, get_sampler
 from difflm.training.trainer import Trainer
 

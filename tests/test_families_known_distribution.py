@@ -92,4 +92,4 @@ def test_gaussian_sampler_options_through_the_cli(trained, tmp_path, capsys):
     assert len(out["samples"]) == 3 and out["nfe"] == [8, 8, 8]
     assert main(["sample", str(tmp_path / "g"), "--sampler", "dpm-solver", "--eta", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "takes no option eta" in err and one_line_error(err)
+    assert "sampler 'dpm-solver' has no option eta; its options: clamp" in err and one_line_error(err)

@@ -84,7 +84,7 @@ def test_corrupt_masks_the_right_fraction_and_never_fixed_positions():
     fixed = torch.zeros_like(x0, dtype=torch.bool)
     fixed[:, :3] = True
     t = torch.full((4000,), 0.6)
-    xt = proc.corrupt(x0, t, fixed, torch.Generator().manual_seed(0))
+    xt = proc.corrupt(Batch(x0, ~fixed, fixed), t, torch.Generator().manual_seed(0))
     frac = (xt[:, 3:] == TOY_MASK).double().mean()
     assert abs(frac - (1 - proc.schedule.alpha(torch.tensor(0.6, dtype=torch.float64)))) < 0.01
     assert (xt[:, :3] == 0).all()

@@ -111,16 +111,19 @@ def test_bench_sampling_reports_quality_and_speed_for_every_sampler(markov_model
 def test_every_preset_loads_and_builds_its_model():
     from pathlib import Path
 
+    from difflm.components import build_components
     from difflm.config import load_config
-    from difflm.pipeline import transformer_config
+    from difflm.data.tokenizers import train_char
 
     presets = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert {"ptb-bd3lm-small", "shakespeare-char-bd3lm", "ptb-mdlm-small"} <= set(presets)
     special = {"pad": 0, "mask": 1, "bos": 2, "eos": 3}
+    tok = train_char(["the quick brown fox jumps over the lazy dog"])
     for name in presets:
         run = load_config(name, [])
         process = build_process(run.process, vocab_size=50, special=special)
-        cfg = transformer_config(run, 50, process)
+        model, _ = build_components(run, tok)
+        cfg = model.cfg
         assert cfg.causal == (process.family == "autoregressive"), name
         if process.family == "block":
             assert run.data.seq_len % process.block_size == 0, name

@@ -109,7 +109,7 @@ def test_sampler_family_mismatch_is_a_clear_error():
     from difflm.diffusion import Autoregressive
 
     with pytest.raises(DiffLMError, match="does not fit"):
-        get_sampler("cached", Autoregressive(0, 1))
+        get_sampler("cached", Autoregressive(4, 3, 1, 0))
     with pytest.raises(DiffLMError, match="unknown sampler"):
         get_sampler("nope", proc())
 

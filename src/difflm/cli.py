@@ -4,30 +4,68 @@ quickstart."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 
 from .errors import DiffLMError
 
 
+def _sampler_help() -> str:
+    """--sampler's help: each family's samplers, its default first (from the registries)."""
+    from . import registry
+
+    parts = []
+    for fam, cls in registry.families().items():
+        names = [c.name for c in registry.samplers(fam)]
+        names.sort(key=lambda n: n != cls.default_sampler)
+        parts.append(f"{fam}: {'|'.join(names)}")
+    return "; ".join(parts) + " (default: the family's first; `--sampler NAME --help` lists NAME's options)"
+
+
+def _sampler_flags() -> dict[str, list]:
+    """Every sampler option settable on the command line, by flag: [(sampler class, field), ...]."""
+    from . import registry
+
+    flags: dict[str, list] = {}
+    for c in registry.samplers():
+        for f in registry.option_fields(c.Options, cli_only=True):
+            flags.setdefault(registry.option_flag(f), []).append((c, f))
+    return flags
+
+
+def _flag_kind(options_cls: type, f) -> dict:
+    """argparse keywords for a sampler option: a switch for a bool (setting the opposite of its default),
+    else a typed value (with choices for a Literal)."""
+    hint = typing.get_type_hints(options_cls)[f.name]
+    args = [x for x in (typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union)
+                        else (hint,)) if x is not type(None)]
+    if bool in args:
+        return {"action": "store_const", "const": (not f.default) if isinstance(f.default, bool) else True}
+    if typing.get_origin(args[0]) is typing.Literal:
+        return {"choices": list(typing.get_args(args[0]))}
+    return {"type": args[0] if args[0] in (int, float) else str}
+
+
 def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
-    p.add_argument("--sampler", default=None,
-                   help="masked: ancestral|cached|first-hitting|remdm|confidence|threshold; uniform, d3pm: ancestral; "
-                        "sedd: analytic|euler; block (BD3-LM): block; "
-                        "gaussian: ddpm|ddim|dpm-solver; AR: autoregressive (default: the family's own)")
-    p.add_argument("--eta", type=float, default=None,
-                   help="gaussian ddim: η (0 deterministic, 1 = DDPM); remdm: remasking η")
-    p.add_argument("--strategy", default=None, help="remdm: cap (σ=min(η,σ_max)) | rescale (σ=η·σ_max)")
-    p.add_argument("--clamp", action="store_true", help="gaussian: snap each x̂0 to the nearest embedding")
-    p.add_argument("--score", default=None, help="confidence/threshold: confidence|margin|entropy")
-    p.add_argument("--block", type=int, default=None, help="confidence/threshold: semi-autoregressive block length")
-    p.add_argument("--threshold", type=float, default=None, help="threshold: unmask where the score exceeds τ")
-    p.add_argument("--stop-at-eos", action="store_true", dest="stop_at_eos",
-                   help="block: end each sequence at the first [EOS] it generates (variable length)")
-    p.add_argument("--no-kv-cache", action="store_true", dest="no_kv_cache",
-                   help="block: recompute the clean prefix at every call instead of caching its keys/values")
+    p.add_argument("--sampler", default=None, help=_sampler_help())
+    # the samplers' own options, as declared (registry.option): one flag each, checked against the sampler used
+    for flag, users in _sampler_flags().items():
+        c0, f0 = users[0]
+        kind = _flag_kind(c0.Options, f0)
+        by_text: dict[str, list[str]] = {}  # samplers that share a help text are named together
+        for c, f in users:
+            by_text.setdefault(f.metadata.get("help", ""), []).append(f"{c.name} ({', '.join(c.families)})")
+        helps = "; ".join(f"{', '.join(who)}: {text}" for text, who in by_text.items())
+        if kind.get("const") is False:  # a switch that turns a default-on option off
+            helps = f"sets {f0.name}=false; " + helps
+        if "action" not in kind:
+            kind["metavar"] = f0.name.upper()
+        p.add_argument(flag, dest=f"opt_{f0.name}", default=None, help=helps.replace("%", "%%"), **kind)
     p.add_argument("--classifier", default=None,
                    help="gaussian: steer toward the attribute of this classifier (difflm train-classifier)")
     _add_guide_options(p)
@@ -55,22 +93,35 @@ def _guide_options(a) -> dict:
 
 
 def _sampler_options(a) -> dict:
-    """The sampler's own options given on the command line (only those set)."""
-    opts = {}
-    if a.eta is not None:
-        opts["eta"] = a.eta
-    if a.clamp:
-        opts["clamp"] = True
-    for key in ("score", "block", "threshold", "strategy"):
-        if getattr(a, key) is not None:
-            opts[key] = getattr(a, key)
-    if a.stop_at_eos:
-        opts["stop_at_eos"] = True
-    if a.no_kv_cache:
-        opts["cache"] = False
+    """The sampler's own options given on the command line (only those set); ``get_sampler`` checks that the
+    sampler in use has them."""
+    opts = {k[4:]: v for k, v in vars(a).items() if k.startswith("opt_") and v is not None}
     if a.classifier:
         opts["guide"] = _guide(a)
     return opts
+
+
+def sampler_options_help(name: str) -> str:
+    """What ``difflm sample RUN --sampler NAME --help`` prints: the sampler's families, description and options."""
+    from . import registry
+
+    classes = [c for c in registry.samplers() if c.name == name]
+    if not classes:
+        raise DiffLMError(f"unknown sampler {name!r}; choose one of {', '.join(registry.sampler_names())}")
+    out = []
+    for c in classes:
+        doc = (c.__doc__ or "").strip().split("\n\n")[0]
+        head = f"sampler {c.name} (families: {', '.join(c.families)})"
+        out.append(head + (f": {' '.join(doc.split())}" if doc else ""))
+        fields = registry.option_fields(c.Options, cli_only=True)
+        if not fields:
+            out.append("  no options of its own")
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append(f"  {registry.option_flag(f)}  ({f.type}, default {default!r}) {f.metadata.get('help', '')}")
+        if c.step_free:
+            out.append("  --steps does not apply: its cost and output do not depend on it")
+    return "\n".join(out)
 
 
 def _guide(a):
@@ -102,7 +153,7 @@ def cmd_control(a) -> int:
     ar = DiffusionLM.from_pretrained(a.ar) if a.ar else None
     clfs = [NoisyClassifier.load(c) for c in a.classifiers]
     rows = control_table(lm, [(c.cfg.attribute, c) for c in clfs], ar, num=a.num, steps=a.steps, seed=a.seed,
-                         sampler=a.sampler or "ddpm", guide_options=_guide_options(a))
+                         sampler=a.sampler, guide_options=_guide_options(a))
     if a.json:
         print(json.dumps({"run": a.run_dir, "rows": rows}))
         return 0
@@ -161,8 +212,6 @@ def cmd_infill(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .data import build_dataset
-    from .evaluation import evaluate
     from .pipeline import DiffusionLM
 
     metrics = None
@@ -171,16 +220,14 @@ def cmd_eval(a) -> int:
 
         metrics = parse_metrics(a.metrics)
     lm = DiffusionLM.from_pretrained(a.run_dir)
-    data = build_dataset(lm.run.data, lm.tokenizer, a.split)
-    r = evaluate(lm.model, lm.process, data, n_samples=a.samples, batch_size=a.batch_size, seed=a.seed,
-                 max_batches=a.max_batches, bf16=not a.fp32, char_level=lm.tokenizer.kind == "char",
-                 device=lm.device, progress=not a.json, all_steps=a.all_steps)
+    r = lm.evaluate(a.split, samples=a.samples, batch_size=a.batch_size, seed=a.seed, max_batches=a.max_batches,
+                    bf16=not a.fp32, progress=not a.json, all_steps=a.all_steps)
     res = {"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}
     if metrics:
         from .data.corpora import load_pairs
         from .evaluation.seq2seq import evaluate_seq2seq
 
-        lm._require_pairs()
+        lm.require_seq2seq()
         pairs = load_pairs(lm.run.data, a.split)[: a.limit]
         res["generation"] = evaluate_seq2seq(
             lm, pairs, metrics, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps, sampler=a.sampler,
@@ -228,7 +275,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_bench_sampling(a) -> int:
-    from .evaluation.generative import BENCH_SAMPLERS, bench_sampling, markdown
+    from .evaluation.generative import bench_samplers, bench_sampling, markdown
     from .pipeline import DiffusionLM
 
     try:
@@ -242,7 +289,7 @@ def cmd_bench_sampling(a) -> int:
         from .evaluation.external import load_scorer
 
         scorer = load_scorer(a.scorer)
-    samplers = BENCH_SAMPLERS.get(lm.process.family, [])
+    samplers = bench_samplers(lm.process.family)
     if a.samplers:
         names = a.samplers.split(",")
         samplers = [(n, dict(o)) for n, o in samplers if n in names] + [
@@ -296,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_infill)
 
-    e = sub.add_parser("eval", help="NELBO / perplexity bound (exact NLL for AR) with a 95% interval")
+    e = sub.add_parser("eval", help="NELBO / perplexity bound (exact NLL for AR) with a 95%% interval")
     e.add_argument("run_dir")
     e.add_argument("--split", default="valid", choices=["valid", "test"])
     e.add_argument("--samples", type=int, default=4, help="K independent time samples (CI over them)")
@@ -376,8 +423,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sampler_help_request(argv: list[str]) -> str | None:
+    """The sampler named in ``... --sampler NAME --help`` (or -h), else None."""
+    if not ({"-h", "--help"} & set(argv)):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--sampler" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--sampler="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        name = _sampler_help_request(argv)
+        if name is not None:  # `difflm sample RUN --sampler remdm --help`: that sampler's own options
+            print(sampler_options_help(name))
+            return 0
+        parser = build_parser()
+    except DiffLMError as e:
+        print(f"difflm: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except DiffLMError as e:

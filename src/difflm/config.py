@@ -6,7 +6,8 @@ A run's config.json holds everything needed to rebuild model, process, schedule 
 from __future__ import annotations
 
 import dataclasses
-import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,6 @@ class TokenizerConfig:
 
 
 @dataclass
-class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-
-
-@dataclass
 class TrainConfig:
     batch_size: int = 32  # global batch (sequences per optimizer step, over all ranks and accumulation)
     grad_accum: int = 1
@@ -89,62 +81,179 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
+    """A run. ``model`` is the config dataclass of the backbone that ``model.type`` names (default: the
+    transformer's), ``process`` the options dataclass of the family that ``process.type`` names; both are
+    typed and checked when read (``registry``)."""
+
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    process: dict = field(default_factory=lambda: {"type": "masked"})
+    model: Any = None
+    process: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        if self.model is None or isinstance(self.model, dict):
+            self.model = model_config(self.model or {})
+        if self.process is None or isinstance(self.process, dict):
+            self.process = process_options(self.process or {})
+
+    @property
+    def family(self) -> str:
+        """process.type"""
+        return self.process.family
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        out["model"] = model_dict(self.model)
+        out["process"] = {"type": self.process.family, **dataclasses.asdict(self.process)}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return _build(cls, d, "")
+        if not isinstance(d, dict):
+            raise DiffLMError(f"a config must be a mapping of sections, got {type(d).__name__}")
+        d = dict(d)
+        model, process = d.pop("model", None), d.pop("process", None)
+        run = _build(cls, d, "")
+        run.model = model_config({} if model is None else model)
+        run.process = process_options({} if process is None else process)
+        return run
 
 
-def _build(cls, d: Any, where: str):
+def process_options(d: Any) -> Any:
+    """The ``process`` section -> the options dataclass of the family its ``type`` names (attribute
+    ``family`` set on the instance's class)."""
+    from . import registry
+
+    if dataclasses.is_dataclass(d):
+        return d
     if not isinstance(d, dict):
-        raise DiffLMError(f"config section {where or 'root'} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+        raise DiffLMError(f"config section process must be a mapping, got {type(d).__name__}")
+    d = dict(d)
+    kind = d.pop("type", registry.DEFAULT_FAMILY)
+    cls = registry.family(str(kind))
+    return _build(cls.Options, d, "process.", owner=f"process.type {kind}")
+
+
+def model_config(d: Any) -> Any:
+    """The ``model`` section -> the Config dataclass of the backbone its ``type`` names; its ``derived``
+    fields (vocabulary, length, what the family needs) are not configurable."""
+    from . import registry
+
+    if dataclasses.is_dataclass(d):
+        return d
+    if not isinstance(d, dict):
+        raise DiffLMError(f"config section model must be a mapping, got {type(d).__name__}")
+    d = dict(d)
+    kind = str(d.pop("type", registry.DEFAULT_BACKBONE))
+    cls = registry.backbone(kind).Config
+    derived = sorted(k for k in d if k in _derived(cls))
+    if derived:
+        raise DiffLMError(f"model.{derived[0]} is set from the tokenizer, data.seq_len and the family, not in the "
+                          f"config; remove it")
+    return _build(cls, d, "model.", skip=_derived(cls))
+
+
+def model_dict(cfg: Any) -> dict:
+    """A backbone config as the ``model`` section: its type and its configurable fields."""
+    from . import registry
+
+    derived = _derived(type(cfg))
+    return {"type": registry.backbone_kind(cfg),
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in derived}}
+
+
+def _derived(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("derived")}
+
+
+def _build(cls, d: Any, where: str, owner: str | None = None, skip: set[str] = frozenset()):
+    """``cls(**d)`` for a dataclass, each value checked against the field's annotation; unknown keys and
+    wrong types are one-line errors naming the key."""
+    if not isinstance(d, dict):
+        raise DiffLMError(f"config section {where.rstrip('.') or 'root'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise DiffLMError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"valid keys here: {', '.join(sorted(fields))}"
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}"
+            + (f" for {owner}" if owner else "") + f"; valid keys here: {', '.join(sorted(fields)) or 'none'}"
         )
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in d.items():
-        f = fields[k]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            kwargs[k] = _build(type(default), v, f"{where}{k}.")
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = _build(hint, v, f"{where}{k}.")
         else:
-            kwargs[k] = _coerce(v, default, where + k)
-    return cls(**kwargs)
+            kwargs[k] = coerce(v, hint, where + k)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise DiffLMError(f"bad config section {where.rstrip('.') or 'root'}: {e}") from None
 
 
-def _coerce(v: Any, default: Any, key: str) -> Any:
-    if default is None or v is None or isinstance(default, (dict, list)):
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint) or hint
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list"}.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def coerce(v: Any, hint: Any, key: str) -> Any:
+    """``v`` as the type ``hint`` (int, float, bool, str, dict, list[...], Literal, unions, Any), or a one-line
+    error naming ``key``. YAML 1.1 reads 2e-3 (no dot) as a string: a number field parses it."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
         return v
-    if isinstance(default, bool):
-        if not isinstance(v, bool):
-            raise DiffLMError(f"config key {key} must be true or false, got {v!r}")
-        return v
-    if isinstance(default, float) and isinstance(v, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-        try:
-            v = float(v)
-        except ValueError:
-            pass
-    if isinstance(default, (int, float)) and not isinstance(v, bool) and isinstance(v, (int, float)):
-        if isinstance(default, int) and not isinstance(default, bool) and float(v) != int(v):
-            raise DiffLMError(f"config key {key} must be an integer, got {v!r}")
-        return type(default)(v)
-    if isinstance(default, str) and isinstance(v, str):
-        return v
-    raise DiffLMError(f"config key {key} must be a {type(default).__name__}, got {v!r}")
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(hint):
+            try:
+                return coerce(v, arg, key)
+            except DiffLMError:
+                continue
+        raise DiffLMError(f"config key {key} must be {_type_name(hint)}, got {v!r}")
+    if hint is type(None):
+        if v is None:
+            return None
+    elif origin is typing.Literal:
+        if v in typing.get_args(hint) and type(v) is not bool:
+            return v
+        raise DiffLMError(f"config key {key} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {v!r}")
+    elif hint is bool:
+        if isinstance(v, bool):
+            return v
+    elif hint in (int, float):
+        if hint is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if hint is int and float(v) != int(v):
+                raise DiffLMError(f"config key {key} must be an integer, got {v!r}")
+            return hint(v)
+    elif hint is str:
+        if isinstance(v, str):
+            return v
+    elif (origin or hint) is dict:
+        if isinstance(v, dict):
+            return v
+    elif (origin or hint) is list:
+        if isinstance(v, (list, tuple)):
+            args = typing.get_args(hint)
+            return [coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(v)] if args else list(v)
+    else:
+        raise TypeError(f"config annotation {hint!r} of {key} is not supported")
+    raise DiffLMError(f"config key {key} must be {_type_name(hint)}, got {v!r}")
 
 
 def set_key(d: dict, dotted: str, value: Any) -> None:
@@ -184,12 +293,3 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         set_key(raw, k.strip(), yaml.safe_load(v))
     raw.setdefault("name", path.stem)
     return RunConfig.from_dict(raw)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DiffLMError(f"{path} not found: is {path.parent} a difflm model folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffLMError(f"{path} is corrupted ({e}); restore it or retrain") from None

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .diffusion.gaussian import GaussianDiffusion
 from .errors import DiffLMError
+from .io import atomic_save_safetensors, atomic_write_text, read_safetensors
 from .models import Transformer, TransformerConfig
-from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 
 # -- attributes ------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
     classifier and its validation accuracy at t = 0.1, 0.5, 0.9 with the attribute's base rate."""
     from .data import build_dataset
 
-    if lm.process.family != "gaussian":
+    if not isinstance(lm.process, GaussianDiffusion):
         raise DiffLMError("classifier guidance steers Gaussian embedding diffusion (Diffusion-LM); "
                           f"this is a {lm.process.family} model")
     attr = Attribute.parse(attribute, lm.tokenizer)
@@ -177,7 +178,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
         b = train.batch(idx.tolist()).to(lm.device)
         t = torch.rand(batch_size, generator=g, dtype=torch.float64).to(lm.device)
         with torch.no_grad():
-            _, z = lm.process.corrupt(lm.model, b, t, generator=g)
+            z = lm.process.corrupt(b, t, g, model=lm.model)
         loss = F.binary_cross_entropy_with_logits(clf(z.float(), t.float()), labels[idx].float().to(lm.device),
                                                   pos_weight=pos_weight)
         opt.zero_grad(set_to_none=True)
@@ -193,7 +194,7 @@ def train_classifier(lm, attribute: str, *, steps: int = 500, batch_size: int = 
     y = attr(b.tokens.cpu()).to(lm.device)
     for t0 in (0.1, 0.5, 0.9):
         with torch.no_grad():
-            _, z = lm.process.corrupt(lm.model, b, torch.full((n,), t0, dtype=torch.float64, device=lm.device), g)
+            z = lm.process.corrupt(b, torch.full((n,), t0, dtype=torch.float64, device=lm.device), g, model=lm.model)
             pred = clf(z.float(), torch.full((n,), t0, device=lm.device)) > 0
         stats[f"balanced_accuracy_t{t0}"] = 0.5 * (float(pred[y].float().mean()) if y.any() else math.nan) + \
             0.5 * (float((~pred[~y]).float().mean()) if (~y).any() else math.nan)

@@ -3,58 +3,28 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import __version__
-from .config import RunConfig, read_json
+from .components import default_device, folder_config, read_model_folder, write_model_folder
+from .config import RunConfig
 from .data.datasets import condition_positions, make_batch
 from .data.tokenizers import Tokenizer
-from .diffusion import Batch, Process, build_process, low_discrepancy_uniform
+from .diffusion import Batch, Process, low_discrepancy_uniform
 from .errors import DiffLMError
-from .models import Transformer, TransformerConfig
+from .evaluation.likelihood import EvalResult, evaluate
 from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
 from .sampling.base import OnStep
 from .sampling.guidance import ClassifierFreeGuidance
-from .training.checkpoint import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 GAP = re.compile(r"\[MASK\]|_{3,}")
-
-
-def transformer_config(run: RunConfig, vocab_size: int, process: Process | None = None) -> TransformerConfig:
-    """The backbone a run needs; causal for AR, time-conditioned when the process feeds it t."""
-    causal = run.process.get("type", "masked") == "autoregressive"
-    time_conditioning = bool(getattr(process, "time_conditioning", run.process.get("time_conditioning", False)))
-    return TransformerConfig(
-        vocab_size=vocab_size, max_len=run.data.seq_len, causal=causal, time_conditioning=time_conditioning,
-        n_layer=run.model.n_layer, n_head=run.model.n_head, d_model=run.model.d_model,
-        mlp_ratio=run.model.mlp_ratio, dropout=run.model.dropout,
-        d_embed=int(getattr(process, "embed_dim", 0)),
-        self_conditioning=bool(getattr(process, "self_conditioning", False)),
-    )
-
-
-def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None) -> tuple[Transformer, Process]:
-    """The model and process a run config describes, for this tokenizer."""
-    try:
-        process = build_process(
-            run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
-            length_prior=length_prior,
-        )
-    except TypeError as e:
-        raise DiffLMError(f"bad process options in config: {e}") from None
-    try:
-        model = Transformer(transformer_config(run, tokenizer.vocab_size, process))
-    except ValueError as e:
-        raise DiffLMError(f"bad model config: {e}") from None
-    return model, process
 
 
 @dataclass
@@ -77,7 +47,7 @@ class Transduction:
 class DiffusionLM:
     """A trained model with its process and tokenizer."""
 
-    def __init__(self, model: Transformer, process: Process, tokenizer: Tokenizer, run: RunConfig,
+    def __init__(self, model: nn.Module, process: Process, tokenizer: Tokenizer, run: RunConfig,
                  length_prior: list[float] | None = None, device: str | torch.device = "cpu") -> None:
         self.model, self.process, self.tokenizer, self.run = model, process, tokenizer, run
         self.length_prior = length_prior
@@ -91,51 +61,18 @@ class DiffusionLM:
 
     # -- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict:
-        return {
-            "difflm_version": __version__, "run": self.run.to_dict(),
-            "vocab_size": self.tokenizer.vocab_size, "special": self.tokenizer.special,
-            "tokenizer_kind": self.tokenizer.kind, "length_prior": self.length_prior,
-        }
+        return folder_config(self.run, self.tokenizer, self.length_prior)
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(path / "tokenizer.json")
-        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_save_safetensors(weights, path / "model.safetensors", {"format": "difflm-model-1"})
-        atomic_write_text(path / "config.json", json.dumps(self.config_dict(), indent=2))
+        """Write the model folder: config.json, model.safetensors, tokenizer.json."""
+        write_model_folder(Path(path), self.model, self.tokenizer, self.run, self.length_prior)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> DiffusionLM:
-        path = Path(path)
-        if not path.is_dir():
-            raise DiffLMError(f"model folder {path} does not exist")
-        if not (path / "model.safetensors").is_file():
-            raise DiffLMError(
-                f"{path} has no model.safetensors: training has not saved a model there yet, "
-                "or the folder is incomplete"
-            )
-        cfg = read_json(path / "config.json")
-        try:
-            run = RunConfig.from_dict(cfg["run"])
-        except KeyError:
-            raise DiffLMError(f"{path / 'config.json'} is not a difflm model config") from None
-        tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"))
-        if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
-            raise DiffLMError(
-                f"{path / 'tokenizer.json'} does not match the model (vocabulary {tokenizer.vocab_size} vs "
-                f"{cfg.get('vocab_size')}); put back the tokenizer the model was trained with"
-            )
-        model, process = build_components(run, tokenizer, cfg.get("length_prior"))
-        weights, _ = read_safetensors(path / "model.safetensors")
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise DiffLMError(
-                f"{path / 'model.safetensors'} does not fit config.json ({str(e).splitlines()[0]})"
-            ) from None
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, process, tokenizer, run, cfg.get("length_prior"), dev)
+        """Load a model folder (a finished or running training run, or ``save_pretrained``'s output) onto
+        ``device`` (default: CUDA when available)."""
+        model, process, tokenizer, run, length_prior = read_model_folder(Path(path))
+        return cls(model, process, tokenizer, run, length_prior, device or default_device())
 
     # -- helpers ---------------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -202,7 +139,8 @@ class DiffusionLM:
             ids = ids[: ids.index(self.tokenizer.pad_id)]
         return self.tokenizer.decode(ids)
 
-    def _require_pairs(self) -> None:
+    def require_seq2seq(self) -> None:
+        """A one-line error unless the model was trained on source/target pairs."""
         if self.run.data.mode != "pairs":
             raise DiffLMError(
                 "this model was not trained on source/target pairs; train a seq2seq preset (data.corpus: pairs) "
@@ -227,9 +165,9 @@ class DiffusionLM:
             self._check_length(len(ids), length, "prompt")
             cond.tokens[:, : len(ids)] = torch.tensor(ids)
             cond.fixed[:, : len(ids)] = True
-        elif getattr(self.process, "length_log_prior", None) is not None and self.process.family != "block":
+        elif self.process.draws_length:
             # a model trained on padded lines sees where padding starts: draw each length from the prior
-            # (block diffusion generates left to right and ends a row at its [EOS] instead: --stop-at-eos)
+            # (families that generate their length, e.g. block diffusion's [EOS], are not handed one)
             u = uniform(seed, torch.arange(num), 0, 1, stream=11)[:, 0]
             n = self.process.sample_length(u).clamp(max=length).cpu()  # tokens incl. [EOS]
             pos = torch.arange(length)[None]
@@ -296,7 +234,7 @@ class DiffusionLM:
         guidance, for models trained with ``train.cond_dropout`` > 0."""
         from .evaluation.text_metrics import mbr_select
 
-        self._require_pairs()
+        self.require_seq2seq()
         if guidance and self.run.train.cond_dropout <= 0:
             raise DiffLMError("--guidance needs a model trained with the source dropped: train.cond_dropout > 0")
         if candidates < 1:
@@ -330,6 +268,19 @@ class DiffusionLM:
             mean_nfe = float(nfe[i * candidates : (i + 1) * candidates].float().mean())
             out.append(Transduction(src, cands[pick], cands, mean_nfe))
         return out
+
+    def evaluate(self, split: str = "valid", *, samples: int = 4, batch_size: int = 32, seed: int = 0,
+                 max_batches: int | None = None, bf16: bool = True, progress: bool = False,
+                 all_steps: bool = False) -> EvalResult:
+        """The bound (exact NLL for autoregressive) on the run's ``split`` (valid or test), on the device the
+        model lives on: NELBO ± a 95% interval over ``samples`` independent time draws, perplexity, and bits
+        per character for character-level tokenizers (``evaluation.likelihood.evaluate``)."""
+        from .data import build_dataset
+
+        data = build_dataset(self.run.data, self.tokenizer, split)
+        return evaluate(self.model, self.process, data, n_samples=samples, batch_size=batch_size, seed=seed,
+                        max_batches=max_batches, bf16=bf16, char_level=self.tokenizer.kind == "char",
+                        device=self.device, progress=progress, all_steps=all_steps)
 
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:

@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 
 from .config import load_config
-from .data import build_dataset
-from .evaluation import evaluate
 from .pipeline import DiffusionLM
 from .training.trainer import CKPT, Trainer
 
@@ -35,8 +33,7 @@ def quickstart(out: Path, steps: int | None = None, as_json: bool = False) -> di
                   f"on PTB: {steps} steps of {run.train.batch_size}×{run.data.seq_len} tokens -> {run_dir}")
         Trainer(run, run_dir, resume=(run_dir / CKPT).is_file(), progress=not as_json).fit()
         lms[key] = lm = DiffusionLM.from_pretrained(run_dir)
-        valid = build_dataset(lm.run.data, lm.tokenizer, "valid")
-        r = evaluate(lm.model, lm.process, valid, n_samples=4, batch_size=64)
+        r = lm.evaluate("valid", samples=4, batch_size=64)
         report["models"][key] = {"dir": str(run_dir), **r.to_dict()}
     mdlm = lms["mdlm"]
     gen = mdlm.generate(3, 40, sampler="cached", steps=64, seed=0)

@@ -10,17 +10,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DiffLMError
+from ..registry import BackboneNeeds, NoOptions, register_family
 from .base import Batch, Process
 
 
+@register_family
 class Autoregressive(Process):
-    family = "autoregressive"
-    exact_likelihood = True
+    """The constructor is every process's: (vocab_size, mask_id, pad_id, bos_id); it needs a [BOS]."""
 
-    def __init__(self, bos_id: int, pad_id: int, mask_id: int | None = None) -> None:
-        super().__init__()
-        self.bos_id, self.pad_id = bos_id, pad_id
-        self.never = [i for i in (bos_id, pad_id, mask_id) if i is not None]  # ids that are never data
+    family = "autoregressive"
+    Options = NoOptions
+    default_sampler = "autoregressive"
+    exact_likelihood = True
+    # the length is modelled by [EOS] like any token (lines mode): no length prior is drawn or added
+    generates_length = True
+
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        if bos_id is None:
+            raise DiffLMError("the autoregressive baseline needs a tokenizer with a [BOS] token")
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(attention="causal")
 
     def logits(self, model: nn.Module, x: Tensor) -> Tensor:
         """Next-token logits at every position, float32, with [BOS]/[PAD]/[MASK] ruled out: (B, L, V)."""
@@ -41,6 +53,3 @@ class Autoregressive(Process):
         logits = self.logits(model, batch.tokens)
         nll = F.cross_entropy(logits.transpose(1, 2), batch.tokens, reduction="none")
         return torch.where(batch.loss_mask, nll, torch.zeros_like(nll))
-
-    def config(self) -> dict:
-        return {"type": "autoregressive"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..registry import BackboneNeeds, NoOptions, make_options
 from ..rng import uniform
 
 # Continuous-time families do not sample times below T_MIN; the part of the bound's integral over
@@ -70,15 +72,65 @@ def low_discrepancy_uniform(u0: float, n: int, rank: int = 0, world: int = 1, dt
 
 
 class Process(nn.Module):
-    """The math of one family. Subclasses implement ``bound_terms``; ``loss`` defaults to it.
+    """The math of one family: what trainer, evaluator and samplers may call, with the same names in every
+    family. A family is one subclass in its own file, decorated with ``registry.register_family``, declaring:
 
-    Every per-position tensor is (B, L) in nats, zero where ``loss_mask`` is False, so that
+    family            the config's ``process.type``
+    Options           a dataclass of its config keys (``registry.option`` fields, typed, checked when read)
+    default_sampler   the sampler ``difflm sample`` uses when none is named
+    backbone_needs()  the network it needs (``registry.BackboneNeeds``: attention, time conditioning, ...)
+
+    and implementing:
+
+    bound_terms(model, batch, generator)   per-position negative-ELBO terms (B, L) in nats; ``nelbo`` sums them
+    loss(model, batch)                     the training objective per position (default: the bound's terms)
+    corrupt(batch, t, generator)           x_t ~ q(x_t | x0) for the batch's free positions
+    full_nelbo(model, batch, generator)    discrete-time families: every term of the bound (``--all-steps``)
+
+    plus the reverse-step helpers its samplers need — by convention ``log_probs(model, xt, t, select=None)``
+    for log p_θ(x0 | x_t) (discrete x0-predicting families), ``log_score`` (SEDD's concrete score) and
+    ``predict_x0`` (Gaussian). Every per-position tensor is zero where ``loss_mask`` is False, so that
     ``terms.sum(-1)`` is a one-sample estimate of the sequence's negative ELBO.
+
+    The constructor is shared: the vocabulary and special ids, ``never`` (ids that are never data), the length
+    prior, and ``options`` (an ``Options`` instance built from the keyword arguments).
     """
 
-    family = "base"
-    #: True when the bound is exact (no Monte-Carlo over time): its confidence interval is zero.
-    exact_likelihood = False
+    family: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    default_sampler: ClassVar[str] = ""
+    #: True when the bound is exact (no Monte-Carlo over time): its confidence interval is zero. The judge of
+    #: generative perplexity must have one.
+    exact_likelihood: ClassVar[bool] = False
+    #: True when the family models the length itself ([EOS] and the padding after it are in its terms): the
+    #: sampler is then not handed a length drawn from the length prior.
+    generates_length: ClassVar[bool] = False
+    #: True when the bound is a finite sum of T terms that ``full_nelbo`` evaluates all of (``--all-steps``).
+    discrete_time: ClassVar[bool] = False
+
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, *,
+                 eos_id: int | None = None, length_prior: list[float] | None = None, **options) -> None:
+        super().__init__()
+        self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
+        self.options = make_options(self.Options, options, f"process.type {self.family}")
+        self.set_length_prior(length_prior, pad_id)
+
+    @classmethod
+    def from_options(cls, options, *, vocab_size: int, special: dict[str, int],
+                     length_prior: list[float] | None = None) -> Process:
+        """The process for a tokenizer's vocabulary and special ids, from an ``Options`` instance."""
+        return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), eos_id=special.get("eos"),
+                   length_prior=length_prior, **{f.name: getattr(options, f.name) for f in fields(options)})
+
+    def backbone_needs(self) -> BackboneNeeds:
+        """The network this family needs (default: bidirectional and time-free)."""
+        return BackboneNeeds()
+
+    def corrupt(self, batch: Batch, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_t ~ q(x_t | x0) at the batch's free positions (given positions unchanged), for times t (B,)."""
+        raise NotImplementedError
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Per-position negative-ELBO terms (B, L) for one draw of the noise (``generator`` for it)."""
@@ -88,6 +140,10 @@ class Process(nn.Module):
         """Training objective per position (B, L); the bound unless a family trains on something else."""
         return self.bound_terms(model, batch)
 
+    def full_nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+        """The bound with every term evaluated (families with ``discrete_time``): (B,)."""
+        raise NotImplementedError
+
     def set_length_prior(self, length_prior: list[float] | None, pad_id: int) -> None:
         """Models trained on padded lines see where padding starts, so their bound includes −log p(length),
         with p the (smoothed) training length distribution over 0..L; samplers draw lengths from it."""
@@ -95,10 +151,16 @@ class Process(nn.Module):
         lp = None if length_prior is None else torch.tensor(length_prior, dtype=torch.float64)
         self.register_buffer("length_log_prior", None if lp is None else torch.log(lp / lp.sum()), persistent=False)
 
+    @property
+    def draws_length(self) -> bool:
+        """Whether samplers are handed a length drawn from the length prior (padded-lines models that do not
+        generate their length)."""
+        return self.length_log_prior is not None and not self.generates_length
+
     def sequence_terms(self, batch: Batch) -> Tensor:
         """Bound terms that belong to whole sequences rather than positions (B,): −log p(length)."""
         B = batch.tokens.shape[0]
-        if getattr(self, "length_log_prior", None) is None:
+        if self.length_log_prior is None or self.generates_length:
             return torch.zeros(B, dtype=torch.float32, device=batch.tokens.device)
         n = (batch.tokens != self.pad_id).sum(-1).clamp(max=len(self.length_log_prior) - 1)
         return -self.length_log_prior.to(batch.tokens.device)[n].float()
@@ -112,6 +174,3 @@ class Process(nn.Module):
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
         terms = self.bound_terms(model, batch, generator=generator)
         return terms.double().sum(-1) + self.sequence_terms(batch).double()
-
-    def config(self) -> dict:
-        raise NotImplementedError

@@ -14,13 +14,16 @@ time-free (as MDLM's; BD3-LM does not condition on t either).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffLMError
-from ..schedules import Schedule
-from .base import Batch
+from ..registry import BackboneNeeds, option, register_family
+from ..schedules import Schedule, build_schedule
+from .base import Batch, Process
 from .masked import MaskedDiffusion
 
 
@@ -29,37 +32,43 @@ def block_causal(q_blocks: Tensor, k_blocks: Tensor) -> Tensor:
     return k_blocks[None, :] <= q_blocks[:, None]
 
 
+@dataclass
+class BlockOptions:
+    block_size: int = option(4, "tokens per block: 1 is autoregressive, data.seq_len is MDLM")
+    schedule: str | dict = option("loglinear", "α(t) within a block (as process.type masked)")
+    clip: list[float] | None = option(None, "[β, ω]: train on t ~ U[β, ω] only (BD3-LM §4 clipped schedule)")
+    time_conditioning: bool = option(False, "must stay false: BD3-LM's network is time-free")
+
+
+@register_family
 class BlockDiffusion(MaskedDiffusion):
     family = "block"
+    Options = BlockOptions
+    default_sampler = "block"
+    generates_length = True  # [EOS] and the padding after it are generated and counted in the terms (_terms)
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        block_size: int = 4,
-        schedule: Schedule | str | dict = "loglinear",
-        clip: list[float] | None = None,
-        time_conditioning: bool = False,
-        eos_id: int | None = None,
-        length_prior: list[float] | None = None,
-    ) -> None:
-        if time_conditioning:
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        Process.__init__(self, vocab_size, mask_id, pad_id, bos_id, **kw)  # BlockOptions, not MaskedOptions
+        o = self.options
+        self.schedule = o.schedule if isinstance(o.schedule, Schedule) else build_schedule(o.schedule)
+        self.time_conditioning, self.discrete_steps = False, 0
+        if o.time_conditioning:
             raise DiffLMError("block diffusion uses a time-free network (as BD3-LM): "
                               "set process.time_conditioning: false")
-        super().__init__(vocab_size, mask_id, pad_id, bos_id, schedule, time_conditioning=False,
-                         length_prior=length_prior)
-        if int(block_size) < 1:
-            raise DiffLMError(f"process.block_size must be at least 1, got {block_size}")
-        self.block_size, self.eos_id = int(block_size), eos_id
-        if length_prior is not None:  # padded rows (lines mode): the padding after [EOS] is generated (_terms)
+        if int(o.block_size) < 1:
+            raise DiffLMError(f"process.block_size must be at least 1, got {o.block_size}")
+        self.block_size = int(o.block_size)
+        if self.length_log_prior is not None:  # padded rows (lines mode): the padding after [EOS] is generated
             self.never = [i for i in self.never if i != pad_id]
         # BD3-LM §4 "clipped" schedules: train on t ~ U[β, ω] only (lower-variance gradients); the bound
         # that ``difflm eval`` reports always integrates over the whole [0, 1]
+        clip = o.clip
         if clip is not None and not (len(clip) == 2 and 0 <= clip[0] < clip[1] <= 1):
             raise DiffLMError(f"process.clip must be [beta, omega] with 0 <= beta < omega <= 1, got {clip}")
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(attention="block-causal")
 
     # -- the one-pass training input ---------------------------------------------------------------
     def blocks_of(self, L: int, device=None) -> Tensor:
@@ -117,16 +126,8 @@ class BlockDiffusion(MaskedDiffusion):
         terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
         return terms
 
-    def sequence_terms(self, batch: Batch) -> Tensor:
-        """No −log p(length): block diffusion models the length through [EOS] (counted in the terms)."""
-        return torch.zeros(batch.tokens.shape[0], dtype=torch.float32, device=batch.tokens.device)
-
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         return self._terms(model, batch, generator, None)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return self._terms(model, batch, None, self.clip)
-
-    def config(self) -> dict:
-        return {"type": "block", "block_size": self.block_size, "schedule": self.schedule.to_dict(),
-                "clip": None if self.clip is None else list(self.clip)}

@@ -23,12 +23,15 @@ Sampling with step skipping: p_θ(x_s | x_t) ∝ Q_{t|s}[·, x_t] ⊙ (p̃_θ Q�
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffLMError
+from ..registry import BackboneNeeds, option, register_family
 from ..schedules import BETA_SCHEDULES, beta_schedule, betas_from_alpha, build_schedule
 from .base import Batch, Process
 from .graphs import Graph
@@ -216,26 +219,30 @@ def discretized_gaussian(N: int, beta: float) -> Tensor:
     return Q + torch.diag(1 - Q.sum(1))
 
 
+@dataclass
+class D3PMOptions:
+    transition: Literal["uniform", "absorb", "gaussian"] = option("absorb", "Q_t: uniform, absorb or gaussian (§3)")
+    steps: int = option(1000, "T, the number of discrete steps")
+    schedule: str | None = option(None, "β schedule: linear, cosine or jsd (default: the paper's for the transition)")
+    beta_min: float = option(1e-4, "linear β schedule: β_1")
+    beta_max: float = option(0.02, "linear β schedule: β_T")
+    alpha_schedule: str | dict | None = option(None, "a continuous α(t) read at t = k/T instead of a β schedule")
+    hybrid_lambda: float = option(0.01, "λ of the hybrid loss L_vlb + λ·CE (eq. 5)")
+    time_conditioning: bool = option(True, "feed t = k/T to the network (adaLN)")
+
+
+@register_family
 class D3PM(Process):
     family = "d3pm"
+    Options = D3PMOptions
+    default_sampler = "ancestral"
+    discrete_time = True
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        transition: str = "absorb",
-        steps: int = 1000,
-        schedule: str | None = None,
-        beta_min: float = 1e-4,
-        beta_max: float = 0.02,
-        alpha_schedule: str | dict | None = None,
-        hybrid_lambda: float = 0.01,
-        time_conditioning: bool = True,
-        length_prior: list[float] | None = None,
-    ) -> None:
-        super().__init__()
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        o = self.options
+        transition, schedule, alpha_schedule = o.transition, o.schedule, o.alpha_schedule
+        beta_min, beta_max, hybrid_lambda = o.beta_min, o.beta_max, o.hybrid_lambda
         if transition not in TRANSITIONS:
             raise DiffLMError(f"unknown D3PM transition {transition!r}; choose one of {', '.join(TRANSITIONS)}")
         if schedule is not None and alpha_schedule is not None:
@@ -246,13 +253,11 @@ class D3PM(Process):
         if schedule is not None and schedule not in BETA_SCHEDULES:
             raise DiffLMError(f"D3PM schedule {schedule!r} is not a β schedule ({', '.join(BETA_SCHEDULES)}); a "
                               "continuous α schedule goes in process.alpha_schedule")
-        self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
-        self.transition, self.T = transition, int(steps)
+        self.transition, self.T = transition, int(o.steps)
         self.schedule_name = None if alpha_schedule is not None else (schedule or DEFAULT_BETAS[transition])
         self.beta_min, self.beta_max, self.hybrid_lambda = beta_min, beta_max, hybrid_lambda
         self.alpha_schedule = None if alpha_schedule is None else build_schedule(alpha_schedule)
-        self.time_conditioning = time_conditioning
+        self.time_conditioning = bool(o.time_conditioning)
         if self.alpha_schedule is not None:
             betas = betas_from_alpha(self.alpha_schedule, self.T)
         else:
@@ -273,7 +278,9 @@ class D3PM(Process):
             self.transitions = DenseTransitions(Q, graph.data_ids, vocab_size)
         else:
             self.transitions = GraphTransitions(graph, betas)
-        self.set_length_prior(length_prior, pad_id)
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(time_conditioning=self.time_conditioning)
 
     # -- forward process -------------------------------------------------------------------------
     def steps_from_uniforms(self, u: Tensor) -> Tensor:
@@ -281,6 +288,7 @@ class D3PM(Process):
         return torch.clamp(torch.floor(u.double() * self.T).long() + 1, 1, self.T)
 
     def corrupt(self, batch: Batch, k: Tensor, generator=None) -> Tensor:
+        """x_k ~ q(x_k | x0) for steps k (B,) ∈ {1..T} (this family's time is the step)."""
         r_move, r_draw = batch.rand(generator, stream=0), batch.rand(generator, stream=1)
         return self.transitions.corrupt(batch.tokens, k, r_move, r_draw, batch.fixed)
 
@@ -289,7 +297,7 @@ class D3PM(Process):
         return self.transitions.draw_prior(r)
 
     # -- network ---------------------------------------------------------------------------------
-    def x0_log_probs(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None = None) -> Tensor:
+    def log_probs(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None = None) -> Tensor:
         """log p̃_θ(x0 | x_t) in float64: (B, L, V), or (M, V) at the positions ``select`` holds; −inf off the
         data. k: (B,) the step of x_t (the network sees t = k/T)."""
         return F.log_softmax(self._logits(model, xt, k, select).double(), dim=-1)
@@ -336,7 +344,7 @@ class D3PM(Process):
                 kl[counted], lp_x0 = self.transitions.step_kl_from_logits(logits, x0[counted], xt[counted], kk)
                 ce[counted] = -lp_x0
             else:
-                log_p0 = self.x0_log_probs(model, xt, k, select=counted)
+                log_p0 = self.log_probs(model, xt, k, select=counted)
                 kl[counted] = self.step_kl(log_p0, x0[counted], xt[counted], kk)
                 ce[counted] = -log_p0.gather(-1, x0[counted][:, None]).squeeze(-1)
         return kl, ce
@@ -369,12 +377,3 @@ class D3PM(Process):
             xt = self.corrupt(Batch(batch.tokens, batch.loss_mask, batch.fixed), k, generator)
             total += self.step_terms(model, batch.tokens, xt, k, batch.loss_mask)[0].sum(-1)
         return total
-
-    def config(self) -> dict:
-        cfg = {"type": "d3pm", "transition": self.transition, "steps": self.T, "hybrid_lambda": self.hybrid_lambda,
-               "time_conditioning": self.time_conditioning}
-        if self.alpha_schedule is not None:
-            cfg["alpha_schedule"] = self.alpha_schedule.to_dict()
-        else:
-            cfg.update(schedule=self.schedule_name, beta_min=self.beta_min, beta_max=self.beta_max)
-        return cfg

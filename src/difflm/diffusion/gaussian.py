@@ -27,12 +27,15 @@ two-pass prediction, a deterministic function of z_t, so the bound stays a bound
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffLMError
+from ..registry import BackboneNeeds, option, register_family
 from .base import Batch, Process
 
 
@@ -115,25 +118,27 @@ def gaussian_noise(u: Tensor) -> Tensor:
     return math.sqrt(2) * torch.erfinv(2 * u.clamp(1e-15, 1 - 1e-15) - 1)
 
 
+@dataclass
+class GaussianOptions:
+    schedule: Literal["sqrt", "cosine", "linear"] = option("sqrt", "ᾱ(t): sqrt (Diffusion-LM), cosine or linear")
+    loss: Literal["simple", "elbo"] = option("simple", "train on L_simple or on the bound itself")
+    embed_dim: int = option(64, "d, the dimension of the learned token embeddings")
+    self_conditioning: bool = option(False, "feed the previous x̂0 back as a second input (Analog Bits)")
+    clamp: bool = option(False, "samplers snap each x̂0 to the nearest embedding by default")
+    t0_weight: float = option(0.0, "w: add Diffusion-LM's t = 0 embedding loss w·‖e − x̂0(z_0, 0)‖² (loss: simple)")
+
+
+@register_family
 class GaussianDiffusion(Process):
     family = "gaussian"
+    Options = GaussianOptions
+    default_sampler = "ddpm"
     time_conditioning = True
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        schedule: str = "sqrt",
-        loss: str = "simple",
-        embed_dim: int = 64,
-        self_conditioning: bool = False,
-        clamp: bool = False,
-        length_prior: list[float] | None = None,
-        t0_weight: float = 0.0,
-    ) -> None:
-        super().__init__()
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        o = self.options
+        schedule, loss, t0_weight = o.schedule, o.loss, o.t0_weight
         if not (t0_weight >= 0 and math.isfinite(t0_weight)):
             raise DiffLMError(f"process.t0_weight must be a finite number ≥ 0, got {t0_weight!r}")
         if t0_weight > 0 and loss != "simple":
@@ -144,12 +149,12 @@ class GaussianDiffusion(Process):
             raise DiffLMError(f"unknown gaussian schedule {schedule!r}; choose one of {', '.join(GAUSSIAN_SCHEDULES)}")
         if loss not in ("simple", "elbo"):
             raise DiffLMError(f"process.loss must be simple or elbo, got {loss!r}")
-        self.vocab_size, self.mask_id = vocab_size, mask_id
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
         self.schedule_name, self.loss_type = schedule, loss
         self.schedule = GAUSSIAN_SCHEDULES[schedule]()
-        self.embed_dim, self.self_conditioning, self.clamp = int(embed_dim), bool(self_conditioning), bool(clamp)
-        self.set_length_prior(length_prior, pad_id)
+        self.embed_dim, self.self_conditioning, self.clamp = int(o.embed_dim), bool(o.self_conditioning), bool(o.clamp)
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(time_conditioning=True, d_embed=self.embed_dim, self_conditioning=self.self_conditioning)
 
     # -- embeddings and decoder ------------------------------------------------------------------
     @staticmethod
@@ -175,14 +180,15 @@ class GaussianDiffusion(Process):
         return E[d.argmin(-1)].to(x.dtype)
 
     # -- forward process -------------------------------------------------------------------------
-    def corrupt(self, model: nn.Module, batch: Batch, t: Tensor, generator=None) -> tuple[Tensor, Tensor]:
-        """(e, z_t): the clean embeddings (B, L, d) and z_t ~ q(z_t | e), with given (``fixed``) positions clean."""
+    def corrupt(self, batch: Batch, t: Tensor, generator=None, *, model: nn.Module) -> Tensor:
+        """z_t ~ q(z_t | e) (B, L, d) for the batch's clean embeddings e (``model``'s table), with given
+        (``fixed``) positions left at e."""
         e = self.embeddings(model)[batch.tokens]
         B, L, d = e.shape
         eps = gaussian_noise(batch.rand(generator, stream=0, width=L * d)).view(B, L, d).to(e.dtype)
         a = self.schedule.alpha_bar(t).to(e.dtype)[:, None, None]
         z = torch.sqrt(a) * e + torch.sqrt(1 - a) * eps
-        return e, torch.where(batch.fixed[..., None], e, z)
+        return torch.where(batch.fixed[..., None], e, z)
 
     def predict_x0(self, model: nn.Module, z: Tensor, t: Tensor, x0_prev: Tensor | None = None) -> Tensor:
         """x̂0(z_t, t) (B, L, d); with self-conditioning and no ``x0_prev``, the two-pass prediction."""
@@ -197,7 +203,8 @@ class GaussianDiffusion(Process):
         if training and self.t0_weight > 0:  # the explicit t = 0 embedding loss as a mixture over t (docstring)
             at0 = batch.rand(generator, stream=4, width=1)[:, 0] < self.t0_weight / (1 + self.t0_weight)
             t = torch.where(at0, torch.zeros_like(t), t)
-        e, z = self.corrupt(model, batch, t, generator)
+        e = self.embeddings(model)[batch.tokens]
+        z = self.corrupt(batch, t, generator, model=model)
         prev = None
         if training and self.self_conditioning:
             use = (batch.rand(generator, stream=3, width=1)[:, 0] < 0.5)[:, None, None]
@@ -241,7 +248,3 @@ class GaussianDiffusion(Process):
         mean = (torch.sqrt(as_) * b_ts / (1 - at)) * x0.double() \
             + (torch.sqrt(a_ts) * (1 - as_) / (1 - at)) * z.double()
         return mean, b_ts * (1 - as_) / (1 - at)
-
-    def config(self) -> dict:
-        return {"type": "gaussian", "schedule": self.schedule_name, "loss": self.loss_type,
-                "embed_dim": self.embed_dim, "self_conditioning": self.self_conditioning, "clamp": self.clamp}

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..registry import BackboneNeeds
 from ..schedules import Schedule, build_schedule
 from .base import T_MIN, Batch, Process
 
@@ -188,24 +189,19 @@ class GraphDiffusion(Process):
     """What SEDD and uniform diffusion share: a graph over the data tokens, a schedule α(t), continuous
     times with the score-entropy weight σ(t) = −α'(t)/α(t), and the forward corruption."""
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None,
-        graph: str,
-        schedule: Schedule | str | dict,
-        time_conditioning: bool,
-        length_prior: list[float] | None,
-    ) -> None:
-        super().__init__()
-        self.vocab_size, self.mask_id = vocab_size, mask_id
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
-        self.graph = Graph(graph, vocab_size, self.never, mask_id)
-        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
-        self.time_conditioning = time_conditioning
-        self.set_length_prior(length_prior, pad_id)
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        o = self.options
+        self.graph = Graph(self.graph_kind(), vocab_size, self.never, mask_id)
+        self.schedule = o.schedule if isinstance(o.schedule, Schedule) else build_schedule(o.schedule)
+        self.time_conditioning = bool(o.time_conditioning)
+
+    def graph_kind(self) -> str:
+        """absorb or uniform: the graph of the forward CTMC."""
+        return "uniform"
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(time_conditioning=self.time_conditioning)
 
     def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """t ∈ [T_MIN, 1) from uniforms u, and the weight σ(t) = −α'(t)/α(t) (× the Jacobian), (B,) float64."""

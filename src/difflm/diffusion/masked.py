@@ -11,37 +11,41 @@ with t = k/T, s = (k−1)/T. With α(0)=1 and α(1)=0 the reconstruction and pri
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import BackboneNeeds, option, register_family
 from ..schedules import Schedule, build_schedule
 from .base import T_MIN, Batch, Process
 
 
+@dataclass
+class MaskedOptions:
+    schedule: str | dict = option("loglinear", "α(t): loglinear, linear, cosine, polynomial, geometric "
+                                  "(or a mapping {type: ..., parameters})")
+    time_conditioning: bool = option(False, "feed t to the network (adaLN); MDLM's network is time-free")
+    discrete_steps: int = option(0, "T > 0: train and evaluate the T-step bound (eq. 8) instead of the continuous one")
+
+
+@register_family
 class MaskedDiffusion(Process):
     family = "masked"
+    Options = MaskedOptions
+    default_sampler = "ancestral"
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        schedule: Schedule | str | dict = "loglinear",
-        time_conditioning: bool = False,
-        discrete_steps: int = 0,
-        length_prior: list[float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
-        # SUBS: zero mass on [MASK] (§3.2.3), and on [PAD]/[BOS], which a masked position never holds
-        self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]
-        self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
-        self.time_conditioning = time_conditioning
-        self.discrete_steps = int(discrete_steps)
-        self.set_length_prior(length_prior, pad_id)
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        # SUBS: zero mass on [MASK] (§3.2.3), and on [PAD]/[BOS], which a masked position never holds (``never``)
+        o = self.options
+        self.schedule = o.schedule if isinstance(o.schedule, Schedule) else build_schedule(o.schedule)
+        self.time_conditioning = bool(o.time_conditioning)
+        self.discrete_steps = int(o.discrete_steps)
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(time_conditioning=self.time_conditioning)
 
     # -- forward process -------------------------------------------------------------------------
     def times(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,16 +60,12 @@ class MaskedDiffusion(Process):
         t = T_MIN + (1 - T_MIN) * u
         return t, (1 - T_MIN) * -self.schedule.alpha_prime(t) / (1 - self.schedule.alpha(t))
 
-    def corrupt(self, x0: Tensor, t: Tensor, fixed: Tensor | None = None, generator=None,
-                r: Tensor | None = None) -> Tensor:
-        """Sample x_t ~ q(x_t | x0): mask each free position with probability 1 − α(t).
-        x0 (B, L), t (B,); r: optional (B, L) float64 uniforms to use (else drawn from ``generator``)."""
-        p_mask = (1 - self.schedule.alpha(t.double()))[:, None]
-        if r is None:
-            r = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
-        masked = r < p_mask
-        if fixed is not None:
-            masked &= ~fixed
+    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
+        """Sample x_t ~ q(x_t | x0): mask each free position with probability 1 − α(t). t: (B,) -> (B, L)."""
+        x0 = batch.tokens
+        masked = batch.rand(generator) < (1 - self.schedule.alpha(t.double()))[:, None]
+        if batch.fixed is not None:
+            masked &= ~batch.fixed
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
     # -- network ---------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class MaskedDiffusion(Process):
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         x0 = batch.tokens
         t, w = self.times(batch.time_uniforms(generator))
-        xt = self.corrupt(x0, t, batch.fixed, r=batch.rand(generator))
+        xt = self.corrupt(batch, t, generator)
         counted = (xt == self.mask_id) & batch.loss_mask  # unmasked positions contribute 0 under SUBS
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
@@ -104,11 +104,3 @@ class MaskedDiffusion(Process):
         """q(x_s ≠ m | x_t = m, x0) = (α_s − α_t)/(1 − α_t) for s < t (MDLM eq. 7), float64."""
         a_t, a_s = self.schedule.alpha(t.double()), self.schedule.alpha(s.double())
         return ((a_s - a_t) / (1 - a_t)).clamp(0.0, 1.0)
-
-    def config(self) -> dict:
-        return {
-            "type": "masked",
-            "schedule": self.schedule.to_dict(),
-            "time_conditioning": self.time_conditioning,
-            "discrete_steps": self.discrete_steps,
-        }

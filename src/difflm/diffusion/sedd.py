@@ -14,32 +14,37 @@ The score of the token a position already holds is fixed to 1 (log 0) and never 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..schedules import Schedule
+from ..registry import option, register_family
 from .base import Batch
 from .graphs import Graph, GraphDiffusion
 
 
+@dataclass
+class SEDDOptions:
+    graph: Literal["absorb", "uniform"] = option("absorb", "the forward CTMC's graph")
+    schedule: str | dict = option("loglinear", "α(t) = exp(−σ̄(t)) (as process.type masked; SEDD's geometric too)")
+    scale_by_sigma: bool = option(True, "absorbing graph: offset the output by log N + log((1−α)/α) (SEDD §5)")
+    time_conditioning: bool = option(True, "feed t to the network (adaLN)")
+
+
+@register_family
 class ScoreEntropy(GraphDiffusion):
     family = "sedd"
+    Options = SEDDOptions
+    default_sampler = "analytic"
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        graph: str = "absorb",
-        schedule: Schedule | str | dict = "loglinear",
-        scale_by_sigma: bool = True,
-        time_conditioning: bool = True,
-        length_prior: list[float] | None = None,
-    ) -> None:
-        super().__init__(vocab_size, mask_id, pad_id, bos_id, graph, schedule, time_conditioning, length_prior)
-        self.scale_by_sigma = bool(scale_by_sigma) and self.graph.absorb
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        self.scale_by_sigma = bool(self.options.scale_by_sigma) and self.graph.absorb
+
+    def graph_kind(self) -> str:
+        return self.options.graph
 
     def log_score(self, model: nn.Module, xt: Tensor, t: Tensor, select: Tensor | None = None) -> Tensor:
         """log s_θ(x_t, t): (B, L, V) float32, or (N, V) where ``select`` is True; −inf on the ids that are
@@ -76,12 +81,3 @@ class ScoreEntropy(GraphDiffusion):
             terms = self.graph.score_entropy(log_s, xt, x0, a) * w[:, None]
             terms = torch.where(batch.loss_mask, terms, torch.zeros_like(terms))
         return terms.float()
-
-    def config(self) -> dict:
-        return {
-            "type": "sedd",
-            "graph": self.graph.kind,
-            "schedule": self.schedule.to_dict(),
-            "scale_by_sigma": self.scale_by_sigma,
-            "time_conditioning": self.time_conditioning,
-        }

@@ -15,32 +15,30 @@ of SEDD Thm 3.6). With α(1) = 0 the prior term vanishes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..schedules import Schedule
+from ..registry import option, register_family
 from .base import Batch
 from .graphs import GraphDiffusion
 
 
+@dataclass
+class UniformOptions:
+    schedule: str | dict = option("loglinear", "α(t) (as process.type masked)")
+    time_conditioning: bool = option(True, "feed t to the network: a noisy token does not say it is noisy")
+
+
+@register_family
 class UniformDiffusion(GraphDiffusion):
     family = "uniform"
+    Options = UniformOptions
+    default_sampler = "ancestral"
 
-    def __init__(
-        self,
-        vocab_size: int,
-        mask_id: int,
-        pad_id: int,
-        bos_id: int | None = None,
-        schedule: Schedule | str | dict = "loglinear",
-        time_conditioning: bool = True,
-        length_prior: list[float] | None = None,
-    ) -> None:
-        super().__init__(vocab_size, mask_id, pad_id, bos_id, "uniform", schedule, time_conditioning, length_prior)
-
-    def x0_log_probs(self, model: nn.Module, xt: Tensor, t: Tensor) -> Tensor:
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor) -> Tensor:
         """log p̃_θ(x0 | x_t): (B, L, V) float32, −inf on the ids that are never data."""
         logits = model(xt, t.float() if self.time_conditioning else None).float()
         logits[..., self.never] = -math.inf
@@ -48,15 +46,12 @@ class UniformDiffusion(GraphDiffusion):
 
     def log_score(self, model: nn.Module, xt: Tensor, t: Tensor) -> Tensor:
         """The concrete score the x0-prediction implies, log s_y: (B, L, V) float64."""
-        return self.graph.exact_log_score_from_x0(self.x0_log_probs(model, xt, t), xt, self.schedule.alpha(t))
+        return self.graph.exact_log_score_from_x0(self.log_probs(model, xt, t), xt, self.schedule.alpha(t))
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         x0 = batch.tokens
         t, w = self.times(batch.time_uniforms(generator))
         xt = self.corrupt(batch, t, generator)
-        log_p0 = self.x0_log_probs(model, xt, t)
+        log_p0 = self.log_probs(model, xt, t)
         terms = self.graph.score_entropy_from_x0(log_p0, xt, x0, self.schedule.alpha(t)) * w[:, None]
         return torch.where(batch.loss_mask, terms, torch.zeros_like(terms)).float()
-
-    def config(self) -> dict:
-        return {"type": "uniform", "schedule": self.schedule.to_dict(), "time_conditioning": self.time_conditioning}

@@ -13,21 +13,21 @@ from collections import Counter
 
 import torch
 
+from .. import registry
 from ..diffusion import Batch
 from ..errors import DiffLMError
 from ..precision import autocast
 
-#: samplers whose cost and output do not depend on ``steps`` (run once, at steps = sequence length)
-STEP_FREE = {"first-hitting", "threshold", "autoregressive"}
 
-#: the samplers `bench-sampling` compares for each family, with the options they run with
-BENCH_SAMPLERS = {
-    "masked": [("ancestral", {}), ("cached", {}), ("first-hitting", {}), ("remdm", {"eta": 0.02}),
-               ("confidence", {}), ("threshold", {"threshold": 0.9})],
-    "sedd": [("analytic", {}), ("euler", {})], "uniform": [("ancestral", {})], "d3pm": [("ancestral", {})],
-    "gaussian": [("ddpm", {}), ("ddim", {"eta": 0.0}), ("dpm-solver", {})],
-    "autoregressive": [("autoregressive", {})], "block": [("block", {}), ("block", {"cache": False})],
-}
+def bench_samplers(family: str) -> list[tuple[str, dict]]:
+    """The (sampler, options) settings ``bench-sampling`` runs for a family: each registered sampler that fits
+    it, with every setting in its ``bench`` declaration, in registration order."""
+    return [(c.name, dict(opts)) for c in registry.samplers(family) for opts in c.bench]
+
+
+def step_free(name: str, family: str) -> bool:
+    """Whether a sampler's cost and output do not depend on ``steps`` (run once, at steps = length)."""
+    return registry.sampler_class(name, family).step_free
 
 
 @torch.no_grad()
@@ -60,7 +60,8 @@ def special_ids(tokenizer) -> set[int]:
 
 
 def require_autoregressive(ar) -> None:
-    if ar.process.family != "autoregressive":
+    """The judge of generative perplexity must give exact likelihoods (an autoregressive model)."""
+    if not ar.process.exact_likelihood:
         raise DiffLMError("the evaluator for generative perplexity must be an autoregressive model")
 
 
@@ -81,11 +82,13 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
     if ar is not None:
         check_evaluator(lm, ar)
     special = special_ids(lm.tokenizer)
-    samplers = samplers or BENCH_SAMPLERS.get(lm.process.family, [])
+    family = lm.process.family
+    samplers = samplers or bench_samplers(family)
     length = length or lm.seq_len
     rows = []
     for name, opts in samplers:
-        for steps in ([length] if name in STEP_FREE else steps_list):
+        free = step_free(name, family)
+        for steps in ([length] if free else steps_list):
             t0 = time.perf_counter()
             try:
                 g = lm.generate(num, length, steps=steps, sampler=name, seed=seed, batch_size=num,
@@ -94,7 +97,7 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
                 rows.append({"sampler": name, "options": opts, "steps": steps, "error": str(e)})
                 continue
             sec = time.perf_counter() - t0
-            row = {"sampler": name, "options": opts, "steps": steps if name not in STEP_FREE else None,
+            row = {"sampler": name, "options": opts, "steps": None if free else steps,
                    "nfe": float(g.nfe.double().mean()), "tokens_per_s": num * length / sec,
                    "seconds_per_sample": sec / num, "unigram_entropy": unigram_entropy(g.tokens, special)}
             if ar is not None:

@@ -64,7 +64,7 @@ def evaluate(
     low-discrepancy times across its batch. Exact-likelihood processes need (and get) one pass.
     all_steps: for discrete-time families (D3PM), evaluate every one of the T terms of the bound in each
     pass (T network calls per batch) instead of one term drawn at random."""
-    if all_steps and not hasattr(process, "full_nelbo"):
+    if all_steps and not process.discrete_time:
         raise DiffLMError(f"--all-steps applies to discrete-time families (d3pm), not to a {process.family} model")
     nelbo = process.full_nelbo if all_steps else process.nelbo
     model.eval()

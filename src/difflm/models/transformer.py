@@ -10,31 +10,47 @@ learned token-embedding table that defines the diffusion space. It knows no diff
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import BackboneNeeds, register_backbone
+
+
+def _derived(default):
+    """A field filled from the tokenizer, data.seq_len and the family's BackboneNeeds, never configured."""
+    return field(default=default, metadata={"derived": True})
+
 
 @dataclass
 class TransformerConfig:
-    vocab_size: int
-    max_len: int = 1024
+    """The transformer's one config: the ``model`` section of a run (n_layer ... rope_base) plus the fields
+    marked derived, which ``components.build_components`` fills in."""
+
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    causal: bool = False
-    time_conditioning: bool = False  # adaLN-zero conditioning on t
-    d_time: int = 128
+    d_time: int = 128  # width of the time embedding (time-conditioned families)
     rope_base: float = 10000.0
-    d_embed: int = 0  # > 0: embedding diffusion (Diffusion-LM): input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
-    self_conditioning: bool = False  # embedding diffusion: the previous x̂0 is concatenated to the input
+    vocab_size: int = _derived(0)
+    max_len: int = _derived(1024)
+    causal: bool = _derived(False)
+    time_conditioning: bool = _derived(False)  # adaLN-zero conditioning on t
+    d_embed: int = _derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
+    self_conditioning: bool = _derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
+        """This config with its derived fields set for a family's needs (block-causal masks come per call)."""
+        return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
+                       time_conditioning=needs.time_conditioning, d_embed=needs.d_embed,
+                       self_conditioning=needs.self_conditioning)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -184,8 +200,12 @@ class Block(nn.Module):
         return x + g2 * self.drop(self.mlp(h))
 
 
+@register_backbone
 class Transformer(nn.Module):
     """Denoiser / language-model backbone: (tokens (B, L), t (B,) or None) -> logits (B, L, V)."""
+
+    kind = "transformer"
+    Config = TransformerConfig
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()

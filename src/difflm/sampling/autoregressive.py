@@ -8,15 +8,18 @@ from torch import Tensor, nn
 from ..diffusion.autoregressive import Autoregressive
 from ..errors import DiffLMError
 from ..models.transformer import KVCache
+from ..registry import register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
+@register_sampler
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
     families = ("autoregressive",)
+    step_free = True
 
     @torch.no_grad()
     def __call__(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.base import Process
 from ..errors import DiffLMError
+from ..registry import NoOptions, make_options
 from .conditioning import Conditioning
 
 
@@ -39,10 +41,22 @@ class Sampler:
 
     ``rows`` are the sequences' global indices (default 0..B−1): a sequence's random numbers depend only
     on (seed, row), so results do not change with batch size.
+
+    A sampler declares itself (``registry.register_sampler``): ``name``; the ``families`` it fits;
+    ``Options``, a dataclass of its own options (``registry.option`` fields with help text — the CLI makes
+    flags of them and checks them); ``bench``, the option settings ``bench-sampling`` runs (empty: not
+    benchmarked); ``step_free`` when its cost and output do not depend on ``steps``. ``Sampler(**options)``
+    builds ``self.options``; an unknown option is a one-line error naming the real ones.
     """
 
-    name = "base"
-    families: tuple[str, ...] = ()
+    name: ClassVar[str] = "base"
+    families: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+    bench: ClassVar[tuple[dict, ...]] = ({},)
+    step_free: ClassVar[bool] = False
+
+    def __init__(self, **options) -> None:
+        self.options = make_options(self.Options, options, f"sampler {self.name!r}")
 
     def __call__(
         self, model: nn.Module, process: Process, cond: Conditioning, *, steps: int, seed: int = 0,

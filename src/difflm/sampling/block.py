@@ -17,6 +17,8 @@ row makes no more calls (variable-length generation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,18 +26,30 @@ from torch import Tensor, nn
 from ..diffusion.block import BlockDiffusion, block_causal
 from ..errors import DiffLMError
 from ..models.transformer import KVCache
+from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
+@dataclass
+class BlockSamplerOptions:
+    cache: bool = option(True, "keep the clean blocks' keys/values in the KV cache (off: recompute the prefix "
+                         "at every call)", flag="--no-kv-cache")
+    stop_at_eos: bool = option(False, "end each sequence at the first [EOS] it generates (variable length)")
+
+
+@register_sampler
 class BlockSampler(Sampler):
     name = "block"
     families = ("block",)
+    Options = BlockSamplerOptions
+    bench = ({}, {"cache": False})
 
-    def __init__(self, cache: bool = True, stop_at_eos: bool = False) -> None:
-        self.cache, self.stop_at_eos = bool(cache), bool(stop_at_eos)
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.cache, self.stop_at_eos = bool(self.options.cache), bool(self.options.stop_at_eos)
 
     def _log_probs(self, model: nn.Module, process: BlockDiffusion, x: Tensor, a: int, e: int,
                    cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
@@ -80,7 +94,7 @@ class BlockSampler(Sampler):
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         S, m = process.block_size, process.mask_id
-        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         cache = KVCache(len(model.blocks), capacity=L) if self.cache else None

@@ -32,6 +32,10 @@ class Conditioning:
             cond.fixed[i, : len(p)] = True
         return cond
 
+    def initial(self, fill: int) -> Tensor:
+        """The sampler's starting state (B, L): the given tokens, ``fill`` (e.g. [MASK]) everywhere else."""
+        return torch.where(self.fixed, self.tokens, torch.full_like(self.tokens, fill))
+
     def rows(self, idx: Tensor | slice) -> Conditioning:
         return Conditioning(self.tokens[idx], self.fixed[idx])
 

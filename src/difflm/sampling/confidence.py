@@ -15,12 +15,15 @@ across blocks. Draws are keyed on (seed, row, call), so a row's text does not de
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
+from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
@@ -29,16 +32,37 @@ from .conditioning import Conditioning
 SCORES = ("confidence", "margin", "entropy")
 
 
+@dataclass
+class ConfidenceOptions:
+    score: Literal["confidence", "margin", "entropy"] = option(
+        "confidence", "how sure a drawn token is: its probability, top-1 minus top-2, or −entropy")
+    block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)")
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise DiffLMError(f"unknown confidence score {self.score!r}; choose one of {', '.join(SCORES)}")
+        if self.block < 0:
+            raise DiffLMError("--block must be ≥ 0 (0 = the whole sequence)")
+
+
+@dataclass
+class ThresholdOptions(ConfidenceOptions):
+    threshold: float = option(0.9, "unmask every candidate whose score exceeds τ (and at least the best one)")
+
+
+@register_sampler
 class ConfidenceDecoding(Sampler):
     name = "confidence"
     families = ("masked",)
+    Options = ConfidenceOptions
 
-    def __init__(self, score: str = "confidence", block: int = 0, threshold: float = 0.9) -> None:
-        if score not in SCORES:
-            raise DiffLMError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
-        if block < 0:
-            raise DiffLMError("--block must be ≥ 0 (0 = the whole sequence)")
-        self.score, self.block, self.threshold = score, int(block), float(threshold)
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.score, self.block = self.options.score, int(self.options.block)
+
+    def _keep(self, cand: Tensor, score: Tensor, rank: Tensor, calls_left: Tensor) -> Tensor:
+        """Which candidates keep their drawn token (B, L): an even share of the steps left, best first."""
+        return cand & (rank < self._count(cand, calls_left)[:, None])
 
     def _candidates(self, masked: Tensor) -> tuple[Tensor, Tensor]:
         """The masked positions of each row's leftmost block that still has one (B, L) bool, and that
@@ -73,7 +97,7 @@ class ConfidenceDecoding(Sampler):
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         m = process.mask_id
-        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         free0 = (~cond.fixed).sum(-1)
         n_blocks = 1 if not self.block else math.ceil(L / self.block)
@@ -102,10 +126,7 @@ class ConfidenceDecoding(Sampler):
             # rank of each candidate within its row by score (0 = best; ties by position)
             order = torch.sort(score, dim=-1, descending=True, stable=True).indices
             rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand_as(order))
-            if self.name == "threshold":
-                keep = cand & ((score > self.threshold) | (rank == 0))
-            else:
-                keep = cand & (rank < self._count(cand, per_block - spent[idx])[:, None])
+            keep = self._keep(cand, score, rank, per_block - spent[idx])
             spent[idx] += 1
             x = x.clone()
             sub = x[idx]
@@ -117,5 +138,13 @@ class ConfidenceDecoding(Sampler):
         return SampleOutput(x, nfe)
 
 
+@register_sampler
 class ThresholdDecoding(ConfidenceDecoding):
     name = "threshold"
+    Options = ThresholdOptions
+    bench = ({"threshold": 0.9},)
+    step_free = True
+
+    def _keep(self, cand: Tensor, score: Tensor, rank: Tensor, calls_left: Tensor) -> Tensor:
+        """Every candidate above τ, and at least the best one."""
+        return cand & ((score > self.options.threshold) | (rank == 0))

@@ -16,21 +16,39 @@ clean embeddings throughout and come out unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.gaussian import GaussianDiffusion, gaussian_noise
+from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
+@dataclass
+class GaussianOptions:
+    clamp: bool | None = option(None, "snap each x̂0 to the nearest token embedding (default: the model's "
+                                "process.clamp)")
+    guide: Any = option(None, "a difflm.control.ClassifierGuidance that steers each z_s (--classifier)", cli=False)
+
+
+@dataclass
+class DDIMOptions(GaussianOptions):
+    eta: float = option(0.0, "η: 0 deterministic, 1 the DDPM step")
+
+
 class GaussianSampler(Sampler):
     families = ("gaussian",)
+    Options = GaussianOptions
 
-    def __init__(self, clamp: bool | None = None, guide=None) -> None:
-        self.clamp_opt, self.guide = clamp, guide
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.guide = self.options.guide
 
     def update(self, process: GaussianDiffusion, z: Tensor, x0: Tensor, t: Tensor, s: Tensor, noise: Tensor,
                memory: dict) -> Tensor:
@@ -44,7 +62,7 @@ class GaussianSampler(Sampler):
         on_step: OnStep | None = None,
     ) -> SampleOutput:
         rows = self.default_rows(cond, rows, steps)
-        clamp = process.clamp if self.clamp_opt is None else self.clamp_opt
+        clamp = process.clamp if self.options.clamp is None else self.options.clamp
         B, L = cond.shape
         E = process.embeddings(model).detach()
         d = E.shape[-1]
@@ -59,10 +77,9 @@ class GaussianSampler(Sampler):
             t = torch.tensor(k / steps, dtype=torch.float64)
             s = torch.tensor((k - 1) / steps, dtype=torch.float64)
             tt = t.expand(B).to(dev)
-            if process.self_conditioning:
-                x0 = model(z.float(), tt.float(), x0_prev=None if prev is None else prev.float()).double()
-            else:
-                x0 = model(z.float(), tt.float()).double()
+            # self-conditioning: the previous step's x̂0 (zeros at the first step) is the second input
+            x0_prev = torch.zeros_like(z, dtype=torch.float32) if prev is None else prev.float()
+            x0 = process.predict_x0(model, z.float(), tt, x0_prev=x0_prev).double()
             nfe += 1
             prev = x0
             if clamp:
@@ -83,6 +100,7 @@ class GaussianSampler(Sampler):
         return SampleOutput(torch.where(cond.fixed, cond.tokens, tokens), nfe)
 
 
+@register_sampler
 class DDPM(GaussianSampler):
     name = "ddpm"
 
@@ -91,20 +109,20 @@ class DDPM(GaussianSampler):
         return mean + torch.sqrt(var) * noise
 
 
+@register_sampler
 class DDIM(GaussianSampler):
     name = "ddim"
-
-    def __init__(self, eta: float = 0.0, clamp: bool | None = None, guide=None) -> None:
-        super().__init__(clamp, guide)
-        self.eta = float(eta)
+    Options = DDIMOptions
+    bench = ({"eta": 0.0},)
 
     def update(self, process, z, x0, t, s, noise, memory):
         at, as_ = process.schedule.alpha_bar(t), process.schedule.alpha_bar(s)
         eps = (z - torch.sqrt(at) * x0) / torch.sqrt(1 - at)
-        var = self.eta**2 * (1 - as_) / (1 - at) * (1 - at / as_)
+        var = float(self.options.eta) ** 2 * (1 - as_) / (1 - at) * (1 - at / as_)
         return torch.sqrt(as_) * x0 + torch.sqrt((1 - as_ - var).clamp_min(0)) * eps + torch.sqrt(var) * noise
 
 
+@register_sampler
 class DPMSolver(GaussianSampler):
     name = "dpm-solver"
 

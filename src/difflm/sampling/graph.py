@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..diffusion.base import Process
 from ..errors import DiffLMError
+from ..registry import register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
@@ -67,6 +68,8 @@ class GraphSampler(Sampler):
                 on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
         return SampleOutput(x, nfe)
 
+
+@register_sampler
 class UniformAncestral(GraphSampler):
     name = "ancestral"
     families = ("uniform",)
@@ -74,10 +77,11 @@ class UniformAncestral(GraphSampler):
     def step_probs(self, model, process, x, t, s):
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-        p0 = process.x0_log_probs(model, x, torch.full((x.shape[0],), t, device=x.device)).double().exp()
+        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device)).double().exp()
         return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x, a_t / a_s)
 
 
+@register_sampler
 class D3PMAncestral(GraphSampler):
     """D3PM ancestral sampling with step skipping (x0-parameterisation): ``steps`` ≤ T reverse steps on the
     integer grid t_j = round(j·T/steps); each step is p_θ(x_s | x_t) ∝ Q_{t|s}[·, x_t] ⊙ (p̃_θ Q̄_s)."""
@@ -90,10 +94,11 @@ class D3PMAncestral(GraphSampler):
         if round(t * T) == round(s * T):
             raise DiffLMError(f"a D3PM model with T={T} takes at most {T} sampling steps")
         kt, ks = (torch.tensor(round(v * T), device=x.device) for v in (t, s))
-        p0 = process.x0_log_probs(model, x, kt.expand(x.shape[0])).exp()
+        p0 = process.log_probs(model, x, kt.expand(x.shape[0])).exp()
         return process.reverse_probs(p0, x, ks, kt)
 
 
+@register_sampler
 class SEDDAnalytic(GraphSampler):
     name = "analytic"
     families = ("sedd",)
@@ -113,6 +118,7 @@ class SEDDAnalytic(GraphSampler):
         return stag * g.kernel_into(x, beta)
 
 
+@register_sampler
 class SEDDEuler(SEDDAnalytic):
     name = "euler"
 

@@ -8,17 +8,22 @@ cached:    the same chain, but a sequence's x̂0 is reused while none of its tok
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
+from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
+@register_sampler
 class MaskedAncestral(Sampler):
     name = "ancestral"
     families = ("masked",)
@@ -38,7 +43,7 @@ class MaskedAncestral(Sampler):
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         m = process.mask_id
-        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         logp = None  # cached SUBS log-probs (B, L, V) of the last network call per row
         dirty = torch.ones(B, dtype=torch.bool, device=x.device)
@@ -73,11 +78,13 @@ class MaskedAncestral(Sampler):
         return SampleOutput(x, nfe)
 
 
+@register_sampler
 class MaskedCached(MaskedAncestral):
     name = "cached"
     cache = True
 
 
+@register_sampler
 class FirstHitting(Sampler):
     """First-hitting sampler (Zheng et al. 2024, arXiv 2409.02908, Alg. 1): with n tokens still masked at
     time t, the next time any of them unmasks is s with P(all still masked at s) = ((1 − α_s)/(1 − α_t))^n,
@@ -88,6 +95,7 @@ class FirstHitting(Sampler):
 
     name = "first-hitting"
     families = ("masked",)
+    step_free = True
 
     @staticmethod
     def next_time(process: MaskedDiffusion, t: Tensor, n: Tensor, u: Tensor) -> Tensor:
@@ -109,7 +117,7 @@ class FirstHitting(Sampler):
         rows = self.default_rows(cond, rows)  # steps unused: one call per token
         B, L = cond.shape
         m = process.mask_id
-        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         t = torch.ones(B, dtype=torch.float64, device=x.device)
         total = int((x == m).sum(-1).max()) if B else 0
@@ -139,6 +147,19 @@ class FirstHitting(Sampler):
         return SampleOutput(x, nfe)
 
 
+@dataclass
+class ReMDMOptions:
+    eta: float = option(0.02, "remasking η in [0, 1] (0: the ancestral sampler)")
+    strategy: Literal["cap", "rescale"] = option("cap", "cap: σ_t = min(η, σ_max) | rescale: σ_t = η·σ_max")
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("cap", "rescale"):
+            raise DiffLMError(f"ReMDM strategy must be cap or rescale, got {self.strategy!r}")
+        if not 0 <= self.eta <= 1:
+            raise DiffLMError(f"ReMDM --eta must be in [0, 1], got {self.eta}")
+
+
+@register_sampler
 class ReMDM(Sampler):
     """ReMDM remasking sampler (Wang et al. 2025, arXiv 2503.00307, eq. 7): a reverse step that may re-mask
     decoded tokens, with the same marginals q(z_s | x) as MDLM's for any σ_t ∈ [0, σ_max],
@@ -151,13 +172,8 @@ class ReMDM(Sampler):
 
     name = "remdm"
     families = ("masked",)
-
-    def __init__(self, eta: float = 0.02, strategy: str = "cap") -> None:
-        if strategy not in ("cap", "rescale"):
-            raise DiffLMError(f"ReMDM strategy must be cap or rescale, got {strategy!r}")
-        if not 0 <= eta <= 1:
-            raise DiffLMError(f"ReMDM --eta must be in [0, 1], got {eta}")
-        self.eta, self.strategy = float(eta), strategy
+    Options = ReMDMOptions
+    bench = ({"eta": 0.02},)
 
     @torch.no_grad()
     def __call__(
@@ -169,14 +185,15 @@ class ReMDM(Sampler):
         B, L = cond.shape
         m = process.mask_id
         free = ~cond.fixed
-        x = torch.where(cond.fixed, cond.tokens, torch.full_like(cond.tokens, m))
+        x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         for k in range(steps, 0, -1):
             t, s = k / steps, (k - 1) / steps
             a_t = float(process.schedule.alpha(torch.tensor(t, dtype=torch.float64)))
             a_s = float(process.schedule.alpha(torch.tensor(s, dtype=torch.float64)))
             s_max = min(1.0, (1 - a_s) / a_t) if a_t > 0 else 1.0
-            sigma = min(self.eta, s_max) if self.strategy == "cap" else self.eta * s_max
+            eta = float(self.options.eta)
+            sigma = min(eta, s_max) if self.options.strategy == "cap" else eta * s_max
             masked = x == m
             p_unmask = min(max((a_s - (1 - sigma) * a_t) / (1 - a_t), 0.0), 1.0)
             unmask = masked & (uniform(seed, rows, k, L, stream=0) < p_unmask)

@@ -8,38 +8,14 @@ kill at any moment leaves either the old or the new checkpoint, never a broken o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..errors import DiffLMError
+from ..io import atomic_save_safetensors, read_safetensors
 
 FORMAT = "difflm-checkpoint-1"
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
@@ -52,23 +28,6 @@ def save_checkpoint(path: Path, model, ema, optimizer, state: dict) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"format": FORMAT, "state": json.dumps(state), "param_groups": json.dumps(opt["param_groups"])}
     atomic_save_safetensors(tensors, path, meta)
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DiffLMError(f"{path} not found")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise DiffLMError(
-            f"{path} is corrupted or not a safetensors file ({str(e).splitlines()[0]}); "
-            "restore it from a backup or retrain"
-        ) from None
 
 
 def load_checkpoint(path: Path, model, ema, optimizer) -> dict:

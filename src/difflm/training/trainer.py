@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..components import build_components, folder_config, write_model_folder
 from ..config import RunConfig
 from ..data import TokenDataset, Tokenizer, build_dataset, build_tokenizer, load_lines
 from ..data.datasets import drop_condition
 from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
-from ..pipeline import DiffusionLM, build_components
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -143,12 +143,11 @@ class Trainer:
             step, tokens_seen, elapsed0 = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
             if dist.is_main:
                 self._truncate_metrics(step)
-        lm = DiffusionLM(model, process, tok, run, length_prior, self.device)
         net = DDP(model) if dist.world > 1 else model
         amp = autocast(self.device, t.bf16)
         logger = _Logger(self.out, t.tensorboard) if dist.is_main else None
         if dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(lm.config_dict(), indent=2))
+            (self.out / "config.json").write_text(json.dumps(folder_config(run, tok, length_prior), indent=2))
         bar = None
         if self.progress and dist.is_main:
             from tqdm import tqdm
@@ -203,7 +202,7 @@ class Trainer:
                     bar.write(f"step {step}: val {'NLL' if r.exact else 'NELBO'} {val:.4f} nats/token "
                               f"(ppl ≤ {math.exp(val):.2f})")
             if step % t.save_every == 0 or step == t.max_steps:
-                self._save(lm, ema, opt, {"step": step, "tokens": tokens_seen,
+                self._save(model, tok, length_prior, ema, opt, {"step": step, "tokens": tokens_seen,
                                           "elapsed_s": elapsed0 + time.perf_counter() - t0})
         if bar is not None:
             bar.close()
@@ -211,13 +210,13 @@ class Trainer:
             logger.close()
         return TrainResult(self.out, step, tokens_seen, val, elapsed0 + time.perf_counter() - t0)
 
-    def _save(self, lm: DiffusionLM, ema: EMA, opt, state: dict) -> None:
+    def _save(self, model, tok: Tokenizer, length_prior, ema: EMA, opt, state: dict) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.out / CKPT, lm.model, ema, opt, state)
-            training = lm.model.training
-            with ema.applied(lm.model):
-                lm.save_pretrained(self.out)  # the model folder holds the EMA weights
-            lm.model.train(training)
+            save_checkpoint(self.out / CKPT, model, ema, opt, state)
+            training = model.training
+            with ema.applied(model):
+                write_model_folder(self.out, model, tok, self.run, length_prior)  # the model folder: EMA weights
+            model.train(training)
         barrier(self.dist)
 
     def _truncate_metrics(self, step: int) -> None:

@@ -1,0 +1,85 @@
+"""A run's parts and its model folder: the process and backbone a config describes, and the folder that
+holds them (config.json, model.safetensors, tokenizer.json). Shared by the trainer (which writes the folder)
+and ``DiffusionLM`` (which reads it); it knows no family by name: the registries do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, registry
+from .config import RunConfig
+from .data.tokenizers import Tokenizer
+from .diffusion import Process, build_process
+from .errors import DiffLMError
+from .io import atomic_save_safetensors, atomic_write_text, read_json, read_safetensors
+
+MODEL_FORMAT = "difflm-model-1"
+
+
+def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None) -> tuple[nn.Module, Process]:
+    """The backbone and process a run config describes, for this tokenizer: the backbone's config
+    (``model.type``) with what the family needs filled in (``Process.backbone_needs``)."""
+    process = build_process(run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
+                            length_prior=length_prior)
+    cfg = run.model.with_needs(process.backbone_needs(), tokenizer.vocab_size, run.data.seq_len)
+    try:
+        model = registry.backbone(registry.backbone_kind(run.model))(cfg)
+    except ValueError as e:
+        raise DiffLMError(f"bad model config: {e}") from None
+    return model, process
+
+
+def folder_config(run: RunConfig, tokenizer: Tokenizer, length_prior: list[float] | None) -> dict:
+    """What config.json holds: the run config and the tokenizer facts a reader checks."""
+    return {"difflm_version": __version__, "run": run.to_dict(), "vocab_size": tokenizer.vocab_size,
+            "special": tokenizer.special, "tokenizer_kind": tokenizer.kind, "length_prior": length_prior}
+
+
+def write_model_folder(path: Path, model: nn.Module, tokenizer: Tokenizer, run: RunConfig,
+                       length_prior: list[float] | None) -> None:
+    """Write a model folder: tokenizer.json, model.safetensors (the weights as they are), config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path / "tokenizer.json")
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(weights, path / "model.safetensors", {"format": MODEL_FORMAT})
+    atomic_write_text(path / "config.json", json.dumps(folder_config(run, tokenizer, length_prior), indent=2))
+
+
+def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunConfig, list[float] | None]:
+    """Rebuild (model, process, tokenizer, run, length_prior) from a model folder, with one-line errors for
+    a missing, mismatched or corrupted part."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DiffLMError(f"model folder {path} does not exist")
+    if not (path / "model.safetensors").is_file():
+        raise DiffLMError(
+            f"{path} has no model.safetensors: training has not saved a model there yet, "
+            "or the folder is incomplete"
+        )
+    cfg = read_json(path / "config.json")
+    if not isinstance(cfg, dict) or "run" not in cfg:
+        raise DiffLMError(f"{path / 'config.json'} is not a difflm model config")
+    run = RunConfig.from_dict(cfg["run"])
+    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"))
+    if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
+        raise DiffLMError(
+            f"{path / 'tokenizer.json'} does not match the model (vocabulary {tokenizer.vocab_size} vs "
+            f"{cfg.get('vocab_size')}); put back the tokenizer the model was trained with"
+        )
+    length_prior = cfg.get("length_prior")
+    model, process = build_components(run, tokenizer, length_prior)
+    weights, _ = read_safetensors(path / "model.safetensors")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise DiffLMError(f"{path / 'model.safetensors'} does not fit config.json ({str(e).splitlines()[0]})") from None
+    return model, process, tokenizer, run, length_prior
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
