@@ -130,8 +130,10 @@ def test_generate_and_eval_metrics_through_the_cli(learned, tmp_path, capsys):
                  "--candidates", "2", "--limit", "16", "--steps", "16", "--samples", "2", "--json"]) == 0
     g = json.loads(capsys.readouterr().out)["generation"]
     assert g["bleu"] > 90 and g["rouge_l"] > 95 and g["n"] == 16
-    assert main(["generate", str(d / "run"), "--source", " ".join("a" * 40)]) == 2
-    assert "shorten it" in capsys.readouterr().err
+    # a source longer than training kept is cut the same way (its first data.seq_len // 2 tokens), with a note
+    assert main(["generate", str(d / "run"), "--source", " ".join("a" * 40), "--steps", "4", "--json"]) == 0
+    io = capsys.readouterr()
+    assert "as training cut them" in io.err and json.loads(io.out)["source"] == " ".join("a" * 40)
     assert main(["eval", str(d / "run"), "--metrics", "meteor"]) == 2
     assert "unknown --metrics" in capsys.readouterr().err
 

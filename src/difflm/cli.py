@@ -6,12 +6,52 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
 
 from .errors import DiffLMError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a user's mistake as one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"difflm: error: {message} (see {self.prog} --help)\n")
+
+
+def count(least: int):
+    """An argparse type: an integer ≥ ``least``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(**bounds):
+    """An argparse type: a finite number within ``bounds`` (ge, gt, le, lt)."""
+    from .registry import bounds_text, check_value
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            check_value("the value", v, {"bounds": bounds or {"gt": -math.inf}})
+        except DiffLMError:
+            raise argparse.ArgumentTypeError(f"must be {bounds_text(bounds) or 'finite'}, got {text}") from None
+        return v
+    parse.__name__ = "number"
+    return parse
 
 
 def _sampler_help() -> str:
@@ -51,7 +91,7 @@ def _flag_kind(options_cls: type, f) -> dict:
 
 
 def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's sample.steps)")
+    p.add_argument("--steps", type=count(1), default=None, help="reverse steps (default: the model's sample.steps)")
     p.add_argument("--sampler", default=None, help=_sampler_help())
     # the samplers' own options, as declared (registry.option): one flag each, checked against the sampler used
     for flag, users in _sampler_flags().items():
@@ -70,21 +110,21 @@ def _add_sampling(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    help="gaussian: steer toward the attribute of this classifier (difflm train-classifier)")
     _add_guide_options(p)
     if seed:
-        p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None, dest="top_p")
+        p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--temperature", type=number(gt=0), default=None)
+    p.add_argument("--top-p", type=number(gt=0, le=1), default=None, dest="top_p")
     p.add_argument("--fp32", action="store_true", help="run the network in float32 instead of bf16 autocast")
 
 
 def _add_guide_options(p: argparse.ArgumentParser) -> None:
     """The classifier-guidance knobs (Diffusion-LM §5.2), shared by sample/infill/eval/generate and control."""
     p.add_argument("--target", default="yes", choices=["yes", "no"], help="--classifier: want the attribute or not")
-    p.add_argument("--classifier-scale", type=float, default=1.0,
+    p.add_argument("--classifier-scale", type=number(ge=0), default=1.0,
                    help="--classifier: weight of log p(attribute) against the fluency term; higher (e.g. 10) "
                         "reaches the attribute more often at some fluency cost")
-    p.add_argument("--classifier-steps", type=int, default=3, help="--classifier: Adagrad steps per reverse step")
-    p.add_argument("--classifier-lr", type=float, default=0.1, help="--classifier: Adagrad step size")
-    p.add_argument("--fluency", type=float, default=0.01, help="--classifier: weight of the proximity term")
+    p.add_argument("--classifier-steps", type=count(0), default=3, help="--classifier: Adagrad steps per reverse step")
+    p.add_argument("--classifier-lr", type=number(gt=0), default=0.1, help="--classifier: Adagrad step size")
+    p.add_argument("--fluency", type=number(ge=0), default=0.01, help="--classifier: weight of the proximity term")
 
 
 def _guide_options(a) -> dict:
@@ -171,8 +211,11 @@ def cmd_train(a) -> int:
     from .training.trainer import Trainer
 
     run = load_config(a.config, a.set)
-    out = a.out or f"runs/{run.name}"
-    trainer = Trainer(run, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
+    is_run = Path(a.config).is_dir()  # `difflm train RUN --resume`: the run's own config and folder
+    out = a.out or (a.config if is_run else f"runs/{run.name}")
+    allow = [k.strip() for k in ",".join(a.allow_change).split(",") if k.strip()]
+    trainer = Trainer(run, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite,
+                      allow_changes=allow)
     try:
         res = trainer.fit()
     finally:
@@ -182,6 +225,18 @@ def cmd_train(a) -> int:
     msg = {"out": str(res.out_dir), "step": res.step, "tokens": res.tokens, "val_nelbo": res.val_nelbo,
            "seconds": round(res.seconds, 1)}
     print(json.dumps(msg) if a.json else f"trained {res.step} steps ({res.tokens} tokens) -> {res.out_dir}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .runfolder import RunLock, remove_temp_files
+    from .training.checkpoint import export_from_checkpoint
+
+    with RunLock(Path(a.run_dir)):
+        remove_temp_files(Path(a.run_dir))
+        step = export_from_checkpoint(Path(a.run_dir))
+    print(json.dumps({"run": a.run_dir, "step": step}) if a.json else
+          f"rewrote {a.run_dir}'s model folder and manifest from its checkpoint (step {step})")
     return 0
 
 
@@ -310,26 +365,31 @@ def cmd_quickstart(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="difflm", description="Diffusion language models: train, sample, evaluate.")
+    p = Parser(prog="difflm", description="Diffusion language models: train, sample, evaluate.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config or preset")
-    t.add_argument("config", help="a YAML file or a preset name from configs/ (e.g. ptb-mdlm-small)")
+    t.add_argument("config", help="a YAML file, a preset name from configs/ (e.g. ptb-mdlm-small), or a run "
+                                  "folder (its own config; --out defaults to it)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=500 (repeatable)")
     t.add_argument("--out", default=None, help="run folder (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a folder that holds a run (its checkpoint, model and logs are removed)")
+    t.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
+                   help="--resume: accept these config keys differing from the run's (recorded in changes.jsonl); "
+                        "train.max_steps, logging and evaluation cadence may always change")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a trained model")
     s.add_argument("run_dir")
-    s.add_argument("--num", type=int, default=4)
-    s.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's length)")
+    s.add_argument("--num", type=count(1), default=4)
+    s.add_argument("--length", type=count(1), default=None, help="tokens per sample (default: the model's length)")
     s.add_argument("--prompt", default=None, help="text the samples continue")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=count(1), default=16)
     _add_sampling(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_sample)
@@ -337,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("infill", help='fill [MASK] tokens and ___ spans; the rest is kept byte-for-byte')
     i.add_argument("run_dir")
     i.add_argument("text")
-    i.add_argument("--span-tokens", type=int, default=4, help="tokens generated for each ___ span")
-    i.add_argument("--num", type=int, default=1)
+    i.add_argument("--span-tokens", type=count(1), default=4, help="tokens generated for each ___ span")
+    i.add_argument("--num", type=count(1), default=1)
     _add_sampling(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_infill)
@@ -346,18 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="NELBO / perplexity bound (exact NLL for AR) with a 95%% interval")
     e.add_argument("run_dir")
     e.add_argument("--split", default="valid", choices=["valid", "test"])
-    e.add_argument("--samples", type=int, default=4, help="K independent time samples (CI over them)")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-batches", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--samples", type=count(1), default=4, help="K independent time samples (CI over them)")
+    e.add_argument("--batch-size", type=count(1), default=32)
+    e.add_argument("--max-batches", type=count(1), default=None)
+    e.add_argument("--seed", type=count(0), default=0)
     e.add_argument("--all-steps", action="store_true",
                    help="D3PM: sum all T terms of the bound in each pass (T network calls) instead of one")
     e.add_argument("--metrics", default=None,
                    help="seq2seq models: also generate for the split and score, e.g. bleu,rouge,dist,self-bleu")
-    e.add_argument("--limit", type=int, default=None, help="--metrics: first N pairs of the split only")
-    e.add_argument("--candidates", type=int, default=1, help="--metrics: samples per source (self-BLEU needs ≥2)")
+    e.add_argument("--limit", type=count(1), default=None, help="--metrics: first N pairs of the split only")
+    e.add_argument("--candidates", type=count(1), default=1, help="--metrics: samples per source (self-BLEU needs ≥2)")
     e.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
-    e.add_argument("--guidance", type=float, default=0.0, help="--metrics: classifier-free guidance weight w")
+    e.add_argument("--guidance", type=number(), default=0.0, help="--metrics: classifier-free guidance weight w")
     _add_sampling(e, seed=False)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -366,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.add_argument("--source", default=None, help="one source text")
     g.add_argument("--input", default=None, help="a .jsonl file with a source field per line, or a text file")
-    g.add_argument("--candidates", type=int, default=1, help="samples per source; the prediction is their MBR")
+    g.add_argument("--candidates", type=count(1), default=1, help="samples per source; the prediction is their MBR")
     g.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--guidance", type=float, default=0.0,
+    g.add_argument("--batch-size", type=count(1), default=16)
+    g.add_argument("--guidance", type=number(), default=0.0,
                    help="classifier-free guidance weight w (models trained with train.cond_dropout > 0)")
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
@@ -383,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a transformers model directory or a .gguf file")
     b.add_argument("--samplers", default=None, help="comma-separated (default: the family's own set)")
     b.add_argument("--steps", dest="steps_list", default="16,64,256,1024")
-    b.add_argument("--num", type=int, default=16, help="samples per (sampler, steps)")
-    b.add_argument("--length", type=int, default=None)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--num", type=count(1), default=16, help="samples per (sampler, steps)")
+    b.add_argument("--length", type=count(1), default=None)
+    b.add_argument("--seed", type=count(0), default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench_sampling)
 
@@ -393,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir")
     c.add_argument("--attribute", required=True,
                    help="contains:WORD | endswith:TEXT (e.g. endswith:?) | startswith:TEXT")
-    c.add_argument("--steps", type=int, default=500)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=count(1), default=500)
+    c.add_argument("--batch-size", type=count(1), default=64)
+    c.add_argument("--lr", type=number(gt=0), default=1e-3)
+    c.add_argument("--seed", type=count(0), default=0)
     c.add_argument("--pooling", choices=["attention", "mean"], default="attention",
                    help="how the classifier reads its per-position features (default: attention)")
     c.add_argument("--out", default=None, help="folder (default RUN/classifiers/ATTRIBUTE)")
@@ -407,17 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("run_dir")
     k.add_argument("--classifier", action="append", dest="classifiers", required=True, help="repeatable")
     k.add_argument("--ar", default=None, help="an AR run on the same data: fluency as generative perplexity")
-    k.add_argument("--num", type=int, default=64)
-    k.add_argument("--steps", type=int, default=100)
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--num", type=count(1), default=64)
+    k.add_argument("--steps", type=count(1), default=100)
+    k.add_argument("--seed", type=count(0), default=0)
     k.add_argument("--sampler", default=None, help="ddpm (default) | ddim | dpm-solver")
     _add_guide_options(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_control)
 
+    x = sub.add_parser("export", help="rewrite a run's model folder and manifest from its training checkpoint "
+                                      "(repairs a save that a kill cut short)")
+    x.add_argument("run_dir")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_export)
+
     q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
     q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--steps", type=int, default=None, help="training steps per model (default: preset's)")
+    q.add_argument("--steps", type=count(1), default=None, help="training steps per model (default: preset's)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quickstart)
     return p
@@ -451,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except DiffLMError as e:
         print(f"difflm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk, a file where a folder should be: saved work is intact
+        where = f" {e.filename}" if e.filename else ""
+        print(f"difflm: error: cannot use{where}: {e.strerror or e}; check the path's permissions and free space "
+              "(saved files are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflm: interrupted; saved checkpoints are intact (continue training with --resume)",

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, registry
+from . import __version__, registry, runfolder
 from .config import RunConfig
 from .data.tokenizers import Tokenizer
 from .diffusion import Process, build_process
@@ -40,14 +40,17 @@ def folder_config(run: RunConfig, tokenizer: Tokenizer, length_prior: list[float
 
 
 def write_model_folder(path: Path, model: nn.Module, tokenizer: Tokenizer, run: RunConfig,
-                       length_prior: list[float] | None) -> None:
-    """Write a model folder: tokenizer.json, model.safetensors (the weights as they are), config.json."""
+                       length_prior: list[float] | None, step: int | None = None,
+                       manifest_files: tuple[str, ...] = runfolder.MODEL_FILES) -> None:
+    """Write a model folder — tokenizer.json, model.safetensors (the weights as they are), config.json, each
+    atomically — and then the manifest naming ``step`` and the checksums of ``manifest_files``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path / "tokenizer.json")
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save_safetensors(weights, path / "model.safetensors", {"format": MODEL_FORMAT})
     atomic_write_text(path / "config.json", json.dumps(folder_config(run, tokenizer, length_prior), indent=2))
+    runfolder.write_manifest(path, step, manifest_files)
 
 
 def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunConfig, list[float] | None]:
@@ -61,6 +64,7 @@ def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunCon
             f"{path} has no model.safetensors: training has not saved a model there yet, "
             "or the folder is incomplete"
         )
+    runfolder.check_model_folder(path)
     cfg = read_json(path / "config.json")
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{path / 'config.json'} is not a difflm model config")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import DiffLMError
+from .registry import check_bounds, option
 
 # presets live in the repository's configs/ (found from the source tree or the working directory)
 CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs")
@@ -26,10 +27,11 @@ class DataConfig:
     path: str | list[str] | None = None  # text file(s) for corpus: text; a folder or .jsonl for pairs
     valid_path: str | None = None
     test_path: str | None = None
-    valid_fraction: float = 0.1  # tail of the text used for validation when valid_path is not given
-    test_fraction: float = 0.0
+    valid_fraction: float = option(0.1, "tail of the text used for validation when valid_path is not given",
+                                   ge=0, lt=1)
+    test_fraction: float = option(0.0, ge=0, lt=1)
     mode: str = "packed"  # packed: blocks of the token stream; lines: one padded line each; pairs: seq2seq
-    seq_len: int = 128
+    seq_len: int = option(128, "tokens per row", ge=2)
     cache_dir: str | None = None  # where tokenized arrays are memory-mapped (default ~/.cache/difflm)
 
     def __post_init__(self) -> None:
@@ -42,41 +44,42 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     type: str = "word"  # char | word | bpe | hf
-    vocab_size: int = 8192  # bpe
-    min_count: int = 1  # word
+    vocab_size: int = option(8192, "bpe: vocabulary size", ge=16)
+    min_count: int = option(1, "word: drop words seen fewer times", ge=1)
     path: str | None = None  # hf
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # global batch (sequences per optimizer step, over all ranks and accumulation)
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.98
-    clip: float = 1.0
-    ema: float = 0.9999
+    batch_size: int = option(32, "global batch: sequences per optimizer step, over all ranks and accumulation", ge=1)
+    grad_accum: int = option(1, ge=1)
+    max_steps: int = option(1000, ge=1)
+    lr: float = option(1e-3, gt=0)
+    min_lr_ratio: float = option(0.1, ge=0, le=1)
+    warmup_steps: int = option(100, ge=0)
+    weight_decay: float = option(0.0, ge=0)
+    beta1: float = option(0.9, ge=0, lt=1)
+    beta2: float = option(0.98, ge=0, lt=1)
+    clip: float = option(1.0, "gradient-norm clip (0: none)", ge=0)
+    ema: float = option(0.9999, ge=0, lt=1)
     bf16: bool = True
-    eval_every: int = 500
-    eval_batches: int = 20
-    save_every: int = 250
-    log_every: int = 10
-    seed: int = 0
+    eval_every: int = option(500, ge=1)
+    eval_batches: int = option(20, ge=1)
+    save_every: int = option(250, ge=1)
+    log_every: int = option(10, ge=1)
+    seed: int = option(0, ge=0)
     tensorboard: bool = True
-    threads: int | None = None
-    cond_dropout: float = 0.0  # seq2seq: fraction of rows trained with the source dropped (classifier-free guidance)
+    threads: int | None = option(None, ge=1)
+    cond_dropout: float = option(0.0, "seq2seq: fraction of rows trained with the source dropped (classifier-free "
+                                 "guidance)", ge=0, lt=1)
 
 
 @dataclass
 class SampleConfig:
     sampler: str | None = None
-    steps: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    steps: int = option(128, ge=1)
+    temperature: float = option(1.0, gt=0)
+    top_p: float = option(1.0, gt=0, le=1)
 
 
 @dataclass
@@ -191,9 +194,11 @@ def _build(cls, d: Any, where: str, owner: str | None = None, skip: set[str] = f
         else:
             kwargs[k] = coerce(v, hint, where + k)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as e:
         raise DiffLMError(f"bad config section {where.rstrip('.') or 'root'}: {e}") from None
+    check_bounds(obj, where)
+    return obj
 
 
 def _type_name(hint: Any) -> str:
@@ -279,17 +284,37 @@ def preset_path(name_or_path: str) -> Path:
     raise DiffLMError(f"config {name_or_path!r} not found: give a YAML file or a preset ({names})")
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML preset/file and apply ``key=value`` overrides (values parsed as YAML)."""
-    path = preset_path(name_or_path)
+    """Load a YAML preset/file — or a run folder / its config.json, whose ``run`` section is the config — and
+    apply ``key=value`` overrides (values parsed as YAML)."""
+    p = Path(name_or_path)
+    path = p / "config.json" if p.is_dir() else preset_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise DiffLMError(f"{path} is not valid YAML: {e}") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DiffLMError(f"{path} not found: {p} is not a run folder") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DiffLMError(f"{path} is not valid YAML: {_one_line(e)}") from None
+    if isinstance(raw, dict) and "difflm_version" in raw and isinstance(raw.get("run"), dict):
+        raw, stem = raw["run"], raw["run"].get("name", p.stem)  # a run's config.json
+    else:
+        stem = path.stem
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise DiffLMError(f"{path} must hold a mapping of config sections (data, model, process, train, ...), "
+                          f"not a {type(raw).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise DiffLMError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        set_key(raw, k.strip(), yaml.safe_load(v))
-    raw.setdefault("name", path.stem)
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise DiffLMError(f"--set {k.strip()}: the value is not valid YAML ({_one_line(e)})") from None
+        set_key(raw, k.strip(), value)
+    raw.setdefault("name", stem)
     return RunConfig.from_dict(raw)

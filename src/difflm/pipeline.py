@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,11 @@ class DiffusionLM:
         if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
         smp = get_sampler(sampler or preferred, self.process, **(sampler_options or {}))
-        steps = steps or self.run.sample.steps
+        steps = self.run.sample.steps if steps is None else steps
+        if steps < 1:
+            raise DiffLMError(f"--steps must be at least 1, got {steps}")
+        if batch_size < 1:
+            raise DiffLMError(f"--batch-size must be at least 1, got {batch_size}")
         temperature = self.run.sample.temperature if temperature is None else temperature
         top_p = self.run.sample.top_p if top_p is None else top_p
         if temperature <= 0 or not 0 < top_p <= 1:
@@ -156,10 +161,13 @@ class DiffusionLM:
     ) -> Generation:
         """Sample ``num`` sequences of ``length`` tokens (default: the training length), optionally
         continuing ``prompt``. Same seed -> same texts, whatever the batch size."""
-        length = length or self.seq_len
+        if num < 1:
+            raise DiffLMError(f"--num must be at least 1, got {num}")
+        length = self.seq_len if length is None else length
         if length < 1 or length > self.seq_len:
             raise DiffLMError(f"--length must be between 1 and the model's length {self.seq_len}, got {length}")
         cond = Conditioning.unconditional(num, length, fill=self.tokenizer.mask_id)
+        ids: list[int] = []
         if prompt:
             ids = self.encode_text(prompt)
             self._check_length(len(ids), length, "prompt")
@@ -178,7 +186,11 @@ class DiffusionLM:
         toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
                                  top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
                                  sampler_options=sampler_options)
-        return Generation([self._decode_row(r) for r in toks], toks, nfe)
+        texts = [self._decode_row(r) for r in toks]
+        if ids:  # the prompt as the user wrote it (characters the tokenizer never saw would decode as [UNK])
+            head = self._decode_row(torch.tensor(ids))
+            texts = [prompt + t[len(head):] if t.startswith(head) else t for t in texts]
+        return Generation(texts, toks, nfe)
 
     def infill(
         self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
@@ -241,18 +253,19 @@ class DiffusionLM:
             raise DiffLMError("--candidates must be at least 1")
         L, tok = self.seq_len, self.tokenizer
         rows, fixed, starts = [], [], []
+        cut = 0
         for src in sources:
             ids = tok.encode(src.replace("\n", " "))
-            if len(ids) + 2 > L:
-                raise DiffLMError(
-                    f"a source is {len(ids)} tokens but the model holds source and target in {L} "
-                    f"(data.seq_len); shorten it to at most {L - 2} tokens"
-                )
+            if len(ids) > L // 2:  # as in training (datasets.pair_row): the source keeps its first L // 2 tokens
+                ids, cut = ids[: L // 2], cut + 1
             row = [*ids, tok.bos_id] + [tok.mask_id] * (L - len(ids) - 1)
             for _ in range(candidates):
                 rows.append(row)
                 fixed.append([True] * (len(ids) + 1) + [False] * (L - len(ids) - 1))
                 starts.append(len(ids) + 1)
+        if cut:
+            print(f"difflm: note: {cut} source(s) longer than {L // 2} tokens were cut to their first {L // 2}, as "
+                  f"training cut them (data.seq_len={L} holds source and target)", file=sys.stderr)
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
         toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
                                  top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,

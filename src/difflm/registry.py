@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,14 +36,41 @@ _BACKBONES: dict[str, type] = {}
 _loaded = False
 
 
-def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
-    """A dataclass field of a family's or sampler's options, with its help text. ``flag``: the command-line
-    flag when it is not ``--name`` (e.g. ``--no-kv-cache`` for ``cache: bool = True``); ``cli=False``: set
-    from Python only (an object such as a classifier guide)."""
-    meta = {"help": help, "flag": flag, "cli": cli}
+def option(default: Any, help: str = "", *, flag: str | None = None, cli: bool = True, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field of a config section or of a family's or sampler's options, with its help text and
+    the bounds a number must keep (ge ≤ x, gt < x, x ≤ le, x < lt; checked when the value is read, NaN and
+    ±inf refused). ``flag``: the command-line flag when it is not ``--name`` (e.g. ``--no-kv-cache`` for
+    ``cache: bool = True``); ``cli=False``: set from Python only (an object such as a classifier guide)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "flag": flag, "cli": cli, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def bounds_text(bounds: dict) -> str:
+    """e.g. '≥ 1', '> 0 and ≤ 1'."""
+    sym = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    return " and ".join(f"{sym[k]} {v:g}" for k, v in bounds.items())
+
+
+_HOLDS = {"ge": lambda x, b: x >= b, "gt": lambda x, b: x > b, "le": lambda x, b: x <= b, "lt": lambda x, b: x < b}
+
+
+def check_value(key: str, value: Any, meta: Any) -> None:
+    """A one-line error when a number breaks the bounds declared in its field's metadata (or is NaN/inf)."""
+    bounds = meta.get("bounds") if meta else None
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value) or not all(_HOLDS[k](value, b) for k, b in bounds.items()):
+        raise DiffLMError(f"{key} must be {bounds_text(bounds)}, got {value!r}")
+
+
+def check_bounds(obj: Any, where: str) -> None:
+    """Check every bounded field of a dataclass instance (``where``: the key prefix, e.g. 'train.')."""
+    for f in dataclasses.fields(obj):
+        check_value(where + f.name, getattr(obj, f.name), f.metadata)
 
 
 @dataclass
@@ -221,6 +249,8 @@ def make_options(options_cls: type, values: dict, owner: str) -> Any:
     if unknown:
         raise DiffLMError(f"{owner} has no option {', '.join(unknown)}; its options: {', '.join(names) or 'none'}")
     try:
-        return options_cls(**values)
+        opts = options_cls(**values)
     except TypeError as e:
         raise DiffLMError(f"bad options for {owner}: {e}") from None
+    check_bounds(opts, f"{owner}: ")
+    return opts

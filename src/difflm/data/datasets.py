@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,61 +108,158 @@ def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_sou
     return [*src, bos, *tgt] + [eos] * (room - len(tgt)), cut
 
 
-def _rows(tokenizer: Tokenizer, lines: list, mode: str, L: int) -> tuple[np.ndarray, int]:
+#: characters encoded per call: long lines are cut (at a space, for word and subword tokenizers) into pieces
+#: of at most this size, so tokenizing a corpus never holds more than one piece's encodings at a time
+CHUNK_CHARS = 1 << 20
+
+
+def _pieces(line: str, anywhere: bool) -> Iterator[str]:
+    """A line in pieces of at most CHUNK_CHARS characters, each piece after the first starting at a space
+    (a word's leading space stays with it, so whitespace and byte-level pre-tokenizers split it as before)."""
+    start = 0
+    while len(line) - start > CHUNK_CHARS:
+        end = start + CHUNK_CHARS
+        if not anywhere:
+            cut = line.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        yield line[start:end]
+        start = end
+    yield line[start:]
+
+
+def encode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[np.ndarray]:
+    """The ids of each line (int32 arrays, in order), encoding about CHUNK_CHARS characters per call."""
+    batch: list[str] = []
+    owner: list[int] = []
+    size, done, parts = 0, 0, []  # parts: the pieces of line ``done`` encoded so far
+
+    def flush():
+        nonlocal done
+        for i, enc in zip(owner, tokenizer.hf.encode_batch(batch, add_special_tokens=False)):
+            while done < i:  # line ``done`` is complete
+                yield np.concatenate(parts) if len(parts) != 1 else parts[0]
+                parts.clear()
+                done += 1
+            parts.append(np.asarray(enc.ids, dtype=np.int32))
+        batch.clear()
+        owner.clear()
+
+    n = 0
+    for n, line in enumerate(lines, 1):
+        for piece in _pieces(line, tokenizer.kind == "char"):
+            batch.append(piece)
+            owner.append(n - 1)
+            size += len(piece)
+            if size >= CHUNK_CHARS:
+                yield from flush()
+                size = 0
+    yield from flush()
+    while done < n:
+        yield np.concatenate(parts) if len(parts) != 1 else parts[0]
+        parts.clear()
+        done += 1
+
+
+def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path) -> int:
+    """Tokenize ``lines`` into the (N, L) int32 array at ``path`` (.npy), streaming; returns how many rows
+    were truncated."""
     eos = tokenizer.eos_id
     if mode == "pairs":
         if L < 4:
             raise DiffLMError(f"data.seq_len={L} leaves no room for a source and a target")
-        srcs = tokenizer.encode_lines([s for s, _ in lines])
-        tgts = tokenizer.encode_lines([t for _, t in lines])
-        built = [pair_row(s, t, L, tokenizer.bos_id, eos, L // 2) for s, t in zip(srcs, tgts)]
-        return np.asarray([r for r, _ in built], dtype=np.int32).reshape(len(built), L), sum(c for _, c in built)
-    ids = tokenizer.encode_lines(lines)
-    if mode == "packed":
-        stream = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int32)
-        n = len(stream) // L
-        if n == 0:
-            raise DiffLMError(
-                f"the corpus has {len(stream)} tokens, fewer than one block of data.seq_len={L}; "
-                "use more text or a smaller seq_len"
-            )
-        return stream[: n * L].reshape(n, L), 0
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(len(lines), L))
+        cut = 0
+        pairs = zip(encode_stream(tokenizer, (s for s, _ in lines)), encode_stream(tokenizer, (t for _, t in lines)))
+        for i, (s, t) in enumerate(pairs):
+            row, c = pair_row(s.tolist(), t.tolist(), L, tokenizer.bos_id, eos, L // 2)
+            out[i] = row
+            cut += c
+        out.flush()
+        return cut
+    if mode == "packed":  # the stream of ids with [EOS] after each line, in a raw file, then cut into rows
+        raw = path.with_suffix(".raw")
+        total = 0
+        with open(raw, "wb") as f:
+            for ids in encode_stream(tokenizer, lines):
+                f.write(ids.tobytes())
+                f.write(np.int32(eos).tobytes())
+                total += len(ids) + 1
+        try:
+            n = total // L
+            if n == 0:
+                raise DiffLMError(
+                    f"the corpus has {total} tokens, fewer than one block of data.seq_len={L}; "
+                    "use more text or a smaller seq_len"
+                )
+            src = np.memmap(raw, dtype=np.int32, mode="r", shape=(n * L,))
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n, L))
+            step = max(1, CHUNK_CHARS // L)
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                out[a:b] = src[a * L : b * L].reshape(b - a, L)
+            out.flush()
+            del src, out
+        finally:
+            raw.unlink(missing_ok=True)
+        return 0
     if mode == "lines":
-        out = np.full((len(ids), L), tokenizer.pad_id, dtype=np.int32)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(len(lines), L))
         truncated = 0
-        for i, seq in enumerate(ids):
-            seq = [*seq, eos]
+        for i, ids in enumerate(encode_stream(tokenizer, lines)):
+            seq = np.append(ids, np.int32(eos))
             if len(seq) > L:
                 truncated += 1
                 seq = seq[:L]
             out[i, : len(seq)] = seq
-        return out, truncated
+            out[i, len(seq) :] = tokenizer.pad_id
+        out.flush()
+        return truncated
     raise DiffLMError(f"unknown data.mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def _writable_cache(root: Path) -> Path:
+    """``root`` when a cache file can be written there, else a private temporary folder (with a note)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return root
+    except OSError as e:
+        alt = Path(tempfile.gettempdir()) / f"difflm-cache-{os.getuid()}"
+        alt.mkdir(parents=True, exist_ok=True)
+        print(f"difflm: note: cannot write the token cache in {root} ({e.strerror}); using {alt} "
+              "(set data.cache_dir or DIFFLM_CACHE to choose)", file=sys.stderr)
+        return alt
+
+
 def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
-    """cfg: DataConfig. Tokenizes the split once and memory-maps the result from the cache."""
+    """cfg: DataConfig. Tokenizes the split once (streaming into a memory-mapped .npy file in the cache) and
+    memory-maps the result."""
     lines = load_pairs(cfg, split) if cfg.mode == "pairs" else load_lines(cfg, split)
     h = hashlib.sha256()
     h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str()]).encode())
     for line in lines:
         h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))
         h.update(b"\n")
-    root = cache_root(cfg)
-    path = root / f"{split}-{h.hexdigest()[:24]}.npy"
-    if path.is_file():
-        try:
-            arr = np.load(path, mmap_mode="r")
-            if arr.ndim == 2 and arr.shape[1] == cfg.seq_len:
-                return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
-        except (ValueError, OSError):
-            pass  # a damaged cache file is rebuilt below
-    rows, truncated = _rows(tokenizer, lines, cfg.mode, cfg.seq_len)
+    name = f"{split}-{h.hexdigest()[:24]}.npy"
+    for root in (cache_root(cfg), Path(tempfile.gettempdir()) / f"difflm-cache-{os.getuid()}"):
+        path = root / name
+        if path.is_file():
+            try:
+                arr = np.load(path, mmap_mode="r")
+                if arr.ndim == 2 and arr.shape[1] == cfg.seq_len:
+                    return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
+            except (ValueError, OSError):
+                pass  # a damaged cache file is rebuilt below
+    path = _writable_cache(cache_root(cfg)) / name
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
+    try:
+        truncated = _write_rows(tokenizer, lines, cfg.mode, cfg.seq_len, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if truncated:
         what = "pairs" if cfg.mode == "pairs" else "lines"
         print(f"difflm: {truncated} {split} {what} longer than data.seq_len={cfg.seq_len} were truncated")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, rows)
-    os.replace(tmp, path)
     return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)

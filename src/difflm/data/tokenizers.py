@@ -68,7 +68,10 @@ class Tokenizer:
         return text
 
     def save(self, path: str | Path) -> None:
-        self.hf.save(str(path))
+        """Write tokenizer.json atomically (a kill leaves the old file or the new one)."""
+        from ..io import atomic_write_text
+
+        atomic_write_text(Path(path), self.hf.to_str(pretty=True))
 
     @classmethod
     def load(cls, path: str | Path, kind: str) -> Tokenizer:

@@ -34,7 +34,7 @@ def block_causal(q_blocks: Tensor, k_blocks: Tensor) -> Tensor:
 
 @dataclass
 class BlockOptions:
-    block_size: int = option(4, "tokens per block: 1 is autoregressive, data.seq_len is MDLM")
+    block_size: int = option(4, "tokens per block: 1 is autoregressive, data.seq_len is MDLM", ge=1)
     schedule: str | dict = option("loglinear", "α(t) within a block (as process.type masked)")
     clip: list[float] | None = option(None, "[β, ω]: train on t ~ U[β, ω] only (BD3-LM §4 clipped schedule)")
     time_conditioning: bool = option(False, "must stay false: BD3-LM's network is time-free")

@@ -222,12 +222,12 @@ def discretized_gaussian(N: int, beta: float) -> Tensor:
 @dataclass
 class D3PMOptions:
     transition: Literal["uniform", "absorb", "gaussian"] = option("absorb", "Q_t: uniform, absorb or gaussian (§3)")
-    steps: int = option(1000, "T, the number of discrete steps")
+    steps: int = option(1000, "T, the number of discrete steps", ge=1)
     schedule: str | None = option(None, "β schedule: linear, cosine or jsd (default: the paper's for the transition)")
-    beta_min: float = option(1e-4, "linear β schedule: β_1")
-    beta_max: float = option(0.02, "linear β schedule: β_T")
+    beta_min: float = option(1e-4, "linear β schedule: β_1", ge=0, le=1)
+    beta_max: float = option(0.02, "linear β schedule: β_T", ge=0, le=1)
     alpha_schedule: str | dict | None = option(None, "a continuous α(t) read at t = k/T instead of a β schedule")
-    hybrid_lambda: float = option(0.01, "λ of the hybrid loss L_vlb + λ·CE (eq. 5)")
+    hybrid_lambda: float = option(0.01, "λ of the hybrid loss L_vlb + λ·CE (eq. 5)", ge=0)
     time_conditioning: bool = option(True, "feed t = k/T to the network (adaLN)")
 
 

@@ -122,10 +122,11 @@ def gaussian_noise(u: Tensor) -> Tensor:
 class GaussianOptions:
     schedule: Literal["sqrt", "cosine", "linear"] = option("sqrt", "ᾱ(t): sqrt (Diffusion-LM), cosine or linear")
     loss: Literal["simple", "elbo"] = option("simple", "train on L_simple or on the bound itself")
-    embed_dim: int = option(64, "d, the dimension of the learned token embeddings")
+    embed_dim: int = option(64, "d, the dimension of the learned token embeddings", ge=1)
     self_conditioning: bool = option(False, "feed the previous x̂0 back as a second input (Analog Bits)")
     clamp: bool = option(False, "samplers snap each x̂0 to the nearest embedding by default")
-    t0_weight: float = option(0.0, "w: add Diffusion-LM's t = 0 embedding loss w·‖e − x̂0(z_0, 0)‖² (loss: simple)")
+    t0_weight: float = option(0.0, "w: add Diffusion-LM's t = 0 embedding loss w·‖e − x̂0(z_0, 0)‖² (loss: simple)",
+                              ge=0)
 
 
 @register_family

@@ -27,7 +27,8 @@ class MaskedOptions:
     schedule: str | dict = option("loglinear", "α(t): loglinear, linear, cosine, polynomial, geometric "
                                   "(or a mapping {type: ..., parameters})")
     time_conditioning: bool = option(False, "feed t to the network (adaLN); MDLM's network is time-free")
-    discrete_steps: int = option(0, "T > 0: train and evaluate the T-step bound (eq. 8) instead of the continuous one")
+    discrete_steps: int = option(0, "T > 0: train and evaluate the T-step bound (eq. 8) instead of the continuous one",
+                                 ge=0)
 
 
 @register_family

@@ -28,10 +28,10 @@ def t_quantile_975(df: int) -> float:
 @dataclass
 class EvalResult:
     nelbo: float  # nats per token (an upper bound on the NLL; exact for autoregressive)
-    ci95: float  # half-width of the 95% confidence interval of `nelbo`
+    ci95: float | None  # half-width of the 95% confidence interval of `nelbo` (None: one time sample, no interval)
     ppl: float  # exp(nelbo): a perplexity upper bound
-    ppl_low: float
-    ppl_high: float
+    ppl_low: float | None
+    ppl_high: float | None
     bpc: float | None  # bits per character (character-level tokenizers)
     bpc_ci95: float | None
     n_tokens: int
@@ -46,6 +46,11 @@ class EvalResult:
     def summary(self) -> str:
         kind = "NLL" if self.exact else "NELBO"
         rel = "=" if self.exact else "≤"  # the AR NLL is exact: its perplexity is not a bound
+        if self.ci95 is None:  # one Monte-Carlo draw of the bound has no interval
+            s = f"{kind} {self.nelbo:.4f} nats/token, perplexity {rel} {self.ppl:.2f}"
+            if self.bpc is not None:
+                s += f", {self.bpc:.4f} bits/char"
+            return s + f" ({self.n_tokens} tokens, K=1: one time sample has no interval; --samples 2+ gives one)"
         s = f"{kind} {self.nelbo:.4f} ± {self.ci95:.4f} nats/token, perplexity {rel} {self.ppl:.2f}"
         if not self.exact:
             s += f" [{self.ppl_low:.2f}, {self.ppl_high:.2f}]"
@@ -101,11 +106,11 @@ def evaluate(
         sd = math.sqrt(sum((x - mean) ** 2 for x in totals) / (K - 1))
         half = t_quantile_975(K - 1) * sd / math.sqrt(K)
     else:
-        half = 0.0
+        half = 0.0 if process.exact_likelihood else None  # exact: no Monte-Carlo error; else unknown
     ln2 = math.log(2)
     return EvalResult(
-        nelbo=mean, ci95=half, ppl=math.exp(mean), ppl_low=math.exp(mean - half),
-        ppl_high=math.exp(mean + half), bpc=mean / ln2 if char_level else None,
-        bpc_ci95=half / ln2 if char_level else None, n_tokens=n_tokens, n_sequences=n_seq,
+        nelbo=mean, ci95=half, ppl=math.exp(mean), ppl_low=None if half is None else math.exp(mean - half),
+        ppl_high=None if half is None else math.exp(mean + half), bpc=mean / ln2 if char_level else None,
+        bpc_ci95=None if half is None or not char_level else half / ln2, n_tokens=n_tokens, n_sequences=n_seq,
         n_samples=K, exact=process.exact_likelihood, per_sample=totals,
     )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
 
 
 def _derived(default):
@@ -29,13 +29,13 @@ class TransformerConfig:
     """The transformer's one config: the ``model`` section of a run (n_layer ... rope_base) plus the fields
     marked derived, which ``components.build_components`` fills in."""
 
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    d_time: int = 128  # width of the time embedding (time-conditioned families)
-    rope_base: float = 10000.0
+    n_layer: int = option(4, ge=1)
+    n_head: int = option(4, ge=1)
+    d_model: int = option(256, "a multiple of n_head with an even head dimension", ge=2)
+    mlp_ratio: float = option(4.0, gt=0)
+    dropout: float = option(0.0, ge=0, lt=1)
+    d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
+    rope_base: float = option(10000.0, gt=1)
     vocab_size: int = _derived(0)
     max_len: int = _derived(1024)
     causal: bool = _derived(False)

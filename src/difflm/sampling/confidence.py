@@ -36,7 +36,7 @@ SCORES = ("confidence", "margin", "entropy")
 class ConfidenceOptions:
     score: Literal["confidence", "margin", "entropy"] = option(
         "confidence", "how sure a drawn token is: its probability, top-1 minus top-2, or −entropy")
-    block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)")
+    block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)", ge=0)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:

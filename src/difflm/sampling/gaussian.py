@@ -39,7 +39,7 @@ class GaussianOptions:
 
 @dataclass
 class DDIMOptions(GaussianOptions):
-    eta: float = option(0.0, "η: 0 deterministic, 1 the DDPM step")
+    eta: float = option(0.0, "η: 0 deterministic, 1 the DDPM step", ge=0)
 
 
 class GaussianSampler(Sampler):

@@ -149,7 +149,7 @@ class FirstHitting(Sampler):
 
 @dataclass
 class ReMDMOptions:
-    eta: float = option(0.02, "remasking η in [0, 1] (0: the ancestral sampler)")
+    eta: float = option(0.02, "remasking η in [0, 1] (0: the ancestral sampler)", ge=0, le=1)
     strategy: Literal["cap", "rescale"] = option("cap", "cap: σ_t = min(η, σ_max) | rescale: σ_t = η·σ_max")
 
     def __post_init__(self) -> None:

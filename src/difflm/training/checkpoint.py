@@ -52,3 +52,36 @@ def load_checkpoint(path: Path, model, ema, optimizer) -> dict:
             f"{path} does not match this run's model ({str(e).splitlines()[0]}); "
             "was the config changed since it was written?"
         ) from None
+
+
+def export_from_checkpoint(run_dir: Path) -> int:
+    """Rewrite a run's model folder (tokenizer.json, model.safetensors with the EMA weights, config.json) and
+    its manifest from checkpoint.safetensors: what repairs a save cut short after the checkpoint was written.
+    Returns the checkpoint's step."""
+    from ..components import build_components, write_model_folder
+    from ..config import RunConfig
+    from ..data.tokenizers import Tokenizer
+    from ..io import read_json
+    from ..runfolder import CHECKPOINT, MODEL_FILES
+
+    run_dir = Path(run_dir)
+    tensors, meta = read_safetensors(run_dir / CHECKPOINT)
+    if meta.get("format") != FORMAT:
+        raise DiffLMError(f"{run_dir / CHECKPOINT} is not a difflm training checkpoint")
+    cfg = read_json(run_dir / "config.json")
+    if not isinstance(cfg, dict) or "run" not in cfg:
+        raise DiffLMError(f"{run_dir / 'config.json'} is not a difflm run config; the run cannot be exported")
+    run = RunConfig.from_dict(cfg["run"])
+    tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.get("tokenizer_kind", "hf"))
+    model, _ = build_components(run, tok, cfg.get("length_prior"))
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        with torch.no_grad():  # the model folder holds the EMA weights
+            for k, p in model.named_parameters():
+                p.copy_(tensors[f"ema.{k}"])
+    except (KeyError, RuntimeError) as e:
+        raise DiffLMError(f"{run_dir / CHECKPOINT} does not match {run_dir / 'config.json'} "
+                          f"({str(e).splitlines()[0]})") from None
+    step = json.loads(meta["state"])["step"]
+    write_model_folder(run_dir, model, tok, run, cfg.get("length_prior"), step, (CHECKPOINT, *MODEL_FILES))
+    return step

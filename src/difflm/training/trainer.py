@@ -5,6 +5,7 @@ data parallelism under ``torchrun``. It holds no family-specific code."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import runfolder
 from ..components import build_components, folder_config, write_model_folder
 from ..config import RunConfig
 from ..data import TokenDataset, Tokenizer, build_dataset, build_tokenizer, load_lines
@@ -23,14 +25,15 @@ from ..data.datasets import drop_condition
 from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
+from ..io import atomic_write_text, read_json
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ema import EMA
 
-CKPT = "checkpoint.safetensors"
-METRICS = "metrics.csv"
+CKPT = runfolder.CHECKPOINT
+METRICS = runfolder.METRICS
 FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_nelbo", "elapsed_s"]
 
 
@@ -54,9 +57,13 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, run: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, allow_changes: list[str] | None = None) -> None:
+        """``allow_changes``: config keys that may differ from the run's when resuming beyond those that
+        always may (``runfolder.RESUMABLE_CHANGES``); they are recorded in the run's changes.jsonl."""
         self.run, self.out = run, Path(out_dir)
-        self.resume, self.progress = resume, progress
+        self.resume, self.progress, self.overwrite = resume, progress, overwrite
+        if self.out.exists() and not self.out.is_dir():
+            raise DiffLMError(f"--out {self.out} is a file, not a folder; choose another --out")
         self.dist: DistInfo = init_distributed()
         t = run.train
         if t.threads:
@@ -71,11 +78,32 @@ class Trainer:
         ckpt = self.out / CKPT
         if resume and not ckpt.is_file():
             raise DiffLMError(f"--resume: {ckpt} not found; start without --resume to begin a new run")
-        if not resume and not overwrite and ckpt.exists():
+        if not resume and not overwrite and (ckpt.exists() or (self.out / "model.safetensors").exists()):
             raise DiffLMError(
-                f"{self.out} already holds a training run; pass --resume to continue it, or choose another --out"
+                f"{self.out} already holds a training run or model; pass --resume to continue it, --overwrite to "
+                "start over there, or choose another --out"
             )
+        self.changes: dict[str, tuple] = {}
+        if resume:
+            self.changes = self._check_changes(allow_changes or [])
         self.device = self.dist.device
+
+    def _check_changes(self, allowed: list[str]) -> dict[str, tuple]:
+        """The config differences from the run's own config.json that --resume accepts; anything else is a
+        one-line error naming every differing key."""
+        saved = read_json(self.out / "config.json")
+        try:
+            saved_run = RunConfig.from_dict(saved["run"]).to_dict()
+        except (KeyError, TypeError):
+            raise DiffLMError(f"{self.out / 'config.json'} is not a difflm run config; cannot resume") from None
+        changes = runfolder.config_changes(saved_run, self.run.to_dict())
+        refused = runfolder.refused_changes(changes, allowed)
+        if refused:
+            keys = ",".join(refused)
+            raise DiffLMError(
+                f"--resume: the config differs from the run's in {runfolder.describe(refused)}; resume with the run's "
+                f"own config (difflm train {self.out} --resume) or accept the change with --allow-change {keys}")
+        return runfolder.refused_changes(changes, [])  # the ones --allow-change accepted: recorded
 
     # -- set-up --------------------------------------------------------------------------------
     def _tokenizer(self) -> Tokenizer:
@@ -84,6 +112,9 @@ class Trainer:
             return Tokenizer.load(path, self.run.tokenizer.type)
         if self.dist.is_main:
             tok = build_tokenizer(self.run.tokenizer, load_lines(self.run.data, "train"))
+            # a fresh start: what an earlier attempt wrote here (--overwrite, or a run killed before its first
+            # checkpoint) goes, logs included, so nothing of it mixes with this run
+            runfolder.clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             tok.save(path)
         barrier(self.dist)
@@ -119,6 +150,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to ``train.max_steps`` (from the last checkpoint with ``resume``). The main process holds the
+        run folder's lock throughout and first removes temp files that killed writes left."""
+        if not self.dist.is_main:
+            return self._fit()
+        with runfolder.RunLock(self.out):
+            runfolder.remove_temp_files(self.out)
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         run, t, dist = self.run, self.run.train, self.dist
         torch.manual_seed(t.seed)
         tok = self._tokenizer()
@@ -143,11 +183,17 @@ class Trainer:
             step, tokens_seen, elapsed0 = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
             if dist.is_main:
                 self._truncate_metrics(step)
+                if self.changes:
+                    runfolder.record_changes(self.out, step, self.changes)
+                # the model folder and manifest as the checkpoint's step left them (it finishes a save that a
+                # kill cut short, and carries the resumed config): the files an uninterrupted run wrote there
+                self._export(model, tok, length_prior, ema, step)
+        elif dist.is_main:
+            atomic_write_text(self.out / "config.json", json.dumps(folder_config(run, tok, length_prior), indent=2))
         net = DDP(model) if dist.world > 1 else model
         amp = autocast(self.device, t.bf16)
-        logger = _Logger(self.out, t.tensorboard) if dist.is_main else None
-        if dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(folder_config(run, tok, length_prior), indent=2))
+        logger = _Logger(self.out, t.tensorboard, purge_step=step + 1 if self.resume else None) if dist.is_main \
+            else None
         bar = None
         if self.progress and dist.is_main:
             from tqdm import tqdm
@@ -211,31 +257,48 @@ class Trainer:
         return TrainResult(self.out, step, tokens_seen, val, elapsed0 + time.perf_counter() - t0)
 
     def _save(self, model, tok: Tokenizer, length_prior, ema: EMA, opt, state: dict) -> None:
+        """checkpoint, then the model folder, then the manifest (runfolder's order)."""
         if self.dist.is_main:
             save_checkpoint(self.out / CKPT, model, ema, opt, state)
-            training = model.training
-            with ema.applied(model):
-                write_model_folder(self.out, model, tok, self.run, length_prior)  # the model folder: EMA weights
-            model.train(training)
+            self._export(model, tok, length_prior, ema, state["step"])
         barrier(self.dist)
 
+    def _export(self, model, tok: Tokenizer, length_prior, ema: EMA, step: int) -> None:
+        """The model folder (EMA weights) and the manifest naming the checkpoint and the model files."""
+        training = model.training
+        with ema.applied(model):
+            write_model_folder(self.out, model, tok, self.run, length_prior, step,
+                               (CKPT, *runfolder.MODEL_FILES))
+        model.train(training)
+
     def _truncate_metrics(self, step: int) -> None:
-        """Drop log rows written after the checkpoint we resume from, so the curve has no duplicates."""
+        """Drop log rows written after the checkpoint we resume from (and a row a kill cut short), so the
+        curve has no duplicates; rewritten atomically."""
         path = self.out / METRICS
         if not path.is_file():
             return
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+            rows = [r for r in csv.DictReader(f) if _row_step(r) is not None and _row_step(r) <= step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+
+
+def _row_step(row: dict) -> int | None:
+    """A metrics row's step, or None for a row a kill cut short (missing fields)."""
+    try:
+        return int(row["step"]) if row.get(FIELDS[-1]) not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 class _Logger:
-    """metrics.csv, plus TensorBoard event files under tb/ when the tensorboard package is installed."""
+    """metrics.csv, plus TensorBoard event files under tb/ when the tensorboard package is installed;
+    ``purge_step``: on resume, TensorBoard drops the events at and after it."""
 
-    def __init__(self, out: Path, tensorboard: bool) -> None:
+    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / METRICS
         new = not path.is_file()
@@ -248,7 +311,7 @@ class _Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"))
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_step)
             except ImportError:
                 print("difflm: tensorboard is not installed; logging to metrics.csv only "
                       "(pip install tensorboard to get event files)")
