@@ -144,28 +144,30 @@ class Graph:
         """``score_entropy(exact_log_score_from_x0(log_p0, xt, alpha), xt, x0, alpha)`` for the uniform graph
         in one float64 pass over V instead of a dozen: with x̄ = α p̃ + (1 − α)/N on the data tokens,
         Σ_y x̄_y = 1, so Σ_{y≠x} s_y = (1 − x̄_x)/x̄_x and Σ_{y≠x} log s_y = Σ_y log x̄_y − N log x̄_x; only the
-        last sum needs the whole vocabulary. log_p0 (B, L, V) (−inf off the data); returns (B, L) float64.
-        The (B, L, V) pass runs in log_p0's dtype (float32 from a network: its rounding moves the bound by
-        ~1e-7 nats per token) and is summed in float64; the gathered entries are recomputed in float64."""
+        last sum needs the whole vocabulary. It is taken as Σ_y u_y with u_y = log(x̄_y / b) = log1p(c·p̃_y),
+        c = αN/(1 − α), in which log b cancels exactly and every term is 0 off the data: each u_y carries a
+        relative rounding error, so the sum's error is ~eps·c and, times the weight σ(t) ∝ 1/α near t = 1, stays
+        ~eps instead of growing as 1/α. log_p0 (B, L, V) (−inf off the data); returns (B, L) float64. The
+        (B, L, V) pass runs in log_p0's dtype (float32 from a network) and is summed in float64; the gathered
+        entries are recomputed in float64."""
         if self.absorb:
             raise ValueError("score_entropy_from_x0 is the uniform graph's; the absorbing graph has its own form")
         a = alpha.double()[:, None]
         N, b = self.N, (1 - a) / self.N
-        dt = log_p0.dtype
+        c = a / b  # x̄_y / b = 1 + c·p̃_y
 
-        def log_bar(lp: Tensor, la: Tensor, lb: Tensor) -> Tensor:  # log x̄ = log(α p̃ + b)
-            return torch.logaddexp(lp + la, lb)
+        def u(lp: Tensor, c: Tensor) -> Tensor:  # log(x̄ / b) = log1p(c·p̃)
+            return torch.log1p(c * lp.exp())
 
-        lbar = log_bar(log_p0, torch.log(a).to(dt)[..., None], torch.log(b).to(dt)[..., None])
-        # off the data log p̃ = −inf, so log x̄ = log b there exactly: remove those V − N terms from the sum
-        sum_lbar = lbar.sum(-1, dtype=torch.float64) - (self.vocab_size - N) * torch.log(b)
-        l_x = log_bar(log_p0.gather(-1, xt[..., None]).squeeze(-1).double(), torch.log(a), torch.log(b))
-        l_x0 = log_bar(log_p0.gather(-1, x0[..., None]).squeeze(-1).double(), torch.log(a), torch.log(b))
+        sum_u = u(log_p0, c.to(log_p0.dtype)[..., None]).sum(-1, dtype=torch.float64)
+        u_x = u(log_p0.gather(-1, xt[..., None]).squeeze(-1).double(), c)
+        u_x0 = u(log_p0.gather(-1, x0[..., None]).squeeze(-1).double(), c)
+        l_x = torch.log(b) + u_x  # log x̄_x
         same = xt == x0
         p_x = torch.where(same, a + b, b)
         s1 = torch.expm1(-l_x)  # (1 − x̄_x)/x̄_x
-        sl = sum_lbar - N * l_x
-        ls_x0 = l_x0 - l_x
+        sl = sum_u - N * u_x  # Σ_y log x̄_y − N log x̄_x, log b cancelled
+        ls_x0 = u_x0 - u_x
         s2 = (b / p_x) * sl + torch.where(same, torch.zeros_like(sl), (a / p_x) * ls_x0)
         s3 = torch.where(same, (N - 1) * _k(b / (a + b)), _k((a + b) / b) - (N - 2))
         return (s1 - s2 + s3) / N

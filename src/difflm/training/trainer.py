@@ -25,7 +25,7 @@ from ..data.datasets import drop_condition
 from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
-from ..io import atomic_write_text, read_json
+from ..io import atomic_write_text, fault_point, read_json
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -319,6 +319,7 @@ class _Logger:
     def log(self, row: dict) -> None:
         self.w.writerow({k: row.get(k, "") for k in FIELDS})
         self.f.flush()
+        fault_point("metrics.csv:row")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
