@@ -21,5 +21,17 @@ def test_legacy_run_loads_and_reproduces(family):
     g = lm.generate(3, 24, seed=7, bf16=False)
     assert g.texts == EXPECTED[family]["samples"]
     assert g.nfe.tolist() == EXPECTED[family]["nfe"]
-    nats = [s["nats"] for s in lm.score(["the cat sat", "a good day"], n_samples=4, seed=3)]
-    assert nats == EXPECTED[family]["nats"]  # same arithmetic, same order: bit for bit
+    scores = lm.score(["the cat sat", "a good day"], n_samples=4, seed=3)
+    nats = [s["nats"] for s in scores]
+    if family == "uniform":  # its float32 pass was rewritten for precision near t → 1 (issue 20): rounding moves
+        for got, want, s in zip(nats, EXPECTED[family]["nats"], scores):
+            assert abs(got - want) < 1e-6 * s["tokens"], (got, want)
+    else:
+        assert nats == EXPECTED[family]["nats"]  # same arithmetic, same order: bit for bit
+
+
+def test_a_prompt_comes_back_as_written_even_with_unseen_characters():
+    lm = DiffusionLM.from_pretrained(LEGACY / "masked", device="cpu")
+    prompt = "the Ωcat"  # Ω is not in the character vocabulary: it is [UNK] to the model
+    g = lm.generate(3, 20, prompt=prompt, steps=4, seed=1, bf16=False)
+    assert all(t.startswith(prompt) for t in g.texts), g.texts

@@ -113,6 +113,8 @@ def test_readers_check_the_manifest_and_export_repairs(reference, tmp_path, caps
     capsys.readouterr()
     assert (out / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert main(["sample", str(out), "--num", "1", "--steps", "2"]) == 0
+    assert main(["eval", str(out), "--samples", "1", "--max-batches", "1"]) == 0
+    assert "K=1: one time sample has no interval" in capsys.readouterr().out
     (out / runfolder.MANIFEST).write_text("{not json")
     assert main(["eval", str(out)]) == 2
     assert "manifest.json is corrupted" in capsys.readouterr().err

@@ -6,6 +6,7 @@ A run's config.json holds everything needed to rebuild model, process, schedule 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ def coerce(v: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if hint is int and float(v) != int(v):
+            if hint is int and not (math.isfinite(v) and float(v) == int(v)):
                 raise DiffLMError(f"config key {key} must be an integer, got {v!r}")
             return hint(v)
     elif hint is str:
