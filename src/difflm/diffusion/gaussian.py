@@ -184,7 +184,10 @@ class GaussianDiffusion(Process):
     def corrupt(self, batch: Batch, t: Tensor, generator=None, *, model: nn.Module) -> Tensor:
         """z_t ~ q(z_t | e) (B, L, d) for the batch's clean embeddings e (``model``'s table), with given
         (``fixed``) positions left at e."""
-        e = self.embeddings(model)[batch.tokens]
+        return self._noised(self.embeddings(model)[batch.tokens], batch, t, generator)
+
+    def _noised(self, e: Tensor, batch: Batch, t: Tensor, generator=None) -> Tensor:
+        """z_t for given clean embeddings e (B, L, d) (the loss reuses its e: one gather, one gradient path)."""
         B, L, d = e.shape
         eps = gaussian_noise(batch.rand(generator, stream=0, width=L * d)).view(B, L, d).to(e.dtype)
         a = self.schedule.alpha_bar(t).to(e.dtype)[:, None, None]
@@ -205,7 +208,7 @@ class GaussianDiffusion(Process):
             at0 = batch.rand(generator, stream=4, width=1)[:, 0] < self.t0_weight / (1 + self.t0_weight)
             t = torch.where(at0, torch.zeros_like(t), t)
         e = self.embeddings(model)[batch.tokens]
-        z = self.corrupt(batch, t, generator, model=model)
+        z = self._noised(e, batch, t, generator)
         prev = None
         if training and self.self_conditioning:
             use = (batch.rand(generator, stream=3, width=1)[:, 0] < 0.5)[:, None, None]
