@@ -91,3 +91,27 @@ def test_fraction_split_and_missing_test_split(tmp_path):
     assert load_lines(cfg, "train") == ["x" * 90] and load_lines(cfg, "valid") == ["y" * 10]
     with pytest.raises(DiffLMError, match="no test split"):
         load_lines(cfg, "test")
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+@pytest.mark.parametrize("mode", ["packed", "lines"])
+def test_long_lines_are_tokenized_in_pieces_with_the_same_result(kind, mode, tmp_path, monkeypatch):
+    """Streaming tokenization (tokenizers.pieces, datasets.encode_stream) cuts lines longer than CHUNK_CHARS at
+    spaces; the tokenizer it trains and the rows it writes are those of tokenizing each line whole."""
+    import difflm.data.tokenizers as T
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "in", "park", "quickly", "x"]
+    lines = [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(60)]
+    (tmp_path / "t.txt").write_text("\n".join(lines))
+    cfg = DataConfig(corpus="text", path=str(tmp_path / "t.txt"), mode=mode, seq_len=24, valid_fraction=0.2)
+    tok_cfg = TokenizerConfig(type=kind, vocab_size=120)
+    whole_tok = build_tokenizer(tok_cfg, load_lines(cfg, "train"))
+    whole = np.asarray(build_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "a")}), whole_tok,
+                                     "train").tokens)
+    monkeypatch.setattr(T, "CHUNK_CHARS", 9)  # most lines now span many pieces (and encode calls)
+    cut_tok = build_tokenizer(tok_cfg, load_lines(cfg, "train"))
+    assert cut_tok.hf.to_str() == whole_tok.hf.to_str()
+    cut = np.asarray(build_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "b")}), cut_tok,
+                                   "train").tokens)
+    assert np.array_equal(cut, whole)

@@ -82,6 +82,10 @@ def check_model_folder(run_dir: Path) -> None:
         return
     bad = inconsistent_files(run_dir, m)
     if bad:
+        owner = RunLock(run_dir)._owner() if (Path(run_dir) / LOCK).is_file() else None
+        if owner is not None and owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
+            raise DiffLMError(f"{run_dir} is being saved by a running training (pid {owner['pid']}); "
+                              "try again in a moment")
         fix = (f"difflm export {run_dir}" if (Path(run_dir) / CHECKPOINT).is_file()
                else "put back the files saved with it")
         raise DiffLMError(f"{run_dir}: {', '.join(bad)} do(es) not match the run's manifest (step {m.get('step')}): "

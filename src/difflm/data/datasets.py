@@ -25,8 +25,9 @@ import torch
 
 from ..diffusion.base import Batch
 from ..errors import DiffLMError
+from . import tokenizers
 from .corpora import load_lines, load_pairs
-from .tokenizers import Tokenizer
+from .tokenizers import Tokenizer, pieces
 
 MODES = ("packed", "lines", "pairs")
 
@@ -108,27 +109,9 @@ def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_sou
     return [*src, bos, *tgt] + [eos] * (room - len(tgt)), cut
 
 
-#: characters encoded per call: long lines are cut (at a space, for word and subword tokenizers) into pieces
-#: of at most this size, so tokenizing a corpus never holds more than one piece's encodings at a time
-CHUNK_CHARS = 1 << 20
-
-
-def _pieces(line: str, anywhere: bool) -> Iterator[str]:
-    """A line in pieces of at most CHUNK_CHARS characters, each piece after the first starting at a space
-    (a word's leading space stays with it, so whitespace and byte-level pre-tokenizers split it as before)."""
-    start = 0
-    while len(line) - start > CHUNK_CHARS:
-        end = start + CHUNK_CHARS
-        if not anywhere:
-            cut = line.rfind(" ", start + 1, end)
-            end = cut if cut > start else end
-        yield line[start:end]
-        start = end
-    yield line[start:]
-
-
 def encode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[np.ndarray]:
-    """The ids of each line (int32 arrays, in order), encoding about CHUNK_CHARS characters per call."""
+    """The ids of each line (int32 arrays, in order), encoding about ``tokenizers.CHUNK_CHARS`` characters per
+    call (long lines in pieces: ``tokenizers.pieces``)."""
     batch: list[str] = []
     owner: list[int] = []
     size, done, parts = 0, 0, []  # parts: the pieces of line ``done`` encoded so far
@@ -146,11 +129,11 @@ def encode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[np.nda
 
     n = 0
     for n, line in enumerate(lines, 1):
-        for piece in _pieces(line, tokenizer.kind == "char"):
+        for piece in pieces(line, tokenizer.kind == "char"):
             batch.append(piece)
             owner.append(n - 1)
             size += len(piece)
-            if size >= CHUNK_CHARS:
+            if size >= tokenizers.CHUNK_CHARS:
                 yield from flush()
                 size = 0
     yield from flush()
@@ -193,7 +176,7 @@ def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path
                 )
             src = np.memmap(raw, dtype=np.int32, mode="r", shape=(n * L,))
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n, L))
-            step = max(1, CHUNK_CHARS // L)
+            step = max(1, tokenizers.CHUNK_CHARS // L)
             for a in range(0, n, step):
                 b = min(n, a + step)
                 out[a:b] = src[a * L : b * L].reshape(b - a, L)

@@ -7,7 +7,7 @@ Every one is a Hugging Face ``tokenizers.Tokenizer`` saved as ``tokenizer.json``
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -17,6 +17,25 @@ from ..errors import DiffLMError
 
 SPECIALS = {"pad": "[PAD]", "mask": "[MASK]", "bos": "[BOS]", "eos": "[EOS]", "unk": "[UNK]"}
 KINDS = ("char", "word", "bpe", "hf")
+
+
+#: characters encoded per call: long lines are cut (at a space, for word and subword tokenizers) into pieces
+#: of at most this size, so tokenizing (and training a tokenizer on) a corpus holds one piece at a time
+CHUNK_CHARS = 1 << 16
+
+
+def pieces(line: str, anywhere: bool = False) -> Iterator[str]:
+    """A line in pieces of at most CHUNK_CHARS characters, each piece after the first starting at a space
+    (a word's leading space stays with it, so whitespace and byte-level pre-tokenizers split it as before)."""
+    start = 0
+    while len(line) - start > CHUNK_CHARS:
+        end = start + CHUNK_CHARS
+        if not anywhere:
+            cut = line.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        yield line[start:end]
+        start = end
+    yield line[start:]
 
 
 class Tokenizer:
@@ -91,7 +110,10 @@ def _specials_first() -> dict[str, int]:
 def train_char(lines: list[str]) -> Tokenizer:
     """One token per character seen in training text; unseen characters map to [UNK]."""
     vocab = _specials_first()
-    for ch in sorted(set("".join(lines))):
+    seen: set[str] = set()
+    for line in lines:
+        seen.update(line)
+    for ch in sorted(seen):
         vocab.setdefault(ch, len(vocab))
     hf = HFTokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -102,7 +124,10 @@ def train_char(lines: list[str]) -> Tokenizer:
 
 def train_word(lines: list[str], min_count: int = 1) -> Tokenizer:
     """Whitespace-separated words (PTB convention); words rarer than min_count map to [UNK]."""
-    counts = Counter(w for line in lines for w in line.split())
+    counts: Counter[str] = Counter()
+    for line in lines:
+        for piece in pieces(line):
+            counts.update(piece.split())
     vocab = _specials_first()
     for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         if c >= min_count:
@@ -123,7 +148,7 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    hf.train_from_iterator(lines, trainer=trainer)
+    hf.train_from_iterator((p for line in lines for p in pieces(line)), trainer=trainer)
     return Tokenizer(hf, "bpe")
 
 
