@@ -115,3 +115,14 @@ def test_long_lines_are_tokenized_in_pieces_with_the_same_result(kind, mode, tmp
     cut = np.asarray(build_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "b")}), cut_tok,
                                    "train").tokens)
     assert np.array_equal(cut, whole)
+
+
+def test_an_unwritable_token_cache_falls_back_to_a_private_one(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("\n".join(["the cat sat on the mat"] * 40))
+    (tmp_path / "file").write_text("not a folder")  # a cache_dir that cannot be created (root can write anywhere)
+    cfg = DataConfig(corpus="text", path=str(tmp_path / "t.txt"), mode="lines", seq_len=16,
+                     cache_dir=str(tmp_path / "file" / "cache"))
+    tok = build_tokenizer(TokenizerConfig(type="char"), load_lines(cfg, "train"))
+    ds = build_dataset(cfg, tok, "train")
+    assert len(ds) > 0 and "cannot write the token cache" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(build_dataset(cfg, tok, "train").tokens), np.asarray(ds.tokens))  # found again

@@ -107,6 +107,9 @@ def test_mismatched_tokenizer(capsys, markov_models, tmp_path):
     shutil.copytree(d / "masked", bad)
     train_char(["xyz0123456789"]).save(bad / "tokenizer.json")
     code, err = run_cli(capsys, "sample", str(bad))
+    assert code == 2 and one_line_error(err) and "tokenizer.json differs from what the run's manifest recorded" in err
+    (bad / "manifest.json").unlink()  # a folder without a manifest (saved before them): the tokenizer check
+    code, err = run_cli(capsys, "sample", str(bad))
     assert code == 2 and one_line_error(err) and "does not match" in err
 
 

@@ -88,8 +88,9 @@ def check_model_folder(run_dir: Path) -> None:
                               "try again in a moment")
         fix = (f"difflm export {run_dir}" if (Path(run_dir) / CHECKPOINT).is_file()
                else "put back the files saved with it")
-        raise DiffLMError(f"{run_dir}: {', '.join(bad)} do(es) not match the run's manifest (step {m.get('step')}): "
-                          f"a save was interrupted; rewrite the model folder with: {fix}")
+        what = f"{' and '.join(bad)} {'differs' if len(bad) == 1 else 'differ'}"
+        raise DiffLMError(f"{run_dir}: {what} from what the run's manifest recorded (step {m.get('step')}): a save "
+                          f"cut short or a file replaced by hand; rewrite the model folder with: {fix}")
 
 
 # -- one writer ---------------------------------------------------------------------------------------
