@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=6, help="at least this many runs (more until --kills is reached)")
     ap.add_argument("--kills", type=int, default=120, help="kills in all, each run aiming at --kills / --runs")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the summary here too")
     a = ap.parse_args()
@@ -108,11 +108,11 @@ def main() -> None:
         done = 0
         while True:
             targeted = done < budget and rng.random() < 0.5
-            point = f"{rng.choice(POINTS)}:{rng.randint(1, 6)}" if targeted else None
+            point = f"{rng.choice(POINTS)}:{rng.randint(1, 20)}" if targeted else None
             p = launch(cfg, out, point)
             if done < budget and not targeted:
                 try:
-                    p.wait(timeout=rng.uniform(2.0, 8.0))  # ~2 s of it is starting Python and torch
+                    p.wait(timeout=rng.uniform(1.5, 7.0))  # ~2 s of it is starting Python and torch
                 except subprocess.TimeoutExpired:
                     p.send_signal(signal.SIGKILL)
             code = p.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .components import default_device, folder_config, read_model_folder, write_model_folder
+from .components import default_device, read_model_folder, write_model_folder
 from .config import RunConfig
 from .data.datasets import condition_positions, make_batch
 from .data.tokenizers import Tokenizer
@@ -61,9 +61,6 @@ class DiffusionLM:
         return self.run.data.seq_len
 
     # -- persistence -----------------------------------------------------------------------------
-    def config_dict(self) -> dict:
-        return folder_config(self.run, self.tokenizer, self.length_prior)
-
     def save_pretrained(self, path: str | Path) -> None:
         """Write the model folder: config.json, model.safetensors, tokenizer.json."""
         write_model_folder(Path(path), self.model, self.tokenizer, self.run, self.length_prior)

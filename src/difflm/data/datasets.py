@@ -109,38 +109,44 @@ def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_sou
     return [*src, bos, *tgt] + [eos] * (room - len(tgt)), cut
 
 
-def encode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[np.ndarray]:
-    """The ids of each line (int32 arrays, in order), encoding about ``tokenizers.CHUNK_CHARS`` characters per
-    call (long lines in pieces: ``tokenizers.pieces``)."""
+def encode_pieces(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]:
+    """(ids, last) for each piece of each line in order — ``last`` when the piece ends its line — encoding about
+    ``tokenizers.CHUNK_CHARS`` characters per call (long lines in pieces: ``tokenizers.pieces``)."""
     batch: list[str] = []
-    owner: list[int] = []
-    size, done, parts = 0, 0, []  # parts: the pieces of line ``done`` encoded so far
+    ends: list[bool] = []
+    size = 0
 
     def flush():
-        nonlocal done
-        for i, enc in zip(owner, tokenizer.hf.encode_batch(batch, add_special_tokens=False)):
-            while done < i:  # line ``done`` is complete
-                yield np.concatenate(parts) if len(parts) != 1 else parts[0]
-                parts.clear()
-                done += 1
-            parts.append(np.asarray(enc.ids, dtype=np.int32))
+        for end, enc in zip(ends, tokenizer.hf.encode_batch(batch, add_special_tokens=False)):
+            yield np.asarray(enc.ids, dtype=np.int32), end
         batch.clear()
-        owner.clear()
+        ends.clear()
 
-    n = 0
-    for n, line in enumerate(lines, 1):
-        for piece in pieces(line, tokenizer.kind == "char"):
+    for line in lines:
+        parts = list(pieces(line, tokenizer.kind == "char")) if len(line) > tokenizers.CHUNK_CHARS else [line]
+        for k, piece in enumerate(parts):
             batch.append(piece)
-            owner.append(n - 1)
+            ends.append(k == len(parts) - 1)
             size += len(piece)
             if size >= tokenizers.CHUNK_CHARS:
                 yield from flush()
                 size = 0
     yield from flush()
-    while done < n:
-        yield np.concatenate(parts) if len(parts) != 1 else parts[0]
-        parts.clear()
-        done += 1
+
+
+def encode_stream(tokenizer: Tokenizer, lines: Iterable[str], cap: int) -> Iterator[tuple[np.ndarray, bool]]:
+    """(the first ``cap`` ids of each line, whether it had more), line by line: memory bounded by ``cap`` and
+    a piece, however long a line is."""
+    head: list[np.ndarray] = []
+    have, more = 0, False
+    for ids, last in encode_pieces(tokenizer, lines):
+        if have < cap:
+            head.append(ids[: cap - have])
+        more |= have + len(ids) > cap
+        have += len(ids)
+        if last:
+            yield (head[0] if len(head) == 1 else np.concatenate(head or [np.zeros(0, np.int32)])), more
+            head, have, more = [], 0, False
 
 
 def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path) -> int:
@@ -152,8 +158,10 @@ def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path
             raise DiffLMError(f"data.seq_len={L} leaves no room for a source and a target")
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(len(lines), L))
         cut = 0
-        pairs = zip(encode_stream(tokenizer, (s for s, _ in lines)), encode_stream(tokenizer, (t for _, t in lines)))
-        for i, (s, t) in enumerate(pairs):
+        # each side capped at L ids: pair_row cuts the source to L // 2 and the target to the room left anyway
+        sources = encode_stream(tokenizer, (s for s, _ in lines), L)
+        pairs = zip(sources, encode_stream(tokenizer, (t for _, t in lines), L))
+        for i, ((s, _), (t, _)) in enumerate(pairs):
             row, c = pair_row(s.tolist(), t.tolist(), L, tokenizer.bos_id, eos, L // 2)
             out[i] = row
             cut += c
@@ -163,10 +171,12 @@ def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path
         raw = path.with_suffix(".raw")
         total = 0
         with open(raw, "wb") as f:
-            for ids in encode_stream(tokenizer, lines):
+            for ids, last in encode_pieces(tokenizer, lines):
                 f.write(ids.tobytes())
-                f.write(np.int32(eos).tobytes())
-                total += len(ids) + 1
+                total += len(ids)
+                if last:
+                    f.write(np.int32(eos).tobytes())
+                    total += 1
         try:
             n = total // L
             if n == 0:
@@ -188,7 +198,7 @@ def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path
     if mode == "lines":
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(len(lines), L))
         truncated = 0
-        for i, ids in enumerate(encode_stream(tokenizer, lines)):
+        for i, (ids, _) in enumerate(encode_stream(tokenizer, lines, L)):
             seq = np.append(ids, np.int32(eos))
             if len(seq) > L:
                 truncated += 1
