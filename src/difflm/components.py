@@ -4,6 +4,7 @@ and ``DiffusionLM`` (which reads it); it knows no family by name: the registries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,23 +21,36 @@ from .io import atomic_save_safetensors, atomic_write_text, read_json, read_safe
 MODEL_FORMAT = "difflm-model-1"
 
 
-def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None) -> tuple[nn.Module, Process]:
+def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
+                     backbone: dict | None = None) -> tuple[nn.Module, Process]:
     """The backbone and process a run config describes, for this tokenizer: the backbone's config
-    (``model.type``) with what the family needs filled in (``Process.backbone_needs``)."""
+    (``model.type``) with what the family needs filled in (``Process.backbone_needs``) — or, from a model
+    folder, the backbone config it recorded (``backbone``: its type and every field; no pretrained checkpoint
+    is read again)."""
     process = build_process(run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
                             length_prior=length_prior)
-    cfg = run.model.with_needs(process.backbone_needs(), tokenizer.vocab_size, run.data.seq_len)
     try:
-        model = registry.backbone(registry.backbone_kind(run.model))(cfg)
-    except ValueError as e:
+        if backbone is not None:
+            fields = dict(backbone)
+            cls = registry.backbone(fields.pop("type"))
+            model = cls(cls.Config(**fields))
+        else:
+            cfg = run.model.with_needs(process.backbone_needs(), tokenizer.vocab_size, run.data.seq_len)
+            model = registry.backbone(registry.backbone_kind(run.model))(cfg)
+    except (ValueError, TypeError) as e:
         raise DiffLMError(f"bad model config: {e}") from None
     return model, process
 
 
-def folder_config(run: RunConfig, tokenizer: Tokenizer, length_prior: list[float] | None) -> dict:
-    """What config.json holds: the run config and the tokenizer facts a reader checks."""
-    return {"difflm_version": __version__, "run": run.to_dict(), "vocab_size": tokenizer.vocab_size,
-            "special": tokenizer.special, "tokenizer_kind": tokenizer.kind, "length_prior": length_prior}
+def folder_config(run: RunConfig, tokenizer: Tokenizer, length_prior: list[float] | None,
+                  model: nn.Module | None = None) -> dict:
+    """What config.json holds: the run config, the tokenizer facts a reader checks, and the backbone's whole
+    config as built (``backbone``) so that a reader rebuilds exactly that network."""
+    out = {"difflm_version": __version__, "run": run.to_dict(), "vocab_size": tokenizer.vocab_size,
+           "special": tokenizer.special, "tokenizer_kind": tokenizer.kind, "length_prior": length_prior}
+    if model is not None:
+        out["backbone"] = {"type": registry.backbone_kind(model.cfg), **dataclasses.asdict(model.cfg)}
+    return out
 
 
 def write_model_folder(path: Path, model: nn.Module, tokenizer: Tokenizer, run: RunConfig,
@@ -49,7 +63,7 @@ def write_model_folder(path: Path, model: nn.Module, tokenizer: Tokenizer, run: 
     tokenizer.save(path / "tokenizer.json")
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save_safetensors(weights, path / "model.safetensors", {"format": MODEL_FORMAT})
-    atomic_write_text(path / "config.json", json.dumps(folder_config(run, tokenizer, length_prior), indent=2))
+    atomic_write_text(path / "config.json", json.dumps(folder_config(run, tokenizer, length_prior, model), indent=2))
     runfolder.write_manifest(path, step, manifest_files)
 
 
@@ -76,7 +90,7 @@ def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunCon
             f"{cfg.get('vocab_size')}); put back the tokenizer the model was trained with"
         )
     length_prior = cfg.get("length_prior")
-    model, process = build_components(run, tokenizer, length_prior)
+    model, process = build_components(run, tokenizer, length_prior, cfg.get("backbone"))
     weights, _ = read_safetensors(path / "model.safetensors")
     try:
         model.load_state_dict(weights)

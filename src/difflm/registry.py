@@ -124,7 +124,8 @@ def register_backbone(cls: type) -> type:
     """Class decorator for a denoiser network built as ``cls(config)``: ``kind`` (the config's model.type) and
     ``Config``, a dataclass whose fields marked ``derived`` (metadata) are not configured but filled in by its
     ``with_needs(needs: BackboneNeeds, vocab_size, max_len)`` — the family's needs, the tokenizer's vocabulary
-    and data.seq_len."""
+    and data.seq_len. The module takes the transformer's call signature and has ``pretrained_init()`` (load the
+    weights a fresh training run starts from, if its config names any; returns whether it did)."""
     config = getattr(cls, "Config", None)
     if "kind" not in vars(cls) or not dataclasses.is_dataclass(config) or not hasattr(config, "with_needs"):
         raise TypeError(f"{cls.__name__} must declare kind and a Config dataclass with with_needs() "

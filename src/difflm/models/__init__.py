@@ -1,5 +1,7 @@
-"""Denoiser networks: one transformer backbone shared by every family."""
+"""Denoiser networks (backbones), each registering itself by ``model.type``: ``transformer`` (difflm's own) and
+``llama`` (Llama architecture, for pretrained weights)."""
 
+from .llama import Llama, LlamaConfig
 from .transformer import KVCache, Transformer, TransformerConfig
 
-__all__ = ["KVCache", "Transformer", "TransformerConfig"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "Transformer", "TransformerConfig"]

@@ -134,6 +134,35 @@ class KVCache:
         return k, v
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, causal: bool, cache: KVCache | None,
+           layer: int, offset: int, store: int | None, dropout: float) -> Tensor:
+    """Scaled dot-product attention of queries (B, H, L, Dh) over keys/values (B, H_kv, L, Dh) (H_kv divides H:
+    grouped-query attention) with everything the backbones share: the KV cache (growing, or static with
+    unwritten slots masked), a causal or given mask. Returns (B, H, L, Dh)."""
+    B, H, L, _ = q.shape
+    if cache is not None:
+        k, v = cache.append(layer, k, v, store)
+    if k.shape[1] != H:  # grouped-query attention: each key/value head serves H / H_kv query heads
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    is_causal = causal and attn_mask is None
+    if cache is not None and cache.capacity is not None:  # static cache: mask the slots past this call
+        T, end = k.shape[-2], offset + L
+        if attn_mask is None:
+            attn_mask = torch.ones(L, end, dtype=torch.bool, device=q.device)
+            if causal:
+                attn_mask = attn_mask.tril(diagonal=offset)
+        attn_mask = F.pad(attn_mask[..., :end], (0, T - end), value=False)
+        is_causal = False
+    elif is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
+        if L == 1:
+            is_causal = False
+        else:
+            T = k.shape[-2]
+            attn_mask = torch.ones(L, T, dtype=torch.bool, device=q.device).tril(diagonal=T - L)
+            is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -149,28 +178,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rope(q, offset, positions), rope(k, offset, positions)
-        if cache is not None:
-            k, v = cache.append(layer, k, v, store)
-        is_causal = causal and attn_mask is None
-        if cache is not None and cache.capacity is not None:  # static cache: mask the slots past this call
-            T, end = k.shape[-2], offset + L
-            if attn_mask is None:
-                attn_mask = torch.ones(L, end, dtype=torch.bool, device=x.device)
-                if causal:
-                    attn_mask = attn_mask.tril(diagonal=offset)
-            attn_mask = F.pad(attn_mask[..., :end], (0, T - end), value=False)
-            is_causal = False
-        elif is_causal and offset > 0:  # new queries attend to the whole past and causally among themselves
-            if L == 1:
-                is_causal = False
-            else:
-                T = k.shape[-2]
-                attn_mask = torch.ones(L, T, dtype=torch.bool, device=x.device).tril(diagonal=T - L)
-                is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = attend(q, k, v, attn_mask=attn_mask, causal=causal, cache=cache, layer=layer, offset=offset, store=store,
+                   dropout=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -250,6 +259,10 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from the uniform prediction (as SEDD's final layer)
         if self.cfg.d_embed:  # unit-variance embeddings: the scale the variance-preserving process assumes
             nn.init.normal_(self.embed.weight, 0.0, 1.0)
+
+    def pretrained_init(self) -> bool:
+        """Backbone contract: load the weights a fresh run starts from; difflm's own transformer has none."""
+        return False
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -168,6 +168,8 @@ class Trainer:
         if run.data.mode == "lines":  # add-one smoothed lengths, for models that see the padding
             length_prior = (train.length_counts() + 1).astype(float).tolist()
         model, process = build_components(run, tok, length_prior)
+        if not self.resume and model.pretrained_init():  # model.init: start from pretrained weights
+            torch.manual_seed(t.seed)  # the same stream afterwards as without (reproducible either way)
         model.to(self.device)
         process.to(self.device)
         ema = EMA(model, t.ema)
@@ -189,7 +191,8 @@ class Trainer:
                 # kill cut short, and carries the resumed config): the files an uninterrupted run wrote there
                 self._export(model, tok, length_prior, ema, step)
         elif dist.is_main:
-            atomic_write_text(self.out / "config.json", json.dumps(folder_config(run, tok, length_prior), indent=2))
+            atomic_write_text(self.out / "config.json",
+                              json.dumps(folder_config(run, tok, length_prior, model), indent=2))
         net = DDP(model) if dist.world > 1 else model
         amp = autocast(self.device, t.bf16)
         logger = _Logger(self.out, t.tensorboard, purge_step=step + 1 if self.resume else None) if dist.is_main \

