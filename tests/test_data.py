@@ -117,8 +117,11 @@ def test_long_lines_are_tokenized_in_pieces_with_the_same_result(kind, mode, tmp
     assert np.array_equal(cut, whole)
 
 
-def test_an_unwritable_token_cache_falls_back_to_a_private_one(tmp_path, capsys):
-    (tmp_path / "t.txt").write_text("\n".join([f"the cat sat on the mat {tmp_path.name}"] * 40))  # new each run
+def test_an_unwritable_token_cache_falls_back_to_a_private_one(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the fallback folder, fresh for this test
+    (tmp_path / "t.txt").write_text("\n".join(["the cat sat on the mat"] * 40))
     (tmp_path / "file").write_text("not a folder")  # a cache_dir that cannot be created (root can write anywhere)
     cfg = DataConfig(corpus="text", path=str(tmp_path / "t.txt"), mode="lines", seq_len=16,
                      cache_dir=str(tmp_path / "file" / "cache"))
