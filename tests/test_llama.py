@@ -130,3 +130,8 @@ def test_smollm2_logits_match_transformers():
     with torch.no_grad():
         ref = hf(ids).logits
         assert (m(ids) - ref).abs().max() < 1e-4 * max(1.0, float(ref.abs().max()))
+    from difflm.data.tokenizers import load_hf
+
+    ours_tok = load_hf("smollm2-135m")  # tokenizer: {type: hf, path: smollm2-135m}
+    assert ours_tok.encode("The quick brown fox") == tok("The quick brown fox", add_special_tokens=False)["input_ids"]
+    assert ours_tok.mask_id >= hf.config.vocab_size  # difflm's [MASK] is added after the vocabulary

@@ -153,8 +153,14 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
 
 
 def load_hf(path: str) -> Tokenizer:
-    """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, or a hub name."""
+    """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, a pretrained model's (a .gguf file or
+    ``smollm2-135m``, read through ``transformers``: the tokenizer that goes with ``model.init``), or a hub
+    name. difflm's special tokens that it lacks are added after its vocabulary."""
+    from ..hub import ALIASES, load_tokenizer
+
     p = Path(path)
+    if path.lower() in ALIASES or p.suffix == ".gguf":
+        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf")
     try:
         if p.is_file():
             hf = HFTokenizer.from_file(str(p))
