@@ -53,40 +53,34 @@ def _from_pretrained_args(path: Path) -> tuple[Path, dict]:
     return path, {}
 
 
-def load_config(spec: str):
-    """The ``transformers`` config of a pretrained model."""
-    from transformers import AutoConfig
+def _auto(loader: str, what: str, spec: str, **extra):
+    """``transformers.<loader>.from_pretrained`` on a resolved spec, its failure a one-line error."""
+    import transformers
 
     where, kwargs = _from_pretrained_args(resolve(spec))
     try:
-        return AutoConfig.from_pretrained(where, **kwargs)
+        return getattr(transformers, loader).from_pretrained(where, **kwargs, **extra)
     except (OSError, ValueError, KeyError) as e:
-        raise DiffLMError(f"cannot read the config of {spec!r}: {str(e).splitlines()[0]}") from None
+        raise DiffLMError(f"cannot read {what} of {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(spec: str):
+    """The ``transformers`` config of a pretrained model."""
+    return _auto("AutoConfig", "the config", spec)
 
 
 def load_tokenizer(spec: str):
     """The ``transformers`` (fast) tokenizer of a pretrained model."""
-    from transformers import AutoTokenizer
-
-    where, kwargs = _from_pretrained_args(resolve(spec))
-    try:
-        return AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise DiffLMError(f"cannot read the tokenizer of {spec!r}: {str(e).splitlines()[0]}") from None
+    return _auto("AutoTokenizer", "the tokenizer", spec)
 
 
 def load_model(spec: str):
     """A ``transformers`` causal LM, float32 on the CPU, in eval mode."""
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    where, kwargs = _from_pretrained_args(resolve(spec))
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
-    try:
-        return AutoModelForCausalLM.from_pretrained(where, **kwargs, **{dtype_key: torch.float32}).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise DiffLMError(f"cannot load {spec!r}: {str(e).splitlines()[0]}") from None
+    return _auto("AutoModelForCausalLM", "the weights", spec, **{dtype_key: torch.float32}).eval()
 
 
 def load_causal_lm(spec: str):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import BackboneNeeds, option, register_backbone
-from .transformer import KVCache, Rotary, attend, timestep_embedding
+from .transformer import KVCache, Rotary, attend, sequence_offset, time_condition
 
 
 def _derived(default):
@@ -180,15 +180,9 @@ class Llama(nn.Module):
     ) -> Tensor:
         """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``."""
         B, L = x.shape
-        offset = cache.length if cache is not None else 0
-        if (offset + L if positions is None else int(positions.max()) + 1) > self.cfg.max_len:
-            raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
+        offset = sequence_offset(self.cfg.max_len, L, cache, positions)
         h = self.embed(x)
-        c = None
-        if self.cfg.time_conditioning:
-            if t is None:
-                raise ValueError("this model is time-conditioned: pass t")
-            c = self.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, self.cfg.d_time))
+        c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
         h = self.norm_f(h)

@@ -163,6 +163,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, causal:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
 
 
+def sequence_offset(max_len: int, L: int, cache: KVCache | None, positions: Tensor | None) -> int:
+    """Where this call's positions start (the cache length), after checking they fit the model's max_len."""
+    offset = cache.length if cache is not None else 0
+    if (offset + L if positions is None else int(positions.max()) + 1) > max_len:
+        raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {max_len}")
+    return offset
+
+
+def time_condition(model: nn.Module, t: Tensor | None, B: int) -> Tensor | None:
+    """The time embedding c (B, d_time) a time-conditioned backbone feeds its adaLN layers, else None."""
+    if not model.cfg.time_conditioning:
+        return None
+    if t is None:
+        raise ValueError("this model is time-conditioned: pass t")
+    return model.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, model.cfg.d_time))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -282,20 +299,14 @@ class Transformer(nn.Module):
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""
         B, L = x.shape[:2]
-        offset = cache.length if cache is not None else 0
-        if (offset + L if positions is None else int(positions.max()) + 1) > self.cfg.max_len:
-            raise ValueError(f"sequence of {offset + L} tokens exceeds the model's max_len {self.cfg.max_len}")
+        offset = sequence_offset(self.cfg.max_len, L, cache, positions)
         if self.cfg.d_embed:
             if self.cfg.self_conditioning:
                 x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], -1)
             h = self.in_proj(x)
         else:
             h = self.embed(x)
-        c = None
-        if self.cfg.time_conditioning:
-            if t is None:
-                raise ValueError("this model is time-conditioned: pass t")
-            c = self.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, self.cfg.d_time))
+        c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
         h = self.norm_f(h)
