@@ -154,24 +154,21 @@ def model_config(d: Any) -> Any:
     d = dict(d)
     kind = str(d.pop("type", registry.DEFAULT_BACKBONE))
     cls = registry.backbone(kind).Config
-    derived = sorted(k for k in d if k in _derived(cls))
+    derived = sorted(k for k in d if k in registry.derived_fields(cls))
     if derived:
         raise DiffLMError(f"model.{derived[0]} is set from the tokenizer, data.seq_len and the family, not in the "
                           f"config; remove it")
-    return _build(cls, d, "model.", skip=_derived(cls))
+    return _build(cls, d, "model.", skip=registry.derived_fields(cls))
 
 
 def model_dict(cfg: Any) -> dict:
     """A backbone config as the ``model`` section: its type and its configurable fields."""
     from . import registry
 
-    derived = _derived(type(cfg))
+    derived = registry.derived_fields(type(cfg))
     return {"type": registry.backbone_kind(cfg),
             **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in derived}}
 
-
-def _derived(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("derived")}
 
 
 def _build(cls, d: Any, where: str, owner: str | None = None, skip: set[str] = frozenset()):

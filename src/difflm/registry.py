@@ -49,6 +49,17 @@ def option(default: Any, help: str = "", *, flag: str | None = None, cli: bool =
     return field(default=default, metadata=meta)
 
 
+def derived(default: Any) -> Any:
+    """A backbone-config field filled in by ``with_needs`` (vocabulary, length, the family's needs), never set
+    in a config file."""
+    return field(default=default, metadata={"derived": True})
+
+
+def derived_fields(config_cls: type) -> set[str]:
+    """The names of a backbone config's ``derived`` fields."""
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("derived")}
+
+
 def bounds_text(bounds: dict) -> str:
     """e.g. '≥ 1', '> 0 and ≤ 1'."""
     sym = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}

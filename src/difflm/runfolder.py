@@ -82,7 +82,7 @@ def check_model_folder(run_dir: Path) -> None:
         return
     bad = inconsistent_files(run_dir, m)
     if bad:
-        owner = RunLock(run_dir)._owner() if (Path(run_dir) / LOCK).is_file() else None
+        owner = lock_owner(Path(run_dir) / LOCK)
         if owner is not None and owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
             raise DiffLMError(f"{run_dir} is being saved by a running training (pid {owner['pid']}); "
                               "try again in a moment")
@@ -104,6 +104,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def lock_owner(path: Path) -> dict | None:
+    """{"pid", "host"} of a lock file, or None when there is none or it is unreadable (a kill while it was
+    written: stale)."""
+    try:
+        owner = json.loads(Path(path).read_text())
+        return owner if isinstance(owner, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 class RunLock:
     """``with RunLock(run_dir):`` — this process is the run folder's only writer until the block ends."""
 
@@ -118,7 +128,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
+                owner = lock_owner(self.path)
                 if owner is not None and owner.get("host") != me["host"]:
                     raise DiffLMError(
                         f"{self.path.parent} is locked by pid {owner.get('pid')} on {owner.get('host')}; if no "
@@ -134,13 +144,6 @@ class RunLock:
             self.held = True
             return self
         raise DiffLMError(f"cannot take the lock {self.path}; remove it if no difflm process uses the folder")
-
-    def _owner(self) -> dict | None:
-        try:
-            owner = json.loads(self.path.read_text())
-            return owner if isinstance(owner, dict) else None
-        except (OSError, ValueError):
-            return None  # unreadable (a kill while it was written): stale
 
     def __exit__(self, *exc) -> None:
         if self.held:

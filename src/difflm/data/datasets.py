@@ -210,6 +210,11 @@ def _write_rows(tokenizer: Tokenizer, lines: list, mode: str, L: int, path: Path
     raise DiffLMError(f"unknown data.mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def fallback_cache_root() -> Path:
+    """The private cache used when the configured one cannot be written."""
+    return Path(tempfile.gettempdir()) / f"difflm-cache-{os.getuid()}"
+
+
 def _writable_cache(root: Path) -> Path:
     """``root`` when a cache file can be written there, else a private temporary folder (with a note)."""
     try:
@@ -219,7 +224,7 @@ def _writable_cache(root: Path) -> Path:
         probe.unlink()
         return root
     except OSError as e:
-        alt = Path(tempfile.gettempdir()) / f"difflm-cache-{os.getuid()}"
+        alt = fallback_cache_root()
         alt.mkdir(parents=True, exist_ok=True)
         print(f"difflm: note: cannot write the token cache in {root} ({e.strerror}); using {alt} "
               "(set data.cache_dir or DIFFLM_CACHE to choose)", file=sys.stderr)
@@ -236,7 +241,7 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
         h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))
         h.update(b"\n")
     name = f"{split}-{h.hexdigest()[:24]}.npy"
-    for root in (cache_root(cfg), Path(tempfile.gettempdir()) / f"difflm-cache-{os.getuid()}"):
+    for root in (cache_root(cfg), fallback_cache_root()):
         path = root / name
         if path.is_file():
             try:

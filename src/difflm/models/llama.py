@@ -13,18 +13,14 @@ architecture is then read from the checkpoint; ``weights.py`` maps its tensor na
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, option, register_backbone
+from ..registry import BackboneNeeds, derived, option, register_backbone
 from .transformer import KVCache, Rotary, attend, sequence_offset, time_condition
-
-
-def _derived(default):
-    return field(default=default, metadata={"derived": True})
 
 
 @dataclass
@@ -42,12 +38,12 @@ class LlamaConfig:
     rope_theta: float = option(10000.0, gt=1)
     tie_embeddings: bool = True
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
-    vocab_size: int = _derived(0)
-    max_len: int = _derived(2048)
-    causal: bool = _derived(True)
-    time_conditioning: bool = _derived(False)
-    d_embed: int = _derived(0)
-    self_conditioning: bool = _derived(False)
+    vocab_size: int = derived(0)
+    max_len: int = derived(2048)
+    causal: bool = derived(True)
+    time_conditioning: bool = derived(False)
+    d_embed: int = derived(0)
+    self_conditioning: bool = derived(False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,18 +10,13 @@ learned token-embedding table that defines the diffusion space. It knows no diff
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, option, register_backbone
-
-
-def _derived(default):
-    """A field filled from the tokenizer, data.seq_len and the family's BackboneNeeds, never configured."""
-    return field(default=default, metadata={"derived": True})
+from ..registry import BackboneNeeds, derived, option, register_backbone
 
 
 @dataclass
@@ -36,12 +31,12 @@ class TransformerConfig:
     dropout: float = option(0.0, ge=0, lt=1)
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
     rope_base: float = option(10000.0, gt=1)
-    vocab_size: int = _derived(0)
-    max_len: int = _derived(1024)
-    causal: bool = _derived(False)
-    time_conditioning: bool = _derived(False)  # adaLN-zero conditioning on t
-    d_embed: int = _derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
-    self_conditioning: bool = _derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
+    vocab_size: int = derived(0)
+    max_len: int = derived(1024)
+    causal: bool = derived(False)
+    time_conditioning: bool = derived(False)  # adaLN-zero conditioning on t
+    d_embed: int = derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
+    self_conditioning: bool = derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
 
     def to_dict(self) -> dict:
         return asdict(self)
