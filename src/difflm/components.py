@@ -42,6 +42,20 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
     return model, process
 
 
+def check_pretrained_tokenizer(run: RunConfig) -> None:
+    """A run that starts from pretrained weights (``model.init``) must read text with that checkpoint's own
+    tokenizer: token ids index its embedding rows, so another tokenizer would silently mean other words."""
+    init = getattr(run.model, "init", None)
+    if not init:
+        return
+    from .hub import resolve
+
+    tok = run.tokenizer
+    if tok.type != "hf" or not tok.path or resolve(tok.path).resolve() != resolve(init).resolve():
+        raise DiffLMError(f"model.init {init} needs the checkpoint's own tokenizer: set tokenizer: "
+                          f"{{type: hf, path: {init}}}")
+
+
 def folder_config(run: RunConfig, tokenizer: Tokenizer, length_prior: list[float] | None,
                   model: nn.Module | None = None) -> dict:
     """What config.json holds: the run config, the tokenizer facts a reader checks, and the backbone's whole

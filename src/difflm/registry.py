@@ -136,11 +136,13 @@ def register_backbone(cls: type) -> type:
     ``Config``, a dataclass whose fields marked ``derived`` (metadata) are not configured but filled in by its
     ``with_needs(needs: BackboneNeeds, vocab_size, max_len)`` — the family's needs, the tokenizer's vocabulary
     and data.seq_len. The module takes the transformer's call signature and has ``pretrained_init()`` (load the
-    weights a fresh training run starts from, if its config names any; returns whether it did)."""
+    weights a fresh training run starts from, if its config names any; returns whether it did) and
+    ``set_step(step)`` (the trainer announces each optimizer step)."""
     config = getattr(cls, "Config", None)
-    if "kind" not in vars(cls) or not dataclasses.is_dataclass(config) or not hasattr(config, "with_needs"):
-        raise TypeError(f"{cls.__name__} must declare kind and a Config dataclass with with_needs() "
-                        "to be registered as a backbone")
+    if "kind" not in vars(cls) or not dataclasses.is_dataclass(config) or not hasattr(config, "with_needs") \
+            or not all(callable(getattr(cls, m, None)) for m in ("pretrained_init", "set_step")):
+        raise TypeError(f"{cls.__name__} must declare kind, a Config dataclass with with_needs(), pretrained_init() "
+                        "and set_step() to be registered as a backbone")
     _BACKBONES[cls.kind] = cls
     return cls
 

@@ -83,6 +83,14 @@ class BlockDiffusion(MaskedDiffusion):
         t0 = blk[None, :] < blk[:, None]
         return torch.cat([torch.cat([tt, t0], 1), torch.cat([torch.zeros_like(tt), block_causal(blk, blk)], 1)], 0)
 
+    def preceding(self, L: int, device=None) -> Tensor:
+        """For each of the 2L positions of [x_t, x0], the one holding its preceding token as the network should
+        read it (a shifted backbone predicts token i from there): inside a block the previous x_t position, for
+        a block's first token the clean x0 copy of the token before it (what sampling sees). (2L,) long."""
+        j = torch.arange(L, device=device)
+        in_xt = torch.where((j % self.block_size == 0) & (j > 0), L + j - 1, j - 1)
+        return torch.cat([in_xt, L + j - 1])
+
     def denoiser_logits(self, model: nn.Module, xt: Tensor, x0: Tensor, select: Tensor | None = None) -> Tensor:
         """Logits of x0 at the x_t positions given x_t's block and the clean earlier blocks, all blocks in one
         pass: (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is True."""
@@ -90,7 +98,7 @@ class BlockDiffusion(MaskedDiffusion):
         pos = torch.arange(L, device=xt.device)
         sel = None if select is None else torch.cat([select, torch.zeros_like(select)], 1)
         out = model(torch.cat([xt, x0], 1), attn_mask=self.training_mask(L, xt.device),
-                    positions=torch.cat([pos, pos]), select=sel).float()
+                    positions=torch.cat([pos, pos]), select=sel, prev=self.preceding(L, xt.device)).float()
         if select is None:
             out = out[:, :L]
         out[..., self.never] = -float("inf")

@@ -38,6 +38,10 @@ class LlamaConfig:
     rope_theta: float = option(10000.0, gt=1)
     tie_embeddings: bool = True
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
+    shift: bool = option(False, "AR→diffusion adaptation: the output at position i predicts token i+1, so a "
+                         "pretrained next-token head is reused (Dream, DiffuLLaMA)")
+    anneal_steps: int = option(0, "AR→diffusion adaptation: attention opens from causal to the family's mask over "
+                               "the first N training steps (DiffuLLaMA's attention-mask annealing)", ge=0)
     vocab_size: int = derived(0)
     max_len: int = derived(2048)
     causal: bool = derived(True)
@@ -52,6 +56,9 @@ class LlamaConfig:
         if needs.d_embed:
             raise ValueError("the llama backbone maps tokens to logits; Gaussian embedding diffusion needs "
                              "model.type transformer")
+        if needs.attention == "causal" and (self.shift or self.anneal_steps):
+            raise ValueError("model.shift and model.anneal_steps adapt an AR model to a diffusion family; the "
+                             "autoregressive family already predicts the next token: remove them")
         cfg = self
         if self.init:
             from .weights import pretrained_architecture
@@ -165,6 +172,31 @@ class Llama(nn.Module):
         load_pretrained(self, self.cfg.init)
         return True
 
+    def set_step(self, step: int) -> None:
+        """Backbone contract: the trainer announces the optimizer step about to run (attention annealing)."""
+        self.step = int(step)
+
+    def open_fraction(self) -> float:
+        """The fraction of the family's non-causal attention edges open now: step / anneal_steps while training
+        within the annealing window, else 1 (inference always uses the family's full mask)."""
+        n = self.cfg.anneal_steps
+        if not (n and self.training and not self.cfg.causal):
+            return 1.0
+        return min(1.0, getattr(self, "step", 0) / n)
+
+    def annealed_mask(self, attn_mask: Tensor | None, L: int, positions: Tensor | None, device) -> Tensor | None:
+        """DiffuLLaMA §3.2: the causal mask plus each edge to a later position opened with probability
+        ``open_fraction`` (one draw per step, seeded by the step: resumable), intersected with the family's mask.
+        At ``anneal_steps`` and after it is the family's own mask."""
+        r = self.open_fraction()
+        if r >= 1.0:
+            return attn_mask
+        pos = torch.arange(L, device=device) if positions is None else positions
+        g = torch.Generator().manual_seed(1_000_003 * getattr(self, "step", 0) + 17)
+        opened = torch.rand(L, L, generator=g) < r
+        m = (pos[None, :] <= pos[:, None]) | opened.to(device)
+        return m if attn_mask is None else attn_mask & m
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
@@ -172,16 +204,34 @@ class Llama(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
-        store: int | None = None,
+        store: int | None = None, prev: Tensor | None = None,
     ) -> Tensor:
-        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``."""
+        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``.
+        prev: (L,) long, for each position the index in this call of the position holding the token before it
+        (default i − 1; −1: the cache's last stored position, or the position itself when there is none) — used
+        with ``shift``, where the prediction for token i is read off the hidden state of token i − 1."""
         B, L = x.shape
         offset = sequence_offset(self.cfg.max_len, L, cache, positions)
+        if cache is None and self.cfg.anneal_steps:
+            attn_mask = self.annealed_mask(attn_mask, L, positions, x.device)
         h = self.embed(x)
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
         h = self.norm_f(h)
+        if self.cfg.shift:
+            h = self._shifted(h, prev, cache, store)
         if select is not None:
             h = h[select]
         return h @ self.embed.weight.T if self.head is None else self.head(h)
+
+    def _shifted(self, h: Tensor, prev: Tensor | None, cache: KVCache | None, store: int | None) -> Tensor:
+        """h (B, L, D) re-indexed so position i holds the hidden state of its preceding token (Dream's shift:
+        the first position, with nothing before it, keeps its own). The cache remembers the last stored
+        position's state, which predicts the first token of the next call."""
+        B, L, _ = h.shape
+        first = h[:, :1] if cache is None or cache.last is None else cache.last[:, None].to(h.dtype)
+        if cache is not None and store != 0:
+            cache.last = h[:, (L if store is None else store) - 1]
+        idx = torch.arange(-1, L - 1, device=h.device) if prev is None else prev.to(h.device)
+        return torch.cat([first, h], 1)[:, idx + 1]

@@ -88,6 +88,7 @@ class KVCache:
         self.v: list[Tensor | None] = [None] * n_layer
         self.capacity = capacity
         self._length = 0
+        self.last: Tensor | None = None  # (B, D) final hidden state of the last stored position (shifted backbones)
 
     @property
     def length(self) -> int:
@@ -101,6 +102,7 @@ class KVCache:
         sub.k = [None if k is None else k[idx] for k in self.k]
         sub.v = [None if v is None else v[idx] for v in self.v]
         sub._length = self._length
+        sub.last = None if self.last is None else self.last[idx]
         return sub
 
     def append(self, layer: int, k: Tensor, v: Tensor, store: int | None = None) -> tuple[Tensor, Tensor]:
@@ -276,6 +278,9 @@ class Transformer(nn.Module):
         """Backbone contract: load the weights a fresh run starts from; difflm's own transformer has none."""
         return False
 
+    def set_step(self, step: int) -> None:
+        """Backbone contract: the trainer announces each optimizer step (nothing here depends on it)."""
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
@@ -283,13 +288,14 @@ class Transformer(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
         cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
-        positions: Tensor | None = None, store: int | None = None,
+        positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
         select: optional (B, L) bool — compute the output head only there (the loss needs no more);
         positions: optional (L,) long RoPE positions (default: cache length + 0..L−1; block diffusion feeds
-        [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it.
+        [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it;
+        prev: where each position's preceding token sits (read only by shifted backbones: ``Llama``).
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import runfolder
-from ..components import build_components, folder_config, write_model_folder
+from ..components import build_components, check_pretrained_tokenizer, folder_config, write_model_folder
 from ..config import RunConfig
 from ..data import TokenDataset, Tokenizer, build_dataset, build_tokenizer, load_lines
 from ..data.datasets import drop_condition
@@ -161,6 +161,8 @@ class Trainer:
     def _fit(self) -> TrainResult:
         run, t, dist = self.run, self.run.train, self.dist
         torch.manual_seed(t.seed)
+        if not self.resume:
+            check_pretrained_tokenizer(run)
         tok = self._tokenizer()
         train = build_dataset(run.data, tok, "train")
         valid = build_dataset(run.data, tok, "valid")
@@ -208,6 +210,7 @@ class Trainer:
         while step < t.max_steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, t)
+            model.set_step(step)  # backbones that change with training (attention annealing)
             batches = [self._batch(train, step, m) for m in range(t.grad_accum)]
             n_tok = all_reduce_sum(torch.tensor(float(sum(b.n_tokens for b in batches))), dist).item()
             loss_sum = 0.0

@@ -1,0 +1,170 @@
+"""AR→diffusion adaptation on the llama backbone: the shift by one position (a network that knows the next token
+gets its masked targets right, in the masked and the block family), attention annealing (causal at step 0, the
+family's own mask from the step the config names), the block sampler's cache agreeing with recomputation on a
+shifted model, and a saved adapted model reloading to identical logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflm.components import build_components, read_model_folder, write_model_folder
+from difflm.config import RunConfig
+from difflm.data.tokenizers import train_char
+from difflm.errors import DiffLMError
+from difflm.models import Llama, LlamaConfig
+from difflm.registry import BackboneNeeds
+
+K = 12  # ordinary tokens of the toy: token a is followed by (a + 1) mod K
+V = K + 4  # + [PAD] [MASK] [BOS] [EOS]
+MASK = K + 1
+
+
+def next_token_model(shift: bool, attention: str = "bidirectional") -> Llama:
+    """A llama whose output at each position is the successor of that position's own token (attention and MLP
+    write nothing): the AR view of the cyclic toy language, exactly."""
+    cfg = LlamaConfig(n_layer=1, n_head=2, n_kv_head=2, d_model=V, d_ff=8, tie_embeddings=False, shift=shift)
+    m = Llama(cfg.with_needs(BackboneNeeds(attention=attention), V, 64))
+    with torch.no_grad():
+        m.embed.weight.copy_(torch.eye(V))
+        m.blocks[0].attn.o_proj.weight.zero_()
+        m.blocks[0].down_proj.weight.zero_()
+        succ = torch.zeros(V, V)
+        for a in range(K):
+            succ[(a + 1) % K, a] = 10.0
+        m.head.weight.copy_(succ)
+    return m.eval()
+
+
+def cyclic(B: int, L: int, seed: int) -> torch.Tensor:
+    start = torch.randint(0, K, (B, 1), generator=torch.Generator().manual_seed(seed))
+    return (start + torch.arange(L)) % K
+
+
+def process(family: str, **extra):
+    from difflm.diffusion import build_process
+
+    special = {"pad": K, "mask": MASK, "bos": K + 2, "eos": K + 3}
+    cfg = RunConfig.from_dict({"process": {"type": family, **extra}}).process
+    return build_process(cfg, vocab_size=V, special=special)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_shift_lets_a_next_token_model_fill_masked_targets(shift):
+    """Masks whose left neighbour is visible: the shifted network reads the neighbour and is right everywhere;
+    unshifted it predicts the successor of [MASK] and is wrong."""
+    x0 = cyclic(4, 16, 0)
+    xt = x0.clone()
+    xt[:, 1::3] = MASK  # every masked position has a clean left neighbour
+    p = process("masked")
+    with torch.no_grad():
+        logp = p.log_probs(next_token_model(shift), xt, None)
+    pred = logp.argmax(-1)
+    masked = xt == MASK
+    assert torch.equal(pred[~masked], x0[~masked])  # carry-over
+    assert (pred[masked] == x0[masked]).all().item() is shift
+
+
+def test_shift_in_block_training_reads_the_clean_copy_at_block_starts():
+    """Block diffusion's one-pass [x_t, x0] input: a block's first masked token is predicted from the clean x0
+    copy of the token before it (where sampling finds it), the others from the previous x_t position."""
+    p = process("block", block_size=4)
+    x0 = cyclic(3, 16, 1)
+    xt = x0.clone()
+    xt[:, 4] = MASK  # first of block 1: its predecessor (3) is clean in x0, and in x_t
+    xt[:, 8:10] = MASK  # first two of block 2: position 9's predecessor is masked in x_t
+    xt[:, 7] = MASK  # the last of block 1, so x_t's position 7 differs from the clean copy
+    with torch.no_grad():
+        pred = p.denoiser_logits(next_token_model(True), xt, x0).argmax(-1)
+    assert torch.equal(pred[:, [4, 7, 8]], x0[:, [4, 7, 8]])  # 8 reads the clean copy of 7 (masked in x_t)
+    assert not torch.equal(pred[:, 9], x0[:, 9])  # its predecessor is masked in its own block
+    assert torch.equal(p.preceding(8, None), torch.tensor([-1, 0, 1, 2, 11, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]))
+
+
+def random_llama(shift: bool, anneal: int = 0, attention: str = "bidirectional", vocab: int = V) -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, shift=shift, anneal_steps=anneal)
+    m = Llama(cfg.with_needs(BackboneNeeds(attention=attention), vocab, 64))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def test_annealing_opens_attention_from_causal_to_full_at_the_named_step():
+    N = 10
+    m = random_llama(False, anneal=N).train()
+    causal = random_llama(False, attention="causal").train()
+    full = random_llama(False).train()
+    x = torch.randint(0, K, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.set_step(0)
+        assert torch.allclose(m(x), causal(x), atol=1e-6)
+        m.set_step(N // 2)
+        mask = m.annealed_mask(None, 24, None, "cpu")
+        upper = torch.ones(24, 24, dtype=torch.bool).triu(1)
+        frac = mask[upper].float().mean().item()
+        assert 0.3 < frac < 0.7 and mask[~upper].all()  # half the future edges, all the past ones
+        assert not torch.allclose(m(x), full(x), atol=1e-4) and not torch.allclose(m(x), causal(x), atol=1e-4)
+        m.set_step(N - 1)
+        assert m.open_fraction() < 1 and not torch.allclose(m(x), full(x), atol=1e-4)
+        for s in (N, N + 5):
+            m.set_step(s)
+            assert m.open_fraction() == 1.0 and m.annealed_mask(None, 24, None, "cpu") is None
+            assert torch.equal(m(x), full(x))
+        m.set_step(3)
+        assert torch.equal(m.eval()(x), full.eval()(x))  # inference always uses the family's mask
+    # the block family's mask is intersected, never widened
+    blk = torch.arange(8) // 4
+    fam = blk[:, None] >= blk[None, :]
+    m.train().set_step(N // 2)
+    assert not (m.annealed_mask(fam, 8, None, "cpu") & ~fam).any()
+
+
+def test_shift_and_annealing_are_refused_for_the_autoregressive_family():
+    with pytest.raises(ValueError, match="already predicts the next token"):
+        LlamaConfig(shift=True).with_needs(BackboneNeeds(attention="causal"), V, 64)
+
+
+def test_block_sampler_cache_equals_recomputation_on_a_shifted_model():
+    from difflm.sampling.block import BlockSampler
+    from difflm.sampling.conditioning import Conditioning
+
+    p = process("block", block_size=4)
+    m = random_llama(True, attention="block-causal").eval()
+    cond = Conditioning.unconditional(3, 16)
+    outs = [BlockSampler(cache=c)(m, p, cond, steps=16, seed=5).tokens for c in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_a_saved_adapted_model_reloads_to_identical_logits(tmp_path):
+    tok = train_char(["abcdefghij klmnopqrstuvwxyz"])
+    run = RunConfig.from_dict({"model": {"type": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32,
+                                         "d_ff": 40, "shift": True, "anneal_steps": 50},
+                               "process": {"type": "block", "block_size": 4}, "data": {"seq_len": 16}})
+    model, proc = build_components(run, tok)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    write_model_folder(tmp_path / "m", model.eval(), tok, run, None)
+    again, proc2, *_ = read_model_folder(tmp_path / "m")
+    assert (again.cfg.shift, again.cfg.anneal_steps) == (True, 50)
+    x = torch.randint(0, tok.vocab_size - 4, (2, 16))
+    with torch.no_grad():
+        a1 = proc.denoiser_logits(model, x, x)
+        a2 = proc2.denoiser_logits(again.eval(), x, x)
+        assert torch.equal(a1, a2)
+        assert torch.equal(model(x), again(x))
+
+
+def test_a_pretrained_start_needs_the_checkpoints_own_tokenizer(tmp_path):
+    from difflm.components import check_pretrained_tokenizer
+
+    (tmp_path / "ckpt").mkdir()
+    run = RunConfig.from_dict({"model": {"type": "llama", "init": str(tmp_path / "ckpt")},
+                               "tokenizer": {"type": "char"}})
+    with pytest.raises(DiffLMError, match="needs the checkpoint's own tokenizer"):
+        check_pretrained_tokenizer(run)
+    run = RunConfig.from_dict({"model": {"type": "llama", "init": str(tmp_path / "ckpt")},
+                               "tokenizer": {"type": "hf", "path": str(tmp_path / "ckpt")}})
+    check_pretrained_tokenizer(run)
