@@ -55,6 +55,8 @@ class TrainConfig:
     batch_size: int = option(32, "global batch: sequences per optimizer step, over all ranks and accumulation", ge=1)
     grad_accum: int = option(1, ge=1)
     max_steps: int = option(1000, ge=1)
+    max_minutes: float | None = option(None, "also stop (evaluate and save) once training has run this many minutes "
+                                       "in all: runs compared at equal wall time", gt=0)
     lr: float = option(1e-3, gt=0)
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     warmup_steps: int = option(100, ge=0)

@@ -33,8 +33,8 @@ MODEL_FILES = ("tokenizer.json", "model.safetensors", "config.json")
 RUN_FILES = (CHECKPOINT, *MODEL_FILES, MANIFEST, METRICS, CHANGES)
 
 #: config keys that may differ when resuming: how long to train and how to log, not what is trained
-RESUMABLE_CHANGES = ("name", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.save_every", "train.tensorboard", "train.threads", "data.cache_dir", "sample.")
+RESUMABLE_CHANGES = ("name", "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "train.save_every", "train.tensorboard", "train.threads", "data.cache_dir", "sample.")
 
 
 # -- manifest -----------------------------------------------------------------------------------------

@@ -232,7 +232,11 @@ class Trainer:
             loss_val = all_reduce_sum(torch.tensor(loss_sum), dist).item() / n_tok
             if bar is not None:
                 bar.update(1)
-            if dist.is_main and (step % t.log_every == 0 or step == t.max_steps):
+            final = step == t.max_steps
+            if t.max_minutes is not None:  # every rank stops at the same step
+                late = float(elapsed0 + time.perf_counter() - t0 >= 60 * t.max_minutes)
+                final = final or all_reduce_sum(torch.tensor(late), dist).item() > 0
+            if dist.is_main and (step % t.log_every == 0 or final):
                 now = time.perf_counter()
                 tps = win_tokens / max(now - win_t0, 1e-9)
                 win_tokens, win_t0 = 0, now
@@ -242,7 +246,7 @@ class Trainer:
                 logger.log(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}")
-            if dist.is_main and (step % t.eval_every == 0 or step == t.max_steps):
+            if dist.is_main and (step % t.eval_every == 0 or final):
                 with ema.applied(model):
                     r = evaluate(model, process, valid, n_samples=1, batch_size=max(self.micro, 8),
                                  seed=1234, max_batches=t.eval_batches, bf16=t.bf16, device=self.device)
@@ -253,9 +257,11 @@ class Trainer:
                 if bar is not None:
                     bar.write(f"step {step}: val {'NLL' if r.exact else 'NELBO'} {val:.4f} nats/token "
                               f"(ppl ≤ {math.exp(val):.2f})")
-            if step % t.save_every == 0 or step == t.max_steps:
+            if step % t.save_every == 0 or final:
                 self._save(model, tok, length_prior, ema, opt, {"step": step, "tokens": tokens_seen,
                                           "elapsed_s": elapsed0 + time.perf_counter() - t0})
+            if final:
+                break
         if bar is not None:
             bar.close()
         if logger is not None:

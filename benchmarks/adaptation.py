@@ -1,0 +1,154 @@
+"""Starting from pretrained weights against training from scratch, at equal wall time on this machine.
+
+    python benchmarks/adaptation.py --minutes 12 --families mdlm,bd3lm
+
+Trains, one after another and each for ``--minutes`` of wall time (``train.max_minutes``): the AR baseline
+(``ptb-ar-small``, also the judge), the from-scratch presets (``ptb-mdlm-small``, ``ptb-bd3lm-small``) and the
+AR→diffusion adaptations of SmolLM2-135M (``smollm2-135m-mdlm-ptb``, ``smollm2-135m-bd3lm-ptb``). Then, for each:
+
+* validation NELBO per PTB **word** (the tokenizers differ: the bound in nats over the whole validation split,
+  divided by its words, one per whitespace-separated word plus one per line for PTB's end of sentence);
+* generative perplexity of ``--num`` samples of 128 tokens per *word* under the AR baseline (the texts are
+  re-read with its word tokenizer; a word outside PTB's vocabulary becomes <unk>) and per *token* under SmolLM2
+  (biased in favour of its own descendants), with the held-out text under both judges for scale;
+* unigram entropy of the samples' words; the samples and an infill shown.
+
+Writes benchmarks/out/adaptation/results.json and prints Markdown for RESULTS.md. Run it alone (it times things).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from difflm.data.corpora import ptb_lines
+from difflm.evaluation.generative import ar_nll, special_ids
+from difflm.pipeline import DiffusionLM
+
+RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
+        "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb"}
+INFILL = "the company said ___ in the third quarter ___ a year earlier"
+
+
+def train(preset: str, out: Path, minutes: float, steps: int | None) -> float:
+    cmd = [sys.executable, "-m", "difflm.cli", "train", preset, "--out", str(out), "--overwrite", "--no-progress",
+           "--set", f"train.max_minutes={minutes}"]
+    if steps:  # the cosine schedule ends about when the time does
+        cmd += ["--set", f"train.max_steps={steps}"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def last_row(run: Path) -> dict:
+    rows = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
+    head = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    train_rows = [dict(zip(head, r.split(","))) for r in rows if r.split(",")[2]]
+    return train_rows[-1]
+
+
+def words(texts: list[str]) -> list[str]:
+    return [w for t in texts for w in t.split()]
+
+
+def word_entropy(texts: list[str]) -> float:
+    c = Counter(words(texts))
+    n = sum(c.values())
+    return -sum(v / n * math.log(v / n) for v in c.values()) if n else float("nan")
+
+
+def judge_ppl(ar: DiffusionLM, texts: list[str]) -> float:
+    """Per-word perplexity of texts under the word-level AR baseline (each text is one sequence)."""
+    L = ar.seq_len
+    rows = []
+    for t in texts:
+        ids = ar.encode_text(t)[: L - 1] + [ar.tokenizer.eos_id]
+        rows.append(ids + [ar.tokenizer.pad_id] * (L - len(ids)))
+    nll, n = ar_nll(ar, torch.tensor(rows), special_ids(ar.tokenizer) - {ar.tokenizer.eos_id})
+    return math.exp(nll / max(n, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=12.0)
+    ap.add_argument("--families", default="mdlm,bd3lm")
+    ap.add_argument("--num", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/adaptation"))
+    ap.add_argument("--eval-batches", type=int, default=None, help="cap the validation batches (smoke runs)")
+    ap.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    ap.add_argument("--adapted-step-s", type=float, default=2.6,
+                    help="seconds per SmolLM2 step here, to end its cosine schedule with the time")
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    fams = a.families.split(",")
+    keys = ["ar", *fams, *[f"smollm2-{f}" for f in fams]]
+    a.out.mkdir(parents=True, exist_ok=True)
+    wall = {}
+    for k in keys:
+        if not a.skip_train:
+            # block diffusion's training pass reads [x_t, x0]: twice the tokens per step
+            step_s = a.adapted_step_s * (2 if k.endswith("bd3lm") else 1)
+            steps = int(a.minutes * 60 / step_s) if k.startswith("smollm2") else None
+            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps)
+            print(f"trained {k} in {wall[k]:.0f} s", flush=True)
+
+    from difflm.evaluation.external import load_scorer
+
+    scorer = load_scorer("smollm2")
+    ar = DiffusionLM.from_pretrained(a.out / "ar")
+    valid = ptb_lines("valid")
+    n_words = sum(len(line.split()) + 1 for line in valid)
+    ref = [" ".join(line.split()[:100]) for line in valid[: a.num * 4]]
+    ref = [" ".join(ref[i : i + 4]) for i in range(0, len(ref), 4)]
+    results = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads", "minutes": a.minutes,
+               "heldout": {"ar_judge_ppl_word": judge_ppl(ar, ref), "smollm2_ppl_token": scorer.perplexity(ref),
+                           "word_entropy": word_entropy(ref)}, "rows": []}
+    for k in keys:
+        lm = DiffusionLM.from_pretrained(a.out / k)
+        row = {"model": k, "preset": RUNS[k], **{f"train_{x}": last_row(a.out / k)[x]
+                                                 for x in ("step", "tokens", "elapsed_s", "tokens_per_s")}}
+        t0 = time.perf_counter()
+        ev = lm.evaluate("valid", samples=1, batch_size=16, max_batches=a.eval_batches)
+        row["eval_s"] = time.perf_counter() - t0
+        row["nelbo_token"], row["valid_tokens"] = ev.nelbo, ev.n_tokens
+        row["nelbo_word"] = ev.nelbo * ev.n_tokens / n_words  # = total nats / words, over the whole split
+        t0 = time.perf_counter()
+        g = lm.generate(a.num, 128, steps=a.steps, seed=0, batch_size=a.num)
+        row["sample_s"] = (time.perf_counter() - t0) / a.num
+        texts = [t.strip() for t in g.texts]
+        row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
+        row["smollm2_ppl_token"] = scorer.perplexity(texts)
+        row["word_entropy"] = word_entropy(texts)
+        row["samples"] = texts[:3]
+        if lm.process.family == "masked":
+            row["infill"] = lm.infill(INFILL, span_tokens=6, seed=0, num=2)
+        results["rows"].append(row)
+        print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
+        (a.out / "results.json").write_text(json.dumps(results, indent=2))
+    h = results["heldout"]
+    print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
+    print("| model | steps | train tokens | valid NELBO / word (nats) | gen ppl / word (AR judge) "
+          "| gen ppl / token (SmolLM2) | word entropy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| held-out text | | | | {h['ar_judge_ppl_word']:.0f} | {h['smollm2_ppl_token']:.0f} "
+          f"| {h['word_entropy']:.2f} |")
+    for r in results["rows"]:
+        print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {r['nelbo_word']:.3f} "
+              f"| {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} | {r['word_entropy']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
