@@ -240,6 +240,18 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_convert(a) -> int:
+    from .convert import convert
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise DiffLMError(f"{out} is not empty: choose another OUT, or pass --overwrite to replace what is there")
+    convert(a.kind, a.src, out, tokenizer=a.tokenizer, config=a.config, eos_token=a.eos_token)
+    print(json.dumps({"out": str(out), "from": a.kind}) if a.json else
+          f"converted {a.kind} checkpoint {a.src} -> {out} (difflm sample / eval / bench-sampling {out})")
+    return 0
+
+
 def cmd_sample(a) -> int:
     from .pipeline import DiffusionLM
 
@@ -480,6 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    c = sub.add_parser("convert", help="turn a published MDLM, BD3-LM, DUO or SEDD checkpoint into a difflm model "
+                                       "folder (no flash-attn; CPU or GPU)")
+    c.add_argument("--from", dest="kind", required=True, choices=("mdlm", "bd3lm", "duo", "sedd"))
+    c.add_argument("src", help="the downloaded checkpoint folder (config.json + weights) or checkpoint file")
+    c.add_argument("out", help="the model folder to write")
+    c.add_argument("--tokenizer", default=None, help="tokenizer.json or hub name (default: SRC's, else gpt2)")
+    c.add_argument("--config", default=None, help="the run config (JSON) of a single checkpoint file")
+    c.add_argument("--eos-token", default=None, help="the tokenizer's end-of-text token (default <|endoftext|>)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_convert)
 
     q = sub.add_parser("quickstart", help="train a small masked diffusion LM and an AR baseline on PTB")
     q.add_argument("--out", default="runs/quickstart")

@@ -34,7 +34,8 @@ RUN_FILES = (CHECKPOINT, *MODEL_FILES, MANIFEST, METRICS, CHANGES)
 
 #: config keys that may differ when resuming: how long to train and how to log, not what is trained
 RESUMABLE_CHANGES = ("name", "train.max_steps", "train.max_minutes", "train.log_every", "train.eval_every",
-                     "train.eval_batches", "train.save_every", "train.tensorboard", "train.threads", "data.cache_dir", "sample.")
+                     "train.eval_batches", "train.save_every", "train.tensorboard", "train.threads", "data.cache_dir",
+                     "sample.")
 
 
 # -- manifest -----------------------------------------------------------------------------------------

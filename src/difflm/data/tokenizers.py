@@ -41,12 +41,18 @@ def pieces(line: str, anywhere: bool = False) -> Iterator[str]:
 class Tokenizer:
     """A Hugging Face tokenizer plus the ids of difflm's special tokens."""
 
-    def __init__(self, hf: HFTokenizer, kind: str) -> None:
+    def __init__(self, hf: HFTokenizer, kind: str, *, eos_token: str | None = None) -> None:
+        """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] when
+        ``eos_token`` names an existing token to serve as it (a converted checkpoint's own end of text, e.g.
+        GPT-2's <|endoftext|>)."""
         self.hf, self.kind = hf, kind
-        missing = [t for k, t in SPECIALS.items() if k != "unk" and hf.token_to_id(t) is None]
+        names = dict(SPECIALS, **({"eos": eos_token} if eos_token else {}))
+        if eos_token and hf.token_to_id(eos_token) is None:
+            raise DiffLMError(f"the tokenizer has no token {eos_token!r} to use as end of text")
+        missing = [t for k, t in names.items() if k != "unk" and hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens(missing)
-        self.special = {k: hf.token_to_id(t) for k, t in SPECIALS.items() if hf.token_to_id(t) is not None}
+        self.special = {k: hf.token_to_id(t) for k, t in names.items() if hf.token_to_id(t) is not None}
         self.pad_id, self.mask_id = self.special["pad"], self.special["mask"]
         self.bos_id, self.eos_id = self.special["bos"], self.special["eos"]
 
@@ -93,13 +99,20 @@ class Tokenizer:
         atomic_write_text(Path(path), self.hf.to_str(pretty=True))
 
     @classmethod
-    def load(cls, path: str | Path, kind: str) -> Tokenizer:
+    def load(cls, path: str | Path, kind: str, special: dict[str, int] | None = None) -> Tokenizer:
+        """A saved tokenizer.json; ``special``: the ids config.json recorded (None: difflm's own tokens)."""
         path = Path(path)
         if not path.is_file():
             raise DiffLMError(f"tokenizer file {path} not found; the model folder is incomplete")
         try:
-            return cls(HFTokenizer.from_file(str(path)), kind)
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # a corrupted or foreign file
+            raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
+        # a recorded [EOS] that is the model's own token (a converted checkpoint's end of text) is found by name
+        eos = hf.id_to_token(special["eos"]) if special and isinstance(special.get("eos"), int) else None
+        try:
+            return cls(hf, kind, eos_token=eos if eos not in (None, SPECIALS["eos"]) else None)
+        except Exception as e:
             raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
 
 

@@ -1,7 +1,8 @@
-"""Denoiser networks (backbones), each registering itself by ``model.type``: ``transformer`` (difflm's own) and
-``llama`` (Llama architecture, for pretrained weights)."""
+"""Denoiser networks (backbones), each registering itself by ``model.type``: ``transformer`` (difflm's own),
+``llama`` (Llama architecture, for pretrained weights) and ``dit`` (the published MDLM / SEDD / BD3-LM network)."""
 
+from .dit import DiT, DiTConfig
 from .llama import Llama, LlamaConfig
 from .transformer import KVCache, Transformer, TransformerConfig
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "Transformer", "TransformerConfig"]
+__all__ = ["DiT", "DiTConfig", "KVCache", "Llama", "LlamaConfig", "Transformer", "TransformerConfig"]
