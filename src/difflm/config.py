@@ -48,6 +48,8 @@ class TokenizerConfig:
     vocab_size: int = option(8192, "bpe: vocabulary size", ge=16)
     min_count: int = option(1, "word: drop words seen fewer times", ge=1)
     path: str | None = None  # hf
+    eos_token: str | None = option(None, "hf: a token of the tokenizer that serves as end of text instead of an "
+                                   "added [EOS] (BERT's [SEP], GPT-2's <|endoftext|>)")
 
 
 @dataclass

