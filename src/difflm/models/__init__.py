@@ -7,4 +7,5 @@ from .dit import DiT, DiTConfig
 from .llama import Llama, LlamaConfig
 from .transformer import KVCache, Transformer, TransformerConfig
 
-__all__ = ["Bert", "BertConfig", "DiT", "DiTConfig", "KVCache", "Llama", "LlamaConfig", "Transformer", "TransformerConfig"]
+__all__ = ["Bert", "BertConfig", "DiT", "DiTConfig", "KVCache", "Llama", "LlamaConfig", "Transformer",
+           "TransformerConfig"]
