@@ -1,6 +1,8 @@
 """Starting from pretrained weights against training from scratch, at equal wall time on this machine.
 
-    python benchmarks/adaptation.py --minutes 12 --families mdlm,bd3lm
+    python benchmarks/adaptation.py --minutes 15
+    python benchmarks/adaptation.py --minutes 15 --models ar,minilm-mdlm,minilm-scratch-mdlm \
+        --train minilm-mdlm,minilm-scratch-mdlm
 
 Trains, one after another and each for ``--minutes`` of wall time (``train.max_minutes``): the AR baseline
 (``ptb-ar-small``, also the judge), the from-scratch presets (``ptb-mdlm-small``, ``ptb-bd3lm-small``) and the
@@ -13,7 +15,8 @@ AR→diffusion adaptations of SmolLM2-135M (``smollm2-135m-mdlm-ptb``, ``smollm2
   (biased in favour of its own descendants), with the held-out text under both judges for scale;
 * unigram entropy of the samples' words; the samples and an infill shown.
 
-Writes benchmarks/out/adaptation/results.json and prints Markdown for RESULTS.md. Run it alone (it times things).
+Writes benchmarks/out/adaptation/results-<models>.json and prints Markdown for RESULTS.md. Run it alone (it times
+things).
 """
 
 from __future__ import annotations
@@ -37,13 +40,19 @@ from difflm.evaluation.generative import ar_nll, special_ids
 from difflm.pipeline import DiffusionLM
 
 RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
-        "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb"}
+        "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb",
+        "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
+#: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
+#: rate difflm's from-scratch presets use
+OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"]}
 INFILL = "the company said ___ in the third quarter ___ a year earlier"
 
 
-def train(preset: str, out: Path, minutes: float, steps: int | None) -> float:
+def train(preset: str, out: Path, minutes: float, steps: int | None, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", "difflm.cli", "train", preset, "--out", str(out), "--overwrite", "--no-progress",
            "--set", f"train.max_minutes={minutes}"]
+    for o in overrides:
+        cmd += ["--set", o]
     if steps:  # the cosine schedule ends about when the time does
         cmd += ["--set", f"train.max_steps={steps}"]
     t0 = time.perf_counter()
@@ -82,7 +91,9 @@ def judge_ppl(ar: DiffusionLM, texts: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=12.0)
-    ap.add_argument("--families", default="mdlm,bd3lm")
+    ap.add_argument("--models", default="ar,mdlm,bd3lm,smollm2-mdlm,smollm2-bd3lm",
+                    help=f"rows of the table, from {', '.join(RUNS)} (ar is the judge and always read)")
+    ap.add_argument("--train", default=None, help="which of --models to train (default: all; 'none': reuse)")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/adaptation"))
@@ -92,16 +103,16 @@ def main() -> None:
                     help="seconds per SmolLM2 step here, to end its cosine schedule with the time")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    fams = a.families.split(",")
-    keys = ["ar", *fams, *[f"smollm2-{f}" for f in fams]]
+    keys = a.models.split(",")
+    to_train = keys if a.train is None else ([] if a.train == "none" else a.train.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     wall = {}
     for k in keys:
-        if not a.skip_train:
+        if k in to_train and not a.skip_train:
             # block diffusion's training pass reads [x_t, x0]: twice the tokens per step
             step_s = a.adapted_step_s * (2 if k.endswith("bd3lm") else 1)
             steps = int(a.minutes * 60 / step_s) if k.startswith("smollm2") else None
-            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps)
+            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, OVERRIDES.get(k, []))
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
 
     from difflm.evaluation.external import load_scorer
@@ -118,8 +129,9 @@ def main() -> None:
                            "word_entropy": word_entropy(ref)}, "rows": []}
     for k in keys:
         lm = DiffusionLM.from_pretrained(a.out / k)
-        row = {"model": k, "preset": RUNS[k], **{f"train_{x}": last_row(a.out / k)[x]
-                                                 for x in ("step", "tokens", "elapsed_s", "tokens_per_s")}}
+        last = last_row(a.out / k)
+        row = {"model": k, "preset": RUNS[k] + (" (random init, lr 1e-3)" if k in OVERRIDES else ""),
+               **{f"train_{x}": last[x] for x in ("step", "tokens", "elapsed_s", "tokens_per_s")}}
         t0 = time.perf_counter()
         ev = lm.evaluate("valid", samples=1, batch_size=16, max_batches=a.eval_batches)
         row["eval_s"] = time.perf_counter() - t0
@@ -137,7 +149,7 @@ def main() -> None:
             row["infill"] = lm.infill(INFILL, span_tokens=6, seed=0, num=2)
         results["rows"].append(row)
         print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
-        (a.out / "results.json").write_text(json.dumps(results, indent=2))
+        (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
     h = results["heldout"]
     print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
     print("| model | steps | train tokens | valid NELBO / word (nats) | gen ppl / word (AR judge) "
