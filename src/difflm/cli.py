@@ -241,12 +241,16 @@ def cmd_export(a) -> int:
 
 
 def cmd_convert(a) -> int:
-    from .convert import convert
+    from .convert import WRAPPED, convert, wrap
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise DiffLMError(f"{out} is not empty: choose another OUT, or pass --overwrite to replace what is there")
-    convert(a.kind, a.src, out, tokenizer=a.tokenizer, config=a.config, eos_token=a.eos_token)
+    if a.kind in WRAPPED:
+        wrap(a.kind, a.src, out, tokenizer=a.tokenizer, mask_token=a.mask_token, eos_token=a.eos_token, shift=a.shift,
+             attention=a.attention, family=a.family, block_size=a.block_size, seq_len=a.seq_len)
+    else:
+        convert(a.kind, a.src, out, tokenizer=a.tokenizer, config=a.config, eos_token=a.eos_token)
     print(json.dumps({"out": str(out), "from": a.kind}) if a.json else
           f"converted {a.kind} checkpoint {a.src} -> {out} (difflm sample / eval / bench-sampling {out})")
     return 0
@@ -494,13 +498,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("convert", help="turn a published MDLM, BD3-LM, DUO or SEDD checkpoint into a difflm model "
-                                       "folder (no flash-attn; CPU or GPU)")
-    c.add_argument("--from", dest="kind", required=True, choices=("mdlm", "bd3lm", "duo", "sedd"))
-    c.add_argument("src", help="the downloaded checkpoint folder (config.json + weights) or checkpoint file")
+                                       "folder (no flash-attn; CPU or GPU), or wrap a LLaDA / Dream model")
+    c.add_argument("--from", dest="kind", required=True, choices=("mdlm", "bd3lm", "duo", "sedd", "llada", "dream"))
+    c.add_argument("src", help="the downloaded checkpoint folder (config.json + weights) or checkpoint file; "
+                               "llada/dream: a model folder or hub name")
     c.add_argument("out", help="the model folder to write")
     c.add_argument("--tokenizer", default=None, help="tokenizer.json or hub name (default: SRC's, else gpt2)")
     c.add_argument("--config", default=None, help="the run config (JSON) of a single checkpoint file")
     c.add_argument("--eos-token", default=None, help="the tokenizer's end-of-text token (default <|endoftext|>)")
+    w = c.add_argument_group("llada / dream")
+    w.add_argument("--mask-token", default=None, help="the model's mask token (default: LLaDA's <|mdm_mask|>, "
+                                                      "Dream's <|mask|>)")
+    w.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="the output at i predicts token i + 1 (default: on for Dream, off for LLaDA)")
+    w.add_argument("--attention", choices=("native", "mask"), default="native",
+                   help="native: the model's own attention; mask: pass difflm's masks (needed by --family block)")
+    w.add_argument("--family", choices=("masked", "block"), default="masked")
+    w.add_argument("--block-size", type=count(1), default=4)
+    w.add_argument("--seq-len", type=count(2), default=256, help="the default generation length")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_convert)

@@ -1,6 +1,9 @@
 """``difflm convert --from mdlm|bd3lm|duo|sedd SRC OUT``: a published diffusion checkpoint as a difflm model folder.
 
-The four share one network, the DiT of ``models/dit.py``; they differ in key prefixes, config fields and the
+``--from llada|dream`` instead writes a folder that *wraps* a Hugging Face masked diffusion model (``models/hf.py``):
+its config names the model, whose weights stay where they are.
+
+The four DiT formats share one network, the DiT of ``models/dit.py``; they differ in key prefixes, config fields and the
 family their math belongs to:
 
 ==========  ==========================================  =================================================
@@ -33,6 +36,8 @@ import torch
 from .errors import DiffLMError
 
 FORMATS = ("mdlm", "bd3lm", "duo", "sedd")
+#: Hugging Face masked diffusion models wrapped, not converted (models/hf.py): their mask token and shift
+WRAPPED = {"llada": {"mask_token": "<|mdm_mask|>", "shift": False}, "dream": {"mask_token": "<|mask|>", "shift": True}}
 PREFIXES = ("_orig_mod.", "backbone.", "model.", "module.")
 GPT2_EOS = "<|endoftext|>"
 
@@ -225,3 +230,52 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
     (out / "converted_from.json").write_text(json.dumps({"from": kind, "source": str(src), "mask_id": n - 1},
                                                         indent=2))
     return out
+
+
+def wrap(kind: str, src: str, out: str | Path, *, tokenizer: str | None = None, mask_token: str | None = None,
+         eos_token: str | None = None, shift: bool | None = None, attention: str = "native", family: str = "masked",
+         block_size: int = 4, seq_len: int = 256) -> Path:
+    """Write a model folder at ``out`` that runs the LLaDA- or Dream-style model ``src`` (folder or hub name)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .components import build_components, write_model_folder
+    from .config import RunConfig
+    from .data.tokenizers import Tokenizer
+
+    if kind not in WRAPPED:
+        raise DiffLMError(f"--from must be one of {', '.join([*FORMATS, *WRAPPED])}")
+    spec = WRAPPED[kind]
+    mask_token = mask_token or spec["mask_token"]
+    shift = spec["shift"] if shift is None else shift
+    local = Path(src).expanduser()
+    where = str(local.resolve()) if local.exists() else src
+    if tokenizer:
+        try:
+            hf_tok = HFTokenizer.from_file(tokenizer)
+        except Exception as e:
+            raise DiffLMError(f"cannot read the tokenizer {tokenizer}: {str(e).splitlines()[0][:100]}") from None
+        eos = None
+    else:
+        import transformers
+
+        try:
+            t = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise DiffLMError(f"cannot load the tokenizer of {src!r}: {str(e).splitlines()[0][:120]}; pass "
+                              "--tokenizer") from None
+        hf_tok, eos = t.backend_tokenizer, t.eos_token
+    tok = Tokenizer(hf_tok, "hf", mask_token=mask_token, eos_token=eos_token or eos)
+    process = {"type": family, "time_conditioning": False}
+    if family == "block":
+        process["block_size"] = block_size
+    elif family != "masked":
+        raise DiffLMError("a wrapped model is a masked denoiser: --family masked or block")
+    run = RunConfig.from_dict({"name": f"{kind}-{Path(str(src)).name}",
+                               "model": {"type": "hf", "path": where, "shift": shift, "attention": attention},
+                               "process": process, "data": {"corpus": "ptb", "mode": "packed", "seq_len": seq_len},
+                               "tokenizer": {"type": "hf"}, "sample": {"steps": 128}})
+    model, _ = build_components(run, tok)
+    write_model_folder(Path(out), model.eval(), tok, run, None)
+    (Path(out) / "converted_from.json").write_text(json.dumps({"from": kind, "source": where, "wrapped": True},
+                                                              indent=2))
+    return Path(out)

@@ -41,16 +41,19 @@ def pieces(line: str, anywhere: bool = False) -> Iterator[str]:
 class Tokenizer:
     """A Hugging Face tokenizer plus the ids of difflm's special tokens."""
 
-    def __init__(self, hf: HFTokenizer, kind: str, *, eos_token: str | None = None) -> None:
-        """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] when
-        ``eos_token`` names an existing token to serve as it (a converted checkpoint's own end of text, e.g.
-        GPT-2's <|endoftext|>)."""
+    def __init__(self, hf: HFTokenizer, kind: str, *, eos_token: str | None = None,
+                 mask_token: str | None = None) -> None:
+        """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] / [MASK] when
+        ``eos_token`` / ``mask_token`` name existing tokens to serve as them (a pretrained model's own: GPT-2's
+        <|endoftext|>, BERT's [SEP], LLaDA's <|mdm_mask|>)."""
         hf.no_padding()  # a tokenizer.json may carry a fixed padding/truncation (sentence encoders: 128); difflm
         hf.no_truncation()  # lays out rows itself
         self.hf, self.kind = hf, kind
-        names = dict(SPECIALS, **({"eos": eos_token} if eos_token else {}))
-        if eos_token and hf.token_to_id(eos_token) is None:
-            raise DiffLMError(f"the tokenizer has no token {eos_token!r} to use as end of text")
+        aliases = {k: v for k, v in (("eos", eos_token), ("mask", mask_token)) if v}
+        names = dict(SPECIALS, **aliases)
+        for k, tok in aliases.items():
+            if hf.token_to_id(tok) is None:
+                raise DiffLMError(f"the tokenizer has no token {tok!r} to use as {SPECIALS[k]}")
         missing = [t for k, t in names.items() if k != "unk" and hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens(missing)
@@ -110,10 +113,13 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # a corrupted or foreign file
             raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
-        # a recorded [EOS] that is the model's own token (a converted checkpoint's end of text) is found by name
-        eos = hf.id_to_token(special["eos"]) if special and isinstance(special.get("eos"), int) else None
+        # a recorded [EOS] or [MASK] that is the model's own token (a converted checkpoint's) is found by name
+        own = {}
+        for k in ("eos", "mask"):
+            tok = hf.id_to_token(special[k]) if special and isinstance(special.get(k), int) else None
+            own[f"{k}_token"] = tok if tok not in (None, SPECIALS[k]) else None
         try:
-            return cls(hf, kind, eos_token=eos if eos not in (None, SPECIALS["eos"]) else None)
+            return cls(hf, kind, **own)
         except Exception as e:
             raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
 

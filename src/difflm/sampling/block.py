@@ -97,7 +97,8 @@ class BlockSampler(Sampler):
         x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        cache = KVCache(len(model.blocks), capacity=L) if self.cache else None
+        # a backbone without difflm's KV cache (a wrapped Hugging Face model) recomputes the prefix: same tokens
+        cache = KVCache(len(model.blocks), capacity=L) if self.cache and getattr(model, "kv_cache", True) else None
         committed = 0
         steps = max(1, steps // -(-L // S))  # per block
         p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))
