@@ -188,3 +188,30 @@ def test_bad_checkpoints_are_one_line_errors(tmp):
     save_file({"model.embed_tokens.weight": torch.zeros(51, 64)}, str(llama / "model.safetensors"))
     (llama / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
     assert "hidden size" in run("--from", "mdlm", str(llama), str(tmp / "o3"), "--tokenizer", str(tok))
+
+
+def test_duo_plumbing_on_a_uniform_state_layout(tmp):
+    """DUO has no reference fixture: the MDLM fixture without its [MASK] row, as a uniform-state checkpoint, gives
+    the MDLM network's logits on the data tokens, time-conditioned on σ = −log α(t)."""
+    src = published("mdlm_dit", tmp, "hub") if not (tmp / "mdlm_dit-hub").exists() else tmp / "mdlm_dit-hub"
+    duo = tmp / "duo-src"
+    duo.mkdir()
+    state = load_file(str(src / "model.safetensors"))
+    for k in ("backbone.vocab_embed.embedding", "backbone.output_layer.linear.weight",
+              "backbone.output_layer.linear.bias"):
+        state[k] = state[k][:50].contiguous()
+    save_file(state, str(duo / "model.safetensors"))
+    (duo / "config.json").write_text((src / "config.json").read_text().replace('"vocab_size": 51', '"vocab_size": 50'))
+    out = tmp / "duo-converted"
+    r = subprocess.run([sys.executable, "-m", "difflm.cli", "convert", "--from", "duo", str(duo), str(out),
+                        "--tokenizer", str(tokenizer_json(tmp / "tokenizer.json"))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lm, ref = DiffusionLM.from_pretrained(out), DiffusionLM.from_pretrained(tmp / "mdlm-converted")
+    assert lm.process.family == "uniform" and lm.tokenizer.mask_id >= 50
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ours = lm.model(x, t)[..., :50]
+        want = ref.model(x, sigma=-torch.log1p(-t))[..., :50]
+    assert (ours - want).abs().max() < TOL
+    assert lm.generate(1, 16, steps=4).tokens.max() < 50

@@ -14,8 +14,8 @@ mdlm        Hub folder (config.json + model.safetensors,  masked, log-linear noi
 bd3lm       as mdlm, plus ``block_size``                  block (block_size from the config), time-free
 sedd        ``SEDD.from_pretrained`` folder (unprefixed    sedd (absorb or uniform graph), σ-conditioned,
             keys, config {tokens, graph, noise, model})   scale_by_sigma
-duo         as mdlm                                       uniform, time-conditioned (not checked against a
-                                                          reference: no fixture exists)
+duo         as mdlm (no [MASK] row: uniform state)         uniform, time-conditioned on σ = −log α (read from
+                                                          DUO's code; no reference fixture checks it)
 ==========  ==========================================  =================================================
 
 The references append their [MASK] (absorbing state) after the tokenizer's vocabulary (GPT-2: 50257 → id 50257);
@@ -167,9 +167,9 @@ def process_config(kind: str, cfg: dict) -> dict:
     raise DiffLMError(f"--from must be one of {', '.join(FORMATS)}")
 
 
-def build_tokenizer(spec: str | None, src: Path, ckpt_vocab: int, eos_token: str | None):
-    """The checkpoint's tokenizer with [MASK] at the reference's id (its last row) and difflm's other specials
-    after it."""
+def build_tokenizer(spec: str | None, src: Path, ckpt_vocab: int, eos_token: str | None, absorbing: bool = True):
+    """The checkpoint's tokenizer with [MASK] at the reference's id (its last row; ``absorbing``) and difflm's other
+    specials after it. A uniform-state checkpoint (DUO) has no [MASK] row: difflm's is added like the others."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from .data.tokenizers import SPECIALS, Tokenizer
@@ -181,10 +181,12 @@ def build_tokenizer(spec: str | None, src: Path, ckpt_vocab: int, eos_token: str
         raise DiffLMError(f"cannot load the tokenizer {where!r} ({str(e).splitlines()[0][:100]}); pass --tokenizer "
                           "with a tokenizer.json (GPT-2's for MDLM, BD3-LM, DUO and SEDD)") from None
     base = hf.get_vocab_size(with_added_tokens=True)
-    if base + 1 != ckpt_vocab:
+    if base + absorbing != ckpt_vocab:
         raise DiffLMError(f"the tokenizer has {base} tokens but the checkpoint's embedding has {ckpt_vocab} rows "
-                          "(the vocabulary + [MASK]): pass the tokenizer the model was trained with")
-    hf.add_special_tokens([SPECIALS["mask"]])
+                          f"(the vocabulary{' + [MASK]' if absorbing else ''}): pass the tokenizer the model was "
+                          "trained with")
+    if absorbing:
+        hf.add_special_tokens([SPECIALS["mask"]])
     if eos_token is None and hf.token_to_id(GPT2_EOS) is not None:
         eos_token = GPT2_EOS
     return Tokenizer(hf, "hf", eos_token=eos_token)
@@ -202,9 +204,10 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
     src, out = Path(src).expanduser(), Path(out)
     state, cfg = read_checkpoint(src, config)
     arch = architecture(cfg, state)
-    tok = build_tokenizer(tokenizer, src, arch["vocab"], eos_token)
-    model_cfg = {"type": "dit", **{k: arch[k] for k in ("n_layer", "n_head", "d_model", "d_cond", "mlp_ratio")}}
     proc = process_config(kind, cfg)
+    absorbing = proc["type"] in ("masked", "block") or proc.get("graph") == "absorb"
+    tok = build_tokenizer(tokenizer, src, arch["vocab"], eos_token, absorbing)
+    model_cfg = {"type": "dit", **{k: arch[k] for k in ("n_layer", "n_head", "d_model", "d_cond", "mlp_ratio")}}
     model_cfg["sigma_eps"] = float(_get(cfg, "noise.eps", "sampling_eps_min", default=1e-3))
     run = RunConfig.from_dict({"name": f"{kind}-{src.stem}", "model": model_cfg, "process": proc,
                                "data": {"corpus": "ptb", "mode": "packed", "seq_len": arch["length"]},
@@ -219,7 +222,7 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
         emb = ours["embed.weight"]
         ours["embed.weight"] = torch.cat([emb, emb.mean(0, keepdim=True).expand(V - n, -1)])
         ours["head.weight"] = torch.cat([ours["head.weight"], ours["head.weight"].new_zeros(V - n, arch["d_model"])])
-        # the added ids ([PAD], [BOS]) are never data: an output the model never learned gets no mass
+        # the added ids ([PAD], [BOS]; DUO's [MASK]) are never data: an output the model never learned gets no mass
         ours["head.bias"] = torch.cat([ours["head.bias"], ours["head.bias"].new_full((V - n,), -1e4)])
     try:
         model.load_state_dict({k: v.float() for k, v in ours.items()})
@@ -227,7 +230,7 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
         raise DiffLMError(f"{src} does not fit the DiT its config describes ({str(e).splitlines()[0][:160]})") \
             from None
     write_model_folder(out, model.eval(), tok, run, None)
-    (out / "converted_from.json").write_text(json.dumps({"from": kind, "source": str(src), "mask_id": n - 1},
+    (out / "converted_from.json").write_text(json.dumps({"from": kind, "source": str(src), "mask_id": tok.mask_id},
                                                         indent=2))
     return out
 
