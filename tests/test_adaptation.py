@@ -168,3 +168,33 @@ def test_a_pretrained_start_needs_the_checkpoints_own_tokenizer(tmp_path):
     run = RunConfig.from_dict({"model": {"type": "llama", "init": str(tmp_path / "ckpt")},
                                "tokenizer": {"type": "hf", "path": str(tmp_path / "ckpt")}})
     check_pretrained_tokenizer(run)
+
+
+@pytest.mark.parametrize("family, samplers", [
+    ("masked", ["ancestral", "cached", "first-hitting", "remdm", "confidence", "threshold"]),
+    ("block", ["block"]),
+])
+def test_every_sampler_infill_and_eval_run_on_an_adapted_model(tmp_path, family, samplers):
+    import math
+
+    from difflm.pipeline import DiffusionLM
+
+    tok = train_char(["abcdefghij klmnopqrstuvwxyz"])
+    proc = {"type": family, **({"block_size": 4} if family == "block" else {})}
+    run = RunConfig.from_dict({"model": {"type": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 16,
+                                         "d_ff": 24, "shift": True, "anneal_steps": 10},
+                               "process": proc, "data": {"corpus": "text", "path": str(tmp_path / "t.txt"),
+                                                         "seq_len": 16}})
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    model, _ = build_components(run, tok)
+    write_model_folder(tmp_path / "m", model.eval(), tok, run, None)
+    lm = DiffusionLM.from_pretrained(tmp_path / "m")
+    for s in samplers:
+        g = lm.generate(2, 16, steps=8, sampler=s, seed=1)
+        assert not (g.tokens == tok.mask_id).any()
+        assert torch.equal(lm.generate(2, 16, steps=8, sampler=s, seed=1, batch_size=1).tokens, g.tokens)
+    assert math.isfinite(lm.evaluate("valid", samples=1, max_batches=1).nelbo)
+    if family == "masked":
+        assert lm.infill("the ___ fox", span_tokens=3)[0].startswith("the ")
+    else:
+        assert lm.generate(1, 16, prompt="the quick", steps=8).texts[0].startswith("the quick")
