@@ -20,19 +20,20 @@ every input embedding (DiffusionBERT's time-aware variant); the network starts a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffLMError
-from ..registry import BackboneNeeds, derived, option, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
+from .base import Backbone, BackboneConfig
 from .transformer import KVCache, attend, sequence_offset, timestep_embedding
 
 
 @dataclass
-class BertConfig:
+class BertConfig(BackboneConfig):
     """``model.type: bert``; with ``init`` the architecture comes from the checkpoint."""
 
     init: str | None = option(None, "pretrained weights: a Hugging Face BERT folder or all-minilm-l6-v2")
@@ -44,25 +45,12 @@ class BertConfig:
     ln_eps: float = option(1e-12, gt=0)
     mlm_transform: bool = option(False, "BERT's MLM head transform (dense, GELU, LN) before the tied output")
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
-    vocab_size: int = derived(0)
-    max_len: int = derived(512)
-    causal: bool = derived(False)
-    time_conditioning: bool = derived(False)
-    d_embed: int = derived(0)
-    self_conditioning: bool = derived(False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> BertConfig:
-        if needs.d_embed:
-            raise ValueError("the bert backbone maps tokens to logits; Gaussian embedding diffusion needs "
-                             "model.type transformer")
         cfg = replace(self, **bert_architecture(self.init)) if self.init else self
         if max_len > cfg.max_positions:
             raise ValueError(f"data.seq_len {max_len} exceeds the encoder's {cfg.max_positions} positions")
-        return replace(cfg, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
-                       time_conditioning=needs.time_conditioning, self_conditioning=False)
+        return cfg.derive(needs, vocab_size, max_len)
 
 
 def _read_config(spec: str) -> tuple[dict, object]:
@@ -114,7 +102,7 @@ class BertLayer(nn.Module):
 
 
 @register_backbone
-class Bert(nn.Module):
+class Bert(Backbone):
     """(tokens (B, L), t (B,) or None) -> logits (B, L, V), with ``transformer.Transformer``'s call signature."""
 
     kind = "bert"
@@ -154,13 +142,6 @@ class Bert(nn.Module):
             return False
         load_bert(self, self.cfg.init)
         return True
-
-    def set_step(self, step: int) -> None:
-        """Backbone contract: nothing here depends on the training step."""
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
 
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,

@@ -19,20 +19,21 @@ every sampler runs on it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, derived, option, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
+from .base import Backbone, BackboneConfig
 from .transformer import KVCache, Rotary, attend, sequence_offset
 
 FREQ_DIM = 256  # the references' TimestepEmbedder frequency width
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(BackboneConfig):
     """``model.type: dit``: the published MDLM / SEDD / BD3-LM network (``difflm convert`` writes it)."""
 
     n_layer: int = option(12, ge=1)
@@ -42,22 +43,9 @@ class DiTConfig:
     mlp_ratio: int = option(4, ge=1)
     sigma_eps: float = option(1e-3, "t is fed as σ = −log max(1 − t, ε) (the references' log-linear noise, capped "
                               "where theirs ends)", gt=0, lt=1)
-    vocab_size: int = derived(0)
-    max_len: int = derived(1024)
-    causal: bool = derived(False)
-    time_conditioning: bool = derived(False)
-    d_embed: int = derived(0)
-    self_conditioning: bool = derived(False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> DiTConfig:
-        if needs.d_embed:
-            raise ValueError("the dit backbone maps tokens to logits; Gaussian embedding diffusion needs "
-                             "model.type transformer")
-        return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
-                       time_conditioning=needs.time_conditioning, self_conditioning=False)
+        return self.derive(needs, vocab_size, max_len)
 
 
 def sigma_embedding(sigma: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
@@ -104,7 +92,7 @@ class DiTBlock(nn.Module):
 
 
 @register_backbone
-class DiT(nn.Module):
+class DiT(Backbone):
     """(tokens (B, L), t (B,) or None) -> logits (B, L, V), with ``transformer.Transformer``'s call signature."""
 
     kind = "dit"
@@ -125,17 +113,6 @@ class DiT(nn.Module):
         for m in (*[b.ada for b in self.blocks], self.ada_f, self.head):  # adaLN-zero, as the references start
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-
-    def pretrained_init(self) -> bool:
-        """Backbone contract: converted weights arrive through the model folder, not a training start."""
-        return False
-
-    def set_step(self, step: int) -> None:
-        """Backbone contract: nothing here depends on the training step."""
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
 
     def sigma(self, t: Tensor | None, B: int, device) -> Tensor:
         """The noise level the network is conditioned on: 0 without time, else σ = −log max(1 − t, ε). (B,)"""

@@ -19,22 +19,23 @@ such a model is the llama backbone's job (``model.init``).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import DiffLMError
-from ..registry import BackboneNeeds, derived, option, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
+from .base import Backbone, BackboneConfig
 from .transformer import KVCache
 
 INSTALL = "pip install transformers"
 
 
 @dataclass
-class HFDenoiserConfig:
+class HFDenoiserConfig(BackboneConfig):
     """``model.type: hf``: a Hugging Face masked-diffusion model used as it is."""
 
     path: str = option("", "the model: a folder or a hub name (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Base-7B)")
@@ -43,15 +44,6 @@ class HFDenoiserConfig:
                                                   "mask: difflm's masks as a 4-D attention_mask")
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = option(True, "run the model's own modeling code (LLaDA and Dream need it)")
-    vocab_size: int = derived(0)
-    max_len: int = derived(4096)
-    causal: bool = derived(False)
-    time_conditioning: bool = derived(False)
-    d_embed: int = derived(0)
-    self_conditioning: bool = derived(False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> HFDenoiserConfig:
         if needs.d_embed or needs.time_conditioning or needs.self_conditioning:
@@ -61,7 +53,7 @@ class HFDenoiserConfig:
             raise ValueError(f"the {needs.attention} family needs its own attention masks: model.attention mask")
         if not self.path:
             raise ValueError("model.path names the Hugging Face model to wrap")
-        return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal")
+        return self.derive(needs, vocab_size, max_len)
 
 
 def load_hf_model(path: str, trust_remote_code: bool, dtype: str):
@@ -86,7 +78,7 @@ def load_hf_model(path: str, trust_remote_code: bool, dtype: str):
 
 
 @register_backbone
-class HFDenoiser(nn.Module):
+class HFDenoiser(Backbone):
     """(tokens (B, L), t ignored) -> logits (B, L, V) from a wrapped Hugging Face model."""
 
     kind = "hf"
@@ -112,9 +104,6 @@ class HFDenoiser(nn.Module):
     def pretrained_init(self) -> bool:
         """Backbone contract: the wrapped weights are loaded when the wrapper is built; nothing to train from."""
         return False
-
-    def set_step(self, step: int) -> None:
-        """Backbone contract: nothing here depends on the training step."""
 
     def num_params(self, non_embedding: bool = True) -> int:
         return sum(p.numel() for p in self.hf.parameters())

@@ -13,18 +13,19 @@ architecture is then read from the checkpoint; ``weights.py`` maps its tensor na
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, derived, option, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
+from .base import Backbone, BackboneConfig
 from .transformer import KVCache, Rotary, attend, sequence_offset, time_condition
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(BackboneConfig):
     """The ``model`` section for ``model.type: llama``; with ``init`` the architecture comes from the checkpoint
     (the fields given here must then agree with it)."""
 
@@ -42,20 +43,8 @@ class LlamaConfig:
                          "pretrained next-token head is reused (Dream, DiffuLLaMA)")
     anneal_steps: int = option(0, "AR→diffusion adaptation: attention opens from causal to the family's mask over "
                                "the first N training steps (DiffuLLaMA's attention-mask annealing)", ge=0)
-    vocab_size: int = derived(0)
-    max_len: int = derived(2048)
-    causal: bool = derived(True)
-    time_conditioning: bool = derived(False)
-    d_embed: int = derived(0)
-    self_conditioning: bool = derived(False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> LlamaConfig:
-        if needs.d_embed:
-            raise ValueError("the llama backbone maps tokens to logits; Gaussian embedding diffusion needs "
-                             "model.type transformer")
         if needs.attention == "causal" and (self.shift or self.anneal_steps):
             raise ValueError("model.shift and model.anneal_steps adapt an AR model to a diffusion family; the "
                              "autoregressive family already predicts the next token: remove them")
@@ -64,8 +53,7 @@ class LlamaConfig:
             from .weights import pretrained_architecture
 
             cfg = replace(self, **pretrained_architecture(self.init))
-        return replace(cfg, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
-                       time_conditioning=needs.time_conditioning, self_conditioning=False)
+        return cfg.derive(needs, vocab_size, max_len)
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +117,7 @@ class LlamaBlock(nn.Module):
 
 
 @register_backbone
-class Llama(nn.Module):
+class Llama(Backbone):
     """(tokens (B, L), t (B,) or None) -> logits (B, L, V), with ``transformer.Transformer``'s call signature."""
 
     kind = "llama"
@@ -196,10 +184,6 @@ class Llama(nn.Module):
         opened = torch.rand(L, L, generator=g) < r
         m = (pos[None, :] <= pos[:, None]) | opened.to(device)
         return m if attn_mask is None else attn_mask & m
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
 
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,

@@ -10,19 +10,20 @@ learned token-embedding table that defines the diffusion space. It knows no diff
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, derived, option, register_backbone
+from ..registry import BackboneNeeds, option, register_backbone
+from .base import Backbone, BackboneConfig
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(BackboneConfig):
     """The transformer's one config: the ``model`` section of a run (n_layer ... rope_base) plus the fields
-    marked derived, which ``components.build_components`` fills in."""
+    marked derived (``BackboneConfig``), which ``components.build_components`` fills in."""
 
     n_layer: int = option(4, ge=1)
     n_head: int = option(4, ge=1)
@@ -31,21 +32,9 @@ class TransformerConfig:
     dropout: float = option(0.0, ge=0, lt=1)
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
     rope_base: float = option(10000.0, gt=1)
-    vocab_size: int = derived(0)
-    max_len: int = derived(1024)
-    causal: bool = derived(False)
-    time_conditioning: bool = derived(False)  # adaLN-zero conditioning on t
-    d_embed: int = derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
-    self_conditioning: bool = derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
-        """This config with its derived fields set for a family's needs (block-causal masks come per call)."""
-        return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
-                       time_conditioning=needs.time_conditioning, d_embed=needs.d_embed,
-                       self_conditioning=needs.self_conditioning)
+        return self.derive(needs, vocab_size, max_len, embeddings=True)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -224,7 +213,7 @@ class Block(nn.Module):
 
 
 @register_backbone
-class Transformer(nn.Module):
+class Transformer(Backbone):
     """Denoiser / language-model backbone: (tokens (B, L), t (B,) or None) -> logits (B, L, V)."""
 
     kind = "transformer"
@@ -273,17 +262,6 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from the uniform prediction (as SEDD's final layer)
         if self.cfg.d_embed:  # unit-variance embeddings: the scale the variance-preserving process assumes
             nn.init.normal_(self.embed.weight, 0.0, 1.0)
-
-    def pretrained_init(self) -> bool:
-        """Backbone contract: load the weights a fresh run starts from; difflm's own transformer has none."""
-        return False
-
-    def set_step(self, step: int) -> None:
-        """Backbone contract: the trainer announces each optimizer step (nothing here depends on it)."""
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
 
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,

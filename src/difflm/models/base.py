@@ -1,0 +1,58 @@
+"""What every backbone shares: the config fields a family's needs fill in (``derived``), and the module contract
+the registry checks (``pretrained_init``, ``set_step``) with its defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
+
+from torch import nn
+
+from ..registry import BackboneNeeds, derived
+
+C = TypeVar("C", bound="BackboneConfig")
+
+
+@dataclass
+class BackboneConfig:
+    """Base of every backbone's config: the fields ``with_needs`` derives from the family, the tokenizer and
+    data.seq_len, never set in a run's ``model`` section."""
+
+    vocab_size: int = derived(0)
+    max_len: int = derived(1024)
+    causal: bool = derived(False)
+    time_conditioning: bool = derived(False)  # adaLN-zero (or additive) conditioning on t
+    d_embed: int = derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
+    self_conditioning: bool = derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def derive(self: C, needs: BackboneNeeds, vocab_size: int, max_len: int, *, embeddings: bool = False) -> C:
+        """This config with the derived fields set for a family's needs (block-causal masks come per call);
+        ``embeddings``: the backbone can run Gaussian embedding diffusion, else that need is refused."""
+        if needs.d_embed and not embeddings:
+            raise ValueError(f"the {type(self).__name__.removesuffix('Config').lower()} backbone maps tokens to "
+                             "logits; Gaussian embedding diffusion needs model.type transformer")
+        return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
+                       time_conditioning=needs.time_conditioning, d_embed=needs.d_embed if embeddings else 0,
+                       self_conditioning=needs.self_conditioning if embeddings else False)
+
+
+class Backbone(nn.Module):
+    """Base of every backbone module (``register_backbone``): ``cfg``, ``embed`` (the token table) and the
+    contract's defaults."""
+
+    cfg: BackboneConfig
+    embed: nn.Embedding
+
+    def pretrained_init(self) -> bool:
+        """Load the weights a fresh training run starts from (``model.init``); False: none."""
+        return False
+
+    def set_step(self, step: int) -> None:
+        """The trainer announces the optimizer step about to run (attention annealing); nothing by default."""
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
