@@ -114,13 +114,17 @@ def load_tokenizer(spec: str):
     return _auto("AutoTokenizer", "the tokenizer", spec)
 
 
-def load_model(spec: str):
-    """A ``transformers`` causal LM, float32 on the CPU, in eval mode."""
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument under the installed ``transformers`` (renamed in 4.56)."""
     import transformers
 
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
-    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
-    return _auto("AutoModelForCausalLM", "the weights", spec, **{dtype_key: torch.float32}).eval()
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def load_model(spec: str):
+    """A ``transformers`` causal LM, float32 on the CPU, in eval mode."""
+    return _auto("AutoModelForCausalLM", "the weights", spec, **dtype_kwarg(torch.float32)).eval()
 
 
 def load_causal_lm(spec: str):

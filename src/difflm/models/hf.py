@@ -63,15 +63,15 @@ def load_hf_model(path: str, trust_remote_code: bool, dtype: str):
         raise DiffLMError(f"wrapping a Hugging Face model needs transformers; run: {INSTALL}")
     import transformers
 
+    from ..hub import dtype_kwarg
+
     where = str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
     try:
         cfg = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         arch = (getattr(cfg, "architectures", None) or [""])[0]
         loader = transformers.AutoModelForCausalLM if arch.endswith("ForCausalLM") else transformers.AutoModel
-        major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
-        dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
         model = loader.from_pretrained(where, trust_remote_code=trust_remote_code,
-                                       **{dtype_key: getattr(torch, dtype)})
+                                       **dtype_kwarg(getattr(torch, dtype)))
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise DiffLMError(f"cannot load the Hugging Face model {path!r}: {str(e).splitlines()[0][:160]}") from None
     return model.eval()
