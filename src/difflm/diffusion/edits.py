@@ -1,0 +1,106 @@
+"""Edit scripts between token sequences: the Levenshtein alignment that edit-based diffusion (DiffusER, Reid et al.
+2022; Edit Flows, Havasi et al. 2025) trains on. Any pair (a, b) is a training pair: the script that turns a into b
+is computed, never stored from a forward pass.
+
+A script over a source a of length n holds, per source token, an operation — KEEP, DELETE or REPLACE — and, per
+gap (before token 0, between tokens, after the last: n + 1 of them), how many tokens are inserted there; plus the
+new tokens (replacements and insertions) in output order. Its cost (DELETEs + REPLACEs + inserted tokens) is the
+Levenshtein distance (unit costs), so the script is a shortest edit path.
+
+    a = [x, y, z],  ops = [KEEP, REPLACE, DELETE],  ins = [1, 0, 0, 1],  new = [u, v, w]  ->  b = [u, x, v, w]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KEEP, DELETE, REPLACE = 0, 1, 2
+OPS = ("KEEP", "DELETE", "REPLACE")
+
+
+@dataclass
+class EditScript:
+    """ops: (n,) KEEP/DELETE/REPLACE per source token; ins: (n + 1,) tokens inserted in each gap (gap i is before
+    source token i, gap n after the last); new: the replacement and inserted tokens in output order."""
+
+    ops: list[int]
+    ins: list[int]
+    new: list[int]
+
+    @property
+    def cost(self) -> int:
+        return sum(o != KEEP for o in self.ops) + sum(self.ins)
+
+
+def levenshtein(a: list[int], b: list[int]) -> int:
+    """The unit-cost edit distance (insert, delete, substitute), by the plain dynamic programme."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def edit_script(a: list[int], b: list[int]) -> EditScript:
+    """A shortest script turning ``a`` into ``b``. Ties are broken the same way every time (keep/replace before
+    delete before insert, scanning from the end), so a pair always gets the same script."""
+    n, m = len(a), len(b)
+    D = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n + 1):
+        D[i][0] = i
+    for j in range(m + 1):
+        D[0][j] = j
+    for i in range(1, n + 1):
+        x, row, up = a[i - 1], D[i], D[i - 1]
+        for j in range(1, m + 1):
+            row[j] = min(up[j] + 1, row[j - 1] + 1, up[j - 1] + (x != b[j - 1]))
+    ops = [KEEP] * n
+    ins = [0] * (n + 1)
+    out: list[int | None] = [None] * m  # which output positions are new (their token), None: a kept token
+    i, j = n, m
+    while i > 0 or j > 0:
+        if i > 0 and j > 0 and D[i][j] == D[i - 1][j - 1] + (a[i - 1] != b[j - 1]):
+            if a[i - 1] != b[j - 1]:
+                ops[i - 1] = REPLACE
+                out[j - 1] = b[j - 1]
+            i, j = i - 1, j - 1
+        elif i > 0 and D[i][j] == D[i - 1][j] + 1:
+            ops[i - 1] = DELETE
+            i -= 1
+        else:  # an insertion into gap i (before source token i)
+            ins[i] += 1
+            out[j - 1] = b[j - 1]
+            j -= 1
+    return EditScript(ops, ins, [t for t in out if t is not None])
+
+
+def apply_script(a: list[int], s: EditScript) -> list[int]:
+    """The sequence the script makes of ``a``: in each gap its inserted tokens, then the source token kept,
+    replaced or dropped."""
+    if len(s.ops) != len(a) or len(s.ins) != len(a) + 1:
+        raise ValueError("the script does not fit the sequence")
+    new = iter(s.new)
+    out = []
+    for i in range(len(a) + 1):
+        out.extend(next(new) for _ in range(s.ins[i]))
+        if i < len(a):
+            if s.ops[i] == KEEP:
+                out.append(a[i])
+            elif s.ops[i] == REPLACE:
+                out.append(next(new))
+    return out
+
+
+def with_placeholders(a: list[int], ops: list[int], ins: list[int], placeholder: int) -> tuple[list[int], list[bool]]:
+    """The generator's input: ``a`` with the tagged edits made and every new token a ``placeholder`` (the
+    replaced positions and the inserted slots); returns it and, per position, whether it is a placeholder."""
+    out, slot = [], []
+    for i in range(len(a) + 1):
+        out.extend([placeholder] * ins[i])
+        slot.extend([True] * ins[i])
+        if i < len(a) and ops[i] != DELETE:
+            out.append(placeholder if ops[i] == REPLACE else a[i])
+            slot.append(ops[i] == REPLACE)
+    return out, slot

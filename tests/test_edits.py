@@ -1,0 +1,61 @@
+"""Edit scripts: for any pair the script rebuilds the target, its cost is the Levenshtein distance of a plain
+dynamic programme, and the generator's placeholder sequence filled with the new tokens in order is the target."""
+
+from __future__ import annotations
+
+import functools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difflm.diffusion.edits import (
+    DELETE,
+    KEEP,
+    REPLACE,
+    EditScript,
+    apply_script,
+    edit_script,
+    levenshtein,
+    with_placeholders,
+)
+
+seqs = st.lists(st.integers(0, 5), max_size=14)
+
+
+def naive_distance(a, b):
+    """Recursive definition with memo (independent of the iterative DP)."""
+
+    @functools.cache
+    def d(i, j):
+        if i == 0 or j == 0:
+            return i + j
+        return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+
+    return d(len(a), len(b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs, seqs)
+def test_script_rebuilds_the_target_at_the_levenshtein_cost(a, b):
+    s = edit_script(a, b)
+    assert apply_script(a, s) == b
+    assert s.cost == levenshtein(a, b) == naive_distance(tuple(a), tuple(b))
+    assert len(s.new) == sum(o == REPLACE for o in s.ops) + sum(s.ins)
+    it = iter(s.new)
+    for i in range(len(a) + 1):
+        for _ in range(s.ins[i]):
+            next(it)
+        if i < len(a) and s.ops[i] == REPLACE:
+            assert next(it) != a[i]  # a replacement changes the token (else it would be a KEEP)
+    filled, slots = with_placeholders(a, s.ops, s.ins, -1)
+    it = iter(s.new)
+    assert [next(it) if is_slot else t for t, is_slot in zip(filled, slots)] == b
+    assert edit_script(a, b) == s  # deterministic
+
+
+def test_a_worked_example():
+    x, y, z, u, v, w = range(6)
+    s = EditScript([KEEP, REPLACE, DELETE], [1, 0, 0, 1], [u, v, w])
+    assert apply_script([x, y, z], s) == [u, x, v, w]
+    assert edit_script([x, y, z], [x, y, z]).cost == 0
+    assert edit_script([], [x, y]).ins == [2] and edit_script([x, y], []).ops == [DELETE, DELETE]
