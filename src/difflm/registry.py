@@ -97,12 +97,15 @@ class BackboneNeeds:
     block masks and positions per call; the backbone itself is bidirectional).
     time_conditioning: the network reads t (adaLN). d_embed > 0: embedding diffusion, the network maps noisy
     embeddings (B, L, d_embed) to x̂0 embeddings. self_conditioning: the previous x̂0 is a second input.
+    aux_outputs > 0: a second output head of that width per position, read with ``model(x, head="aux")`` (the
+    edit family's tagger).
     """
 
     attention: str = "bidirectional"
     time_conditioning: bool = False
     d_embed: int = 0
     self_conditioning: bool = False
+    aux_outputs: int = 0
 
 
 # -- registration ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class TransformerConfig(BackboneConfig):
     rope_base: float = option(10000.0, gt=1)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
-        return self.derive(needs, vocab_size, max_len, embeddings=True)
+        return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -232,6 +232,8 @@ class Transformer(Backbone):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
+        if cfg.aux_outputs:  # a second prediction per position (the edit family's tagger)
+            self.aux_head = nn.Linear(cfg.d_model, cfg.aux_outputs)
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(
                 nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(), nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU()
@@ -267,13 +269,15 @@ class Transformer(Backbone):
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
         cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
         positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None,
+        head: str = "token",
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
         select: optional (B, L) bool — compute the output head only there (the loss needs no more);
         positions: optional (L,) long RoPE positions (default: cache length + 0..L−1; block diffusion feeds
         [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it;
-        prev: where each position's preceding token sits (read only by shifted backbones: ``Llama``).
+        prev: where each position's preceding token sits (read only by shifted backbones: ``Llama``);
+        head: "token" (logits) or "aux" (the auxiliary head, ``cfg.aux_outputs`` wide).
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""
@@ -294,4 +298,4 @@ class Transformer(Backbone):
             h = h * (1 + scale) + shift
         if select is not None:
             h = h[select]
-        return self.head(h)
+        return self.aux_head(h) if head == "aux" else self.head(h)

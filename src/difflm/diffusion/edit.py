@@ -1,0 +1,247 @@
+"""Edit-based diffusion: DiffusER (Reid, Hellendoorn & Neubig 2022, arXiv 2210.16886).
+
+Sequences have no fixed length: the forward process edits, it does not mask. Each of T steps applies random
+edits to the previous sequence (§3.1): at every position a span starts with probability β_t (the schedule), its
+kind drawn from E_t = (keep, replace, delete, insert) and its length from E_l = max(1, Poisson(λ)); a replaced or
+inserted token is uniform over the data tokens. Keep spans change nothing, so β_t · (1 − E_t[keep]) · E[len] is
+the expected fraction of tokens edited per step.
+
+The reverse process (§3.2) undoes one step at a time with two predictions from one network:
+    tagger     p_tag(e_t | x_t): per token KEEP / DELETE / REPLACE, and per gap how many tokens to insert
+               (0..max_insert; the gap before token i is read at token i, the last gap at [EOS]);
+    generator  p_gen(x_{t−1} | x_t, e_t): the tokens of the replaced and inserted slots, which enter as [MASK].
+Both are trained with cross-entropy on the edit script that turns x_t back into x_{t−1}, computed by a Levenshtein
+alignment (``edits.edit_script``) — any pair of sequences is a training pair. The objective is not a likelihood
+bound: ``exact_likelihood`` is False and ``difflm eval`` reports it as the edit loss (nats per token of x_0).
+
+Layout: a row is the sequence, then [EOS], then [PAD] (``data.mode: lines``); the tagger reads its classes off the
+backbone's auxiliary head (``BackboneNeeds.aux_outputs`` = 3 + max_insert + 1), the generator off the token head.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DiffLMError
+from ..registry import BackboneNeeds, option, register_family
+from .base import Batch, Process
+from .edits import DELETE, KEEP, REPLACE, edit_script, with_placeholders
+
+N_OPS = 3  # KEEP, DELETE, REPLACE
+
+
+@dataclass
+class EditOptions:
+    variant: Literal["diffuser"] = option("diffuser", "DiffusER: tagger + generator over Levenshtein edits")
+    steps: int = option(10, "T: forward edit steps (and reverse revisions)", ge=1)
+    keep: float = option(0.6, "E_t: share of spans that keep their tokens", ge=0, le=1)
+    replace: float = option(0.2, "E_t: share of spans replaced by random tokens", ge=0, le=1)
+    delete: float = option(0.1, "E_t: share of spans deleted", ge=0, le=1)
+    insert: float = option(0.1, "E_t: share of spans that insert random tokens before a position", ge=0, le=1)
+    span_lambda: float = option(3.0, "E_l: span length max(1, Poisson(λ))", gt=0)
+    schedule: Literal["linear", "constant"] = option("linear", "β_t: linear (β·t/T, edits grow with t) or constant")
+    edit_rate: float = option(0.3, "β: the span-start probability at t = T (linear) or at every step", gt=0, le=1)
+    max_insert: int = option(4, "the most tokens the tagger inserts into one gap", ge=1)
+    bootstrap: Literal["empty", "random", "draft"] = option("empty", "where revision starts by default: the "
+                                                             "empty sequence, random tokens, or a given draft")
+
+
+def poisson(lam: float, u: float) -> int:
+    """Inverse-CDF draw from Poisson(λ) with one uniform."""
+    k, p = 0, math.exp(-lam)
+    c = p
+    while u > c and k < 1000:
+        k += 1
+        p *= lam / k
+        c += p
+    return k
+
+
+@register_family
+class EditDiffusion(Process):
+    family = "edit"
+    Options = EditOptions
+    default_sampler = "diffuser"
+    exact_likelihood = False
+    generates_length = True
+
+    def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
+        super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
+        o = self.options
+        total = o.keep + o.replace + o.delete + o.insert
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise DiffLMError(f"process keep + replace + delete + insert must sum to 1, got {total:g}")
+        if self.eos_id is None:
+            raise DiffLMError("edit diffusion needs a tokenizer with [EOS] (it ends every sequence)")
+        self.T, self.K = int(o.steps), int(o.max_insert)
+        self.E = (o.keep, o.replace, o.delete, o.insert)
+        self.data_ids = [i for i in range(vocab_size) if i not in set(self.never) | {self.eos_id}]
+
+    def backbone_needs(self) -> BackboneNeeds:
+        return BackboneNeeds(aux_outputs=N_OPS + self.K + 1)
+
+    # -- forward process ---------------------------------------------------------------------------
+    def beta(self, t: int) -> float:
+        """β_t: the probability that a span starts at a position in step t (1..T)."""
+        o = self.options
+        return o.edit_rate * (t / self.T if o.schedule == "linear" else 1.0)
+
+    def corrupt_step(self, y: list[int], t: int, rng: random.Random, log: list | None = None) -> list[int]:
+        """One forward step q(x_t | x_{t−1}): random spans of keep / replace / delete / insert edits (``log``
+        receives each span's (kind, length), kind 0..3 in E_t's order)."""
+        out, i, beta = [], 0, self.beta(t)
+        while i < len(y):
+            if rng.random() >= beta:
+                out.append(y[i])
+                i += 1
+                continue
+            kind = self._kind(rng.random())
+            k = max(1, poisson(self.options.span_lambda, rng.random()))
+            if log is not None:
+                log.append((kind, k))
+            if kind == 0:  # keep
+                out.extend(y[i : i + k])
+                i += k
+            elif kind == 1:  # replace
+                out.extend(rng.choice(self.data_ids) for _ in y[i : i + k])
+                i += k
+            elif kind == 2:  # delete
+                i += k
+            else:  # insert before position i, which is then kept
+                out.extend(rng.choice(self.data_ids) for _ in range(k))
+                out.append(y[i])
+                i += 1
+        return out
+
+    def _kind(self, u: float) -> int:
+        c = 0.0
+        for j, p in enumerate(self.E):
+            c += p
+            if u < c:
+                return j
+        return 3
+
+    def corrupt_to(self, x0: list[int], t: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """(x_{t−1}, x_t) from x0 by t forward steps."""
+        prev = list(x0)
+        for s in range(1, t):
+            prev = self.corrupt_step(prev, s, rng)
+        return prev, self.corrupt_step(prev, t, rng)
+
+    def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
+        """x_t ~ q(x_t | x0) for integer steps t (B,) in 1..T, as rows (B, L): the sequence, [EOS], [PAD]."""
+        rngs = self._rngs(batch, generator)
+        rows = [self.corrupt_to(x0, int(k), r)[1] for x0, k, r in zip(self.sequences(batch.tokens), t, rngs)]
+        return self.pack(rows, batch.tokens.shape[1], batch.tokens.device)
+
+    # -- layout ------------------------------------------------------------------------------------
+    def sequences(self, x: Tensor) -> list[list[int]]:
+        """Each row's tokens before its first [EOS] (or [PAD])."""
+        out = []
+        for row in x.tolist():
+            seq = []
+            for tok in row:
+                if tok in (self.eos_id, self.pad_id):
+                    break
+                seq.append(tok)
+            out.append(seq)
+        return out
+
+    def pack(self, seqs: list[list[int]], L: int, device=None) -> Tensor:
+        """Rows (B, L): each sequence cut to L − 1 tokens, then [EOS], then [PAD]."""
+        x = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            s = s[: L - 1]
+            x[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            x[r, len(s)] = self.eos_id
+        return x.to(device)
+
+    def _rngs(self, batch: Batch, generator) -> list[random.Random]:
+        """One Python RNG per row, seeded from the row's counter-based uniform (batch-invariant)."""
+        u = batch.rand(generator, stream=7, width=2)
+        return [random.Random(int(a * 2**52) ^ (int(b * 2**52) << 1)) for a, b in u.tolist()]
+
+    # -- the two predictions -------------------------------------------------------------------------
+    def tag_logits(self, model: nn.Module, xt: Tensor) -> tuple[Tensor, Tensor]:
+        """(op logits (B, L, 3), insert-count logits (B, L, K + 1)) in float32."""
+        aux = model(xt, head="aux").float()
+        return aux[..., :N_OPS], aux[..., N_OPS:]
+
+    def gen_logits(self, model: nn.Module, y: Tensor) -> Tensor:
+        """Token logits (B, L, V) at the placeholder-laid sequence, never-data ids at −inf."""
+        logits = model(y).float()
+        logits[..., self.never] = -math.inf
+        logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
+        return logits
+
+    def training_pair(self, x_prev: list[int], x_t: list[int], L: int) -> tuple[list[int], list[int], list[int],
+                                                                              list[int], list[int]]:
+        """The targets for one (x_{t−1}, x_t): x_t and its ops / insert counts (insertions past max_insert and
+        tokens past the row dropped), the generator's input with [MASK] slots, and its targets (−1 elsewhere)."""
+        x_t = x_t[: L - 1]
+        s = edit_script(x_t, x_prev)
+        ins = [min(c, self.K) for c in s.ins]
+        new, it = [], iter(s.new)
+        for i in range(len(x_t) + 1):  # keep the new tokens of the capped script, in order
+            taken = [next(it) for _ in range(s.ins[i])]
+            new.extend(taken[: ins[i]])
+            if i < len(x_t) and s.ops[i] == REPLACE:
+                new.append(next(it))
+        y, slot = with_placeholders(x_t, s.ops, ins, self.mask_id)
+        y, slot = y[: L - 1], slot[: L - 1]
+        fill = iter(new)
+        gen_target = [next(fill) if is_slot else -1 for is_slot in slot]
+        return x_t, s.ops, ins, y, gen_target
+
+    def loss_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
+        """Per-row tagger + generator cross-entropy (nats), placed at each row's first position: (B, L)."""
+        B, L = batch.tokens.shape
+        dev = batch.tokens.device
+        rngs = self._rngs(batch, generator)
+        steps = (batch.time_uniforms(generator) * self.T).floor().long().clamp(0, self.T - 1) + 1
+        xts, ops, inss, ys, gts = [], [], [], [], []
+        for x0, k, r in zip(self.sequences(batch.tokens), steps.tolist(), rngs):
+            x_t, o, n, y, g = self.training_pair(*self.corrupt_to(x0, k, r), L)
+            xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
+        xt = self.pack(xts, L, dev)
+        op_t = torch.full((B, L), -100, dtype=torch.long)
+        ins_t = torch.full((B, L), -100, dtype=torch.long)
+        gen_t = torch.full((B, L), -100, dtype=torch.long)
+        for r in range(B):
+            n = len(xts[r])
+            op_t[r, :n] = torch.tensor(ops[r], dtype=torch.long)
+            ins_t[r, : n + 1] = torch.tensor(inss[r], dtype=torch.long)  # the last gap at [EOS]
+            g = torch.tensor(gts[r], dtype=torch.long)
+            gen_t[r, : len(g)] = torch.where(g >= 0, g, -100)
+        op_t, ins_t, gen_t = op_t.to(dev), ins_t.to(dev), gen_t.to(dev)
+        op_l, ins_l = self.tag_logits(model, xt)
+        tag = F.cross_entropy(op_l.transpose(1, 2), op_t, reduction="none", ignore_index=-100) \
+            + F.cross_entropy(ins_l.transpose(1, 2), ins_t, reduction="none", ignore_index=-100)
+        y = self.pack(ys, L, dev)
+        gen = torch.zeros(B, L, device=dev)
+        sel = gen_t >= 0
+        if sel.any():
+            gen[sel] = F.cross_entropy(self.gen_logits(model, y)[sel], gen_t[sel], reduction="none")
+        terms = torch.zeros(B, L, device=dev)
+        terms[:, 0] = tag.sum(1) + gen.sum(1)
+        return terms
+
+    def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
+        """Not a bound (DiffusER has none): the edit loss, so that ``eval`` can compare runs of this family."""
+        return self.loss_terms(model, batch, generator)
+
+    # -- reverse step ------------------------------------------------------------------------------
+    def apply_tags(self, x_t: list[int], ops: list[int], ins: list[int], L: int) -> tuple[list[int], list[bool]]:
+        """The generator's input for tagged edits, cut to the row."""
+        y, slot = with_placeholders(x_t, ops, ins, self.mask_id)
+        return y[: L - 1], slot[: L - 1]
+
+
+__all__ = ["DELETE", "KEEP", "REPLACE", "EditDiffusion", "EditOptions"]

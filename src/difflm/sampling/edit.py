@@ -1,0 +1,136 @@
+"""DiffusER's reverse process (Reid et al. 2022, §3.2): ``steps`` revisions, each a tagger call (which tokens to
+keep, delete or replace, and how many to insert in each gap) and a generator call (the new tokens), starting from
+a bootstrap (§3.3): the empty sequence, random tokens, or a given draft (the tokens of ``cond`` marked fixed).
+
+Tags and tokens are drawn with the counter-based RNG (keyed on seed, row and revision), so a row's revisions do
+not depend on the batch; ``greedy`` takes the most probable tag and token instead. A row whose tags change nothing
+stops (no more network calls). ``history`` records every revision's operations with positions (``difflm revise
+--json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.edit import N_OPS, EditDiffusion
+from ..diffusion.edits import DELETE, KEEP, OPS, REPLACE
+from ..errors import DiffLMError
+from ..registry import option, register_sampler
+from ..rng import uniform
+from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .categorical import probs_from_logits, sample_categorical
+from .conditioning import Conditioning
+
+
+@dataclass
+class DiffuserOptions:
+    bootstrap: Literal["default", "empty", "random", "draft"] = option(
+        "default", "the start: default (a given draft if any, else process.bootstrap), empty, random tokens, draft")
+    greedy: bool = option(False, "take the most probable tags and tokens (else sample them)")
+
+
+@dataclass
+class Revision:
+    """One revision of one row: the operations with their positions in the sequence it edited."""
+
+    step: int
+    ops: list[dict] = field(default_factory=list)  # {"op": "DELETE"|"REPLACE"|"INSERT", "at": i, "token"(s)}
+    text_ids: list[int] = field(default_factory=list)
+
+
+@register_sampler
+class DiffuserSampler(Sampler):
+    name = "diffuser"
+    families = ("edit",)
+    Options = DiffuserOptions
+    bench = ({}, {"greedy": True})
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.history: list[list[Revision]] = []
+
+    def start(self, process: EditDiffusion, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
+        """Each row's x_T."""
+        kind = self.options.bootstrap
+        drafts = [[t for t, f in zip(r, fx) if f] for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
+        if kind == "default":
+            kind = "draft" if any(drafts) else process.options.bootstrap
+        if kind == "draft":
+            if not any(drafts):
+                raise DiffLMError("the draft bootstrap needs a text to revise")
+            return drafts
+        if kind == "empty":
+            return [[] for _ in drafts]
+        L = cond.shape[1]
+        u = uniform(seed, rows, 0, L // 2, stream=41)  # random tokens: half the row, uniform over data tokens
+        ids = torch.tensor(process.data_ids)
+        return [ids[(r * len(ids)).long().clamp(max=len(ids) - 1)].tolist() for r in u]
+
+    def _draw(self, logits: Tensor, u: Tensor, temperature: float, top_p: float) -> Tensor:
+        if self.options.greedy:
+            return logits.argmax(-1)
+        return sample_categorical(probs_from_logits(logits, temperature, top_p), u)
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: EditDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0, on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        rows = self.default_rows(cond, rows, steps)
+        B, L = cond.shape
+        dev = cond.tokens.device
+        seqs = self.start(process, cond, rows, seed)
+        seqs = [s[: L - 1] for s in seqs]
+        nfe = torch.zeros(B, dtype=torch.long, device=dev)
+        live = torch.ones(B, dtype=torch.bool, device=dev)
+        self.history = [[] for _ in range(B)]
+        for k in range(steps, 0, -1):
+            idx = live.nonzero().squeeze(-1)
+            if len(idx) == 0:
+                break
+            xt = process.pack([seqs[i] for i in idx.tolist()], L, dev)
+            op_l, ins_l = process.tag_logits(model, xt)
+            r = rows[idx]
+            ops = self._draw(op_l, uniform(seed, r, k, L, stream=42), temperature, 1.0)
+            ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43), temperature, 1.0)
+            nfe[idx] += 1
+            ys, slots, gen_rows = [], [], []
+            for j, i in enumerate(idx.tolist()):
+                n = len(seqs[i])
+                o, c = ops[j, :n].tolist(), ins[j, : n + 1].tolist()
+                if all(x == KEEP for x in o) and not any(c):
+                    live[i] = False  # nothing to change: this row is done
+                    continue
+                y, slot = process.apply_tags(seqs[i], o, c, L)
+                self.history[i].append(self._revision(k, seqs[i], o, c))
+                ys.append(y), slots.append(slot), gen_rows.append((j, i))
+            if gen_rows:
+                gi = torch.tensor([i for _, i in gen_rows], device=dev)
+                y = process.pack(ys, L, dev)
+                logits = process.gen_logits(model, y)
+                toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44), temperature, top_p)
+                nfe[gi] += 1
+                for g, (_, i) in enumerate(gen_rows):
+                    filled = [int(toks[g, p]) if s else t for p, (t, s) in enumerate(zip(ys[g], slots[g]))]
+                    seqs[i] = filled
+                    self.history[i][-1].text_ids = filled
+            if on_step is not None:
+                on_step(StepInfo(k, steps, k / steps, (k - 1) / steps, process.pack(seqs, L, dev), nfe.clone()))
+        return SampleOutput(process.pack(seqs, L, dev), nfe)
+
+    @staticmethod
+    def _revision(step: int, x: list[int], ops: list[int], ins: list[int]) -> Revision:
+        rev = Revision(step)
+        for i in range(len(x) + 1):
+            if ins[i]:
+                rev.ops.append({"op": "INSERT", "at": i, "count": ins[i]})
+            if i < len(x) and ops[i] in (DELETE, REPLACE):
+                rev.ops.append({"op": OPS[ops[i]], "at": i, "token": x[i]})
+        return rev
+
+
+assert N_OPS == len(OPS)

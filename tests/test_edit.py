@@ -1,0 +1,130 @@
+"""Edit-based diffusion (DiffusER): the forward process's edit statistics match E_t, E_l and the schedule
+(chi-square); a tagger and generator that know the previous sequence reconstruct x0 exactly through the
+sampler's own reverse-step code; the loss trains; sampling is batch-invariant and sequences change length."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from difflm.components import build_components
+from difflm.config import RunConfig
+from difflm.data.tokenizers import train_char
+from difflm.diffusion.base import Batch
+from difflm.diffusion.edits import edit_script
+
+
+def make(**proc):
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz "])
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32},
+                               "process": {"type": "edit", **proc}, "data": {"mode": "lines", "seq_len": 32}})
+    model, process = build_components(run, tok)
+    return model, process, tok
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of χ² (Wilson–Hilferty), enough for a p-value threshold."""
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_forward_edit_statistics_match_E_t_E_l_and_the_schedule():
+    _, p, _ = make(steps=4, edit_rate=0.4, span_lambda=2.5)
+    rng = random.Random(0)
+    y = list(range(4, 4 + 20)) * 40
+    log, starts = [], 0
+    for t in (1, 2, 3, 4):
+        before = len(log)
+        p.corrupt_step(y, t, rng, log)
+        starts += len(log) - before
+    kinds = [k for k, _ in log]
+    n = len(kinds)
+    stat = sum((kinds.count(j) - n * e) ** 2 / (n * e) for j, e in enumerate(p.E))
+    assert chi2_sf(stat, 3) > 1e-3, (stat, [kinds.count(j) / n for j in range(4)])
+    lengths = [k for _, k in log]
+    lam = 2.5
+    pmf = {1: math.exp(-lam) * (1 + lam)} | {k: math.exp(-lam) * lam**k / math.factorial(k) for k in range(2, 7)}
+    pmf[7] = 1 - sum(pmf.values())  # 7 and more
+    counts = {k: sum(1 for x in lengths if min(x, 7) == k) for k in pmf}
+    stat = sum((counts[k] - len(lengths) * q) ** 2 / (len(lengths) * q) for k, q in pmf.items())
+    assert chi2_sf(stat, len(pmf) - 1) > 1e-3, stat
+    # linear schedule: β_t = 0.4 t / 4; span starts per step ~ β_t × (positions not inside a span)
+    assert p.beta(4) == pytest.approx(0.4) and p.beta(1) == pytest.approx(0.1)
+
+
+def test_an_oracle_reverse_process_reconstructs_x0():
+    _, p, _ = make(steps=6, edit_rate=0.5, max_insert=64)
+    rng = random.Random(1)
+    x0 = [rng.randrange(4, 30) for _ in range(12)]
+    chain = [x0]
+    for t in range(1, 7):
+        chain.append(p.corrupt_step(chain[-1], t, rng))
+    assert chain[-1] != x0
+    x = chain[-1]
+    for t in range(6, 0, -1):  # tags and tokens from the true previous sequence
+        s = edit_script(x, chain[t - 1])
+        y, slot = p.apply_tags(x, s.ops, s.ins, 10**6)
+        new = iter(s.new)
+        x = [next(new) if is_slot else tok for tok, is_slot in zip(y, slot)]
+        assert x == chain[t - 1]
+    assert x == x0
+
+
+def test_loss_is_finite_differentiable_and_batch_invariant():
+    model, p, _ = make(steps=4)
+    x = p.pack([list(range(4, 28)), [12, 13] * 10, [4] * 15], 32)
+    b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(3), seed=3, step=7)
+    b.u = torch.tensor([0.8, 0.9, 0.99], dtype=torch.float64)  # late steps: edits happen
+    terms = p.loss(model, b)
+    assert torch.isfinite(terms).all() and terms.sum() > 0
+    terms.sum().backward()
+    assert model.aux_head.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    one = Batch(x[1:2], b.loss_mask[1:2], b.fixed[1:2], u=b.u[1:2], rows=torch.tensor([1]), seed=3, step=7)
+    assert torch.allclose(p.loss(model, one)[0], terms[1].detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bootstrap", ["empty", "random"])
+def test_sampling_is_batch_invariant_and_lengths_vary(bootstrap):
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    model, p, _ = make(steps=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    model.eval()
+    s = get_sampler("diffuser", p, bootstrap=bootstrap)
+    full = s(model, p, Conditioning.unconditional(8, 32), steps=4, seed=5).tokens
+    for size in (1, 3):
+        parts = [s(model, p, Conditioning.unconditional(len(r), 32), steps=4, seed=5, rows=r).tokens
+                 for r in torch.arange(8).split(size)]
+        assert torch.equal(torch.cat(parts), full)
+
+
+def test_rows_grow_and_shrink_in_one_batch():
+    """A tagger that deletes token A and inserts one token before token B (its blocks write nothing, its tag head
+    reads the token's own embedding): a draft full of A shrinks while one full of B grows, in one batch."""
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    model, p, tok = make(steps=1)
+    A, B = tok.encode("a")[0], tok.encode("b")[0]
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.proj.weight.zero_()
+            blk.mlp[2].weight.zero_()
+        e = torch.nn.functional.layer_norm(model.embed.weight, (32,))
+        w = torch.zeros_like(model.aux_head.weight)
+        w[1] = 40 * e[A] / 32  # DELETE where the token is A
+        w[3 + 1] = 40 * e[B] / 32  # insert one token before B
+        model.aux_head.weight.copy_(w)
+        model.aux_head.bias.copy_(torch.tensor([0.0, -20, -60, 0, -20, -60, -60, -60]))
+    drafts = [[A] * 6 + [B], [B] * 6]
+    cond = Conditioning.prefix(drafts, 32)
+    out = get_sampler("diffuser", p, greedy=True)(model.eval(), p, cond, steps=1, seed=0).tokens
+    lengths = [len(s) for s in p.sequences(out)]
+    assert lengths[0] < 7 < 12 == lengths[1]
