@@ -128,3 +128,73 @@ def test_rows_grow_and_shrink_in_one_batch():
     out = get_sampler("diffuser", p, greedy=True)(model.eval(), p, cond, steps=1, seed=0).tokens
     lengths = [len(s) for s in p.sequences(out)]
     assert lengths[0] < 7 < 12 == lengths[1]
+
+
+def random_edit_model(tmp_path):
+    from difflm.components import write_model_folder
+
+    model, p, tok = make(steps=3)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.2 * torch.randn_like(q))
+        model.aux_head.bias[3] += 2.0  # fewer insertions, so revisions stay short
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32},
+                               "process": {"type": "edit", "steps": 3}, "data": {"mode": "lines", "seq_len": 32},
+                               "sample": {"steps": 3}})
+    write_model_folder(tmp_path / "edit", model.eval(), tok, run, None)
+    return tmp_path / "edit"
+
+
+def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
+    from difflm.pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(random_edit_model(tmp_path))
+    greedy = lm.revise("hello world", greedy=True, bf16=False)
+    beam = lm.revise("hello world", beam=(1, 1), bf16=False)
+    assert beam["text"] == greedy["text"]
+    wide = lm.revise("hello world", beam=(3, 2), bf16=False)
+    # recompute the winning trajectory's score from its history: Σ log p_tag(tags) + log p_gen(tokens)
+    p, m = lm.process, lm.model
+    x = lm.encode_text("hello world")
+    total = 0.0
+    with torch.no_grad():
+        for rev in wide["revisions"]:
+            ops, ins = [0] * len(x), [0] * (len(x) + 1)
+            for o in rev["ops"]:
+                if o["op"] == "INSERT":
+                    ins[o["at"]] = o["count"]
+                else:
+                    ops[o["at"]] = {"DELETE": 1, "REPLACE": 2}[o["op"]]
+            op_l, ins_l = p.tag_logits(m, p.pack([x], 32))
+            total += float(op_l[0, : len(x)].log_softmax(-1).gather(-1, torch.tensor(ops)[:, None]).sum())
+            total += float(ins_l[0, : len(x) + 1].log_softmax(-1).gather(-1, torch.tensor(ins)[:, None]).sum())
+            y, slot = p.apply_tags(x, ops, ins, 32)
+            new = lm.encode_text(rev["text"]) if rev["text"] else []
+            g = p.gen_logits(m, p.pack([y], 32)).log_softmax(-1)
+            total += sum(float(g[0, i, new[i]]) for i, s in enumerate(slot) if s)
+            x = new
+    assert total == pytest.approx(wide["score"], abs=1e-3)
+
+
+def test_revise_cli_json_and_bad_input(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run = random_edit_model(tmp_path)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "difflm.cli", "revise", str(run), *args], capture_output=True,
+                              text=True)
+
+    r = cli("--text", "the cat", "--json", "--steps", "2", "--greedy")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "revisions", "nfe"} and len(out["revisions"]) <= 2
+    for rev in out["revisions"]:
+        assert all(o["op"] in ("DELETE", "REPLACE", "INSERT") and o["at"] >= 0 for o in rev["ops"])
+    for args, msg in [(("--text", "  "), "nothing to revise"), (("--text", "a", "--beam", "0,1"), "at least 1"),
+                      (("--text", "a" * 40), "shorten it"), (("--text", "a", "--beam", "x"), "two integers")]:
+        r = cli(*args)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

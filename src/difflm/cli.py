@@ -256,6 +256,26 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_revise(a) -> int:
+    from .pipeline import DiffusionLM
+
+    beam = None
+    if a.beam is not None:
+        try:
+            beam = tuple(int(v) for v in a.beam.split(","))
+        except ValueError:
+            raise DiffLMError(f"--beam takes b,r (two integers), got {a.beam!r}") from None
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    r = lm.revise(a.text, steps=a.steps, beam=beam, seed=a.seed, greedy=a.greedy, bf16=not a.fp32)
+    if a.json:
+        print(json.dumps(r, ensure_ascii=False))
+        return 0
+    for rev in r["revisions"]:
+        print(f"--- revision {rev['step']}: {len(rev['ops'])} edits -> {rev['text']}")
+    print(r["text"])
+    return 0
+
+
 def cmd_sample(a) -> int:
     from .pipeline import DiffusionLM
 
@@ -496,6 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("revise", help="edit a text with an edit-family model (DiffusER): --json gives every "
+                                      "revision's operations")
+    v.add_argument("run_dir")
+    v.add_argument("--text", required=True)
+    v.add_argument("--steps", type=count(1), default=None, help="revisions (default: the model's sample.steps)")
+    v.add_argument("--beam", default=None, metavar="B,R", help="2D beam search: B tag hypotheses per revision, R "
+                                                                 "trajectories (1,1 = greedy)")
+    v.add_argument("--greedy", action="store_true", help="most probable tags and tokens instead of sampling")
+    v.add_argument("--seed", type=count(0), default=0)
+    v.add_argument("--fp32", action="store_true")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_revise)
 
     c = sub.add_parser("convert", help="turn a published MDLM, BD3-LM, DUO or SEDD checkpoint into a difflm model "
                                        "folder (no flash-attn; CPU or GPU), or wrap a LLaDA / Dream model")

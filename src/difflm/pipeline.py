@@ -189,6 +189,45 @@ class DiffusionLM:
             texts = [prompt + t[len(head):] if t.startswith(head) else t for t in texts]
         return Generation(texts, toks, nfe)
 
+    def revise(self, text: str, *, steps: int | None = None, beam: tuple[int, int] | None = None, seed: int = 0,
+               greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
+               bf16: bool = True) -> dict:
+        """Edit ``text`` with an edit-family model (DiffusER): ``steps`` revisions from the text as draft, sampled,
+        greedy, or by 2D beam search (``beam`` = (b, r)). Returns {"text", "revisions": [{"step", "ops": [{"op",
+        "at", "token" | "count"}], "text"}], "nfe"} — every revision's operations at their positions."""
+        from .sampling.edit import DiffuserSampler
+
+        if self.process.family != "edit":
+            raise DiffLMError(f"revise needs an edit-family model (process.type edit); this one is "
+                              f"{self.process.family}")
+        if not text.strip():
+            raise DiffLMError("nothing to revise: give a non-empty --text")
+        ids = self.encode_text(text)
+        self._check_length(len(ids) + 1, self.seq_len, "text")
+        if beam is not None and (len(beam) != 2 or min(beam) < 1):
+            raise DiffLMError(f"--beam takes b,r with both at least 1, got {','.join(map(str, beam))}")
+        opts = {"bootstrap": "draft", "greedy": greedy}
+        if beam is not None:
+            opts |= {"beam_b": beam[0], "beam_r": beam[1]}
+        smp = DiffuserSampler(**opts)
+        steps = self.run.sample.steps if steps is None else steps
+        if steps < 1:
+            raise DiffLMError(f"--steps must be at least 1, got {steps}")
+        cond = Conditioning.prefix([ids], self.seq_len, fill=self.tokenizer.pad_id)
+        with autocast(self.device, bf16):
+            out = smp(self.model, self.process, Conditioning(cond.tokens.to(self.device), cond.fixed.to(self.device)),
+                      steps=steps, seed=seed, temperature=self.run.sample.temperature if temperature is None
+                      else temperature, top_p=self.run.sample.top_p if top_p is None else top_p)
+        tok = self.tokenizer
+        revisions = []
+        for rev in smp.history[0]:
+            ops = [{**o, **({"token": tok.decode([o["token"]])} if "token" in o else {})} for o in rev.ops]
+            revisions.append({"step": rev.step, "ops": ops, "text": tok.decode(rev.text_ids)})
+        result = {"text": self._decode_row(out.tokens[0].cpu()), "revisions": revisions, "nfe": int(out.nfe[0])}
+        if beam is not None:
+            result["score"] = smp.scores[0]
+        return result
+
     def infill(
         self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
         seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,

@@ -102,6 +102,9 @@ class Process(nn.Module):
     #: True when the bound is exact (no Monte-Carlo over time): its confidence interval is zero. The judge of
     #: generative perplexity must have one.
     exact_likelihood: ClassVar[bool] = False
+    #: False when ``bound_terms`` is the family's training objective but no likelihood bound (edit diffusion):
+    #: evaluation reports it without a perplexity
+    has_bound: ClassVar[bool] = True
     #: True when the family models the length itself ([EOS] and the padding after it are in its terms): the
     #: sampler is then not handed a length drawn from the length prior.
     generates_length: ClassVar[bool] = False

@@ -70,6 +70,7 @@ class EditDiffusion(Process):
     Options = EditOptions
     default_sampler = "diffuser"
     exact_likelihood = False
+    has_bound = False  # DiffusER's objective bounds no likelihood
     generates_length = True
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:

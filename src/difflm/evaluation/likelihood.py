@@ -39,11 +39,16 @@ class EvalResult:
     n_samples: int
     exact: bool
     per_sample: list[float]
+    bound: bool = True  # False: the family's objective is no likelihood bound (edit diffusion): no perplexity
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        if not self.bound:
+            ci = "" if self.ci95 is None else f" ± {self.ci95:.4f}"
+            return (f"edit loss {self.nelbo:.4f}{ci} nats/token (the family's training objective, not a likelihood "
+                    f"bound: no perplexity) ({self.n_tokens} tokens, K={self.n_samples})")
         kind = "NLL" if self.exact else "NELBO"
         rel = "=" if self.exact else "≤"  # the AR NLL is exact: its perplexity is not a bound
         if self.ci95 is None:  # one Monte-Carlo draw of the bound has no interval
@@ -112,5 +117,5 @@ def evaluate(
         nelbo=mean, ci95=half, ppl=math.exp(mean), ppl_low=None if half is None else math.exp(mean - half),
         ppl_high=None if half is None else math.exp(mean + half), bpc=mean / ln2 if char_level else None,
         bpc_ci95=None if half is None or not char_level else half / ln2, n_tokens=n_tokens, n_sequences=n_seq,
-        n_samples=K, exact=process.exact_likelihood, per_sample=totals,
+        n_samples=K, exact=process.exact_likelihood, per_sample=totals, bound=process.has_bound,
     )

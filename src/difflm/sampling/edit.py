@@ -31,6 +31,8 @@ class DiffuserOptions:
     bootstrap: Literal["default", "empty", "random", "draft"] = option(
         "default", "the start: default (a given draft if any, else process.bootstrap), empty, random tokens, draft")
     greedy: bool = option(False, "take the most probable tags and tokens (else sample them)")
+    beam_b: int = option(0, "2D beam search (DiffusER §3.4): tag hypotheses kept within a revision (0: off)", ge=0)
+    beam_r: int = option(1, "2D beam search: revision trajectories kept across steps", ge=1)
 
 
 @dataclass
@@ -85,6 +87,8 @@ class DiffuserSampler(Sampler):
         dev = cond.tokens.device
         seqs = self.start(process, cond, rows, seed)
         seqs = [s[: L - 1] for s in seqs]
+        if self.options.beam_b > 0:
+            return self._beam(model, process, seqs, steps, L, dev, on_step)
         nfe = torch.zeros(B, dtype=torch.long, device=dev)
         live = torch.ones(B, dtype=torch.bool, device=dev)
         self.history = [[] for _ in range(B)]
@@ -121,6 +125,67 @@ class DiffuserSampler(Sampler):
             if on_step is not None:
                 on_step(StepInfo(k, steps, k / steps, (k - 1) / steps, process.pack(seqs, L, dev), nfe.clone()))
         return SampleOutput(process.pack(seqs, L, dev), nfe)
+
+    # -- 2D beam search ------------------------------------------------------------------------------
+    def _beam(self, model, process: EditDiffusion, seqs: list[list[int]], steps: int, L: int, dev,
+              on_step: OnStep | None) -> SampleOutput:
+        """Per row, beam r over revision trajectories and, inside each revision, beam b over tag assignments,
+        every hypothesis scored by log p_tag + log p_gen of its greedy tokens, summed over revisions; the best
+        trajectory wins. b = r = 1 is greedy decoding."""
+        out, nfe, self.scores = [], torch.zeros(len(seqs), dtype=torch.long, device=dev), []
+        self.history = []
+        for i, x in enumerate(seqs):
+            beams = [(0.0, x, [])]
+            for k in range(steps, 0, -1):
+                xt = process.pack([b[1] for b in beams], L, dev)
+                op_l, ins_l = process.tag_logits(model, xt)
+                op_l, ins_l = op_l.log_softmax(-1), ins_l.log_softmax(-1)
+                nfe[i] += 1
+                cands = []  # (score, x_t, ops, ins, tag log-prob, trajectory)
+                for j, (score, seq, hist) in enumerate(beams):
+                    for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
+                        cands.append((score, seq, o, c, lp, hist))
+                ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
+                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev)).log_softmax(-1)
+                nfe[i] += 1
+                scored = []
+                for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):
+                    pos = [p for p, sl in enumerate(slot) if sl]
+                    best = logits[g, pos].max(-1) if pos else None
+                    new = list(y)
+                    gen_lp = 0.0
+                    if pos:
+                        for p, t in zip(pos, best.indices.tolist()):
+                            new[p] = t
+                        gen_lp = float(best.values.double().sum())
+                    rev = self._revision(k, seq, o, c)
+                    rev.text_ids = new
+                    scored.append((score + lp + gen_lp, new, [*hist, rev]))
+                scored.sort(key=lambda z: -z[0])  # stable: ties keep the order of generation
+                beams = scored[: self.options.beam_r]
+            best_score, best_seq, best_hist = beams[0]
+            out.append(best_seq)
+            self.scores.append(best_score)
+            self.history.append(best_hist)
+            if on_step is not None:
+                on_step(StepInfo(1, steps, 1 / steps, 0.0, process.pack(out, L, dev), nfe.clone()))
+        return SampleOutput(process.pack(out, L, dev), nfe)
+
+    @staticmethod
+    def _top_tags(op_lp: Tensor, ins_lp: Tensor, n: int, b: int) -> list[tuple[float, list[int], list[int]]]:
+        """The b most probable tag assignments for a sequence of n tokens (+ its last gap at position n): a beam
+        over positions of the per-position joint (op, insert count), exact for independent positions."""
+        K1 = ins_lp.shape[-1]
+        joint = (op_lp[:n, :, None] + ins_lp[:n, None, :]).reshape(n, 3 * K1).double()  # (n, 3·(K+1))
+        beams: list[tuple[float, list[int], list[int]]] = [(0.0, [], [])]
+        for p in range(n):
+            top = joint[p].topk(min(b, joint.shape[1]))
+            beams = sorted(((s + float(v), o + [int(c) // K1], c_ + [int(c) % K1])
+                            for s, o, c_ in beams for v, c in zip(top.values, top.indices)), key=lambda z: -z[0])[:b]
+        top = ins_lp[n].double().topk(min(b, K1))  # the last gap, read at [EOS]
+        beams = sorted(((s + float(v), o, c_ + [int(c)]) for s, o, c_ in beams
+                        for v, c in zip(top.values, top.indices)), key=lambda z: -z[0])[:b]
+        return beams
 
     @staticmethod
     def _revision(step: int, x: list[int], ops: list[int], ins: list[int]) -> Revision:

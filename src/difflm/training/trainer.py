@@ -255,8 +255,8 @@ class Trainer:
                 logger.log({"step": step, "tokens": tokens_seen, "val_nelbo": val,
                             "elapsed_s": elapsed0 + time.perf_counter() - t0})
                 if bar is not None:
-                    bar.write(f"step {step}: val {'NLL' if r.exact else 'NELBO'} {val:.4f} nats/token "
-                              f"(ppl ≤ {math.exp(val):.2f})")
+                    bar.write(f"step {step}: val " + (f"{'NLL' if r.exact else 'NELBO'} {val:.4f} nats/token "
+                              f"(ppl ≤ {math.exp(val):.2f})" if r.bound else f"edit loss {val:.4f} nats/token"))
             if step % t.save_every == 0 or final:
                 self._save(model, tok, length_prior, ema, opt, {"step": step, "tokens": tokens_seen,
                                           "elapsed_s": elapsed0 + time.perf_counter() - t0})
