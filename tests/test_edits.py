@@ -59,3 +59,27 @@ def test_a_worked_example():
     assert apply_script([x, y, z], s) == [u, x, v, w]
     assert edit_script([x, y, z], [x, y, z]).cost == 0
     assert edit_script([], [x, y]).ins == [2] and edit_script([x, y], []).ops == [DELETE, DELETE]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seqs, seqs, st.integers(1, 6), st.integers(0, 10**6))
+def test_the_edit_path_runs_from_source_to_target(src, tgt, T, seed):
+    import random
+
+    from difflm.diffusion.edit import EditDiffusion
+    from difflm.diffusion.edits import atomic_edits, partial_script
+
+    s = edit_script(src, tgt)
+    edits = atomic_edits(s)
+    assert apply_script(src, partial_script(len(src), edits, [True] * len(edits))) == tgt
+    assert apply_script(src, partial_script(len(src), edits, [False] * len(edits))) == src
+    p = EditDiffusion(vocab_size=10, mask_id=7, pad_id=6, bos_id=8, eos_id=9, steps=T)
+    rng = random.Random(seed)
+    for t in range(1, T + 1):
+        prev, cur = p.path_pair(src, tgt, t, rng)
+        if t == T:
+            assert cur == src
+        if t == 1:
+            assert prev == tgt
+        # one step makes its share of the edits: the states are that far apart at most
+        assert levenshtein(cur, prev) <= len(edits) * 1 // T + len(edits) % T + 1

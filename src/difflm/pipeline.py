@@ -308,7 +308,7 @@ class DiffusionLM:
                                  sampler_options=sampler_options, guidance=guidance)
         texts = []
         for r, a in zip(toks.tolist(), starts):
-            tgt = r[a:]
+            tgt = r if self.process.revises_source else r[a:]  # an edit model returns the source revised
             texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
         out = []
         for i, src in enumerate(sources):

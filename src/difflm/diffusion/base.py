@@ -105,6 +105,9 @@ class Process(nn.Module):
     #: False when ``bound_terms`` is the family's training objective but no likelihood bound (edit diffusion):
     #: evaluation reports it without a perplexity
     has_bound: ClassVar[bool] = True
+    #: True when a seq2seq model's output replaces its source (edit diffusion revises it) instead of following
+    #: it after [BOS]
+    revises_source: ClassVar[bool] = False
     #: True when the family models the length itself ([EOS] and the padding after it are in its terms): the
     #: sampler is then not handed a length drawn from the length prior.
     generates_length: ClassVar[bool] = False

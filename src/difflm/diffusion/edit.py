@@ -14,6 +14,9 @@ Both are trained with cross-entropy on the edit script that turns x_t back into 
 alignment (``edits.edit_script``) — any pair of sequences is a training pair. The objective is not a likelihood
 bound: ``exact_likelihood`` is False and ``difflm eval`` reports it as the edit loss (nats per token of x_0).
 
+Seq2seq (``data.mode: pairs``, DiffusER §3.3's source bootstrap): x_T is the source, x_0 the target, and the states
+between lie on the Levenshtein edit path from one to the other (``path_pair``); revision starts from the source.
+
 Layout: a row is the sequence, then [EOS], then [PAD] (``data.mode: lines``); the tagger reads its classes off the
 backbone's auxiliary head (``BackboneNeeds.aux_outputs`` = 3 + max_insert + 1), the generator off the token head.
 """
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 from ..errors import DiffLMError
 from ..registry import BackboneNeeds, option, register_family
 from .base import Batch, Process
-from .edits import DELETE, KEEP, REPLACE, edit_script, with_placeholders
+from .edits import DELETE, KEEP, REPLACE, apply_script, atomic_edits, edit_script, partial_script, with_placeholders
 
 N_OPS = 3  # KEEP, DELETE, REPLACE
 
@@ -71,6 +74,7 @@ class EditDiffusion(Process):
     default_sampler = "diffuser"
     exact_likelihood = False
     has_bound = False  # DiffusER's objective bounds no likelihood
+    revises_source = True  # seq2seq: the output is the source revised, not a continuation after it
     generates_length = True
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
@@ -135,6 +139,29 @@ class EditDiffusion(Process):
         for s in range(1, t):
             prev = self.corrupt_step(prev, s, rng)
         return prev, self.corrupt_step(prev, t, rng)
+
+    def path_pair(self, src: list[int], tgt: list[int], t: int, rng: random.Random) -> tuple[list[int], list[int]]:
+        """Seq2seq (DiffusER bootstrapped from the source, §3.3): (x_{t−1}, x_t) on the edit path from x_T = the
+        source to x_0 = the target — the Levenshtein script's single edits in a random order, a share (T − t)/T
+        of them made at step t."""
+        edits = atomic_edits(edit_script(src, tgt))
+        rank = list(range(len(edits)))
+        rng.shuffle(rank)
+        made = [len(edits) * (self.T - s) // self.T for s in (t - 1, t)]
+        prev, cur = ([r < m for r in rank] for m in made)
+        return (apply_script(src, partial_script(len(src), edits, prev)),
+                apply_script(src, partial_script(len(src), edits, cur)))
+
+    def pairs_of(self, batch: Batch) -> list[tuple[list[int], list[int]]] | None:
+        """(source, target) per row of a seq2seq batch (source, [BOS], target, [EOS]…), else None."""
+        if self.bos_id is None or not bool((batch.tokens == self.bos_id).any(-1).all()):
+            return None
+        out = []
+        for row in batch.tokens.tolist():
+            b = row.index(self.bos_id)
+            tgt = row[b + 1 :]
+            out.append((row[:b], tgt[: tgt.index(self.eos_id)] if self.eos_id in tgt else tgt))
+        return out
 
     def corrupt(self, batch: Batch, t: Tensor, generator=None) -> Tensor:
         """x_t ~ q(x_t | x0) for integer steps t (B,) in 1..T, as rows (B, L): the sequence, [EOS], [PAD]."""
@@ -208,8 +235,10 @@ class EditDiffusion(Process):
         rngs = self._rngs(batch, generator)
         steps = (batch.time_uniforms(generator) * self.T).floor().long().clamp(0, self.T - 1) + 1
         xts, ops, inss, ys, gts = [], [], [], [], []
-        for x0, k, r in zip(self.sequences(batch.tokens), steps.tolist(), rngs):
-            x_t, o, n, y, g = self.training_pair(*self.corrupt_to(x0, k, r), L)
+        pairs = self.pairs_of(batch)
+        for j, (k, r) in enumerate(zip(steps.tolist(), rngs)):
+            chain = self.path_pair(*pairs[j], k, r) if pairs else self.corrupt_to(self.sequences(batch.tokens)[j], k, r)
+            x_t, o, n, y, g = self.training_pair(*chain, L)
             xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
         xt = self.pack(xts, L, dev)
         op_t = torch.full((B, L), -100, dtype=torch.long)

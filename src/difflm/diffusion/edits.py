@@ -104,3 +104,34 @@ def with_placeholders(a: list[int], ops: list[int], ins: list[int], placeholder:
             out.append(placeholder if ops[i] == REPLACE else a[i])
             slot.append(ops[i] == REPLACE)
     return out, slot
+
+
+def atomic_edits(s: EditScript) -> list[tuple]:
+    """The script as single edits, in output order: ("delete", i), ("replace", i, token), ("insert", gap, token)."""
+    out, new = [], iter(s.new)
+    for i in range(len(s.ops) + 1):
+        out.extend(("insert", i, next(new)) for _ in range(s.ins[i]))
+        if i < len(s.ops):
+            if s.ops[i] == DELETE:
+                out.append(("delete", i))
+            elif s.ops[i] == REPLACE:
+                out.append(("replace", i, next(new)))
+    return out
+
+
+def partial_script(n: int, edits: list[tuple], applied: list[bool]) -> EditScript:
+    """The script over a source of n tokens that makes only the ``applied`` ones of ``edits`` (atomic_edits's
+    order): a point on the edit path from the source to the target."""
+    ops, ins, new = [KEEP] * n, [0] * (n + 1), []
+    for e, on in zip(edits, applied):
+        if not on:
+            continue
+        if e[0] == "insert":
+            ins[e[1]] += 1
+            new.append(e[2])
+        elif e[0] == "delete":
+            ops[e[1]] = DELETE
+        else:
+            ops[e[1]] = REPLACE
+            new.append(e[2])
+    return EditScript(ops, ins, new)

@@ -58,7 +58,9 @@ class DiffuserSampler(Sampler):
     def start(self, process: EditDiffusion, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
         """Each row's x_T."""
         kind = self.options.bootstrap
-        drafts = [[t for t, f in zip(r, fx) if f] for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
+        given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
+        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
+                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
         if kind == "default":
             kind = "draft" if any(drafts) else process.options.bootstrap
         if kind == "draft":
