@@ -1,0 +1,146 @@
+"""Spelling and typo correction pairs (noisy → clean) for edit-based revision (the edit family's first task).
+
+Noise, per word of a clean sentence, seeded and deterministic:
+* with probability ``real`` a word that people really misspell is replaced by one of its misspellings, from
+  codespell's dictionary (``pip install codespell``, or Debian's ``codespell``), inverted: correction → the
+  misspellings that map only to it (entries with several candidate corrections are left out);
+* else, with probability ``char``, one character typo: insert a neighbouring key, delete a character, swap two
+  adjacent characters, or replace one by a neighbouring key on a QWERTY keyboard (each a quarter of the time).
+Words of one character and PTB's ``<unk>`` are left alone.
+
+    python -m difflm.data.typos --corpus ptb --out data/typos-ptb     # train/valid/test.jsonl
+    python -m difflm.data.typos --corpus text --path ../shared/data/tinyshakespeare.txt --out data/typos-shakespeare
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import DiffLMError
+
+INSTALL = "pip install codespell"
+DEBIAN = Path("/usr/lib/python3/dist-packages/codespell_lib/data/dictionary.txt")
+ROWS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
+
+
+def _neighbours() -> dict[str, str]:
+    pos = {c: (r, i) for r, row in enumerate(ROWS) for i, c in enumerate(row)}
+    out = {}
+    for c, (r, i) in pos.items():
+        out[c] = "".join(d for d, (r2, i2) in pos.items() if d != c and abs(r2 - r) <= 1 and abs(i2 - i) <= 1)
+    return out
+
+
+NEAR = _neighbours()
+
+
+def dictionary_path() -> Path:
+    spec = importlib.util.find_spec("codespell_lib")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / "data" / "dictionary.txt"
+        if p.is_file():
+            return p
+    if DEBIAN.is_file():
+        return DEBIAN
+    raise DiffLMError(f"the misspelling dictionary comes from codespell; run: {INSTALL} (or apt-get install codespell)")
+
+
+@lru_cache(maxsize=1)
+def misspellings() -> dict[str, tuple[str, ...]]:
+    """correct word -> its misspellings (lower case), from codespell's unambiguous entries."""
+    out: dict[str, list[str]] = {}
+    for line in dictionary_path().read_text(encoding="utf-8").splitlines():
+        wrong, _, right = line.partition("->")
+        right = right.strip()
+        if not right or "," in right or " " in right or not wrong.isalpha() or not right.isalpha():
+            continue
+        out.setdefault(right.lower(), []).append(wrong.lower())
+    return {k: tuple(sorted(set(v))) for k, v in out.items()}
+
+
+def char_typo(word: str, rng: random.Random) -> str:
+    """One keyboard typo: insert, delete, swap or replace (near keys)."""
+    i = rng.randrange(len(word))
+    c = word[i].lower()
+    kind = rng.randrange(4)
+    near = NEAR.get(c, "")
+    if kind == 0 and near:
+        return word[: i + 1] + rng.choice(near) + word[i + 1 :]
+    if kind == 1:
+        return word[:i] + word[i + 1 :]
+    if kind == 2 and len(word) > 1:
+        j = min(i, len(word) - 2)
+        return word[:j] + word[j + 1] + word[j] + word[j + 2 :]
+    if near:
+        return word[:i] + rng.choice(near) + word[i + 1 :]
+    return word[:i] + word[i + 1 :]
+
+
+def add_typos(sentence: str, rng: random.Random, real: float = 0.1, char: float = 0.05) -> tuple[str, int]:
+    """The sentence with typos; returns (noisy, number of words changed)."""
+    table = misspellings()
+    words, changed = sentence.split(" "), 0
+    for k, w in enumerate(words):
+        if len(w) < 2 or w == "<unk>":
+            continue
+        u = rng.random()
+        if u < real and w.lower() in table:
+            new = rng.choice(table[w.lower()])
+        elif u < real + char:
+            new = char_typo(w, rng)
+        else:
+            continue
+        if new != w:
+            words[k], changed = new, changed + 1
+    return " ".join(words), changed
+
+
+def make_pairs(lines: list[str], seed: int, real: float = 0.1, char: float = 0.05) -> list[dict]:
+    """{"source": noisy, "target": clean} for each non-empty line, seeded per line index (a line's noise does not
+    depend on the others)."""
+    out = []
+    for i, line in enumerate(lines):
+        line = " ".join(line.split())
+        if not line:
+            continue
+        noisy, _ = add_typos(line, random.Random(seed * 1_000_003 + i), real, char)
+        out.append({"source": noisy, "target": line})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .corpora import ptb_lines
+
+    ap = argparse.ArgumentParser(description="write noisy → clean pairs for typo correction")
+    ap.add_argument("--corpus", choices=("ptb", "text"), default="ptb")
+    ap.add_argument("--path", default=None, help="corpus text: a text file (lines; 10%% valid, 10%% test at the end)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real", type=float, default=0.1, help="share of words given a real misspelling when known")
+    ap.add_argument("--char", type=float, default=0.05, help="share of words given a keyboard typo")
+    a = ap.parse_args(argv)
+    if a.corpus == "ptb":
+        splits = {s: ptb_lines(s) for s in ("train", "valid", "test")}
+    else:
+        if not a.path:
+            raise SystemExit("difflm: error: --corpus text needs --path")
+        lines = [x for x in Path(a.path).read_text(encoding="utf-8").splitlines() if x.strip()]
+        n = len(lines)
+        splits = {"train": lines[: int(0.8 * n)], "valid": lines[int(0.8 * n) : int(0.9 * n)],
+                  "test": lines[int(0.9 * n) :]}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (name, lines) in enumerate(splits.items()):
+        rows = make_pairs(lines, a.seed * 3 + k, a.real, a.char)
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"{name}: {len(rows)} pairs -> {out / f'{name}.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Typo pairs for the edit family's correction task: deterministic in the seed, real misspellings taken from
+codespell's dictionary, keyboard typos one edit away, word-change rates as set (binomial bounds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("codespell_lib") is None, reason="pip install codespell")
+
+
+def test_pairs_are_deterministic_and_rates_hold():
+    from difflm.data.typos import add_typos, make_pairs, misspellings
+
+    lines = ["the company said the government will receive the money in the third quarter"] * 400
+    a, b = make_pairs(lines, 1), make_pairs(lines, 1)
+    assert a == b and make_pairs(lines, 2) != a
+    assert all(p["target"] == lines[0] for p in a)
+    words = lines[0].split()
+    known = sum(w in misspellings() for w in words if len(w) > 1)
+    eligible = sum(len(w) > 1 for w in words)
+    changed = sum(add_typos(lines[0], random.Random(i), 0.1, 0.05)[1] for i in range(400))
+    mean = 400 * (0.1 * known + 0.05 * eligible)  # a real misspelling where known, else (or after) a keyboard typo
+    hi = 400 * (0.15 * eligible)
+    assert 0.5 * mean < changed < hi + 4 * math.sqrt(hi)
+
+
+def test_typos_are_real_misspellings_or_one_keyboard_edit():
+    from difflm.data.typos import add_typos, misspellings
+    from difflm.diffusion.edits import levenshtein
+
+    table = misspellings()
+    assert "recieve" in table["receive"]
+    rng = random.Random(0)
+    for _ in range(200):
+        noisy, _ = add_typos("we will receive the money", rng, 0.3, 0.3)
+        for w, n in zip("we will receive the money".split(), noisy.split()):
+            if w != n:
+                assert n in table.get(w, ()) or levenshtein(list(w), list(n)) <= 2  # a swap is two substitutions
+
+
+def test_cli_writes_jsonl(tmp_path):
+    from difflm.data.typos import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"line number {i} says hello to the world" for i in range(50)))
+    assert main(["--corpus", "text", "--path", str(text), "--out", str(tmp_path / "o")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and set(rows[0]) == {"source", "target"}
