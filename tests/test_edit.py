@@ -166,12 +166,13 @@ def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
                     ins[o["at"]] = o["count"]
                 else:
                     ops[o["at"]] = {"DELETE": 1, "REPLACE": 2}[o["op"]]
-            op_l, ins_l = p.tag_logits(m, p.pack([x], 32))
+            t = p.step_time(rev["step"], 3)  # the revision's network time (sample.steps = 3)
+            op_l, ins_l = p.tag_logits(m, p.pack([x], 32), t)
             total += float(op_l[0, : len(x)].log_softmax(-1).gather(-1, torch.tensor(ops)[:, None]).sum())
             total += float(ins_l[0, : len(x) + 1].log_softmax(-1).gather(-1, torch.tensor(ins)[:, None]).sum())
             y, slot = p.apply_tags(x, ops, ins, 32)
             new = lm.encode_text(rev["text"]) if rev["text"] else []
-            g = p.gen_logits(m, p.pack([y], 32)).log_softmax(-1)
+            g = p.gen_logits(m, p.pack([y], 32), t).log_softmax(-1)
             total += sum(float(g[0, i, new[i]]) for i, s in enumerate(slot) if s)
             x = new
     assert total == pytest.approx(wide["score"], abs=1e-3)
@@ -198,3 +199,4 @@ def test_revise_cli_json_and_bad_input(tmp_path):
                       (("--text", "a" * 40), "shorten it"), (("--text", "a", "--beam", "x"), "two integers")]:
         r = cli(*args)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+

@@ -12,13 +12,14 @@ from .sedd import ScoreEntropy
 from .d3pm import D3PM
 from .gaussian import GaussianDiffusion
 from .edit import EditDiffusion
+from .editflow import EditFlow
 from .autoregressive import Autoregressive
 # isort: on
 from .. import registry
 from .base import Batch, Process, low_discrepancy_uniform
 from .graphs import Graph
 
-__all__ = ["Autoregressive", "Batch", "BlockDiffusion", "D3PM", "EditDiffusion", "GaussianDiffusion",
+__all__ = ["Autoregressive", "Batch", "BlockDiffusion", "D3PM", "EditDiffusion", "EditFlow", "GaussianDiffusion",
            "Graph", "MaskedDiffusion", "Process", "ScoreEntropy", "UniformDiffusion",
            "build_process", "low_discrepancy_uniform"]
 

@@ -42,7 +42,6 @@ N_OPS = 3  # KEEP, DELETE, REPLACE
 
 @dataclass
 class EditOptions:
-    variant: Literal["diffuser"] = option("diffuser", "DiffusER: tagger + generator over Levenshtein edits")
     steps: int = option(10, "T: forward edit steps (and reverse revisions)", ge=1)
     keep: float = option(0.6, "E_t: share of spans that keep their tokens", ge=0, le=1)
     replace: float = option(0.2, "E_t: share of spans replaced by random tokens", ge=0, le=1)
@@ -52,6 +51,8 @@ class EditOptions:
     schedule: Literal["linear", "constant"] = option("linear", "β_t: linear (β·t/T, edits grow with t) or constant")
     edit_rate: float = option(0.3, "β: the span-start probability at t = T (linear) or at every step", gt=0, le=1)
     max_insert: int = option(4, "the most tokens the tagger inserts into one gap", ge=1)
+    time_conditioning: bool = option(True, "feed the step t/T to the network: an edit made at an earlier step is "
+                                     "kept at this one, so a time-free tagger cannot tell which to undo now")
     bootstrap: Literal["empty", "random", "draft"] = option("empty", "where revision starts by default: the "
                                                              "empty sequence, random tokens, or a given draft")
 
@@ -90,7 +91,13 @@ class EditDiffusion(Process):
         self.data_ids = [i for i in range(vocab_size) if i not in set(self.never) | {self.eos_id}]
 
     def backbone_needs(self) -> BackboneNeeds:
-        return BackboneNeeds(aux_outputs=N_OPS + self.K + 1)
+        return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
+
+    def _t(self, t: Tensor | float | None, B: int, device) -> Tensor | None:
+        """The network's time input (B,) for step t/T, or None for a time-free network."""
+        if not self.options.time_conditioning or t is None:
+            return None
+        return torch.as_tensor(t, dtype=torch.float32, device=device).expand(B).contiguous()
 
     # -- forward process ---------------------------------------------------------------------------
     def beta(self, t: int) -> float:
@@ -197,14 +204,14 @@ class EditDiffusion(Process):
         return [random.Random(int(a * 2**52) ^ (int(b * 2**52) << 1)) for a, b in u.tolist()]
 
     # -- the two predictions -------------------------------------------------------------------------
-    def tag_logits(self, model: nn.Module, xt: Tensor) -> tuple[Tensor, Tensor]:
-        """(op logits (B, L, 3), insert-count logits (B, L, K + 1)) in float32."""
-        aux = model(xt, head="aux").float()
+    def tag_logits(self, model: nn.Module, xt: Tensor, t: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """(op logits (B, L, 3), insert-count logits (B, L, K + 1)) in float32; t: the step as t/T (B,)."""
+        aux = model(xt, self._t(t, xt.shape[0], xt.device), head="aux").float()
         return aux[..., :N_OPS], aux[..., N_OPS:]
 
-    def gen_logits(self, model: nn.Module, y: Tensor) -> Tensor:
+    def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None) -> Tensor:
         """Token logits (B, L, V) at the placeholder-laid sequence, never-data ids at −inf."""
-        logits = model(y).float()
+        logits = model(y, self._t(t, y.shape[0], y.device)).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
         return logits
@@ -251,14 +258,15 @@ class EditDiffusion(Process):
             g = torch.tensor(gts[r], dtype=torch.long)
             gen_t[r, : len(g)] = torch.where(g >= 0, g, -100)
         op_t, ins_t, gen_t = op_t.to(dev), ins_t.to(dev), gen_t.to(dev)
-        op_l, ins_l = self.tag_logits(model, xt)
+        tt = steps.to(dev).float() / self.T
+        op_l, ins_l = self.tag_logits(model, xt, tt)
         tag = F.cross_entropy(op_l.transpose(1, 2), op_t, reduction="none", ignore_index=-100) \
             + F.cross_entropy(ins_l.transpose(1, 2), ins_t, reduction="none", ignore_index=-100)
         y = self.pack(ys, L, dev)
         gen = torch.zeros(B, L, device=dev)
         sel = gen_t >= 0
         if sel.any():
-            gen[sel] = F.cross_entropy(self.gen_logits(model, y)[sel], gen_t[sel], reduction="none")
+            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt)[sel], gen_t[sel], reduction="none")
         terms = torch.zeros(B, L, device=dev)
         terms[:, 0] = tag.sum(1) + gen.sum(1)
         return terms
@@ -268,6 +276,11 @@ class EditDiffusion(Process):
         return self.loss_terms(model, batch, generator)
 
     # -- reverse step ------------------------------------------------------------------------------
+    def step_time(self, k: int, steps: int) -> float:
+        """The network time of revision k of ``steps`` (k counts down): the forward step ⌈kT/steps⌉ as a share of
+        T, so any number of revisions walks the trained steps from T to 1."""
+        return math.ceil(k * self.T / steps) / self.T
+
     def apply_tags(self, x_t: list[int], ops: list[int], ins: list[int], L: int) -> tuple[list[int], list[bool]]:
         """The generator's input for tagged edits, cut to the row."""
         y, slot = with_placeholders(x_t, ops, ins, self.mask_id)

@@ -99,7 +99,8 @@ class DiffuserSampler(Sampler):
             if len(idx) == 0:
                 break
             xt = process.pack([seqs[i] for i in idx.tolist()], L, dev)
-            op_l, ins_l = process.tag_logits(model, xt)
+            t = process.step_time(k, steps)
+            op_l, ins_l = process.tag_logits(model, xt, t)
             r = rows[idx]
             ops = self._draw(op_l, uniform(seed, r, k, L, stream=42), temperature, 1.0)
             ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43), temperature, 1.0)
@@ -117,7 +118,7 @@ class DiffuserSampler(Sampler):
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
                 y = process.pack(ys, L, dev)
-                logits = process.gen_logits(model, y)
+                logits = process.gen_logits(model, y, t)
                 toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44), temperature, top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
@@ -140,7 +141,8 @@ class DiffuserSampler(Sampler):
             beams = [(0.0, x, [])]
             for k in range(steps, 0, -1):
                 xt = process.pack([b[1] for b in beams], L, dev)
-                op_l, ins_l = process.tag_logits(model, xt)
+                t = process.step_time(k, steps)
+                op_l, ins_l = process.tag_logits(model, xt, t)
                 op_l, ins_l = op_l.log_softmax(-1), ins_l.log_softmax(-1)
                 nfe[i] += 1
                 cands = []  # (score, x_t, ops, ins, tag log-prob, trajectory)
@@ -148,7 +150,7 @@ class DiffuserSampler(Sampler):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
                         cands.append((score, seq, o, c, lp, hist))
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
-                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev)).log_softmax(-1)
+                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev), t).log_softmax(-1)
                 nfe[i] += 1
                 scored = []
                 for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):
