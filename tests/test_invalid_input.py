@@ -138,5 +138,5 @@ def test_invalid_cli_options_are_one_line_errors(data, run_folder, capsys):
 def test_the_covered_keys_include_every_section():
     sections = {k.split(".")[0] for k, *_ in KEYS}
     assert sections == {"data", "tokenizer", "train", "sample", "model", "process"}
-    assert {f for *_, f in KEYS} >= set(registry.families()) - {"autoregressive", "uniform", "sedd"}
+    assert {f for *_, f in KEYS} >= set(registry.families()) - {"autoregressive", "uniform", "sedd", "editflow"}
     assert SAMPLER_OPTIONS  # remdm's eta, confidence's block, ...
