@@ -53,6 +53,9 @@ class EditOptions:
     max_insert: int = option(4, "the most tokens the tagger inserts into one gap", ge=1)
     time_conditioning: bool = option(True, "feed the step t/T to the network: an edit made at an earlier step is "
                                      "kept at this one, so a time-free tagger cannot tell which to undo now")
+    target: Literal["previous", "clean"] = option("previous", "what the tagger and generator learn to reach from "
+                                                  "x_t: x_{t−1} (DiffusER) or x_0 itself (every pending edit at once; "
+                                                  "needs no time)")
     bootstrap: Literal["empty", "random", "draft"] = option("empty", "where revision starts by default: the "
                                                              "empty sequence, random tokens, or a given draft")
 
@@ -245,6 +248,8 @@ class EditDiffusion(Process):
         pairs = self.pairs_of(batch)
         for j, (k, r) in enumerate(zip(steps.tolist(), rngs)):
             chain = self.path_pair(*pairs[j], k, r) if pairs else self.corrupt_to(self.sequences(batch.tokens)[j], k, r)
+            if self.options.target == "clean":  # x_0-prediction: the whole script from x_t to the data
+                chain = (pairs[j][1] if pairs else self.sequences(batch.tokens)[j], chain[1])
             x_t, o, n, y, g = self.training_pair(*chain, L)
             xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
         xt = self.pack(xts, L, dev)
