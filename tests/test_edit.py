@@ -243,3 +243,34 @@ def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
     already = [i for i, (t, c) in enumerate(zip(tests, clean * 3)) if t == c]
     assert right >= 7 and right > 2 * len(already), list(zip(tests, fixed))
     assert all(fixed[i] == tests[i] for i in already)  # correct input left alone
+
+
+def test_the_ar_bootstrap_revises_the_ar_models_translations(tmp_path):
+    """An edit model that keeps every token, bootstrapped from an AR seq2seq model, returns the AR model's output
+    (and from the sources, the sources); a family that does not revise refuses the bootstrap."""
+    from difflm.components import write_model_folder
+    from difflm.errors import DiffLMError
+    from difflm.pipeline import DiffusionLM
+
+    tok = train_char(["abcdefgh "])
+    runs = {}
+    for name, proc in (("edit", {"type": "edit", "steps": 2}), ("ar", {"type": "autoregressive"})):
+        run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32}, "process": proc,
+                                   "data": {"corpus": "pairs", "seq_len": 64 if name == "edit" else 24}})
+        model, _ = build_components(run, tok)
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for q in model.parameters():
+                q.add_(0.5 * torch.randn_like(q))
+            if name == "edit":  # a tagger that keeps everything and inserts nothing
+                model.aux_head.weight.zero_()
+                model.aux_head.bias.copy_(torch.tensor([9.0, -9, -9] + [9.0] + [-9.0] * 4))
+        write_model_folder(tmp_path / name, model.eval(), tok, run, None)
+        runs[name] = DiffusionLM.from_pretrained(tmp_path / name)
+    sources = ["bad cafe", "head bed"]
+    ar_out = [o.prediction for o in runs["ar"].generate_targets(sources)]
+    via_ar = runs["edit"].generate_targets(sources, draft_from=runs["ar"])
+    assert [o.prediction for o in via_ar] == ar_out and [o.source for o in via_ar] == sources
+    assert [o.prediction for o in runs["edit"].generate_targets(sources)] == sources
+    with pytest.raises(DiffLMError, match="needs an edit-family model"):
+        runs["ar"].generate_targets(sources, draft_from=runs["ar"])

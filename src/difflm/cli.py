@@ -352,10 +352,11 @@ def cmd_generate(a) -> int:
 
     sources = _read_sources(a)
     lm = DiffusionLM.from_pretrained(a.run_dir)
+    drafts = DiffusionLM.from_pretrained(a.bootstrap_from) if a.bootstrap_from else None
     outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
                                sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a),
-                               guidance=a.guidance)
+                               guidance=a.guidance, draft_from=drafts)
     for o in outs:
         if a.json:
             print(json.dumps({"source": o.source, "prediction": o.prediction, "candidates": o.candidates,
@@ -467,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=count(1), default=16)
     g.add_argument("--guidance", type=number(), default=0.0,
                    help="classifier-free guidance weight w (models trained with train.cond_dropout > 0)")
+    g.add_argument("--bootstrap-from", default=None, metavar="RUN",
+                   help="edit models: revise this seq2seq model's translations (e.g. the AR model's) instead of "
+                        "the sources (DiffusER's AR bootstrap)")
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
     g.set_defaults(fn=cmd_generate)

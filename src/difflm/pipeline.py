@@ -274,15 +274,24 @@ class DiffusionLM:
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
-        guidance: float = 0.0,
+        guidance: float = 0.0, draft_from: DiffusionLM | None = None,
     ) -> list[Transduction]:
         """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
         BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
-        guidance, for models trained with ``train.cond_dropout`` > 0."""
+        guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
+        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources."""
         from .evaluation.text_metrics import mbr_select
 
         self.require_seq2seq()
+        if draft_from is not None:
+            if not self.process.revises_source:
+                raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft")
+            drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16)]
+            outs = self.generate_targets(drafts, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
+                                         seed=seed, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                         bf16=bf16, on_step=on_step, sampler_options=sampler_options)
+            return [Transduction(src, o.prediction, o.candidates, o.nfe) for src, o in zip(sources, outs)]
         if guidance and self.run.train.cond_dropout <= 0:
             raise DiffLMError("--guidance needs a model trained with the source dropped: train.cond_dropout > 0")
         if candidates < 1:
