@@ -1,0 +1,83 @@
+"""Style transfer King James → World English Bible with the edit family, decoding from the KJV source, next to
+copying the source (40.6 BLEU on test) and the masked and AR seq2seq models trained for the same wall time; the
+edit model also from the AR model's output (DiffusER's AR bootstrap).
+
+    python benchmarks/edit_kjv2web.py --minutes 60 [--test 1141]
+
+Metrics on the first --test test verses: BLEU (sacrebleu), ROUGE-L, self-BLEU over the model's outputs, the
+average number of word edits per verse between source and output, NFE and seconds per verse. Goal (issue 22):
+BLEU above copying the source. Models share benchmarks/edit_typos.py's shape (4 layers, 256 wide, byte-level
+BPE 2,048, rows of 128 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from edit_typos import BASE, MODELS, merge  # noqa: E402 (benchmarks/ is the script's folder)
+
+from difflm.diffusion.edits import levenshtein
+from difflm.evaluation.text_metrics import bleu, rouge_l, self_bleu
+from difflm.pipeline import DiffusionLM
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kjv2web"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--test", type=int, default=1141)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/edit-kjv2web"))
+    ap.add_argument("--skip-train", action="store_true")
+    a = ap.parse_args()
+    import yaml
+
+    rows = [json.loads(x) for x in (a.data / "test.jsonl").read_text().splitlines()][: a.test]
+    src, ref = [r["source"] for r in rows], [r["target"] for r in rows]
+    out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads", "minutes": a.minutes, "rows": []}
+
+    def score(name: str, hyp: list[str], seconds: float, nfe: float) -> dict:
+        edits = sum(levenshtein(s.split(), h.split()) for s, h in zip(src, hyp)) / len(hyp)
+        return {"model": name, "bleu": bleu(hyp, ref), "rouge_l": rouge_l(hyp, ref), "self_bleu": self_bleu(hyp),
+                "edits_per_verse": edits, "nfe": nfe, "seconds_per_verse": seconds / len(hyp)}
+
+    out["rows"].append(score("copy the source", src, 0.0, 0.0))
+    lms = {}
+    for name in ("ar", "masked", "edit"):
+        run = a.out / name
+        if not a.skip_train:
+            cfg = merge(merge(BASE, MODELS[name]), {"name": f"kjv2web-{name}", "data": {"path": str(a.data)},
+                                                    "train": {"max_minutes": a.minutes}})
+            (a.out / f"{name}.yaml").parent.mkdir(parents=True, exist_ok=True)
+            (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+            subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(a.out / f"{name}.yaml"), "--out",
+                            str(run), "--overwrite", "--no-progress"], check=True)
+        lms[name] = DiffusionLM.from_pretrained(run)
+    for name, kw in (("ar", {}), ("masked", {}), ("edit", {}), ("edit from AR drafts", {"draft_from": lms["ar"]})):
+        t0 = time.perf_counter()
+        res = lms[name.split(" ")[0]].generate_targets(src, batch_size=32, **kw)
+        row = score(name, [o.prediction.strip() for o in res], time.perf_counter() - t0,
+                    sum(o.nfe for o in res) / len(res))
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    (a.out / "results.json").write_text(json.dumps(out, indent=2))
+    print(f"\n{out['date']}, {out['machine']}, {a.minutes} min of training each, {len(rows)} test verses\n")
+    print("| model | BLEU | ROUGE-L | self-BLEU | word edits / verse | NFE | s / verse |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in out["rows"]:
+        print(f"| {r['model']} | {r['bleu']:.1f} | {r['rouge_l']:.3f} | {r['self_bleu']:.1f} | "
+              f"{r['edits_per_verse']:.1f} | {r['nfe']:.0f} | {r['seconds_per_verse']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
