@@ -112,7 +112,10 @@ def main() -> None:
             # block diffusion's training pass reads [x_t, x0]: twice the tokens per step
             step_s = a.adapted_step_s * (2 if k.endswith("bd3lm") else 1)
             steps = int(a.minutes * 60 / step_s) if k.startswith("smollm2") else None
-            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, OVERRIDES.get(k, []))
+            extra = list(OVERRIDES.get(k, []))
+            if steps:  # attention opens over the first quarter of the budget (the preset's 200 steps need ~9 min)
+                extra.append(f"model.anneal_steps={max(10, min(200, steps // 4))}")
+            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, extra)
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
 
     from difflm.evaluation.external import load_scorer
