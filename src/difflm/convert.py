@@ -197,7 +197,7 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
     """Write a difflm model folder at ``out`` from a reference checkpoint; returns ``out``."""
     from .components import build_components, write_model_folder
     from .config import RunConfig
-    from .models.weights import rename
+    from .models.weights import grow_rows, rename
 
     if kind not in FORMATS:
         raise DiffLMError(f"--from must be one of {', '.join(FORMATS)}")
@@ -217,13 +217,12 @@ def convert(kind: str, src: str | Path, out: str | Path, *, tokenizer: str | Non
     unknown = [k for k in state if not any(re.fullmatch(p, k) for p, _ in DIT_KEYS + [(i, "") for i in IGNORED])]
     if unknown:
         raise DiffLMError(f"{src} has tensors a {kind} DiT does not ({', '.join(unknown[:3])}): another architecture?")
-    V, n = tok.vocab_size, arch["vocab"]
+    V = tok.vocab_size
     with torch.no_grad():
-        emb = ours["embed.weight"]
-        ours["embed.weight"] = torch.cat([emb, emb.mean(0, keepdim=True).expand(V - n, -1)])
-        ours["head.weight"] = torch.cat([ours["head.weight"], ours["head.weight"].new_zeros(V - n, arch["d_model"])])
+        ours["embed.weight"] = grow_rows(ours["embed.weight"], V)
+        ours["head.weight"] = grow_rows(ours["head.weight"], V, 0.0)
         # the added ids ([PAD], [BOS]; DUO's [MASK]) are never data: an output the model never learned gets no mass
-        ours["head.bias"] = torch.cat([ours["head.bias"], ours["head.bias"].new_full((V - n,), -1e4)])
+        ours["head.bias"] = grow_rows(ours["head.bias"], V, -1e4)
     try:
         model.load_state_dict({k: v.float() for k, v in ours.items()})
     except RuntimeError as e:

@@ -188,7 +188,7 @@ def load_bert(model: Bert, spec: str) -> None:
     """Copy a BERT checkpoint into ``model``. Rows for tokens difflm added to the tokenizer ([BOS], ...) start
     at the mean embedding; the output is tied to the word embeddings (see the module docstring)."""
     from ..io import read_safetensors
-    from .weights import rename
+    from .weights import grow_rows, rename
 
     _, path = _read_config(spec)
     raw, _ = read_safetensors(path / "model.safetensors")
@@ -202,10 +202,10 @@ def load_bert(model: Bert, spec: str) -> None:
         raise DiffLMError(f"the tokenizer has {V} tokens but {spec}'s embedding has {w.shape[0]}: use the "
                           "checkpoint's own tokenizer (tokenizer: {type: hf, path: ...})")
     if w.shape[0] < V:
-        state["embed.weight"] = torch.cat([w, w.mean(0, keepdim=True).expand(V - w.shape[0], -1)])
+        state["embed.weight"] = grow_rows(w, V)
     if "head_bias" in state and state["head_bias"].shape[0] < V:
         b = state["head_bias"]
-        state["head_bias"] = torch.cat([b, b.new_zeros(V - b.shape[0])])
+        state["head_bias"] = grow_rows(b, V, 0.0)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k.startswith("time_mlp.") or k == "head_bias")]
     if missing or unexpected:

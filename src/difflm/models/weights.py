@@ -25,6 +25,17 @@ HF_LLAMA = [
 LLAMA_TYPES = ("llama",)
 
 
+def grow_rows(w: torch.Tensor, rows: int, value: float | None = None) -> torch.Tensor:
+    """``w`` (n, ...) with rows appended up to ``rows``: each the mean row (``value`` None: an embedding for a token
+    the checkpoint lacks) or filled with ``value``."""
+    extra = rows - w.shape[0]
+    if extra <= 0:
+        return w
+    new = w.mean(0, keepdim=True).expand(extra, *w.shape[1:]) if value is None \
+        else w.new_full((extra, *w.shape[1:]), value)
+    return torch.cat([w, new])
+
+
 def rename(state: dict[str, torch.Tensor], table: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """A foreign state dict in difflm's names; tensors the table does not name (rotary caches) are dropped."""
     out = {}
@@ -72,7 +83,7 @@ def load_pretrained(model: nn.Module, spec: str) -> None:
             raise DiffLMError(f"the tokenizer has {V} tokens but {spec}'s embedding has {w.shape[0]}: use the "
                               "checkpoint's own tokenizer (tokenizer: {type: hf, path: ...})")
         if w.shape[0] < V:
-            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(V - w.shape[0], -1)])
+            state[key] = grow_rows(w, V)
     if model.head is None:
         state.pop("head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
