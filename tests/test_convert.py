@@ -1,8 +1,8 @@
 """``difflm convert`` against the reference fixtures of ../shared/oracles/, copied to tests/fixtures/oracles (tiny
 randomly initialised MDLM, SEDD and BD3-LM networks in their own key names, with the outputs the reference code
-computed): each is laid out as its published checkpoint folder, converted by the CLI, loaded with ``DiffusionLM.from_pretrained`` and run
-through difflm's process math. Tolerance 1e-5 (the fixtures' README); SUBS's −1e6 sentinels are compared as
-"no mass" (difflm writes −inf)."""
+computed): each is laid out as its published checkpoint folder, converted by the CLI, loaded with
+``DiffusionLM.from_pretrained`` and run through difflm's process math. Tolerance 1e-5 (the fixtures' README);
+SUBS's −1e6 sentinels are compared as "no mass" (difflm writes −inf)."""
 
 from __future__ import annotations
 
