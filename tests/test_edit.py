@@ -172,7 +172,9 @@ def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
             total += float(ins_l[0, : len(x) + 1].log_softmax(-1).gather(-1, torch.tensor(ins)[:, None]).sum())
             y, slot = p.apply_tags(x, ops, ins, 32)
             new = lm.encode_text(rev["text"]) if rev["text"] else []
-            g = p.gen_logits(m, p.pack([y], 32), t).log_softmax(-1)
+            sl = torch.zeros(1, 32, dtype=torch.bool)
+            sl[0, : len(slot)] = torch.tensor(slot)
+            g = p.gen_logits(m, p.pack([y], 32), t, sl).log_softmax(-1)
             total += sum(float(g[0, i, new[i]]) for i, s in enumerate(slot) if s)
             x = new
     assert total == pytest.approx(wide["score"], abs=1e-3)
@@ -202,47 +204,86 @@ def test_revise_cli_json_and_bad_input(tmp_path):
 
 
 
-def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
-    """Seq2seq DiffusER (noisy → clean pairs, x_0 target) on four short sentences with one keyboard typo each:
-    greedy revision of fresh typos gets most sentences exactly right and leaves correct ones alone."""
+def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int = 24, seed: int = 0, T: int = 3):
+    """A tiny seq2seq DiffusER (T steps, x_0 target, time-free) trained on pairs from ``make_pair(rng)`` ->
+    (source, target); returns (fix: list of sources -> T greedy revisions, rng)."""
     from difflm.data.datasets import make_batch, pair_row
-    from difflm.data.typos import char_typo
     from difflm.sampling import get_sampler
     from difflm.sampling.conditioning import Conditioning
 
-    torch.manual_seed(0)
-    tok = train_char(["abcdefgh "])
+    torch.manual_seed(seed)
+    tok = train_char([chars])
     run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 48},
-                               "process": {"type": "edit", "steps": 3, "target": "clean", "time_conditioning": False},
-                               "data": {"corpus": "pairs", "seq_len": 24}})
+                               "process": {"type": "edit", "steps": T, "target": "clean", "time_conditioning": False},
+                               "data": {"corpus": "pairs", "seq_len": seq_len}})
     model, p = build_components(run, tok)
-    clean = ["bad cafe", "head bed", "fade ace", "a beef"]
-    rng = random.Random(0)
-
-    def noisy(s):
-        w = s.split(" ")
-        k = rng.randrange(len(w))
-        w[k] = char_typo(w[k], rng) if rng.random() < 0.8 else w[k]
-        return " ".join(w)
-
+    rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(600):
-        rows = [pair_row(tok.encode(noisy(c)), tok.encode(c), 24, tok.bos_id, tok.eos_id, 12)[0]
-                for c in clean * 8]
+    for step in range(steps):
+        rows = [pair_row(tok.encode(src), tok.encode(tgt), seq_len, tok.bos_id, tok.eos_id, seq_len // 2)[0]
+                for src, tgt in (make_pair(rng) for _ in range(32))]
         b = make_batch(torch.tensor(rows), tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
         b.rows, b.step = torch.arange(32), step
         loss = p.loss(model, b).sum() / b.n_tokens
         opt.zero_grad()
         loss.backward()
         opt.step()
-    tests = [noisy(c) for c in clean * 3]
-    cond = Conditioning.prefix([tok.encode(s) for s in tests], 24)
-    out = get_sampler("diffuser", p, greedy=True)(model.eval(), p, cond, steps=3, seed=0).tokens
-    fixed = [tok.decode(s) for s in p.sequences(out)]
+    model.eval()
+
+    def fix(sources: list[str]) -> list[str]:
+        cond = Conditioning.prefix([tok.encode(s) for s in sources], seq_len)
+        out = get_sampler("diffuser", p, greedy=True)(model, p, cond, steps=T, seed=0).tokens
+        return [tok.decode(s) for s in p.sequences(out)]
+
+    return fix, rng
+
+
+def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
+    """Seq2seq DiffusER (noisy → clean pairs, x_0 target) on four short sentences with one keyboard typo each:
+    greedy revision of fresh typos gets most sentences exactly right and leaves correct ones alone."""
+    from difflm.data.typos import char_typo
+
+    clean = ["bad cafe", "head bed", "fade ace", "a beef"]
+
+    def noisy(s, rng):
+        w = s.split(" ")
+        k = rng.randrange(len(w))
+        w[k] = char_typo(w[k], rng) if rng.random() < 0.8 else w[k]
+        return " ".join(w)
+
+    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 600)
+    tests = [noisy(c, rng) for c in clean * 3]
+    fixed = fix(tests)
     right = sum(f == c for f, c in zip(fixed, clean * 3))
     already = [i for i, (t, c) in enumerate(zip(tests, clean * 3)) if t == c]
     assert right >= 7 and right > 2 * len(already), list(zip(tests, fixed))
     assert all(fixed[i] == tests[i] for i in already)  # correct input left alone
+
+
+def random_word(rng: random.Random, letters: str, lo: int, hi: int) -> str:
+    return "".join(rng.choice(letters) for _ in range(rng.randint(lo, hi)))
+
+
+def test_a_tiny_model_learns_to_copy():
+    """Source = target (random strings it has mostly never seen): the tagger learns to keep everything, so
+    revision returns fresh inputs unchanged — the edit family's "do no harm"."""
+    fix, rng = train_pairs(lambda r: (lambda w: (w, w))(random_word(r, "abcdefgh", 3, 10)), 150)
+    tests = [random_word(rng, "abcdefgh", 3, 10) for _ in range(24)]
+    out = fix(tests)
+    assert sum(o == t for o, t in zip(out, tests)) >= 22, list(zip(tests, out))
+
+
+def test_a_tiny_model_learns_to_reverse():
+    """Target = the source reversed (three letters of five): the ends swap, by REPLACEs whose token comes from the
+    mirrored position (or a delete and an insert), which tagger and generator must read by attention; greedy
+    revision reverses fresh strings (copying gets only the palindromes, 1 in 5). One step (T = 1): a state
+    half-way along the edit path no longer says what the source was, so reversal is defined from the source."""
+    fix, rng = train_pairs(lambda r: (lambda w: (w, w[::-1]))(random_word(r, "abcde", 3, 3)), 700, chars="abcde ",
+                           T=1)
+    tests = [random_word(rng, "abcde", 3, 3) for _ in range(32)]
+    out = fix(tests)
+    right = sum(o == t[::-1] for o, t in zip(out, tests))
+    assert right >= 28 and right - sum(t == t[::-1] for t in tests) >= 20, list(zip(tests, out))
 
 
 def test_the_ar_bootstrap_revises_the_ar_models_translations(tmp_path):

@@ -58,6 +58,9 @@ class EditOptions:
                                                   "needs no time)")
     bootstrap: Literal["empty", "random", "draft"] = option("empty", "where revision starts by default: the "
                                                              "empty sequence, random tokens, or a given draft")
+    replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
+                                                     "token it replaces (a misspelling stays readable; that token is "
+                                                     "then banned there) or [MASK] (it is gone)")
 
 
 def poisson(lam: float, u: float) -> int:
@@ -95,6 +98,15 @@ class EditDiffusion(Process):
 
     def backbone_needs(self) -> BackboneNeeds:
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
+
+    def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
+        """The bootstraps whose x_T the training states cover: a seq2seq model only ever saw states on the path
+        from a source, so it needs a draft; forward corruption trains revision from anything."""
+        return ("draft",) if seq2seq else ("empty", "random", "draft")
+
+    def default_start(self) -> str:
+        """The bootstrap of a sampler left at ``default`` when no draft is given."""
+        return self.options.bootstrap
 
     def _t(self, t: Tensor | float | None, B: int, device) -> Tensor | None:
         """The network's time input (B,) for step t/T, or None for a time-free network."""
@@ -212,11 +224,16 @@ class EditDiffusion(Process):
         aux = model(xt, self._t(t, xt.shape[0], xt.device), head="aux").float()
         return aux[..., :N_OPS], aux[..., N_OPS:]
 
-    def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None) -> Tensor:
-        """Token logits (B, L, V) at the placeholder-laid sequence, never-data ids at −inf."""
+    def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None,
+                   slots: Tensor | None = None) -> Tensor:
+        """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf; with ``slots`` (B, L)
+        a REPLACE slot that shows its old token (``replace_input: token``) bans that token (no edit)."""
         logits = model(y, self._t(t, y.shape[0], y.device)).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
+        if slots is not None:
+            b, i = (slots & (y != self.mask_id)).nonzero(as_tuple=True)
+            logits[b, i, y[b, i]] = -math.inf
         return logits
 
     def training_pair(self, x_prev: list[int], x_t: list[int], L: int) -> tuple[list[int], list[int], list[int],
@@ -232,8 +249,7 @@ class EditDiffusion(Process):
             new.extend(taken[: ins[i]])
             if i < len(x_t) and s.ops[i] == REPLACE:
                 new.append(next(it))
-        y, slot = with_placeholders(x_t, s.ops, ins, self.mask_id)
-        y, slot = y[: L - 1], slot[: L - 1]
+        y, slot = self.apply_tags(x_t, s.ops, ins, L)
         fill = iter(new)
         gen_target = [next(fill) if is_slot else -1 for is_slot in slot]
         return x_t, s.ops, ins, y, gen_target
@@ -271,7 +287,7 @@ class EditDiffusion(Process):
         gen = torch.zeros(B, L, device=dev)
         sel = gen_t >= 0
         if sel.any():
-            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt)[sel], gen_t[sel], reduction="none")
+            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt, sel)[sel], gen_t[sel], reduction="none")
         terms = torch.zeros(B, L, device=dev)
         terms[:, 0] = tag.sum(1) + gen.sum(1)
         return terms
@@ -287,8 +303,15 @@ class EditDiffusion(Process):
         return math.ceil(k * self.T / steps) / self.T
 
     def apply_tags(self, x_t: list[int], ops: list[int], ins: list[int], L: int) -> tuple[list[int], list[bool]]:
-        """The generator's input for tagged edits, cut to the row."""
+        """The generator's input for tagged edits and which of its positions are slots, cut to the row: deleted
+        tokens gone, inserted slots [MASK], replaced slots [MASK] or their old token (``replace_input``)."""
         y, slot = with_placeholders(x_t, ops, ins, self.mask_id)
+        if self.options.replace_input == "token":  # a replaced token stays where with_placeholders put [MASK]
+            y = []
+            for i in range(len(x_t) + 1):
+                y.extend([self.mask_id] * ins[i])
+                if i < len(x_t) and ops[i] != DELETE:
+                    y.append(x_t[i])
         return y[: L - 1], slot[: L - 1]
 
 

@@ -118,7 +118,7 @@ class DiffuserSampler(Sampler):
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
                 y = process.pack(ys, L, dev)
-                logits = process.gen_logits(model, y, t)
+                logits = process.gen_logits(model, y, t, self._slots(slots, L, dev))
                 toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44), temperature, top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
@@ -150,7 +150,8 @@ class DiffuserSampler(Sampler):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
                         cands.append((score, seq, o, c, lp, hist))
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
-                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev), t).log_softmax(-1)
+                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev), t,
+                                            self._slots([sl for _, sl in ys], L, dev)).log_softmax(-1)
                 nfe[i] += 1
                 scored = []
                 for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):
@@ -174,6 +175,14 @@ class DiffuserSampler(Sampler):
             if on_step is not None:
                 on_step(StepInfo(1, steps, 1 / steps, 0.0, process.pack(out, L, dev), nfe.clone()))
         return SampleOutput(process.pack(out, L, dev), nfe)
+
+    @staticmethod
+    def _slots(slots: list[list[bool]], L: int, dev) -> Tensor:
+        """Per-row slot flags as a (B, L) mask."""
+        out = torch.zeros(len(slots), L, dtype=torch.bool)
+        for r, sl in enumerate(slots):
+            out[r, : len(sl)] = torch.tensor(sl, dtype=torch.bool)
+        return out.to(dev)
 
     @staticmethod
     def _top_tags(op_lp: Tensor, ins_lp: Tensor, n: int, b: int) -> list[tuple[float, list[int], list[int]]]:
