@@ -521,13 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
 
-    v = sub.add_parser("revise", help="edit a text with an edit-family model (DiffusER): --json gives every "
-                                      "revision's operations")
+    v = sub.add_parser("revise", help="edit a text with an edit-family model (DiffusER, or Edit Flows trained on "
+                                      "pairs): --json gives every revision's operations")
     v.add_argument("run_dir")
     v.add_argument("--text", required=True)
     v.add_argument("--steps", type=count(1), default=None, help="revisions (default: the model's sample.steps)")
-    v.add_argument("--beam", default=None, metavar="B,R", help="2D beam search: B tag hypotheses per revision, R "
-                                                                 "trajectories (1,1 = greedy)")
+    v.add_argument("--beam", default=None, metavar="B,R", help="DiffusER's 2D beam search: B tag hypotheses per "
+                                                                 "revision, R trajectories (1,1 = greedy)")
     v.add_argument("--greedy", action="store_true", help="most probable tags and tokens instead of sampling")
     v.add_argument("--seed", type=count(0), default=0)
     v.add_argument("--fp32", action="store_true")

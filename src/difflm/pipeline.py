@@ -104,6 +104,7 @@ class DiffusionLM:
         if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
         smp = get_sampler(sampler or preferred, self.process, **(sampler_options or {}))
+        self._check_start(smp, cond)
         steps = self.run.sample.steps if steps is None else steps
         if steps < 1:
             raise DiffLMError(f"--steps must be at least 1, got {steps}")
@@ -128,6 +129,31 @@ class DiffusionLM:
             toks.append(out.tokens.cpu())
             nfes.append(out.nfe.cpu())
         return torch.cat(toks), torch.cat(nfes)
+
+    def _check_start(self, smp, cond: Conditioning) -> None:
+        """A one-line error when an edit-family sampler would start where the model was never trained to: a
+        seq2seq model from anything but a draft, an Edit Flows model from another x_0 than its training source."""
+        kind = getattr(smp.options, "bootstrap", None)
+        if kind is None or not hasattr(self.process, "trained_starts"):
+            return
+        seq2seq = self.run.data.mode == "pairs"
+        layout = torch.tensor([i for i in (self.tokenizer.bos_id, self.tokenizer.pad_id, self.tokenizer.eos_id)
+                               if i is not None])
+        has_draft = bool((cond.fixed & ~torch.isin(cond.tokens, layout.to(cond.tokens.device))).any())
+        if kind == "default":
+            kind = "draft" if has_draft else self.process.default_start()
+        trained = self.process.trained_starts(seq2seq)
+        if kind in trained:
+            return
+        if seq2seq:
+            raise DiffLMError(f"this {self.process.family} model was trained on source/target pairs, so it starts "
+                              f"from a draft, not from {kind}: give it texts (difflm revise --text, or difflm "
+                              "generate with sources)")
+        if kind == "draft":
+            raise DiffLMError(f"this {self.process.family} model was trained to write from {trained[0]} sequences, "
+                              "not to revise a draft: train it on pairs (data.corpus: pairs) to revise texts")
+        raise DiffLMError(f"this {self.process.family} model was trained from {trained[0]} sequences "
+                          f"(process.source), not {kind}: sample it with bootstrap={trained[0]}")
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token rows (N, L) -> texts, cut as ``generate`` cuts them (at [EOS] in lines mode, at [PAD])."""
@@ -192,28 +218,38 @@ class DiffusionLM:
     def revise(self, text: str, *, steps: int | None = None, beam: tuple[int, int] | None = None, seed: int = 0,
                greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
                bf16: bool = True) -> dict:
-        """Edit ``text`` with an edit-family model (DiffusER): ``steps`` revisions from the text as draft, sampled,
-        greedy, or by 2D beam search (``beam`` = (b, r)). Returns {"text", "revisions": [{"step", "ops": [{"op",
-        "at", "token" | "count"}], "text"}], "nfe"} — every revision's operations at their positions."""
+        """Edit ``text`` with an edit-family model: ``steps`` revisions from the text as draft — DiffusER sampled,
+        greedy, or by 2D beam search (``beam`` = (b, r)); Edit Flows by τ-leaping from the text as x_0. Returns
+        {"text", "revisions": [{"step", "ops": [{"op", "at", "token" | "count"}], "text"}], "nfe"} — every
+        revision's operations at their positions in the sequence it edited."""
         from .sampling.edit import DiffuserSampler
+        from .sampling.editflow import TauLeaping
 
-        if self.process.family != "edit":
-            raise DiffLMError(f"revise needs an edit-family model (process.type edit); this one is "
-                              f"{self.process.family}")
+        family = self.process.family
+        if family not in ("edit", "editflow"):
+            raise DiffLMError(f"revise needs an edit-family model (process.type edit or editflow); this one is "
+                              f"{family}")
         if not text.strip():
             raise DiffLMError("nothing to revise: give a non-empty --text")
         ids = self.encode_text(text)
         self._check_length(len(ids) + 1, self.seq_len, "text")
         if beam is not None and (len(beam) != 2 or min(beam) < 1):
             raise DiffLMError(f"--beam takes b,r with both at least 1, got {','.join(map(str, beam))}")
-        opts = {"bootstrap": "draft", "greedy": greedy}
-        if beam is not None:
-            opts |= {"beam_b": beam[0], "beam_r": beam[1]}
-        smp = DiffuserSampler(**opts)
+        if family == "editflow" and (beam is not None or greedy):
+            raise DiffLMError("--beam and --greedy are DiffusER's; an Edit Flows model revises by τ-leaping "
+                              "(drop them, or use --seed)")
+        if family == "edit":
+            opts = {"bootstrap": "draft", "greedy": greedy}
+            if beam is not None:
+                opts |= {"beam_b": beam[0], "beam_r": beam[1]}
+            smp = DiffuserSampler(**opts)
+        else:
+            smp = TauLeaping(bootstrap="draft")
         steps = self.run.sample.steps if steps is None else steps
         if steps < 1:
             raise DiffLMError(f"--steps must be at least 1, got {steps}")
         cond = Conditioning.prefix([ids], self.seq_len, fill=self.tokenizer.pad_id)
+        self._check_start(smp, cond)
         with autocast(self.device, bf16):
             out = smp(self.model, self.process, Conditioning(cond.tokens.to(self.device), cond.fixed.to(self.device)),
                       steps=steps, seed=seed, temperature=self.run.sample.temperature if temperature is None
@@ -223,7 +259,8 @@ class DiffusionLM:
         for rev in smp.history[0]:
             ops = [{**o, **({"token": tok.decode([o["token"]])} if "token" in o else {})} for o in rev.ops]
             revisions.append({"step": rev.step, "ops": ops, "text": tok.decode(rev.text_ids)})
-        result = {"text": self._decode_row(out.tokens[0].cpu()), "revisions": revisions, "nfe": int(out.nfe[0])}
+        final = self.process.sequences(out.tokens[:1].cpu())[0]  # the sequence before its [EOS], in any data mode
+        result = {"text": tok.decode(final), "revisions": revisions, "nfe": int(out.nfe[0])}
         if beam is not None:
             result["score"] = smp.scores[0]
         return result

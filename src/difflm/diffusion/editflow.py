@@ -77,6 +77,13 @@ class EditFlow(Process):
     def backbone_needs(self) -> BackboneNeeds:
         return BackboneNeeds(time_conditioning=True, aux_outputs=3 + self.vocab_size)
 
+    def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
+        """The x_0 the training paths started from: the seq2seq source (a draft), else ``options.source``."""
+        return ("draft",) if seq2seq else (self.options.source,)
+
+    def default_start(self) -> str:
+        return self.options.source
+
     # shared layout helpers (rows: the sequence, [EOS], [PAD])
     sequences = EditDiffusion.sequences
     pack = EditDiffusion.pack

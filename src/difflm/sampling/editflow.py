@@ -2,7 +2,8 @@
 (τ = 0) to the data (τ = 1). In each, every gap inserts one token with probability 1 − e^{−hλ_ins} (drawn from
 Q_ins), every token is deleted or substituted with probability 1 − e^{−h(λ_del + λ_sub)} (which one in proportion
 to the rates; the new token from Q_sub), and all of a step's edits are made at once. Draws use the counter-based
-RNG keyed on (seed, row, step), so a row's sequence does not depend on the batch."""
+RNG keyed on (seed, row, step), so a row's sequence does not depend on the batch. ``history`` records every step's
+edits with their positions (``difflm revise --json``), in the format of DiffusER's sampler."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.editflow import TAU_MAX, EditFlow
+from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
+from .edit import Revision
 
 
 @dataclass
 class TauLeapingOptions:
-    bootstrap: Literal["default", "empty", "draft"] = option(
-        "default", "the start: default (a given draft if any, else the process's source), empty, draft")
+    bootstrap: Literal["default", "empty", "random", "draft"] = option(
+        "default", "the start x_0: default (a given draft if any, else process.source), empty, random tokens "
+        "(as process.source random draws them), draft")
 
 
 @register_sampler
@@ -31,6 +35,33 @@ class TauLeaping(Sampler):
     name = "tau-leaping"
     families = ("editflow",)
     Options = TauLeapingOptions
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.history: list[list[Revision]] = []
+
+    def start(self, process: EditFlow, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
+        """Each row's x_0 (flow time τ = 0)."""
+        given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
+        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
+                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
+        kind = self.options.bootstrap
+        if kind == "default":
+            kind = "draft" if any(drafts) else process.default_start()
+        if kind == "draft":
+            if not any(drafts):
+                raise DiffLMError("the draft bootstrap needs a text to revise")
+            return drafts
+        if kind == "empty":
+            return [[] for _ in drafts]
+        L = cond.shape[1]
+        u = uniform(seed, rows, 0, L // 2 + 1, stream=52)  # a length in [0, L // 2), then that many tokens
+        ids = torch.tensor(process.data_ids)
+        out = []
+        for r in u:
+            n = min(int(r[0] * (L // 2)), L // 2 - 1)
+            out.append(ids[(r[1 : n + 1] * len(ids)).long().clamp(max=len(ids) - 1)].tolist())
+        return out
 
     @torch.no_grad()
     def __call__(
@@ -40,12 +71,8 @@ class TauLeaping(Sampler):
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         dev = cond.tokens.device
-        given = (process.bos_id, process.pad_id, process.eos_id)
-        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
-                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
-        if self.options.bootstrap == "empty":
-            drafts = [[] for _ in drafts]
-        seqs = [d[: L - 1] for d in drafts]
+        seqs = [d[: L - 1] for d in self.start(process, cond, rows, seed)]
+        self.history = [[] for _ in range(B)]
         nfe = torch.zeros(B, dtype=torch.long, device=dev)
         h = 1.0 / steps
         for k in range(steps):
@@ -61,17 +88,23 @@ class TauLeaping(Sampler):
             p_move = 1 - torch.exp(-h * moved)
             p_del = lam[..., 1].double() / moved.clamp(min=1e-300)
             for r, s in enumerate(seqs):
-                out, n = [], len(s)
+                out, n, rev = [], len(s), Revision(steps - k)
                 for i in range(n + 1):
                     if u[r, i] < p_ins[r, i] and len(out) < L - 1:
                         out.append(int(ins_tok[r, i]))
+                        rev.ops.append({"op": "INSERT", "at": i, "count": 1})
                     if i < n:
                         if u[r, L + i] < p_move[r, i]:  # an edit at token i: deleted or substituted
-                            if u[r, L + i] / p_move[r, i] >= p_del[r, i]:
+                            sub = u[r, L + i] / p_move[r, i] >= p_del[r, i]
+                            rev.ops.append({"op": "REPLACE" if sub else "DELETE", "at": i, "token": s[i]})
+                            if sub:
                                 out.append(int(sub_tok[r, i]))
                         else:
                             out.append(s[i])
                 seqs[r] = out[: L - 1]
+                if rev.ops:
+                    rev.text_ids = seqs[r]
+                    self.history[r].append(rev)
             if on_step is not None:
                 on_step(StepInfo(steps - k, steps, 1 - tau, 1 - min(tau + h, 1.0), process.pack(seqs, L, dev),
                                  nfe.clone()))
