@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +24,7 @@ from .evaluation.likelihood import EvalResult, evaluate
 from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
-from .sampling.base import OnStep
+from .sampling.base import OnStep, Sampler
 from .sampling.guidance import ClassifierFreeGuidance
 
 GAP = re.compile(r"\[MASK\]|_{3,}")
@@ -43,6 +45,38 @@ class Transduction:
     prediction: str
     candidates: list[str]
     nfe: float  # network calls per candidate, mean
+
+
+@dataclass
+class Job:
+    """One request's rows, ready for a sampler (``DiffusionLM.prepare_*``): ``cond`` (N, L) and the sampling
+    settings; ``finish(tokens (N, L), nfe (N,))`` turns the sampled rows into the request's answer. Jobs with the
+    same ``DiffusionLM.batch_key`` run as one batch (``run_jobs``) with the same results as each alone."""
+
+    cond: Conditioning
+    finish: Callable[[torch.Tensor, torch.Tensor], Any]
+    sampler: str | None = None
+    sampler_options: dict | None = None
+    steps: int | None = None
+    seed: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    guidance: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.cond.shape[0]
+
+
+@dataclass
+class Plan:
+    """A job's sampler and settings, resolved against the model's defaults and checked."""
+
+    sampler: Sampler
+    steps: int
+    temperature: float
+    top_p: float
+    guidance: float
 
 
 class DiffusionLM:
@@ -98,34 +132,73 @@ class DiffusionLM:
                 f"(data.seq_len={self.seq_len}); shorten it"
             )
 
-    def _sample(self, cond: Conditioning, *, steps, sampler, seed, temperature, top_p, batch_size, on_step,
-                bf16, sampler_options=None, guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, job: Job) -> Plan:
+        """The job's sampler (the preset's when it fits the family) and settings, checked: one-line errors for
+        an unknown sampler or option, steps < 1, temperature ≤ 0, top-p outside (0, 1], a start the model was
+        not trained for."""
         preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
-        if sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
+        if job.sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
-        smp = get_sampler(sampler or preferred, self.process, **(sampler_options or {}))
-        self._check_start(smp, cond)
-        steps = self.run.sample.steps if steps is None else steps
+        smp = get_sampler(job.sampler or preferred, self.process, **(job.sampler_options or {}))
+        self._check_start(smp, job.cond)
+        steps = self.run.sample.steps if job.steps is None else job.steps
         if steps < 1:
             raise DiffLMError(f"--steps must be at least 1, got {steps}")
-        if batch_size < 1:
-            raise DiffLMError(f"--batch-size must be at least 1, got {batch_size}")
-        temperature = self.run.sample.temperature if temperature is None else temperature
-        top_p = self.run.sample.top_p if top_p is None else top_p
+        temperature = self.run.sample.temperature if job.temperature is None else job.temperature
+        top_p = self.run.sample.top_p if job.top_p is None else job.top_p
         if temperature <= 0 or not 0 < top_p <= 1:
             raise DiffLMError("--temperature must be > 0 and --top-p in (0, 1]")
+        if job.guidance and self.run.train.cond_dropout <= 0:
+            raise DiffLMError("--guidance needs a model trained with the source dropped: train.cond_dropout > 0")
+        return Plan(smp, steps, temperature, top_p, job.guidance)
+
+    def batch_key(self, job: Job) -> tuple:
+        """Jobs with equal keys can share a batch: same sampler and options, steps, temperature, top-p,
+        guidance and row length."""
+        p = self.plan(job)
+        opts = tuple(sorted(vars(p.sampler.options).items()))
+        return (p.sampler.name, opts, p.steps, p.temperature, p.top_p, p.guidance, job.cond.shape[1])
+
+    def run_jobs(self, jobs: list[Job], *, bf16: bool = True, on_step: OnStep | None = None) -> list[Any]:
+        """Sample jobs that share a ``batch_key`` as one batch — each row keyed on its own job's seed and its
+        index within the job, so every job gets what it would get alone — and return each job's answer."""
+        plan = self.plan(jobs[0])
+        tokens = torch.cat([j.cond.tokens for j in jobs])
+        fixed = torch.cat([j.cond.fixed for j in jobs])
+        seeds = torch.cat([torch.full((j.rows,), j.seed, dtype=torch.long) for j in jobs])
+        rows = torch.cat([torch.arange(j.rows) for j in jobs])
+        toks, nfe = self._run(plan, Conditioning(tokens, fixed), seeds, rows, batch_size=len(rows), bf16=bf16,
+                              on_step=on_step)
+        out, a = [], 0
+        for j in jobs:
+            out.append(j.finish(toks[a : a + j.rows], nfe[a : a + j.rows]))
+            a += j.rows
+        return out
+
+    def _sample_job(self, job: Job, *, batch_size: int, bf16: bool, on_step: OnStep | None) -> Any:
+        """One job in chunks of ``batch_size`` rows (same results at any size)."""
+        if batch_size < 1:
+            raise DiffLMError(f"--batch-size must be at least 1, got {batch_size}")
+        plan = self.plan(job)
+        toks, nfe = self._run(plan, job.cond, job.seed, torch.arange(job.rows), batch_size=batch_size, bf16=bf16,
+                              on_step=on_step)
+        return job.finish(toks, nfe)
+
+    def _run(self, plan: Plan, cond: Conditioning, seed: int | torch.Tensor, rows: torch.Tensor, *,
+             batch_size: int, bf16: bool, on_step: OnStep | None) -> tuple[torch.Tensor, torch.Tensor]:
         toks, nfes = [], []
         N = cond.shape[0]
         for a in range(0, N, batch_size):
             idx = torch.arange(a, min(N, a + batch_size))
+            s = seed[idx].to(self.device) if isinstance(seed, torch.Tensor) else seed
             with autocast(self.device, bf16):
                 part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
                 model = self.model
-                if guidance:
+                if plan.guidance:
                     source = condition_positions(part.tokens, part.fixed, self.tokenizer.bos_id)
-                    model = ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, guidance)
-                out = smp(model, self.process, part, steps=steps, seed=seed, rows=idx.to(self.device),
-                          temperature=temperature, top_p=top_p, on_step=on_step)
+                    model = ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, plan.guidance)
+                out = plan.sampler(model, self.process, part, steps=plan.steps, seed=s, rows=rows[idx].to(self.device),
+                                   temperature=plan.temperature, top_p=plan.top_p, on_step=on_step)
             toks.append(out.tokens.cpu())
             nfes.append(out.nfe.cpu())
         return torch.cat(toks), torch.cat(nfes)
@@ -184,6 +257,16 @@ class DiffusionLM:
     ) -> Generation:
         """Sample ``num`` sequences of ``length`` tokens (default: the training length), optionally
         continuing ``prompt``. Same seed -> same texts, whatever the batch size."""
+        job = self.prepare_generate(num, length, prompt=prompt, steps=steps, sampler=sampler, seed=seed,
+                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options)
+        return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+
+    def prepare_generate(
+        self, num: int = 4, length: int | None = None, *, prompt: str | None = None, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        sampler_options: dict | None = None,
+    ) -> Job:
+        """``generate``'s rows as a Job (its answer a ``Generation``), for ``run_jobs``."""
         if num < 1:
             raise DiffLMError(f"--num must be at least 1, got {num}")
         length = self.seq_len if length is None else length
@@ -206,14 +289,15 @@ class DiffusionLM:
             cond.tokens[pad] = self.tokenizer.pad_id
             cond.tokens[eos] = self.tokenizer.eos_id
             cond.fixed |= pad | eos
-        toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
-                                 sampler_options=sampler_options)
-        texts = [self._decode_row(r) for r in toks]
-        if ids:  # the prompt as the user wrote it (characters the tokenizer never saw would decode as [UNK])
-            head = self._decode_row(torch.tensor(ids))
-            texts = [prompt + t[len(head):] if t.startswith(head) else t for t in texts]
-        return Generation(texts, toks, nfe)
+
+        def finish(toks: torch.Tensor, nfe: torch.Tensor) -> Generation:
+            texts = [self._decode_row(r) for r in toks]
+            if ids:  # the prompt as the user wrote it (characters the tokenizer never saw would decode as [UNK])
+                head = self._decode_row(torch.tensor(ids))
+                texts = [prompt + t[len(head):] if t.startswith(head) else t for t in texts]
+            return Generation(texts, toks, nfe)
+
+        return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p)
 
     def revise(self, text: str, *, steps: int | None = None, beam: tuple[int, int] | None = None, seed: int = 0,
                greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
@@ -272,6 +356,16 @@ class DiffusionLM:
     ) -> list[str]:
         """Fill each ``[MASK]`` (one token) and ``___`` (``span_tokens`` tokens) in ``text``; everything
         else is returned byte-for-byte. Returns ``num`` filled versions."""
+        job = self.prepare_infill(text, span_tokens=span_tokens, steps=steps, sampler=sampler, seed=seed,
+                                  temperature=temperature, top_p=top_p, num=num, sampler_options=sampler_options)
+        return self._sample_job(job, batch_size=16, bf16=bf16, on_step=on_step)
+
+    def prepare_infill(
+        self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
+        seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,
+        sampler_options: dict | None = None,
+    ) -> Job:
+        """``infill``'s rows as a Job (its answer the list of filled texts), for ``run_jobs``."""
         parts = GAP.split(text)
         gaps = GAP.findall(text)
         if not gaps:
@@ -292,20 +386,23 @@ class DiffusionLM:
                 fixed += [False] * n
         self._check_length(len(ids), self.seq_len, "text with its gaps")
         row, frow = self._layout(ids, fixed, self.seq_len)
+        if num < 1:
+            raise DiffLMError(f"--num must be at least 1, got {num}")
         cond = Conditioning(torch.tensor([row] * num), torch.tensor([frow] * num))
-        toks, _ = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-                               top_p=top_p, batch_size=16, on_step=on_step, bf16=bf16,
-                               sampler_options=sampler_options)
-        outs = []
-        for r in toks:
-            pieces = []
-            for i, part in enumerate(parts):
-                pieces.append(part)  # the user's text, verbatim
-                if i < len(spans):
-                    a, b = spans[i]
-                    pieces.append(self.tokenizer.decode(r[a:b].tolist()))
-            outs.append("".join(pieces))
-        return outs
+
+        def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[str]:
+            outs = []
+            for r in toks:
+                pieces = []
+                for i, part in enumerate(parts):
+                    pieces.append(part)  # the user's text, verbatim
+                    if i < len(spans):
+                        a, b = spans[i]
+                        pieces.append(self.tokenizer.decode(r[a:b].tolist()))
+                outs.append("".join(pieces))
+            return outs
+
+        return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p)
 
     def generate_targets(
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
@@ -318,8 +415,6 @@ class DiffusionLM:
         BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
         guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
         another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources."""
-        from .evaluation.text_metrics import mbr_select
-
         self.require_seq2seq()
         if draft_from is not None:
             if not self.process.revises_source:
@@ -329,8 +424,20 @@ class DiffusionLM:
                                          seed=seed, temperature=temperature, top_p=top_p, batch_size=batch_size,
                                          bf16=bf16, on_step=on_step, sampler_options=sampler_options)
             return [Transduction(src, o.prediction, o.candidates, o.nfe) for src, o in zip(sources, outs)]
-        if guidance and self.run.train.cond_dropout <= 0:
-            raise DiffLMError("--guidance needs a model trained with the source dropped: train.cond_dropout > 0")
+        job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
+                                   temperature=temperature, top_p=top_p, sampler_options=sampler_options,
+                                   guidance=guidance)
+        return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+
+    def prepare_targets(
+        self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        sampler_options: dict | None = None, guidance: float = 0.0,
+    ) -> Job:
+        """``generate_targets``'s rows as a Job (its answer a list of ``Transduction``), for ``run_jobs``."""
+        from .evaluation.text_metrics import mbr_select
+
+        self.require_seq2seq()
         if candidates < 1:
             raise DiffLMError("--candidates must be at least 1")
         L, tok = self.seq_len, self.tokenizer
@@ -349,20 +456,21 @@ class DiffusionLM:
             print(f"difflm: note: {cut} source(s) longer than {L // 2} tokens were cut to their first {L // 2}, as "
                   f"training cut them (data.seq_len={L} holds source and target)", file=sys.stderr)
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
-        toks, nfe = self._sample(cond, steps=steps, sampler=sampler, seed=seed, temperature=temperature,
-                                 top_p=top_p, batch_size=batch_size, on_step=on_step, bf16=bf16,
-                                 sampler_options=sampler_options, guidance=guidance)
-        texts = []
-        for r, a in zip(toks.tolist(), starts):
-            tgt = r if self.process.revises_source else r[a:]  # an edit model returns the source revised
-            texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
-        out = []
-        for i, src in enumerate(sources):
-            cands = texts[i * candidates : (i + 1) * candidates]
-            pick = mbr_select(cands) if mbr and candidates > 1 else 0
-            mean_nfe = float(nfe[i * candidates : (i + 1) * candidates].float().mean())
-            out.append(Transduction(src, cands[pick], cands, mean_nfe))
-        return out
+
+        def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Transduction]:
+            texts = []
+            for r, a in zip(toks.tolist(), starts):
+                tgt = r if self.process.revises_source else r[a:]  # an edit model returns the source revised
+                texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+            out = []
+            for i, src in enumerate(sources):
+                cands = texts[i * candidates : (i + 1) * candidates]
+                pick = mbr_select(cands) if mbr and candidates > 1 else 0
+                mean_nfe = float(nfe[i * candidates : (i + 1) * candidates].float().mean())
+                out.append(Transduction(src, cands[pick], cands, mean_nfe))
+            return out
+
+        return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p, guidance)
 
     def evaluate(self, split: str = "valid", *, samples: int = 4, batch_size: int = 32, seed: int = 0,
                  max_batches: int | None = None, bf16: bool = True, progress: bool = False,
