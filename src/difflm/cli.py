@@ -240,6 +240,30 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .pipeline import DiffusionLM
+
+    try:
+        import uvicorn
+
+        from .serve.app import Limits, create_app
+    except ImportError:
+        raise DiffLMError("difflm serve needs FastAPI and uvicorn: pip install 'difflm[serve]'") from None
+    models: dict[str, DiffusionLM] = {}
+    for d in a.run_dirs:
+        name = Path(d).resolve().name
+        k = 2
+        while name in models:  # two runs called the same: number the later ones
+            name, k = f"{Path(d).resolve().name}-{k}", k + 1
+        models[name] = DiffusionLM.from_pretrained(d, device=a.device)
+    app = create_app(models, Limits(max_batch=a.max_batch, max_queue=a.max_queue, max_steps=a.max_steps,
+                                    timeout_s=a.timeout), bf16=not a.fp32)
+    print(f"difflm: serving {', '.join(models)} on http://{a.host}:{a.port}/ (playground at /, API at /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
 def cmd_convert(a) -> int:
     from .convert import WRAPPED, convert, wrap
 
@@ -533,6 +557,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fp32", action="store_true")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_revise)
+
+    sv = sub.add_parser("serve", help="serve run folders over HTTP (POST /v1/generate, /v1/infill, /v1/revise, "
+                                      "/v1/score; streamed steps) with the web playground at / (needs "
+                                      "pip install 'difflm[serve]')")
+    sv.add_argument("run_dirs", nargs="+", metavar="RUN")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=count(1), default=8000)
+    sv.add_argument("--max-batch", type=count(1), default=32, help="rows per batch of concurrent requests")
+    sv.add_argument("--max-queue", type=count(1), default=64, help="waiting requests before answering 429")
+    sv.add_argument("--max-steps", type=count(1), default=1024, help="the most steps a request may ask for")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is answered 504")
+    sv.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    sv.add_argument("--fp32", action="store_true")
+    sv.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("convert", help="turn a published MDLM, BD3-LM, DUO or SEDD checkpoint into a difflm model "
                                        "folder (no flash-attn; CPU or GPU), or wrap a LLaDA / Dream model")

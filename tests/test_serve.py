@@ -1,0 +1,216 @@
+"""``difflm serve``: every endpoint, every error, streaming event order, and step-synchronous batching that gives
+each request what it would get alone (same seed ⇒ same text, whatever shares the batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from difflm.components import build_components, write_model_folder  # noqa: E402
+from difflm.config import RunConfig  # noqa: E402
+from difflm.data.tokenizers import train_char  # noqa: E402
+from difflm.pipeline import DiffusionLM  # noqa: E402
+from difflm.serve.app import Limits, create_app  # noqa: E402
+from difflm.serve.engine import Pending  # noqa: E402
+
+
+def tiny(path, process: dict, data: dict, seed: int) -> DiffusionLM:
+    tok = train_char(["abcdefgh ijklmnop"])
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32}, "process": process,
+                               "data": {"seq_len": 16, **data}, "sample": {"steps": 8}})
+    torch.manual_seed(seed)
+    model, _ = build_components(run, tok)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    write_model_folder(path, model.eval(), tok, run, None)
+    return DiffusionLM.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    return {"mdlm": tiny(d / "mdlm", {"type": "masked"}, {"mode": "lines"}, 0),
+            "ar": tiny(d / "ar", {"type": "autoregressive"}, {"mode": "lines"}, 1),
+            "s2s": tiny(d / "s2s", {"type": "masked"}, {"corpus": "pairs"}, 2),
+            "edit": tiny(d / "edit", {"type": "edit", "steps": 3}, {"corpus": "pairs"}, 3)}
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    app = create_app(models, Limits(max_steps=64, max_body=4096), bf16=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for chunk in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_models_lists_families_context_and_sampler_options(client):
+    cards = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(cards) == {"mdlm", "ar", "s2s", "edit"}
+    assert cards["mdlm"]["family"] == "masked" and cards["mdlm"]["context"] == 16
+    assert cards["s2s"]["seq2seq"] and cards["edit"]["revises"] and not cards["mdlm"]["revises"]
+    names = {s["name"] for s in cards["mdlm"]["samplers"]}
+    assert {"ancestral", "confidence"} <= names, names
+    conf = next(s for s in cards["mdlm"]["samplers"] if s["name"] == "confidence")
+    assert conf["options"] and all({"name", "default", "type", "help"} <= set(o) for o in conf["options"])
+
+
+def test_generate_matches_the_library_and_streams_its_steps_in_order(client, models):
+    body = {"model": "mdlm", "num": 2, "steps": 6, "seed": 7}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    alone = models["mdlm"].generate(2, steps=6, seed=7, bf16=False)
+    assert r.json()["texts"] == alone.texts and r.json()["nfe"] == alone.nfe.tolist()
+    s = client.post("/v1/generate", json={**body, "stream": True})
+    assert s.headers["content-type"].startswith("text/event-stream")
+    events = sse(s.text)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"step"}
+    steps = [e["step"] for k, e in events if k == "step"]
+    assert steps == sorted(steps) and steps[-1] == 6
+    rows = events[0][1]["rows"]  # replaying the changes gives the final rows
+    for _, e in events[1:-1]:
+        for row, i, tok in e["changes"]:
+            rows[row][i] = tok
+    assert "[MASK]" not in "".join(rows[0])
+    assert events[-1][1]["texts"] == alone.texts and events[-1][1]["seconds"] > 0
+
+
+def test_infill_seq2seq_revise_and_score(client, models):
+    r = client.post("/v1/infill", json={"model": "mdlm", "text": "ab [MASK] cd ___", "seed": 3, "span_tokens": 2})
+    assert r.status_code == 200 and r.json()["texts"] == models["mdlm"].infill("ab [MASK] cd ___", seed=3,
+                                                                             span_tokens=2, bf16=False)
+    r = client.post("/v1/generate", json={"model": "s2s", "source": "abc def", "num": 2, "seed": 1})
+    lib = models["s2s"].generate_targets(["abc def"], candidates=2, mbr=False, seed=1, bf16=False)[0]
+    assert r.status_code == 200 and r.json()["texts"] == lib.candidates
+    r = client.post("/v1/revise", json={"model": "edit", "text": "abc def", "seed": 2})
+    assert r.status_code == 200 and r.json()["text"] == models["edit"].revise("abc def", seed=2, bf16=False)["text"]
+    assert all({"step", "ops", "text"} <= set(v) for v in r.json()["revisions"])
+    r = client.post("/v1/score", json={"model": "mdlm", "texts": ["abc", "fed cba"], "samples": 4})
+    lib = models["mdlm"].score(["abc", "fed cba"], n_samples=4)
+    assert r.status_code == 200 and [x["nats"] for x in r.json()["scores"]] == pytest.approx([x["nats"] for x in lib])
+    s = client.post("/v1/generate", json={"model": "edit", "source": "abc def", "seed": 2, "stream": True})
+    ev = sse(s.text)
+    assert ev[-1][0] == "done" and all("rows" in e for k, e in ev if k == "step")  # edit rows change length
+
+
+@pytest.mark.parametrize("path,body,status,field", [
+    ("/v1/generate", {"model": "mdlm", "length": 17}, 400, "length"),
+    ("/v1/generate", {"model": "mdlm", "steps": 65}, 400, "steps"),
+    ("/v1/generate", {"model": "mdlm", "steps": 0}, 422, "steps"),
+    ("/v1/generate", {"model": "mdlm", "sampler": "nope"}, 400, "sampler"),
+    ("/v1/generate", {"model": "mdlm", "sampler": "confidence", "options": {"nope": 1}}, 400, "options"),
+    ("/v1/generate", {"model": "mdlm", "temperature": 0}, 422, "temperature"),
+    ("/v1/generate", {"model": "mdlm", "colour": "red"}, 422, "colour"),
+    ("/v1/generate", {"model": "gpt5"}, 404, "model"),
+    ("/v1/generate", {"model": "s2s"}, 400, "source"),
+    ("/v1/generate", {"model": "mdlm", "source": "abc"}, 400, "source"),
+    ("/v1/generate", {"model": "mdlm", "num": 65}, 400, "num"),
+    ("/v1/generate", {"model": "mdlm", "prompt": "a" * 40}, 400, "prompt"),
+    ("/v1/infill", {"model": "mdlm", "text": "no gaps"}, 400, "text"),
+    ("/v1/revise", {"model": "mdlm", "text": "abc"}, 400, "model"),
+    ("/v1/revise", {"model": "edit", "text": "abc", "beam": [0, 1]}, 400, "beam"),
+    ("/v1/revise", {"model": "edit", "text": "  "}, 400, "text"),
+    ("/v1/score", {"model": "mdlm", "texts": []}, 422, "texts"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(client, path, body, status, field):
+    r = client.post(path, json=body)
+    assert r.status_code == status and r.json()["field"] == field, (r.status_code, r.text)
+    assert r.json()["error"]
+
+
+def test_malformed_and_oversize_bodies_and_the_server_survives(client):
+    r = client.post("/v1/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    r = client.post("/v1/generate", content=b'{"prompt": "' + b"a" * 5000 + b'"}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    assert client.post("/v1/generate", json={"model": "ar", "seed": 1}).status_code == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(models):
+    app = create_app(models, Limits(max_queue=1), bf16=False)
+    with TestClient(app) as c:
+        eng = app.state.engine
+        loop = asyncio.new_event_loop()
+        with eng.cv:  # a waiting request the worker has not been woken for
+            eng.queue.append(Pending("mdlm", loop, loop.create_future(), work=lambda: None))
+        r = c.post("/v1/generate", json={"model": "mdlm"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        with eng.cv:
+            eng.queue.clear()
+        assert c.post("/v1/generate", json={"model": "mdlm"}).status_code == 200
+        loop.close()
+
+
+def test_a_request_past_its_timeout_is_504(models):
+    app = create_app(models, Limits(timeout_s=1e-4), bf16=False)
+    with TestClient(app) as c:
+        r = c.post("/v1/generate", json={"model": "mdlm", "num": 8, "steps": 32})
+        assert r.status_code == 504 and "longer than" in r.json()["error"]
+
+
+def test_requests_that_wait_together_share_one_batch_and_get_their_own_texts(models):
+    """Five requests (different seeds and sizes) queued while the worker is busy run as one batch; each gets
+    exactly what the library gives it alone. A request cancelled while waiting (its client went away) is
+    dropped, and a request with another sampler waits for its own batch."""
+    app = create_app(models, Limits(), bf16=False)
+    eng = app.state.engine
+    lm = models["mdlm"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ps = []
+        with eng.cv:  # hold the worker off while the requests arrive
+            for seed, num in ((1, 1), (2, 3), (3, 2), (4, 1), (5, 2)):
+                job = lm.prepare_generate(num, steps=5, seed=seed)
+                p = Pending("mdlm", loop, loop.create_future(), job=job, key=lm.batch_key(job))
+                eng.submit(p)
+                ps.append((seed, num, p))
+            gone = lm.prepare_generate(2, steps=5, seed=9)
+            cancelled = Pending("mdlm", loop, loop.create_future(), job=gone, key=lm.batch_key(gone))
+            eng.submit(cancelled)
+            cancelled.cancel()
+            other = lm.prepare_generate(1, steps=5, seed=1, sampler="confidence")
+            q = Pending("mdlm", loop, loop.create_future(), job=other, key=lm.batch_key(other))
+            eng.submit(q)
+        got = [await p.future for _, _, p in ps]
+        await q.future
+        return got
+
+    got = asyncio.run(main())
+    for (seed, num), g in zip(((1, 1), (2, 3), (3, 2), (4, 1), (5, 2)), got):
+        assert g.texts == lm.generate(num, steps=5, seed=seed, bf16=False).texts
+    assert eng.batches == [5, 1]  # one batch of five, the confidence request alone, the cancelled one never
+    eng.close()
+
+
+def test_run_jobs_equals_each_job_alone_for_every_kind_of_job(models):
+    lm, s2s = models["mdlm"], models["s2s"]
+    jobs = [lm.prepare_generate(2, steps=4, seed=11), lm.prepare_generate(1, steps=4, seed=12, prompt="ab"),
+            lm.prepare_infill("a [MASK] b [MASK]", steps=4, seed=13, num=2)]
+    assert len({lm.batch_key(j) for j in jobs}) == 1
+    a, b, c = lm.run_jobs(jobs, bf16=False)
+    assert a.texts == lm.generate(2, steps=4, seed=11, bf16=False).texts
+    assert b.texts == lm.generate(1, steps=4, seed=12, prompt="ab", bf16=False).texts
+    assert c == lm.infill("a [MASK] b [MASK]", steps=4, seed=13, num=2, bf16=False)
+    tj = [s2s.prepare_targets(["abc"], seed=1, steps=4), s2s.prepare_targets(["de", "fgh"], seed=2, steps=4)]
+    x, y = s2s.run_jobs(tj, bf16=False)
+    assert [o.prediction for o in y] == [o.prediction for o in s2s.generate_targets(["de", "fgh"], seed=2, steps=4,
+                                                                                    bf16=False)]
+    assert x[0].prediction == s2s.generate_targets(["abc"], seed=1, steps=4, bf16=False)[0].prediction
