@@ -33,7 +33,7 @@ from .engine import Engine, Pending, ServeError
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # pragma: no cover - exercised where the extra is missing
     raise DiffLMError("difflm serve needs FastAPI and uvicorn: pip install 'difflm[serve]'") from e
@@ -243,6 +243,10 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
     async def playground() -> HTMLResponse:
         return HTMLResponse(resources.files("difflm.serve").joinpath("playground.html").read_text("utf-8"))
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
         return {"models": [model_card(n, lm) for n, lm in models.items()]}
@@ -282,7 +286,9 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
         job, key = prepare(lm, lambda: lm.prepare_infill(
             body.text, span_tokens=body.span_tokens, steps=body.steps, sampler=body.sampler, seed=body.seed,
             temperature=body.temperature, top_p=body.top_p, num=body.num, sampler_options=body.options), "text")
-        return await run(name, lm, job, key, body.stream, lambda outs: {"texts": outs})
+        texts = job.finish
+        job.finish = lambda toks, nfe: {"texts": texts(toks, nfe), "nfe": nfe.tolist()}
+        return await run(name, lm, job, key, body.stream, lambda answer: answer)
 
     async def unbatched(name: str, work) -> Any:
         loop = asyncio.get_running_loop()

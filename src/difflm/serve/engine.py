@@ -168,7 +168,7 @@ class Engine:
                 else:
                     changed = (cur != p._last).nonzero().tolist()
                     p.emit({"event": "step", "step": step, "steps": info.steps, "nfe": info.nfe[lo:hi].tolist(),
-                            "changes": [[r, i, lm.tokenizer.decode([int(cur[r, i])])] for r, i in changed]})
+                            "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
                 p._last = cur.clone()
 
         streaming = any(p.events is not None for p in batch)
@@ -180,8 +180,16 @@ class Engine:
             p.resolve(r)
 
     @staticmethod
-    def _rows(lm: DiffusionLM, p: Pending, x: torch.Tensor) -> list[list[str]]:
-        """Each row's tokens as text pieces ([MASK] shown as it is; edit families: up to [EOS])."""
+    def _piece(lm: DiffusionLM, t: int) -> str:
+        """A token as the client shows it: "[MASK]" for the mask, nothing for [EOS] and [PAD], else its text."""
+        tok = lm.tokenizer
+        if t == tok.mask_id:
+            return "[MASK]"
+        return "" if t in (tok.eos_id, tok.pad_id) else tok.decode([t])
+
+    @classmethod
+    def _rows(cls, lm: DiffusionLM, p: Pending, x: torch.Tensor) -> list[list[str]]:
+        """Each row's tokens as text pieces (edit families: up to [EOS])."""
         if p.variable_length:
-            return [[lm.tokenizer.decode([t]) for t in seq] for seq in lm.process.sequences(x)]
-        return [[lm.tokenizer.decode([int(t)]) for t in row] for row in x]
+            return [[cls._piece(lm, t) for t in seq] for seq in lm.process.sequences(x)]
+        return [[cls._piece(lm, int(t)) for t in row] for row in x]
