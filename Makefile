@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo serve test test-slow lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/difflm quickstart --out runs/quickstart
+
+serve: $(STAMP)
+	test -d runs/quickstart/mdlm || $(BIN)/difflm quickstart --out runs/quickstart
+	$(BIN)/difflm serve runs/quickstart/mdlm runs/quickstart/ar
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -33,6 +33,9 @@ class DiffuserOptions:
     greedy: bool = option(False, "take the most probable tags and tokens (else sample them)")
     beam_b: int = option(0, "2D beam search (DiffusER §3.4): tag hypotheses kept within a revision (0: off)", ge=0)
     beam_r: int = option(1, "2D beam search: revision trajectories kept across steps", ge=1)
+    keep_bias: float = option(0.0, "added to the log-probability of KEEP and of inserting nothing before tags are "
+                              "drawn (GECToR's confidence bias): > 0 edits only where the tagger is surer; beam "
+                              "search scores stay unbiased")
 
 
 @dataclass
@@ -101,6 +104,9 @@ class DiffuserSampler(Sampler):
             xt = process.pack([seqs[i] for i in idx.tolist()], L, dev)
             t = process.step_time(k, steps)
             op_l, ins_l = process.tag_logits(model, xt, t)
+            if self.options.keep_bias:
+                op_l[..., KEEP] += self.options.keep_bias
+                ins_l[..., 0] += self.options.keep_bias
             r = rows[idx]
             ops = self._draw(op_l, uniform(seed, r, k, L, stream=42), temperature, 1.0)
             ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43), temperature, 1.0)
