@@ -165,6 +165,11 @@ def test_a_start_the_model_was_not_trained_for_is_a_one_line_error(tmp_path):
     assert g.texts == uncond.generate(3, seed=4, batch_size=1, bf16=False).texts
     with pytest.raises(DiffLMError, match="not to revise a draft"):
         uncond.revise("bad cafe", bf16=False)
+    diffuser = saved(tmp_path, "edl", {"type": "edit", "steps": 2}, {"mode": "lines"})
+    with pytest.raises(DiffLMError, match="sample it with bootstrap=random"):  # never trained from empty
+        diffuser.generate(2, sampler_options={"bootstrap": "empty"}, bf16=False)
+    assert diffuser.generate(3, seed=1, bf16=False).texts == diffuser.generate(3, seed=1, batch_size=2,
+                                                                               bf16=False).texts
     with pytest.raises(DiffLMError, match="are DiffusER's"):
         saved(tmp_path, "ef2", {"type": "editflow"}, {"corpus": "pairs"}).revise("bad", beam=(2, 1), bf16=False)
     r = subprocess.run([sys.executable, "-m", "difflm.cli", "revise", str(tmp_path / "ef"), "--text", "bad"],

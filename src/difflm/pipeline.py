@@ -225,8 +225,8 @@ class DiffusionLM:
         if kind == "draft":
             raise DiffLMError(f"this {self.process.family} model was trained to write from {trained[0]} sequences, "
                               "not to revise a draft: train it on pairs (data.corpus: pairs) to revise texts")
-        raise DiffLMError(f"this {self.process.family} model was trained from {trained[0]} sequences "
-                          f"(process.source), not {kind}: sample it with bootstrap={trained[0]}")
+        raise DiffLMError(f"this {self.process.family} model was trained from {trained[0]} starts, not from {kind}: "
+                          f"sample it with bootstrap={trained[0]}")
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token rows (N, L) -> texts, cut as ``generate`` cuts them (at [EOS] in lines mode, at [PAD])."""

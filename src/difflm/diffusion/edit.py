@@ -56,8 +56,9 @@ class EditOptions:
     target: Literal["previous", "clean"] = option("previous", "what the tagger and generator learn to reach from "
                                                   "x_t: x_{t−1} (DiffusER) or x_0 itself (every pending edit at once; "
                                                   "needs no time)")
-    bootstrap: Literal["empty", "random", "draft"] = option("empty", "where revision starts by default: the "
-                                                             "empty sequence, random tokens, or a given draft")
+    bootstrap: Literal["empty", "random", "draft"] = option("random", "where revision starts by default: random "
+                                                             "tokens (nearest to x_T, a corrupted copy of the data), "
+                                                             "the empty sequence (never seen in training), or a draft")
     replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
                                                      "token it replaces (a misspelling stays readable; that token is "
                                                      "then banned there) or [MASK] (it is gone)")
@@ -100,9 +101,10 @@ class EditDiffusion(Process):
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
 
     def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
-        """The bootstraps whose x_T the training states cover: a seq2seq model only ever saw states on the path
-        from a source, so it needs a draft; forward corruption trains revision from anything."""
-        return ("draft",) if seq2seq else ("empty", "random", "draft")
+        """The bootstraps whose x_T the training states resemble: a seq2seq model only ever saw states on the path
+        from a source, so it needs a draft; forward corruption ends at a corrupted copy of the data (random tokens
+        are the nearest start) and never at the empty sequence, from which such a model inserts nothing."""
+        return ("draft",) if seq2seq else ("random", "draft")
 
     def default_start(self) -> str:
         """The bootstrap of a sampler left at ``default`` when no draft is given."""
