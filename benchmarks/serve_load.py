@@ -152,8 +152,8 @@ def main() -> None:
         srv.wait(timeout=30)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
-    tok = json.loads(Path(a.run, "config.json").read_text())
-    L = a.length or tok.get("data", {}).get("seq_len", 0)
+    cfg = json.loads(Path(a.run, "config.json").read_text())
+    L = a.length or cfg["run"]["data"]["seq_len"]  # a row's tokens (lines models pad after [EOS])
     print(f"\n{out['date']}, {out['machine']}, {a.run}, {a.steps} steps, {a.requests} requests per level\n")
     print("| clients | requests/s | × sequential | tokens/s | p50 latency (s) | p99 latency (s) | p99 / single | "
           "failed | peak RSS (MB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

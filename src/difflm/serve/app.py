@@ -208,6 +208,7 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
 
     async def events(p: Pending, answer):
         deadline = p.started + lim.timeout_s
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(p.events.get())
@@ -234,6 +235,8 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
                 yield f"event: done\ndata: {json.dumps(payload)}\n\n"
                 return
         finally:
+            if getter is not None:
+                getter.cancel()
             p.cancel()  # a client that went away frees its place (and its batch, when it was alone)
 
     def generation(g: Generation) -> dict:
