@@ -38,6 +38,22 @@ class DiffuserOptions:
                               "search scores stay unbiased")
 
 
+def resolve_start(kind: str, process, cond: Conditioning) -> tuple[str, list[list[int]]]:
+    """(the start's kind, each row's start): ``default`` becomes "draft" when the rows hold fixed tokens, else the
+    process's ``default_start()``; a draft is a row's fixed tokens (layout ids left out), "empty" an empty list,
+    "random" leaves the drawing to the sampler (its rows are returned empty)."""
+    given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
+    drafts = [[t for t, f in zip(r, fx) if f and t not in given]
+              for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
+    if kind == "default":
+        kind = "draft" if any(drafts) else process.default_start()
+    if kind == "draft":
+        if not any(drafts):
+            raise DiffLMError("the draft bootstrap needs a text to revise")
+        return kind, drafts
+    return kind, [[] for _ in drafts]
+
+
 @dataclass
 class Revision:
     """One revision of one row: the operations with their positions in the sequence it edited."""
@@ -60,18 +76,9 @@ class DiffuserSampler(Sampler):
 
     def start(self, process: EditDiffusion, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
         """Each row's x_T."""
-        kind = self.options.bootstrap
-        given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
-        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
-                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
-        if kind == "default":
-            kind = "draft" if any(drafts) else process.options.bootstrap
-        if kind == "draft":
-            if not any(drafts):
-                raise DiffLMError("the draft bootstrap needs a text to revise")
+        kind, drafts = resolve_start(self.options.bootstrap, process, cond)
+        if kind != "random":
             return drafts
-        if kind == "empty":
-            return [[] for _ in drafts]
         L = cond.shape[1]
         u = uniform(seed, rows, 0, L // 2, stream=41)  # random tokens: half the row, uniform over data tokens
         ids = torch.tensor(process.data_ids)

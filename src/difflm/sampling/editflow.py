@@ -14,13 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.editflow import TAU_MAX, EditFlow
-from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
-from .edit import Revision
+from .edit import Revision, resolve_start
 
 
 @dataclass
@@ -42,18 +41,9 @@ class TauLeaping(Sampler):
 
     def start(self, process: EditFlow, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
         """Each row's x_0 (flow time τ = 0)."""
-        given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
-        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
-                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
-        kind = self.options.bootstrap
-        if kind == "default":
-            kind = "draft" if any(drafts) else process.default_start()
-        if kind == "draft":
-            if not any(drafts):
-                raise DiffLMError("the draft bootstrap needs a text to revise")
+        kind, drafts = resolve_start(self.options.bootstrap, process, cond)
+        if kind != "random":
             return drafts
-        if kind == "empty":
-            return [[] for _ in drafts]
         L = cond.shape[1]
         u = uniform(seed, rows, 0, L // 2 + 1, stream=52)  # a length in [0, L // 2), then that many tokens
         ids = torch.tensor(process.data_ids)
