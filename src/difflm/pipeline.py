@@ -206,15 +206,13 @@ class DiffusionLM:
     def _check_start(self, smp, cond: Conditioning) -> None:
         """A one-line error when an edit-family sampler would start where the model was never trained to: a
         seq2seq model from anything but a draft, an Edit Flows model from another x_0 than its training source."""
+        from .sampling.edit import resolve_start
+
         kind = getattr(smp.options, "bootstrap", None)
         if kind is None or not hasattr(self.process, "trained_starts"):
             return
         seq2seq = self.run.data.mode == "pairs"
-        layout = torch.tensor([i for i in (self.tokenizer.bos_id, self.tokenizer.pad_id, self.tokenizer.eos_id)
-                               if i is not None])
-        has_draft = bool((cond.fixed & ~torch.isin(cond.tokens, layout.to(cond.tokens.device))).any())
-        if kind == "default":
-            kind = "draft" if has_draft else self.process.default_start()
+        kind, _ = resolve_start(kind, self.process, cond)  # the sampler's own reading of "default" and drafts
         trained = self.process.trained_starts(seq2seq)
         if kind in trained:
             return

@@ -167,9 +167,12 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
             raise ServeError(404, f"no model {name!r}; served: {', '.join(models)}", "model")
         return name, models[name]
 
+    def check_steps(steps: int | None) -> None:
+        if steps is not None and steps > lim.max_steps:
+            raise ServeError(400, f"steps is {steps}; this server allows at most {lim.max_steps}", "steps")
+
     def check(lm: DiffusionLM, body: Common, num: int) -> None:
-        if body.steps is not None and body.steps > lim.max_steps:
-            raise ServeError(400, f"steps is {body.steps}; this server allows at most {lim.max_steps}", "steps")
+        check_steps(body.steps)
         if num > lim.max_num:
             raise ServeError(400, f"num is {num}; this server allows at most {lim.max_num} per request", "num")
         if body.sampler is not None and not sampler_fits(body.sampler, lm.process):
@@ -309,8 +312,7 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
         if lm.process.family not in EDIT_FAMILIES:
             raise ServeError(400, f"model {name!r} is {lm.process.family}; revise needs an edit-family model",
                              "model")
-        if body.steps is not None and body.steps > lim.max_steps:
-            raise ServeError(400, f"steps is {body.steps}; this server allows at most {lim.max_steps}", "steps")
+        check_steps(body.steps)
         if body.beam is not None and (len(body.beam) != 2 or min(body.beam) < 1):
             raise ServeError(400, "beam takes [b, r], both at least 1", "beam")
 
