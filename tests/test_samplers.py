@@ -11,6 +11,7 @@ from difflm.diffusion import MaskedDiffusion
 from difflm.errors import DiffLMError
 from difflm.rng import uniform
 from difflm.sampling import Conditioning, get_sampler
+from difflm.sampling.base import Trajectory
 from difflm.sampling.categorical import nucleus, sample_categorical
 
 N = 6000
@@ -79,6 +80,35 @@ def test_batch_size_does_not_change_samples(toy, name):
     parts = [smp(model, proc(), Conditioning.unconditional(len(r), TOY_L), steps=16, seed=9,
                  rows=torch.tensor(r)).tokens for r in ([0], [1, 2, 3], [4, 5, 6, 7])]
     assert torch.equal(full, torch.cat(parts))
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(["ancestral", "cached"]), steps=st.integers(1, 12), join=st.integers(0, 12),
+       seeds=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), fixed=st.lists(st.booleans(), min_size=TOY_L,
+                                                                                     max_size=TOY_L))
+def test_rows_that_join_a_running_batch_get_what_they_get_alone(toy, name, steps, join, seeds, fixed):
+    """Continuous batching: rows of a second request begin ``join`` steps after the first's, share every step
+    with it from then on, and leave when done; each row ends with the tokens and calls it has sampled alone."""
+    seqs, p, model = toy
+    smp = get_sampler(name, proc())
+    conds = [Conditioning.unconditional(3, TOY_L),
+             Conditioning(torch.tensor([[0, 1, 2]] * 2), torch.tensor([fixed] * 2))]
+    alone = [smp(model, proc(), c, steps=steps, seed=sd) for c, sd in zip(conds, seeds)]
+    traj, owner, got = smp.begin(proc(), conds[0], steps=steps, seed=seeds[0]), [0] * 3, {0: [], 1: []}
+    pending, k = True, 0
+    while len(traj) or pending:
+        if pending and k >= min(join, steps):  # the second request arrives (at the latest when the first is done)
+            traj = Trajectory.cat([traj, smp.begin(proc(), conds[1], steps=steps, seed=seeds[1])])
+            owner, pending = owner + [1] * 2, False
+        traj = smp.advance(model, proc(), traj, steps=steps)
+        k += 1
+        for i in traj.done.nonzero().squeeze(-1).tolist():
+            got[owner[i]].append((traj.x[i], traj.nfe[i]))
+        keep = ~traj.done
+        traj, owner = traj.take(keep), [o for o, d in zip(owner, keep.tolist()) if d]
+    for j in (0, 1):
+        assert torch.equal(torch.stack([x for x, _ in got[j]]), alone[j].tokens)
+        assert torch.equal(torch.stack([n for _, n in got[j]]), alone[j].nfe)
 
 
 @settings(max_examples=25, deadline=None)

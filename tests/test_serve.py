@@ -214,3 +214,71 @@ def test_run_jobs_equals_each_job_alone_for_every_kind_of_job(models):
     assert [o.prediction for o in y] == [o.prediction for o in s2s.generate_targets(["de", "fgh"], seed=2, steps=4,
                                                                                     bf16=False)]
     assert x[0].prediction == s2s.generate_targets(["abc"], seed=1, steps=4, bf16=False)[0].prediction
+
+
+def test_requests_join_a_running_batch_at_any_step_and_leave_when_done(models, monkeypatch):
+    """Continuous batching: requests that arrive while a batch runs join it at the next step and leave when their
+    own rows are done, each with exactly the library's text for its seed; a request whose client went away leaves
+    the batch at once; a request arriving behind an older one of another key waits (no starvation)."""
+    lm = models["mdlm"]
+    app = create_app(models, Limits(), bf16=False)
+    eng = app.state.engine
+    calls, arrivals, cancels = [], {}, {}
+    real = lm.advance
+
+    def advance(plan, traj, bf16=True):  # the worker's step; requests arrive and leave on cue
+        calls.append(len(traj))
+        for p in arrivals.pop(len(calls), []):
+            eng.submit(p)
+        for p in cancels.pop(len(calls), []):
+            p.cancel()
+        return real(plan, traj, bf16=bf16)
+
+    monkeypatch.setattr(lm, "advance", advance)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def pending(job, stream=False):
+            p = Pending("mdlm", loop, loop.create_future(), job=job, key=lm.batch_key(job))
+            p.events = asyncio.Queue() if stream else None
+            return p
+
+        a = pending(lm.prepare_generate(2, steps=6, seed=1))
+        b = pending(lm.prepare_generate(1, steps=6, seed=2), stream=True)
+        c = pending(lm.prepare_infill("ab [MASK] cd [MASK]", steps=6, seed=3, num=2))
+        arrivals[2] = [b, c]  # arrive during A's second step: they join for step 3
+        eng.submit(a)
+        got = [await p.future for p in (a, b, c)]
+        events = []
+        while not b.events.empty():
+            events.append(b.events.get_nowait())
+        first = (list(calls), list(eng.batches), got, events)
+
+        calls.clear()
+        gone = pending(lm.prepare_generate(2, steps=6, seed=4))
+        d = pending(lm.prepare_generate(1, steps=6, seed=5, sampler="confidence"))
+        e = pending(lm.prepare_generate(1, steps=6, seed=6))
+        f = pending(lm.prepare_generate(1, steps=6, seed=7))
+        arrivals[1], arrivals[2], cancels[3] = [f], [d, e], [gone]
+        eng.submit(gone)
+        await f.future
+        await d.future
+        await e.future
+        return first, list(calls), list(eng.batches), f.future.result(), e.future.result()
+
+    (calls1, batches1, (ga, gb, gc), events), calls2, batches2, gf, ge = asyncio.run(main())
+    assert calls1 == [2, 2, 5, 5, 5, 5, 3, 3]  # B (1 row) and C (2 rows) joined at step 3; A left after step 6
+    assert batches1 == [3]
+    assert ga.texts == lm.generate(2, steps=6, seed=1, bf16=False).texts
+    assert gb.texts == lm.generate(1, steps=6, seed=2, bf16=False).texts
+    assert gc == lm.infill("ab [MASK] cd [MASK]", steps=6, seed=3, num=2, bf16=False)
+    assert [ev["event"] for ev in events] == ["start"] + ["step"] * 6
+    assert [ev["step"] for ev in events[1:]] == [1, 2, 3, 4, 5, 6]
+    # F joins after step 1; the cancelled request's 2 rows leave after step 3; E, behind the older confidence
+    # request D, does not join but runs after it
+    assert calls2 == [2, 3, 3, 1, 1, 1, 1] + [1] * 6
+    assert batches2[len(batches1):] == [2, 1, 1]
+    assert gf.texts == lm.generate(1, steps=6, seed=7, bf16=False).texts
+    assert ge.texts == lm.generate(1, steps=6, seed=6, bf16=False).texts
+    eng.close()

@@ -24,7 +24,7 @@ from .evaluation.likelihood import EvalResult, evaluate
 from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
-from .sampling.base import OnStep, Sampler
+from .sampling.base import OnStep, Sampler, Trajectory
 from .sampling.guidance import ClassifierFreeGuidance
 
 GAP = re.compile(r"\[MASK\]|_{3,}")
@@ -193,15 +193,35 @@ class DiffusionLM:
             s = seed[idx].to(self.device) if isinstance(seed, torch.Tensor) else seed
             with autocast(self.device, bf16):
                 part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
-                model = self.model
-                if plan.guidance:
-                    source = condition_positions(part.tokens, part.fixed, self.tokenizer.bos_id)
-                    model = ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, plan.guidance)
-                out = plan.sampler(model, self.process, part, steps=plan.steps, seed=s, rows=rows[idx].to(self.device),
-                                   temperature=plan.temperature, top_p=plan.top_p, on_step=on_step)
+                out = plan.sampler(self._guided(plan, part), self.process, part, steps=plan.steps, seed=s,
+                                   rows=rows[idx].to(self.device), temperature=plan.temperature, top_p=plan.top_p,
+                                   on_step=on_step)
             toks.append(out.tokens.cpu())
             nfes.append(out.nfe.cpu())
         return torch.cat(toks), torch.cat(nfes)
+
+    def _guided(self, plan: Plan, cond: Conditioning) -> nn.Module:
+        """The network the sampler calls: the model, or its classifier-free-guided mix with the source dropped."""
+        if not plan.guidance:
+            return self.model
+        source = condition_positions(cond.tokens, cond.fixed, self.tokenizer.bos_id)
+        return ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, plan.guidance)
+
+    # -- continuous batching (stepwise samplers) ---------------------------------------------------------
+    def begin_job(self, job: Job, plan: Plan) -> Trajectory:
+        """The job's rows at t = 1 on the model's device, for a stepwise sampler (``plan.sampler.stepwise``):
+        ``advance`` moves them, alone or with the rows of other jobs of the same ``batch_key`` joined at any
+        step, and each row ends where ``run_jobs`` would take it."""
+        cond = Conditioning(job.cond.tokens.to(self.device), job.cond.fixed.to(self.device))
+        return plan.sampler.begin(self.process, cond, steps=plan.steps, seed=job.seed,
+                                  rows=torch.arange(job.rows, device=self.device))
+
+    @torch.no_grad()
+    def advance(self, plan: Plan, traj: Trajectory, *, bf16: bool = True) -> Trajectory:
+        """Every row of ``traj`` one step down its own chain (rows of any jobs that share ``plan``'s key)."""
+        with autocast(self.device, bf16):
+            return plan.sampler.advance(self._guided(plan, traj.cond), self.process, traj, steps=plan.steps,
+                                        temperature=plan.temperature, top_p=plan.top_p)
 
     def _check_start(self, smp, cond: Conditioning) -> None:
         """A one-line error when an edit-family sampler would start where the model was never trained to: a

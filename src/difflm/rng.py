@@ -29,19 +29,20 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: int | Tensor, rows: Tensor, step: int, length: int, stream: int = 0) -> Tensor:
+def uniform(seed: int | Tensor, rows: Tensor, step: int | Tensor, length: int, stream: int = 0) -> Tensor:
     """Float64 uniforms in [0, 1) with 53 random bits: (len(rows), length).
 
     seed: one seed, or one per row (B,) int64 — rows of different requests batched together (``difflm serve``)
-    draw exactly what each would draw alone; rows: (B,) int64 sequence indices; step: the sampler's step; stream
-    separates independent uses.
+    draw exactly what each would draw alone; rows: (B,) int64 sequence indices; step: the sampler's step, or one
+    per row (B,) (rows on their own clocks, continuous batching); stream separates independent uses.
     """
     device = rows.device
     pos = torch.arange(length, device=device, dtype=torch.int64)[None, :]
     s = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1, 1)  # (1, 1) or (B, 1)
     key = hash32((s & _M32) ^ hash32(((s >> 32) & _M32) ^ stream * 0x632BE5AB))
     h = hash32(key ^ hash32(rows.long()[:, None]))
-    h = hash32(h ^ hash32(torch.tensor(step, device=device) + 0x68E31DA4))
+    k = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(-1, 1)  # (1, 1) or (B, 1)
+    h = hash32(h ^ hash32(k + 0x68E31DA4))
     a = hash32(h ^ hash32(pos * 2))
     b = hash32(h ^ hash32(pos * 2 + 1))
     return ((a >> 6).double() * 134217728.0 + (b >> 5).double()) / 9007199254740992.0  # (26+27 bits)/2^53

@@ -23,6 +23,10 @@ class ClassifierFreeGuidance(nn.Module):
         self.cfg, self.blocks, self.embed = model.cfg, model.blocks, model.embed
         self._caches: dict[int, KVCache] = {}
 
+    def rows(self, idx: Tensor) -> ClassifierFreeGuidance:
+        """The same guidance for a subset of the batch's rows (samplers that call the network on some rows)."""
+        return ClassifierFreeGuidance(self.model, self.source[idx], self.null_id, self.w)
+
     def forward(self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
                 cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
                 positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None) -> Tensor:

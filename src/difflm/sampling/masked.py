@@ -18,7 +18,7 @@ from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .base import OnStep, SampleOutput, Sampler, StepInfo, Trajectory, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
@@ -27,6 +27,7 @@ from .conditioning import Conditioning
 class MaskedAncestral(Sampler):
     name = "ancestral"
     families = ("masked",)
+    stepwise = True
     cache = False
 
     @torch.no_grad()
@@ -35,47 +36,59 @@ class MaskedAncestral(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
+        return self.run_stepwise(model, process, cond, steps=steps, seed=seed, rows=rows, temperature=temperature,
+                                 top_p=top_p, on_step=on_step)
+
+    def start(self, process: MaskedDiffusion, cond: Conditioning) -> Tensor:
         if self.cache and process.time_conditioning:
             raise DiffLMError(
                 "the cached sampler needs a time-free network (process.time_conditioning: false); "
                 "use --sampler ancestral for this model"
             )
-        rows = self.default_rows(cond, rows, steps)
+        return cond.initial(process.mask_id)
+
+    def initial_state(self, process: MaskedDiffusion, cond: Conditioning) -> dict[str, Tensor]:
+        if not self.cache:
+            return {}
         B, L = cond.shape
+        # the SUBS log-probs of each row's last network call, and whether the row changed since (or never had one)
+        return {"logp": torch.zeros(B, L, process.vocab_size, device=cond.tokens.device),
+                "dirty": torch.ones(B, dtype=torch.bool, device=cond.tokens.device)}
+
+    @torch.no_grad()
+    def advance(self, model: nn.Module, process: MaskedDiffusion, traj: Trajectory, *, steps: int,
+                temperature: float = 1.0, top_p: float = 1.0) -> Trajectory:
+        x, k, nfe = traj.x, traj.k, traj.nfe.clone()
+        B, L = x.shape
         m = process.mask_id
-        x = cond.initial(m)
-        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
-        logp = None  # cached SUBS log-probs (B, L, V) of the last network call per row
-        dirty = torch.ones(B, dtype=torch.bool, device=x.device)
-        for k in range(steps, 0, -1):
-            t, s = k / steps, (k - 1) / steps
-            masked = x == m
-            t_vec = torch.full((B,), t, device=x.device)
-            p_unmask = float(process.unmask_probability(torch.tensor(t), torch.tensor(s)))
-            u_move = uniform(seed, rows, k, L, stream=0)
-            unmask = masked & (u_move < p_unmask)  # drawn before the call: x̂0 is needed only there
-            if not self.cache:
-                chosen = process.log_probs(model, x, t_vec, select=unmask)  # (N, V)
-                nfe += 1
-            else:
-                need = dirty & masked.any(-1)
-                if logp is None:
-                    logp = process.log_probs(model, x, t_vec)
-                    nfe += 1
-                elif need.any():
-                    idx = need.nonzero().squeeze(-1)
-                    logp[idx] = process.log_probs(model, x[idx], t_vec[idx])
-                    nfe[idx] += 1
-                chosen = logp[unmask]
-            if unmask.any():
-                probs = probs_from_logits(chosen, temperature, top_p)
-                u_tok = uniform(seed, rows, k, L, stream=1)[unmask]
-                x = x.clone()
-                x[unmask] = sample_categorical(probs, u_tok)
-            dirty = unmask.any(-1)
-            if on_step is not None:
-                on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
-        return SampleOutput(x, nfe)
+        live = k > 0
+        t64, s64 = k.double() / steps, (k - 1).clamp(min=0).double() / steps  # each row on its own clock
+        t_vec = t64.float()
+        masked = (x == m) & live[:, None]
+        p_unmask = process.unmask_probability(t_vec, s64.float())  # (B,) float64, MDLM eq. 7
+        u_move = uniform(traj.seed, traj.rows, k, L, stream=0)
+        unmask = masked & (u_move < p_unmask[:, None])  # drawn before the call: x̂0 is needed only there
+        state = traj.state
+        if not self.cache:
+            idx = live.nonzero().squeeze(-1)
+            chosen = process.log_probs(on_rows(model, idx), x[idx], t_vec[idx], select=unmask[idx])  # (N, V)
+            nfe[idx] += 1
+        else:
+            logp, dirty = state["logp"], state["dirty"]
+            need = (dirty & masked.any(-1)).nonzero().squeeze(-1)
+            if len(need):
+                logp = logp.clone()
+                logp[need] = process.log_probs(on_rows(model, need), x[need], t_vec[need]).to(logp.dtype)
+                nfe[need] += 1
+            chosen = logp[unmask]
+        if unmask.any():
+            probs = probs_from_logits(chosen, temperature, top_p)
+            u_tok = uniform(traj.seed, traj.rows, k, L, stream=1)[unmask]
+            x = x.clone()
+            x[unmask] = sample_categorical(probs, u_tok)
+        if self.cache:
+            state = {"logp": logp, "dirty": unmask.any(-1)}
+        return traj.replace(x=x, k=(k - 1).clamp(min=0), nfe=nfe, state=state)
 
 
 @register_sampler

@@ -3,8 +3,13 @@
 Requests for the same model whose jobs share a ``DiffusionLM.batch_key`` (sampler and options, steps, temperature,
 top-p, guidance, row length) and that wait while a batch runs form the next batch, up to ``max_batch`` rows. Each
 row draws its noise from its own request's seed and its index within that request (the counter-based RNG), so a
-request gets the same text whatever else shares its batch. Requests join at batch boundaries: difflm's samplers run
-a whole trajectory per call, so no row joins a batch mid-trajectory.
+request gets the same text whatever else shares its batch.
+
+**Continuous batching**: with a stepwise sampler (``Sampler.stepwise``: the masked family's ancestral and cached
+samplers) every row keeps its own clock, so a request that arrives while a batch runs joins it at the next step
+and a finished request leaves at once, freeing its rows. A request joins only while no older request of another key
+waits (that one runs as soon as the batch drains). Other samplers run a whole trajectory per call and batch at
+batch boundaries.
 
 Streaming requests receive, after every reverse step, the positions whose token changed; a request whose client
 went away is dropped from the queue, and a batch whose every request went away stops at the next step.
@@ -37,7 +42,7 @@ class _Abort(Exception):
     """Raised from a step callback to stop a batch whose every request was cancelled."""
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared and hashed by identity
 class Pending:
     """A request in the queue: a batchable ``job`` (with its ``key``), or unbatched ``work`` (revise, score)."""
 
@@ -52,6 +57,7 @@ class Pending:
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
     _last: torch.Tensor | None = None
+    _step: int = 0
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -82,6 +88,7 @@ class Engine:
         self.cv = threading.Condition()
         self.running = True
         self.batches: list[int] = []  # requests per batch run so far (tests and /v1/stats read it)
+        self._inflight: list[Pending] = []  # the requests the worker is running (an error reaches them all)
         self.thread = threading.Thread(target=self._loop, name="difflm-serve", daemon=True)
         self.thread.start()
 
@@ -133,11 +140,88 @@ class Engine:
             batch = self._take()
             if not batch:
                 return
+            self._inflight = list(batch)
             try:
-                self._run(batch)
+                if self._stepwise(batch[0]):
+                    self._run_stepwise(batch)
+                else:
+                    self._run(batch)
             except BaseException as e:  # the server never dies from a request
-                for p in batch:
+                for p in self._inflight:
                     p.resolve(error=e if isinstance(e, Exception) else RuntimeError(str(e)))
+            self._inflight = []
+
+    def _stepwise(self, p: Pending) -> bool:
+        return p.job is not None and not p.variable_length and self.models[p.model].plan(p.job).sampler.stepwise
+
+    def _join(self, head: Pending, room: int) -> list[Pending]:
+        """Waiting requests that can join ``head``'s running batch now: same model and key, ``room`` rows at most,
+        taken in arrival order and only up to the first live request of another key (it must not starve)."""
+        with self.cv:
+            self.queue = [q for q in self.queue if not q.cancelled]
+            joined, rest, blocked = [], [], False
+            for q in self.queue:
+                fits = q.job is not None and q.model == head.model and q.key == head.key
+                if not blocked and fits and q.job.rows <= room:
+                    joined.append(q)
+                    room -= q.job.rows
+                else:
+                    blocked = blocked or not fits
+                    rest.append(q)
+            self.queue = rest
+            return joined
+
+    def _run_stepwise(self, batch: list[Pending]) -> None:
+        """Continuous batching: rows of new requests join at every step; a request leaves when its rows are done."""
+        head = batch[0]
+        lm = self.models[head.model]
+        plan = lm.plan(head.job)
+        traj, owners = None, []  # owners[i]: the request that row i belongs to
+        self.batches.append(0)
+
+        def admit(ps: list[Pending]) -> None:
+            nonlocal traj
+            parts = [] if traj is None else [traj]
+            for p in ps:
+                part = lm.begin_job(p.job, plan)
+                parts.append(part)
+                owners.extend([p] * len(part))
+                p._last, p._step = part.x.cpu(), 0
+                p.emit({"event": "start", "steps": None, "rows": self._rows(lm, p, p._last)})
+                if p not in self._inflight:
+                    self._inflight.append(p)
+            traj = type(parts[0]).cat(parts) if len(parts) > 1 else parts[0]
+            self.batches[-1] += len(ps)  # before any of them is answered
+
+        admit(batch)
+        while owners:
+            gone = torch.tensor([p.cancelled for p in owners])
+            if gone.any():  # a client went away: its rows leave the batch
+                traj = traj.take(~gone)
+                owners = [p for p in owners if not p.cancelled]
+                if not owners:
+                    break
+            traj = lm.advance(plan, traj, bf16=self.bf16)
+            x, nfe, done = traj.x.cpu(), traj.nfe.cpu(), traj.done.cpu()
+            for p in dict.fromkeys(owners):  # each request once, in row order
+                rows = torch.tensor([q is p for q in owners])
+                p._step += 1
+                if p.events is not None and not p.cancelled:
+                    cur = x[rows]
+                    changed = (cur != p._last).nonzero().tolist()
+                    p.emit({"event": "step", "step": p._step, "steps": plan.steps, "nfe": nfe[rows].tolist(),
+                            "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
+                    p._last = cur
+                if bool(done[rows].all()):
+                    p.resolve(p.job.finish(x[rows], nfe[rows]))
+            if done.any():
+                traj = traj.take(~done.to(traj.k.device))
+                owners = [p for p, d in zip(owners, done.tolist()) if not d]
+            room = self.max_batch - len(owners)
+            if owners and room > 0:  # an empty batch ends; the next request starts a new one
+                joined = self._join(head, room)
+                if joined:
+                    admit(joined)
 
     def _run(self, batch: list[Pending]) -> None:
         self.batches.append(len(batch))
