@@ -9,6 +9,11 @@ peak RSS. Every answer is checked against the sequential one for its seed (same 
 the batch). Goal (issue 23): at 32 clients, throughput ≥ 4× sequential with p99 latency under 3× the single-request
 latency.
 
+``--rate R``: open-loop arrivals (Poisson, R requests/s, ``--requests`` of them) against a server that lets requests
+join a running batch at any step (``--join step``, continuous batching) and one that batches only at batch
+boundaries (``--join batch``), side by side: p50 / p99 latency and requests/s. A closed loop of clients cannot show
+the difference (they resubmit together, so every batch starts full); arrivals spread in time can.
+
 ``--soak N``: N requests from 16 clients, a random mix of valid bodies (checked against their sequential answers),
 invalid ones (expecting their 4xx) and clients that disconnect mid-stream; the server's RSS at the end against its
 RSS after warm-up (goal: within 10%), and every valid request answered correctly. Run alone (it times things).
@@ -69,6 +74,53 @@ async def level(url: str, clients: int, n: int, a, expect: dict | None) -> dict:
             "failed": fails, "texts": texts}
 
 
+async def open_loop(url: str, rate: float, n: int, a, expect: dict) -> dict:
+    """n requests arriving at Poisson times of ``rate`` per second, each on its own connection."""
+    rng = random.Random(1)
+    lat, fails = [], 0
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n)) as c:
+        async def one(s: int, at: float) -> None:
+            nonlocal fails
+            await asyncio.sleep(at)
+            t0 = time.perf_counter()
+            r = await c.post("/v1/generate", json=body(s, a))
+            lat.append(time.perf_counter() - t0)
+            fails += r.status_code != 200 or r.json()["texts"][0] != expect[s]
+
+        times, t = [], 0.0
+        for _ in range(n):
+            t += rng.expovariate(rate)
+            times.append(t)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(s, at) for s, at in zip(range(n), times)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    return {"rate": rate, "requests": n, "wall_s": wall, "req_per_s": n / wall, "p50_s": statistics.median(lat),
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))], "failed": fails}
+
+
+def start_server(run: str, join: str, a) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = subprocess.Popen([sys.executable, "-m", "difflm.cli", "serve", run, "--port", str(port),
+                            "--max-batch", "64", "--max-queue", "256", "--join", join])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    asyncio.run(level(url, 1, 4, a, None))  # warm-up
+    return srv, url
+
+
+def stop(srv: subprocess.Popen) -> None:
+    srv.terminate()
+    srv.wait(timeout=30)
+
+
 async def soak(url: str, n: int, a, expect: dict, pid: int) -> dict:
     rng = random.Random(0)
     bad = [({"num": 1, "steps": 10**6}, 400), ({"colour": 1}, 422), ({"length": 10**6}, 400),
@@ -115,24 +167,13 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=None)
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--soak", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=0.0, help="open-loop arrivals per second (0: none)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/serve-load.json"))
     a = ap.parse_args()
     if not Path(a.run, "config.json").is_file():
         sys.exit(f"serve_load: no model folder at {a.run}; run `make demo` first or pass --run RUN")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = subprocess.Popen([sys.executable, "-m", "difflm.cli", "serve", a.run, "--port", str(port),
-                            "--max-batch", "64", "--max-queue", "256"])
-    url = f"http://127.0.0.1:{port}"
+    srv, url = start_server(a.run, "step", a)
     try:
-        for _ in range(600):
-            try:
-                httpx.get(url + "/v1/models", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        asyncio.run(level(url, 1, 4, a, None))  # warm-up
         rows, expect = [], None
         for clients in map(int, a.levels.split(",")):
             r = asyncio.run(level(url, clients, a.requests, a, expect))
@@ -148,8 +189,16 @@ def main() -> None:
             out["soak"] = asyncio.run(soak(url, a.soak, a, expect, srv.pid))
             print(json.dumps(out["soak"]), flush=True)
     finally:
-        srv.terminate()
-        srv.wait(timeout=30)
+        stop(srv)
+    if a.rate:
+        out["open_loop"] = {}
+        for join in ("step", "batch"):
+            srv, url = start_server(a.run, join, a)
+            try:
+                out["open_loop"][join] = asyncio.run(open_loop(url, a.rate, a.requests, a, expect))
+                print(join, json.dumps(out["open_loop"][join]), flush=True)
+            finally:
+                stop(srv)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
     cfg = json.loads(Path(a.run, "config.json").read_text())
@@ -161,6 +210,13 @@ def main() -> None:
         print(f"| {r['clients']} | {r['req_per_s']:.2f} | {r['req_per_s'] / base['req_per_s']:.1f} | "
               f"{r['req_per_s'] * L:.0f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['p99_s'] / base['p50_s']:.1f} | "
               f"{r['failed']} | {r['peak_rss_mb']:.0f} |")
+    if a.rate:
+        print(f"\nopen loop: {a.requests} requests, Poisson arrivals at {a.rate:g}/s\n")
+        print("| requests join | requests/s | p50 latency (s) | p99 latency (s) | p99 / single | failed |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for join, r in out["open_loop"].items():
+            print(f"| at {'any step' if join == 'step' else 'batch boundaries'} | {r['req_per_s']:.2f} | "
+                  f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['p99_s'] / base['p50_s']:.1f} | {r['failed']} |")
 
 
 if __name__ == "__main__":

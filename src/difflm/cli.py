@@ -257,7 +257,7 @@ def cmd_serve(a) -> int:
             name, k = f"{Path(d).resolve().name}-{k}", k + 1
         models[name] = DiffusionLM.from_pretrained(d, device=a.device)
     app = create_app(models, Limits(max_batch=a.max_batch, max_queue=a.max_queue, max_steps=a.max_steps,
-                                    timeout_s=a.timeout), bf16=not a.fp32)
+                                    timeout_s=a.timeout, join=a.join), bf16=not a.fp32)
     print(f"difflm: serving {', '.join(models)} on http://{a.host}:{a.port}/ (playground at /, API at /v1)",
           file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
@@ -568,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=count(1), default=64, help="waiting requests before answering 429")
     sv.add_argument("--max-steps", type=count(1), default=1024, help="the most steps a request may ask for")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds before a request is answered 504")
+    sv.add_argument("--join", choices=("step", "batch"), default="step",
+                    help="where waiting requests join a running batch: at the next step (continuous batching, "
+                         "samplers that allow it) or only when the batch is done")
     sv.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     sv.add_argument("--fp32", action="store_true")
     sv.set_defaults(fn=cmd_serve)

@@ -49,6 +49,7 @@ class Limits:
     max_num: int = 64  # rows per request
     max_body: int = 1 << 20  # bytes
     timeout_s: float = 300.0
+    join: str = "step"  # where waiting requests join a running batch: "step" (continuous batching) or "batch"
 
 
 class Common(BaseModel):
@@ -135,7 +136,8 @@ def model_card(name: str, lm: DiffusionLM) -> dict:
 def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, bf16: bool = True) -> FastAPI:
     """The ASGI app serving ``models`` (name -> DiffusionLM); its engine is ``app.state.engine``."""
     lim = limits or Limits()
-    engine = Engine(models, max_batch=lim.max_batch, max_queue=lim.max_queue, bf16=bf16)
+    engine = Engine(models, max_batch=lim.max_batch, max_queue=lim.max_queue, bf16=bf16,
+                    continuous=lim.join == "step")
     app = FastAPI(title="difflm", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=lim.max_body)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..pipeline import DiffusionLM, Job
+from ..precision import autocast
 from ..sampling.base import StepInfo
 
 
@@ -79,11 +80,13 @@ class Pending:
 
 
 class Engine:
-    """Serves ``models`` (name -> DiffusionLM) from one worker thread; ``max_queue`` waiting requests at most."""
+    """Serves ``models`` (name -> DiffusionLM) from one worker thread; ``max_queue`` waiting requests at most;
+    ``continuous``: stepwise samplers take new rows at every step (else only at batch boundaries)."""
 
     def __init__(self, models: dict[str, DiffusionLM], *, max_batch: int = 32, max_queue: int = 64,
-                 bf16: bool = True) -> None:
+                 bf16: bool = True, continuous: bool = True) -> None:
         self.models, self.max_batch, self.max_queue, self.bf16 = models, max_batch, max_queue, bf16
+        self.continuous = continuous  # False: requests join only at batch boundaries (benchmarks compare)
         self.queue: list[Pending] = []
         self.cv = threading.Condition()
         self.running = True
@@ -152,7 +155,8 @@ class Engine:
             self._inflight = []
 
     def _stepwise(self, p: Pending) -> bool:
-        return p.job is not None and not p.variable_length and self.models[p.model].plan(p.job).sampler.stepwise
+        return (self.continuous and p.job is not None and not p.variable_length
+                and self.models[p.model].plan(p.job).sampler.stepwise)
 
     def _join(self, head: Pending, room: int) -> list[Pending]:
         """Waiting requests that can join ``head``'s running batch now: same model and key, ``room`` rows at most,
@@ -193,35 +197,36 @@ class Engine:
             traj = type(parts[0]).cat(parts) if len(parts) > 1 else parts[0]
             self.batches[-1] += len(ps)  # before any of them is answered
 
-        admit(batch)
-        while owners:
-            gone = torch.tensor([p.cancelled for p in owners])
-            if gone.any():  # a client went away: its rows leave the batch
-                traj = traj.take(~gone)
-                owners = [p for p in owners if not p.cancelled]
-                if not owners:
-                    break
-            traj = lm.advance(plan, traj, bf16=self.bf16)
-            x, nfe, done = traj.x.cpu(), traj.nfe.cpu(), traj.done.cpu()
-            for p in dict.fromkeys(owners):  # each request once, in row order
-                rows = torch.tensor([q is p for q in owners])
-                p._step += 1
-                if p.events is not None and not p.cancelled:
-                    cur = x[rows]
-                    changed = (cur != p._last).nonzero().tolist()
-                    p.emit({"event": "step", "step": p._step, "steps": plan.steps, "nfe": nfe[rows].tolist(),
-                            "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
-                    p._last = cur
-                if bool(done[rows].all()):
-                    p.resolve(p.job.finish(x[rows], nfe[rows]))
-            if done.any():
-                traj = traj.take(~done.to(traj.k.device))
-                owners = [p for p, d in zip(owners, done.tolist()) if not d]
-            room = self.max_batch - len(owners)
-            if owners and room > 0:  # an empty batch ends; the next request starts a new one
-                joined = self._join(head, room)
-                if joined:
-                    admit(joined)
+        with autocast(lm.device, self.bf16):  # one context for the batch's life: weights are cast once, not per step
+            admit(batch)
+            while owners:
+                gone = torch.tensor([p.cancelled for p in owners])
+                if gone.any():  # a client went away: its rows leave the batch
+                    traj = traj.take(~gone.to(traj.k.device))
+                    owners = [p for p in owners if not p.cancelled]
+                    if not owners:
+                        break
+                traj = lm.advance(plan, traj, bf16=self.bf16)
+                x, nfe, done = traj.x.cpu(), traj.nfe.cpu(), traj.done.cpu()
+                for p in dict.fromkeys(owners):  # each request once, in row order
+                    rows = torch.tensor([q is p for q in owners])
+                    p._step += 1
+                    if p.events is not None and not p.cancelled:
+                        cur = x[rows]
+                        changed = (cur != p._last).nonzero().tolist()
+                        p.emit({"event": "step", "step": p._step, "steps": plan.steps, "nfe": nfe[rows].tolist(),
+                                "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
+                        p._last = cur
+                    if bool(done[rows].all()):
+                        p.resolve(p.job.finish(x[rows], nfe[rows]))
+                if done.any():
+                    traj = traj.take(~done.to(traj.k.device))
+                    owners = [p for p, d in zip(owners, done.tolist()) if not d]
+                room = self.max_batch - len(owners)
+                if owners and room > 0:  # an empty batch ends; the next request starts a new one
+                    joined = self._join(head, room)
+                    if joined:
+                        admit(joined)
 
     def _run(self, batch: list[Pending]) -> None:
         self.batches.append(len(batch))
