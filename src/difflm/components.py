@@ -39,7 +39,18 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
             model = registry.backbone(registry.backbone_kind(run.model))(cfg)
     except (ValueError, TypeError) as e:
         raise DiffLMError(f"bad model config: {e}") from None
+    if getattr(model.cfg, "encoder_layers", 0):
+        if run.data.mode != "pairs":
+            raise DiffLMError("model.encoder_layers reads a seq2seq source: it needs data.corpus pairs")
+        if process.family not in ENCODER_FAMILIES:
+            raise DiffLMError(f"model.encoder_layers is not supported by the {process.family} family yet (it is by "
+                              f"{', '.join(ENCODER_FAMILIES)}): set model.encoder_layers: 0")
     return model, process
+
+
+# families whose networks an encoder-decoder backbone serves (block diffusion sets its own masks and positions; the
+# edit families revise a draft in place)
+ENCODER_FAMILIES = ("masked", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
 
 
 def check_pretrained_tokenizer(run: RunConfig) -> None:

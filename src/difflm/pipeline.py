@@ -21,6 +21,7 @@ from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, low_discrepancy_uniform
 from .errors import DiffLMError
 from .evaluation.likelihood import EvalResult, evaluate
+from .models.seq2seq import bind_source
 from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
@@ -201,11 +202,13 @@ class DiffusionLM:
         return torch.cat(toks), torch.cat(nfes)
 
     def _guided(self, plan: Plan, cond: Conditioning) -> nn.Module:
-        """The network the sampler calls: the model, or its classifier-free-guided mix with the source dropped."""
+        """The network the sampler calls: the model (an encoder-decoder reading the rows' sources), or its
+        classifier-free-guided mix with the source dropped."""
+        model = bind_source(self.model, self.process, cond.tokens)
         if not plan.guidance:
-            return self.model
+            return model
         source = condition_positions(cond.tokens, cond.fixed, self.tokenizer.bos_id)
-        return ClassifierFreeGuidance(self.model, source, self.tokenizer.pad_id, plan.guidance)
+        return ClassifierFreeGuidance(model, source, self.tokenizer.pad_id, plan.guidance)
 
     # -- continuous batching (stepwise samplers) ---------------------------------------------------------
     def begin_job(self, job: Job, plan: Plan) -> Trajectory:

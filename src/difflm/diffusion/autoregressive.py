@@ -25,6 +25,7 @@ class Autoregressive(Process):
     exact_likelihood = True
     # the length is modelled by [EOS] like any token (lines mode): no length prior is drawn or added
     generates_length = True
+    input_shift = 1  # the network reads [BOS] + x: row position i sits at input position i + 1
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
         super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)

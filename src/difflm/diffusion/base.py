@@ -178,5 +178,7 @@ class Process(nn.Module):
 
     def nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
-        terms = self.bound_terms(model, batch, generator=generator)
+        from ..models.seq2seq import bind_source
+
+        terms = self.bound_terms(bind_source(model, self, batch.tokens), batch, generator=generator)
         return terms.double().sum(-1) + self.sequence_terms(batch).double()

@@ -12,6 +12,7 @@ from torch import nn
 from ..data.datasets import TokenDataset
 from ..diffusion.base import Process, low_discrepancy_uniform
 from ..errors import DiffLMError
+from ..models.seq2seq import bind_source
 from ..precision import autocast
 from ..rng import uniform
 
@@ -101,7 +102,7 @@ def evaluate(
         batch.u = low_discrepancy_uniform(u0, len(rows)).to(dev)
         gen = torch.Generator(device=dev).manual_seed(hash((seed, k, b)) & 0x7FFFFFFF)
         with amp:
-            acc[k] += nelbo(model, batch, generator=gen).sum().item()
+            acc[k] += nelbo(bind_source(model, process, batch.tokens), batch, generator=gen).sum().item()
         if k == 0:
             n_tokens += batch.n_tokens
             n_seq += len(rows)

@@ -10,7 +10,7 @@ learned token-embedding table that defines the diffusion space. It knows no diff
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ class TransformerConfig(BackboneConfig):
     dropout: float = option(0.0, ge=0, lt=1)
     d_time: int = option(128, "width of the time embedding (time-conditioned families)", ge=2)
     rope_base: float = option(10000.0, gt=1)
+    encoder_layers: int = option(0, "seq2seq: layers of a bidirectional source encoder that every block reads by "
+                                    "cross-attention, target positions numbered from 0 (CMLM / DiffuSeq-v2); 0: one "
+                                    "stream, the source as given tokens", ge=0)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
@@ -56,9 +59,12 @@ class Rotary(nn.Module):
         self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1), persistent=False)
 
     def forward(self, x: Tensor, offset: int, positions: Tensor | None = None) -> Tensor:  # x: (B, H, L, Dh)
+        """positions: (L,) shared by the rows, or (B, L) one numbering per row (encoder-decoder targets)."""
         L = x.shape[-2]
         idx = slice(offset, offset + L) if positions is None else positions
         cos, sin = self.cos[idx].to(x.dtype), self.sin[idx].to(x.dtype)
+        if cos.dim() == 3:  # (B, L, Dh) -> (B, 1, L, Dh): every head of a row
+            cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -166,6 +172,51 @@ def time_condition(model: nn.Module, t: Tensor | None, B: int) -> Tensor | None:
     return model.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, model.cfg.d_time))
 
 
+@dataclass
+class Memory:
+    """A source as the encoder read it: ``states`` (B, S, D), ``mask`` (B, S) True at real source positions (the
+    rest is padding no query attends to), ``start`` (B,) where each row's target begins in the decoder's input:
+    the decoder numbers positions from there (0 at the target's [BOS]) and does not attend to what lies before.
+    ``kv`` keeps each layer's rotated cross-attention keys and values once computed (sampling, not training)."""
+
+    states: Tensor
+    mask: Tensor
+    start: Tensor
+    kv: dict = field(default_factory=dict)
+
+    def rows(self, idx: Tensor) -> Memory:
+        return Memory(self.states[idx], self.mask[idx], self.start[idx],
+                      {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()})
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder (B, L, D) over the encoder's states (B, S, D), padded source positions masked.
+    Rotary on both sides (target positions from 0, source positions from 0) biases attention towards the
+    monotone alignment most seq2seq pairs have without ruling any other out."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, memory: Memory, rope: Rotary, positions: Tensor, layer: int) -> Tensor:
+        B, L, D = x.shape
+        S, H = memory.states.shape[1], self.n_head
+        q = rope(self.q(x).view(B, L, H, D // H).transpose(1, 2), 0, positions)
+        kv = memory.kv.get(layer)
+        if kv is None or kv[0].dtype != q.dtype:
+            k, v = self.kv(memory.states.to(x.dtype)).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+            kv = rope(k, 0), v
+            if not (self.training and torch.is_grad_enabled()):
+                memory.kv[layer] = kv
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=memory.mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -187,7 +238,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    """Pre-norm block: self-attention, then (decoders of an encoder-decoder model) cross-attention to the source,
+    then the MLP; with adaLN-zero time conditioning when the config asks for it and ``timed``."""
+
+    def __init__(self, cfg: TransformerConfig, *, cross: bool = False, timed: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
@@ -199,15 +253,21 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
         # adaLN-zero: shift, scale, gate for attention and MLP, zero-initialised so each block starts as identity
-        self.ada = nn.Linear(cfg.d_time, 6 * cfg.d_model) if cfg.time_conditioning else None
+        self.ada = nn.Linear(cfg.d_time, 6 * cfg.d_model) if cfg.time_conditioning and timed else None
+        self.norm_x = nn.LayerNorm(cfg.d_model) if cross else None
+        self.cross = CrossAttention(cfg) if cross else None
 
-    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset, positions=None, store=None):
+    def forward(self, x, rope, c, attn_mask, causal, cache, layer, offset, positions=None, store=None, memory=None):
         if self.ada is None:
             x = x + self.drop(self.attn(self.norm1(x), rope, attn_mask, causal, cache, layer, offset, positions, store))
+            if self.cross is not None:
+                x = x + self.drop(self.cross(self.norm_x(x), memory, rope, positions, layer))
             return x + self.drop(self.mlp(self.norm2(x)))
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
         h = self.norm1(x) * (1 + sc1) + sh1
         x = x + g1 * self.drop(self.attn(h, rope, attn_mask, causal, cache, layer, offset, positions, store))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.norm_x(x), memory, rope, positions, layer))
         h = self.norm2(x) * (1 + sc2) + sh2
         return x + g2 * self.drop(self.mlp(h))
 
@@ -229,7 +289,11 @@ class Transformer(Backbone):
         if cfg.d_embed:
             self.in_proj = nn.Linear(emb * (2 if cfg.self_conditioning else 1), cfg.d_model)
         self.rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_base)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        if cfg.encoder_layers:  # the source encoder: bidirectional, time-free; its own embedding in embedding diffusion
+            self.encoder = nn.ModuleList(Block(cfg, timed=False) for _ in range(cfg.encoder_layers))
+            self.encoder_norm = nn.LayerNorm(cfg.d_model)
+            self.source_embed = nn.Embedding(cfg.vocab_size, cfg.d_model) if cfg.d_embed else None
+        self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
         if cfg.aux_outputs:  # a second prediction per position (the edit family's tagger)
@@ -245,7 +309,7 @@ class Transformer(Backbone):
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 std = 0.02
-                if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                if name.endswith(("attn.proj.weight", "mlp.2.weight", "cross.proj.weight")):
                     std = 0.02 / math.sqrt(2 * self.cfg.n_layer)  # GPT-2 residual scaling
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
@@ -269,7 +333,7 @@ class Transformer(Backbone):
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
         cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
         positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None,
-        head: str = "token",
+        head: str = "token", memory: Memory | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
@@ -277,12 +341,19 @@ class Transformer(Backbone):
         positions: optional (L,) long RoPE positions (default: cache length + 0..L−1; block diffusion feeds
         [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it;
         prev: where each position's preceding token sits (read only by shifted backbones: ``Llama``);
-        head: "token" (logits) or "aux" (the auxiliary head, ``cfg.aux_outputs`` wide).
+        head: "token" (logits) or "aux" (the auxiliary head, ``cfg.aux_outputs`` wide);
+        memory: the encoded source (``encode``), required when ``cfg.encoder_layers`` > 0.
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""
         B, L = x.shape[:2]
         offset = sequence_offset(self.cfg.max_len, L, cache, positions)
+        if self.cfg.encoder_layers:
+            if memory is None:
+                raise ValueError("this model reads its source through an encoder: call it with memory=encode(...)")
+            if attn_mask is not None or positions is not None:
+                raise ValueError("an encoder-decoder model sets its own attention mask and positions")
+            attn_mask, positions = self.target_view(memory.start, offset, L, cache)
         if self.cfg.d_embed:
             if self.cfg.self_conditioning:
                 x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], -1)
@@ -291,7 +362,7 @@ class Transformer(Backbone):
             h = self.embed(x)
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
+            h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store, memory)
         h = self.norm_f(h)
         if c is not None:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
@@ -299,3 +370,28 @@ class Transformer(Backbone):
         if select is not None:
             h = h[select]
         return self.aux_head(h) if head == "aux" else self.head(h)
+
+    def encode(self, source: Tensor, mask: Tensor, start: Tensor) -> Memory:
+        """The source encoder (``cfg.encoder_layers`` > 0): tokens (B, S), left-aligned with ``mask`` (B, S) True at
+        real positions, read bidirectionally at positions 0..S−1 with padding masked; ``start`` (B,) where each
+        row's target begins in the decoder's input. It never sees a target token."""
+        mask = mask.clone()
+        mask[:, 0] |= ~mask.any(-1)  # an empty source still has one (padding) key, so no attention row is empty
+        h = self.embed(source) if self.source_embed is None else self.source_embed(source)
+        keys = mask[:, None, None, :]
+        for i, blk in enumerate(self.encoder):
+            h = blk(h, self.rope, None, keys, False, None, i, 0)
+        return Memory(self.encoder_norm(h), mask, start)
+
+    def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1:
+        positions count from each row's ``start``; a query attends to keys at or after it (causally when the
+        family is causal) and to itself (so the unused queries before ``start`` stay finite)."""
+        T = offset + L if cache is not None else L
+        q = torch.arange(offset, offset + L, device=start.device)
+        k = torch.arange(T, device=start.device) if cache is not None else q
+        allowed = (k[None, None, :] >= start[:, None, None]).expand(-1, L, -1)
+        if self.cfg.causal:
+            allowed = allowed & (k[None, :] <= q[:, None])[None]
+        allowed = allowed | (k[None, :] == q[:, None])[None]
+        return allowed[:, None], (q[None, :] - start[:, None]).clamp(min=0)

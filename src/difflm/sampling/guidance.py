@@ -25,7 +25,8 @@ class ClassifierFreeGuidance(nn.Module):
 
     def rows(self, idx: Tensor) -> ClassifierFreeGuidance:
         """The same guidance for a subset of the batch's rows (samplers that call the network on some rows)."""
-        return ClassifierFreeGuidance(self.model, self.source[idx], self.null_id, self.w)
+        inner = self.model.rows(idx) if callable(getattr(self.model, "rows", None)) else self.model
+        return ClassifierFreeGuidance(inner, self.source[idx], self.null_id, self.w)
 
     def forward(self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
                 cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
@@ -37,13 +38,20 @@ class ClassifierFreeGuidance(nn.Module):
         if self.w == 0:
             return out
         src = self.source[:, offset : offset + x.shape[1]]
+        null = getattr(self.model, "null", None)
+        if callable(null):  # an encoder-decoder: the unconditional stream reads the dropped source
+            uncond = null(self.null_id)(x, t, cache=self._ucache(cache), **kw)
+            return (1 + self.w) * out - self.w * uncond
         if x.dtype == torch.long:
             xu = torch.where(src, torch.full_like(x, self.null_id), x)
         else:  # embedding diffusion: the given positions hold clean embeddings
             null = self.model.embed.weight[self.null_id].to(x.dtype)
             xu = torch.where(src[..., None], null.expand_as(x), x)
-        ucache = None
-        if cache is not None:  # the unconditional stream keeps its own KV cache (autoregressive sampling)
-            ucache = self._caches.setdefault(id(cache), KVCache(len(self.model.blocks), cache.capacity))
-        uncond = self.model(xu, t, cache=ucache, **kw)
+        uncond = self.model(xu, t, cache=self._ucache(cache), **kw)
         return (1 + self.w) * out - self.w * uncond
+
+    def _ucache(self, cache: KVCache | None) -> KVCache | None:
+        """The unconditional stream's own KV cache (autoregressive sampling)."""
+        if cache is None:
+            return None
+        return self._caches.setdefault(id(cache), KVCache(len(self.model.blocks), cache.capacity))

@@ -26,6 +26,7 @@ from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
 from ..io import atomic_write_text, fault_point, read_json
+from ..models.seq2seq import bind_source
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -218,7 +219,7 @@ class Trainer:
                 sync = nullcontext() if (dist.world == 1 or m == t.grad_accum - 1) else net.no_sync()
                 with sync:
                     with amp:
-                        terms = process.loss(net, b)
+                        terms = process.loss(bind_source(net, process, b.tokens), b)
                     loss = terms.float().sum() * (dist.world / n_tok)  # DDP averages over ranks
                     loss.backward()
                 loss_sum += terms.detach().float().sum().item()

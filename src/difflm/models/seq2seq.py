@@ -1,0 +1,72 @@
+"""Encoder-decoder seq2seq (CMLM / Mask-Predict, DiffuSeq-v2): the network reads the source through an encoder.
+
+Rows keep the pairs layout every family and sampler knows (source, [BOS], target, [EOS]…; the source fixed); a
+``SourceReader`` hands the backbone the encoded source of each row (``Transformer.encode``) and the decoder reads
+only the target, numbered from 0 at its [BOS], plus the source by cross-attention. Processes, samplers and the
+trainer call the reader like the network itself (``bind_source`` wraps a network for a batch of rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..data.datasets import source_mask
+from .transformer import Memory
+
+
+def reads_source(model: nn.Module) -> bool:
+    """Whether ``model`` (or the network inside a DDP or guidance wrapper) is an encoder-decoder."""
+    net = getattr(model, "module", model)
+    return getattr(getattr(net, "cfg", None), "encoder_layers", 0) > 0
+
+
+class SourceReader(nn.Module):
+    """``model`` called with each row's encoded source: ``source`` (B, S) left-aligned, ``mask`` (B, S) True at
+    real source positions, ``start`` (B,) where each row's target begins in the network's input. The source is
+    encoded once per reader, or at every call while training (so gradients reach the encoder)."""
+
+    def __init__(self, model: nn.Module, source: Tensor, mask: Tensor, start: Tensor,
+                 memory: Memory | None = None) -> None:
+        super().__init__()
+        self.model, self.source, self.mask, self.start, self._memory = model, source, mask, start, memory
+        net = getattr(model, "module", model)  # what samplers and processes read off the backbone
+        self.cfg, self.blocks, self.embed = net.cfg, net.blocks, net.embed
+
+    @classmethod
+    def for_rows(cls, model: nn.Module, tokens: Tensor, bos_id: int, shift: int = 0) -> SourceReader:
+        """The reader for rows ``tokens`` (B, L) in pairs layout (the source before the first [BOS]); ``shift``:
+        how far the family's network input lies right of the rows (1 for the autoregressive baseline)."""
+        n = source_mask(tokens, bos_id).sum(-1) - 1  # source length: the positions before the [BOS]
+        S = max(int(n.max()), 1) if len(n) else 1
+        mask = torch.arange(S, device=tokens.device)[None, :] < n[:, None]
+        return cls(model, tokens[:, :S], mask, n + shift)
+
+    def rows(self, idx: Tensor) -> SourceReader:
+        """The reader for a subset of the rows (samplers that call the network on some rows)."""
+        mem = None if self._memory is None else self._memory.rows(idx)
+        return SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], mem)
+
+    def null(self, null_id: int) -> SourceReader:
+        """The same rows with the source dropped (every source token [PAD], as ``train.cond_dropout`` trains it):
+        classifier-free guidance's unconditional stream."""
+        src = torch.where(self.mask, torch.full_like(self.source, null_id), self.source)
+        return SourceReader(self.model, src, self.mask, self.start)
+
+    def memory(self) -> Memory:
+        net = getattr(self.model, "module", self.model)
+        if self.model.training and torch.is_grad_enabled():
+            return net.encode(self.source, self.mask, self.start)
+        if self._memory is None:
+            self._memory = net.encode(self.source, self.mask, self.start)
+        return self._memory
+
+    def forward(self, x: Tensor, t: Tensor | None = None, **kw) -> Tensor:
+        return self.model(x, t, memory=self.memory(), **kw)
+
+
+def bind_source(model: nn.Module, process, tokens: Tensor) -> nn.Module:
+    """``model`` reading the source of the rows ``tokens`` (B, L) when it is an encoder-decoder, else itself."""
+    if isinstance(model, SourceReader) or not reads_source(model):
+        return model
+    return SourceReader.for_rows(model, tokens, process.bos_id, getattr(process, "input_shift", 0))
