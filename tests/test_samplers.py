@@ -234,3 +234,48 @@ def test_remdm_keeps_the_marginals_so_the_exact_denoiser_samples_the_distributio
     assert chi2_gof(coarse_out.tokens, seqs, p) < 1e-4
     with pytest.raises(DiffLMError, match="strategy"):
         get_sampler("remdm", proc(), strategy="loop")
+
+
+def test_mask_predict_with_one_iteration_is_one_shot_argmax(toy):
+    seqs, p, model = toy
+    cond = Conditioning(torch.tensor([[0, 1, 2]] * 6), torch.tensor([[False, True, False]] * 3 + [[False] * 3] * 3))
+    out = get_sampler("mask-predict", proc())(model, proc(), cond, steps=1, seed=0)
+    x0 = cond.initial(TOY_MASK)
+    logp = proc().log_probs(model, x0, torch.ones(6))
+    want = torch.where(cond.fixed, cond.tokens, logp.argmax(-1))
+    assert torch.equal(out.tokens, want) and (out.nfe == 1).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(steps=st.integers(1, 6), seed=st.integers(0, 10**6), greedy=st.booleans(),
+       fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L))
+def test_mask_predict_fills_every_mask_keeps_the_given_tokens_and_is_batch_invariant(toy, steps, seed, greedy, fixed):
+    seqs, p, model = toy
+    smp = get_sampler("mask-predict", proc(), greedy=greedy)
+    cond = Conditioning(torch.tensor([[2, 0, 1]] * 5), torch.tensor([fixed] * 5))
+    out = smp(model, proc(), cond, steps=steps, seed=seed)
+    assert (out.tokens < TOY_V).all() and torch.equal(out.tokens[cond.fixed], cond.tokens[cond.fixed])
+    assert (out.nfe == steps).all()
+    part = smp(model, proc(), cond.rows(slice(3, 5)), steps=steps, seed=seed, rows=torch.tensor([3, 4]))
+    assert torch.equal(part.tokens, out.tokens[3:])
+
+
+def test_mask_predict_remasks_decoded_tokens_of_low_probability():
+    """A network sure of position 0 and unsure of position 1 at the first iteration, then sure of position 1 once
+    position 0 is seen: with T = 2 the unsure token is re-masked and predicted again (one-shot keeps it)."""
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t=None, select=None, **kw):
+            B, L = x.shape
+            out = torch.zeros(B, L, TOY_V + 2)
+            out[:, 0, 0] = 5.0  # position 0: token 0, sure
+            seen = (x[:, 0] == 0).float()[:, None]
+            out[:, 1, 1] = 0.2 + 5 * seen  # position 1: 1 vs 2 nearly even until position 0 is decoded
+            out[:, 1, 2] = 0.3 - 5 * seen
+            out[:, 2, 2] = 5.0
+            return out if select is None else out[select]
+
+    cond = Conditioning.unconditional(1, TOY_L)
+    one = get_sampler("mask-predict", proc())(Net(), proc(), cond, steps=1).tokens
+    two = get_sampler("mask-predict", proc())(Net(), proc(), cond, steps=2).tokens
+    assert one.tolist() == [[0, 2, 2]] and two.tolist() == [[0, 1, 2]]

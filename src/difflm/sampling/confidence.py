@@ -148,3 +148,59 @@ class ThresholdDecoding(ConfidenceDecoding):
     def _keep(self, cand: Tensor, score: Tensor, rank: Tensor, calls_left: Tensor) -> Tensor:
         """Every candidate above τ, and at least the best one."""
         return cand & ((score > self.options.threshold) | (rank == 0))
+
+
+@dataclass
+class MaskPredictOptions:
+    greedy: bool = option(True, "take each position's most probable token (Mask-Predict); false: draw it")
+
+
+@register_sampler
+class MaskPredict(Sampler):
+    """Mask-Predict (Ghazvininejad et al. 2019, §3.2): T = ``steps`` iterations over the N free positions of a row.
+    Iteration 0 predicts every position; iteration t re-masks the n = ⌊N·(T−t)/T⌋ positions of lowest probability
+    — among all of them, decoded ones included, so an early mistake can be undone — and predicts those again, each
+    keeping the probability it had when last predicted. T = 1 is one-shot argmax. ``greedy`` false draws the tokens
+    from x̂0 (keyed on (seed, row, iteration)) instead of taking the argmax."""
+
+    name = "mask-predict"
+    families = ("masked",)
+    Options = MaskPredictOptions
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: MaskedDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        rows = self.default_rows(cond, rows, steps)
+        B, L = cond.shape
+        m = process.mask_id
+        x = cond.initial(m)
+        free = ~cond.fixed
+        N = free.sum(-1)
+        p = torch.zeros(B, L, dtype=torch.float64, device=x.device)  # probability of each position's token
+        nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+        for it in range(steps):
+            masked = x == m
+            t = (masked.sum(-1).double() / N.clamp_min(1).double()).float()  # the masked fraction
+            logp = process.log_probs(model, x, t, select=masked)  # (K, V) at the masked positions
+            nfe += 1
+            probs = probs_from_logits(logp, temperature, top_p)
+            if self.options.greedy:
+                tok = probs.argmax(-1)
+            else:
+                tok = sample_categorical(probs, uniform(seed, rows, it, L, stream=8)[masked])
+            x = x.clone()
+            x[masked] = tok
+            p[masked] = probs.gather(-1, tok[:, None])[:, 0]
+            if it + 1 < steps:  # re-mask the n least probable free positions of each row
+                n = torch.div(N * (steps - 1 - it), steps, rounding_mode="floor")
+                score = torch.where(free, p, torch.full_like(p, math.inf))
+                order = torch.sort(score, dim=-1, stable=True).indices  # ascending; ties by position
+                rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand_as(order))
+                x[free & (rank < n[:, None])] = m
+            if on_step is not None:
+                on_step(StepInfo(steps - it, steps, float(steps - it) / steps, float(steps - it - 1) / steps, x,
+                                 nfe.clone()))
+        return SampleOutput(x, nfe)
