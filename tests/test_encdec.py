@@ -139,3 +139,45 @@ def test_encoder_decoder_models_learn_reversal_and_reload(learned, family):
         [o.prediction for o in lm.generate_targets(srcs, steps=16, seed=3, bf16=False, batch_size=6)]
     res = lm.evaluate("valid", samples=1, batch_size=32)
     assert res.nelbo < 0.1 * SRC_LEN, res  # nats per target token: the reversal is nearly certain
+
+
+def greedy_by_full_passes(lm: DiffusionLM, source: str) -> str:
+    """The AR model's greedy translation, one full forward pass per token (no KV cache): a second route."""
+    tok = lm.tokenizer
+    ids = tok.encode(source) + [tok.bos_id]
+    L = lm.seq_len
+    x = torch.tensor([ids + [tok.eos_id] * (L - len(ids))])
+    for i in range(len(ids), L):
+        with torch.no_grad():
+            logits = lm.process.logits(bind_source(lm.model, lm.process, x), x)
+        x[0, i] = logits[0, i].argmax()
+        if x[0, i] == tok.eos_id:
+            break
+    out = x[0, len(ids):].tolist()
+    return tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
+
+
+def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path, capsys):
+    import json
+
+    from difflm.cli import main
+
+    d, lm = learned["autoregressive"]
+    src = tmp_path / "pairs.jsonl"
+    pairs = load_pairs(lm.run.data, "valid")[:6]
+    src.write_text("".join(json.dumps({"id": i, "source": s, "target": t}) + "\n" for i, (s, t) in enumerate(pairs)))
+    out = tmp_path / "distilled.jsonl"
+    assert main(["distill-data", str(d / "run"), str(src), str(out), "--fp32"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(6)) and [r["reference"] for r in rows] == [t for _, t in pairs]
+    for r in rows:
+        assert r["target"] == greedy_by_full_passes(lm, r["source"])
+    assert main(["distill-data", str(d / "run"), str(src), str(out)]) == 2  # exists: --overwrite needed
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source": "a b", "target": " "}) + "\n")
+    assert main(["distill-data", str(d / "run"), str(bad), str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "pair 1 has an empty target" in err and "Traceback" not in err
+    md, _ = learned["masked"]
+    assert main(["distill-data", str(md / "run"), str(src), str(tmp_path / "y.jsonl")]) == 2
+    assert "needs the autoregressive teacher" in capsys.readouterr().err

@@ -81,8 +81,14 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[str, ...
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """(source, target) pairs of a JSONL file with one ``{"source": ..., "target": ...}`` object per line."""
-    return read_jsonl(path, ("source", "target"))
+    """(source, target) pairs of a JSONL file with one ``{"source": ..., "target": ...}`` object per line; an
+    empty source or target is a one-line error naming the line."""
+    pairs = read_jsonl(path, ("source", "target"))
+    for n, (src, tgt) in enumerate(pairs, 1):
+        if not src.strip() or not tgt.strip():
+            raise DiffLMError(f"{path}: pair {n} has an empty {'source' if not src.strip() else 'target'}; "
+                              "remove it or fill it in")
+    return pairs
 
 
 def load_pairs(cfg, split: str) -> list[tuple[str, str]]:

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.autoregressive import Autoregressive
 from ..errors import DiffLMError
 from ..models.transformer import KVCache
-from ..registry import register_sampler
+from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
 
+@dataclass
+class AutoregressiveOptions:
+    greedy: bool = option(False, "take the most probable next token (greedy decoding) instead of drawing it")
+
+
 @register_sampler
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
     families = ("autoregressive",)
+    Options = AutoregressiveOptions
     step_free = True
 
     @torch.no_grad()
@@ -44,8 +52,11 @@ class AutoregressiveSampler(Sampler):
         for i in range(P, L):
             logits = logits.float()
             logits[:, process.never] = float("-inf")
-            probs = probs_from_logits(logits, temperature, top_p)
-            tok = sample_categorical(probs, uniform(seed, rows, i, 1)[:, 0])
+            if self.options.greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = probs_from_logits(logits, temperature, top_p)
+                tok = sample_categorical(probs, uniform(seed, rows, i, 1)[:, 0])
             x[:, i] = torch.where(cond.fixed[:, i], x[:, i], tok)
             if on_step is not None:
                 on_step(StepInfo(L - i, L - P, 1 - i / L, 1 - (i + 1) / L, x, nfe.clone()))
