@@ -16,6 +16,7 @@ import torch
 
 from difflm.data import build_dataset
 from difflm.data.datasets import drop_condition
+from difflm.models.seq2seq import bind_source
 from difflm.pipeline import DiffusionLM
 
 
@@ -45,7 +46,8 @@ def main() -> None:
             tot = torch.zeros(b.tokens.shape, dtype=torch.float64)
             for _ in range(draws):
                 with torch.no_grad():
-                    tot += lm.process.bound_terms(lm.model, batch, g).double() / draws
+                    net = bind_source(lm.model, lm.process, batch.tokens)  # encoder-decoders read this source
+                    tot += lm.process.bound_terms(net, batch, g).double() / draws
             cells[name] = (float(tot[words].sum() / words.sum()), float(tot[fill].sum() / fill.sum().clamp_min(1)))
         print(f"| {lm.run.name} | {cells['with'][0]:.3f} | {cells['without'][0]:.3f} | "
               f"{cells['with'][1]:.3f} / {cells['without'][1]:.3f} |", flush=True)

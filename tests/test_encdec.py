@@ -181,3 +181,81 @@ def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path,
     md, _ = learned["masked"]
     assert main(["distill-data", str(md / "run"), str(src), str(tmp_path / "y.jsonl")]) == 2
     assert "needs the autoregressive teacher" in capsys.readouterr().err
+
+
+def test_a_given_fill_is_fixed_and_unmodelled_and_target_lengths_are_counted():
+    from difflm.data.datasets import make_batch, target_lengths
+
+    tok = train_char(["abcdefgh"])
+    x = rows(tok, [("abc", "de"), ("a", "bcdefg")], L=12)
+    b = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id, fill_given=True)
+    assert target_lengths(x, tok.bos_id, tok.eos_id).tolist() == [2, 6]
+    assert b.loss_mask.sum(-1).tolist() == [2, 6] and torch.equal(b.fixed, ~b.loss_mask)
+    eos = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    assert eos.loss_mask.sum(-1).tolist() == [8, 10]  # the fill is modelled when the length is not predicted
+
+
+def test_the_bound_of_a_length_predicting_model_adds_the_length_term():
+    """nelbo = the target tokens' bound (with the fill given) + −log p(ℓ | source): two routes to the same number."""
+    tok = train_char(["abcdefgh ijklmnop"])
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "autoregressive"},
+                               "data": {"corpus": "pairs", "seq_len": 16, "target_length": "predicted"}})
+    torch.manual_seed(0)
+    model, process = build_components(run, tok)
+    model.eval()
+    assert model.cfg.length_classes == 17
+    from difflm.data.datasets import make_batch, target_lengths
+
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+    b = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id, fill_given=True)
+    with torch.no_grad():
+        total = process.nelbo(model, b)
+        r = bind_source(model, process, x)
+        tokens = process.bound_terms(r, b).double().sum(-1)
+        lp = torch.log_softmax(model.encode(r.source, r.mask, r.start).length_logits, -1)
+    n = target_lengths(x, tok.bos_id, tok.eos_id)
+    assert torch.allclose(total, tokens - lp[torch.arange(2), n].double(), atol=1e-5)
+
+
+def test_length_prediction_needs_an_encoder():
+    tok = train_char(["abc"])
+    with pytest.raises(DiffLMError, match="needs an encoder-decoder"):
+        build_components(RunConfig.from_dict({"data": {"corpus": "pairs", "target_length": "predicted"}}), tok)
+    with pytest.raises(DiffLMError, match="eos or predicted"):
+        RunConfig.from_dict({"data": {"corpus": "pairs", "target_length": "maybe"}})
+
+
+def write_doubling(d, n_train: int = 3000) -> None:
+    """Sources of 1–4 words; the target is the source twice over, so its length is a deterministic rule (2n)."""
+    import json
+    import random
+
+    r = random.Random(0)
+    for split, n in (("train", n_train), ("valid", 64), ("test", 64)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                src = [r.choice("abcdef") for _ in range(r.randint(1, 4))]
+                f.write(json.dumps({"source": " ".join(src), "target": " ".join(src + src)}) + "\n")
+
+
+def test_the_length_predictor_learns_a_deterministic_rule_and_mask_predict_decodes_with_it(tmp_path):
+    from difflm.training.trainer import Trainer
+
+    write_doubling(tmp_path)
+    run = pairs_run(tmp_path, {"type": "masked"}, max_steps=300)
+    run = RunConfig.from_dict({**run.to_dict(), "model": {"n_layer": 2, "n_head": 2, "d_model": 64,
+                                                          "encoder_layers": 2},
+                               "data": {**run.to_dict()["data"], "target_length": "predicted", "seq_len": 14},
+                               "sample": {"sampler": "mask-predict", "steps": 4}})
+    Trainer(run, tmp_path / "run", progress=False).fit()
+    lm = DiffusionLM.from_pretrained(tmp_path / "run", device="cpu")
+    pairs = load_pairs(lm.run.data, "test")
+    srcs = [s for s, _ in pairs]
+    best = lm._length_beam([lm.tokenizer.encode(s) for s in srcs], 1)
+    right = sum(b[0] == 2 * len(s.split()) for b, s in zip(best, srcs)) / len(srcs)
+    assert right >= 0.95, right
+    outs = lm.generate_targets(srcs, bf16=False, length_beam=2)
+    exact = sum(o.prediction == t for o, (_, t) in zip(outs, pairs)) / len(pairs)
+    assert exact >= 0.9, (exact, [(o.source, o.prediction) for o in outs[:4]])
+    assert all(len(o.candidates) == 2 for o in outs)

@@ -98,7 +98,7 @@ def test_bench_sampling_reports_quality_and_speed_for_every_sampler(markov_model
     rows = json.loads(capsys.readouterr().out)["rows"]
     by = {(r["sampler"], r["steps"]): r for r in rows}
     assert {r["sampler"] for r in rows} == {"ancestral", "cached", "first-hitting", "remdm", "confidence",
-                                            "threshold"}
+                                            "threshold", "mask-predict"}
     L = models["masked"].seq_len
     assert by["ancestral", 32]["nfe"] == 32 and by["cached", 32]["nfe"] <= 32
     assert by["first-hitting", None]["nfe"] <= L  # at most one network call per token

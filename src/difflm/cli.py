@@ -380,7 +380,7 @@ def cmd_generate(a) -> int:
     outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
                                sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a),
-                               guidance=a.guidance, draft_from=drafts)
+                               guidance=a.guidance, draft_from=drafts, length_beam=a.length_beam)
     for o in outs:
         if a.json:
             print(json.dumps({"source": o.source, "prediction": o.prediction, "candidates": o.candidates,
@@ -517,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=count(1), default=16)
     g.add_argument("--guidance", type=number(), default=0.0,
                    help="classifier-free guidance weight w (models trained with train.cond_dropout > 0)")
+    g.add_argument("--length-beam", type=count(1), default=3,
+                   help="models that predict the target length (data.target_length predicted): decode this many "
+                        "most probable lengths and keep the best by the model's bound (Mask-Predict)")
     g.add_argument("--bootstrap-from", default=None, metavar="RUN",
                    help="edit models: revise this seq2seq model's translations (e.g. the AR model's) instead of "
                         "the sources (DiffusER's AR bootstrap)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,11 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
             model = cls(cls.Config(**fields))
         else:
             cfg = run.model.with_needs(process.backbone_needs(), tokenizer.vocab_size, run.data.seq_len)
+            if run.data.target_length == "predicted":
+                if not getattr(cfg, "encoder_layers", 0):
+                    raise DiffLMError("data.target_length predicted needs an encoder-decoder to predict the length "
+                                      "from: set model.encoder_layers (e.g. 3)")
+                cfg = replace(cfg, length_classes=run.data.seq_len + 1)
             model = registry.backbone(registry.backbone_kind(run.model))(cfg)
     except (ValueError, TypeError) as e:
         raise DiffLMError(f"bad model config: {e}") from None

@@ -34,12 +34,19 @@ class DataConfig:
     mode: str = "packed"  # packed: blocks of the token stream; lines: one padded line each; pairs: seq2seq
     seq_len: int = option(128, "tokens per row", ge=2)
     cache_dir: str | None = None  # where tokenized arrays are memory-mapped (default ~/.cache/difflm)
+    target_length: str = option("eos", "pairs: eos — the model writes the target and the [EOS] fill after it, the "
+                                "length where the first [EOS] lands; predicted — an encoder-decoder predicts the "
+                                "length from the source (Mask-Predict) and the fill after the target is given")
 
     def __post_init__(self) -> None:
         if self.corpus == "pairs" and self.mode == "packed":
             self.mode = "pairs"  # the only layout source/target pairs have
         if (self.corpus == "pairs") != (self.mode == "pairs"):
             raise DiffLMError("data.mode pairs goes with data.corpus pairs (JSONL source/target), and only with it")
+        if self.target_length not in ("eos", "predicted"):
+            raise DiffLMError(f"data.target_length must be eos or predicted, got {self.target_length!r}")
+        if self.target_length == "predicted" and self.mode != "pairs":
+            raise DiffLMError("data.target_length predicted is for seq2seq pairs (data.corpus pairs)")
 
 
 @dataclass

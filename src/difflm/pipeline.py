@@ -429,13 +429,16 @@ class DiffusionLM:
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
-        guidance: float = 0.0, draft_from: DiffusionLM | None = None,
+        guidance: float = 0.0, draft_from: DiffusionLM | None = None, length_beam: int = 3,
     ) -> list[Transduction]:
         """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
         BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
         guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
-        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources."""
+        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources. Models that predict
+        the target length (data.target_length predicted) decode the ``length_beam`` most probable lengths, each
+        ``candidates`` times, and keep the row of lowest bound on −log p(target, length | source) (Mask-Predict's
+        length beam, scored by the model's own bound)."""
         self.require_seq2seq()
         if draft_from is not None:
             if not self.process.revises_source:
@@ -447,35 +450,42 @@ class DiffusionLM:
             return [Transduction(src, o.prediction, o.candidates, o.nfe) for src, o in zip(sources, outs)]
         job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options,
-                                   guidance=guidance)
+                                   guidance=guidance, length_beam=length_beam)
         return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
 
     def prepare_targets(
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
-        sampler_options: dict | None = None, guidance: float = 0.0,
+        sampler_options: dict | None = None, guidance: float = 0.0, length_beam: int = 3,
     ) -> Job:
         """``generate_targets``'s rows as a Job (its answer a list of ``Transduction``), for ``run_jobs``."""
         from .evaluation.text_metrics import mbr_select
 
         self.require_seq2seq()
-        if candidates < 1:
-            raise DiffLMError("--candidates must be at least 1")
+        if candidates < 1 or length_beam < 1:
+            raise DiffLMError("--candidates and --length-beam must be at least 1")
         L, tok = self.seq_len, self.tokenizer
-        rows, fixed, starts = [], [], []
-        cut = 0
+        predicted = self.run.data.target_length == "predicted"
+        encoded, cut = [], 0
         for src in sources:
             ids = tok.encode(src.replace("\n", " "))
             if len(ids) > L // 2:  # as in training (datasets.pair_row): the source keeps its first L // 2 tokens
                 ids, cut = ids[: L // 2], cut + 1
-            row = [*ids, tok.bos_id] + [tok.mask_id] * (L - len(ids) - 1)
-            for _ in range(candidates):
-                rows.append(row)
-                fixed.append([True] * (len(ids) + 1) + [False] * (L - len(ids) - 1))
-                starts.append(len(ids) + 1)
+            encoded.append(ids)
         if cut:
             print(f"difflm: note: {cut} source(s) longer than {L // 2} tokens were cut to their first {L // 2}, as "
                   f"training cut them (data.seq_len={L} holds source and target)", file=sys.stderr)
+        lengths = self._length_beam(encoded, length_beam) if predicted else [[None] for _ in encoded]
+        rows, fixed, starts, owner = [], [], [], []
+        for i, (ids, lens) in enumerate(zip(encoded, lengths)):
+            room = L - len(ids) - 1
+            for n in lens:  # the target's length: free (None, the model places [EOS]) or predicted and given
+                free = room if n is None else n
+                for _ in range(candidates):
+                    rows.append([*ids, tok.bos_id] + [tok.mask_id] * free + [tok.eos_id] * (room - free))
+                    fixed.append([True] * (len(ids) + 1) + [False] * free + [True] * (room - free))
+                    starts.append(len(ids) + 1)
+                    owner.append(i)
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Transduction]:
@@ -483,15 +493,47 @@ class DiffusionLM:
             for r, a in zip(toks.tolist(), starts):
                 tgt = r if self.process.revises_source else r[a:]  # an edit model returns the source revised
                 texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+            bound = self._target_bound(toks) if predicted else None
             out = []
             for i, src in enumerate(sources):
-                cands = texts[i * candidates : (i + 1) * candidates]
-                pick = mbr_select(cands) if mbr and candidates > 1 else 0
-                mean_nfe = float(nfe[i * candidates : (i + 1) * candidates].float().mean())
-                out.append(Transduction(src, cands[pick], cands, mean_nfe))
+                mine = [j for j, o in enumerate(owner) if o == i]
+                cands = [texts[j] for j in mine]
+                if bound is not None:  # Mask-Predict: the length hypothesis (and sample) the model scores best
+                    pick = min(range(len(mine)), key=lambda k: float(bound[mine[k]]))
+                else:
+                    pick = mbr_select(cands) if mbr and candidates > 1 else 0
+                out.append(Transduction(src, cands[pick], cands, float(nfe[mine].float().mean())))
             return out
 
         return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p, guidance)
+
+    @torch.no_grad()
+    def _length_beam(self, sources: list[list[int]], k: int) -> list[list[int]]:
+        """The k most probable target lengths for each source (ids), under the encoder's length predictor, among
+        the lengths its row has room for (at least one token)."""
+        from .models.seq2seq import SourceReader
+
+        L, tok = self.seq_len, self.tokenizer
+        x = torch.tensor([[*ids, tok.bos_id] + [tok.eos_id] * (L - len(ids) - 1) for ids in sources])
+        reader = SourceReader.for_rows(self.model, x.to(self.device), tok.bos_id)
+        logp = reader.length_log_probs().cpu()
+        out = []
+        for ids, lp in zip(sources, logp):
+            room = L - len(ids) - 1
+            lp = lp[: room + 1].clone()
+            lp[0] = -math.inf  # an empty target is no translation
+            out.append(lp.topk(min(k, room)).indices.tolist())
+        return out
+
+    @torch.no_grad()
+    def _target_bound(self, toks: torch.Tensor, draws: int = 4) -> torch.Tensor:
+        """The model's bound on −log p(target, length | source) of sampled pairs rows (N, L) (the length term and
+        a mean over ``draws`` fixed time draws): the score Mask-Predict's length beam picks by. (N,)"""
+        tok = self.tokenizer
+        batch = make_batch(toks.to(self.device), tok.pad_id, tok.eos_id, "pairs", tok.bos_id, fill_given=True)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        draws = 1 if self.process.exact_likelihood else draws
+        return sum(self.process.nelbo(self.model, batch, generator=gen).cpu() for _ in range(draws)) / draws
 
     def evaluate(self, split: str = "valid", *, samples: int = 4, batch_size: int = 32, seed: int = 0,
                  max_batches: int | None = None, bf16: bool = True, progress: bool = False,

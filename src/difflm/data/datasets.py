@@ -8,6 +8,8 @@ pairs:  seq2seq, one pair per row: source, [BOS], target, then [EOS] up to L. Th
         separator are fixed (given, never noised, not modelled); the target and every [EOS] after it are
         modelled, so a sampler chooses the target's length by where it puts the first [EOS] (LLaDA's
         end-of-text filling). The AR baseline models the same positions, so the two bounds compare.
+        With data.target_length predicted the [EOS] fill is given instead (fixed, not modelled): an
+        encoder-decoder predicts the length from the source and pays −log p(length | source) in its bound.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def cache_root(cfg) -> Path:
 class TokenDataset:
     """Rows of token ids (N, L), int32, usually a read-only memory map."""
 
-    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str, eos_id: int, bos_id: int | None = None) -> None:
+    def __init__(self, tokens: np.ndarray, pad_id: int, mode: str, eos_id: int, bos_id: int | None = None,
+                 fill_given: bool = False) -> None:
         self.tokens, self.pad_id, self.mode, self.eos_id, self.bos_id = tokens, pad_id, mode, eos_id, bos_id
+        self.fill_given = fill_given  # pairs: the [EOS] fill after the target is given (data.target_length)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -52,7 +56,7 @@ class TokenDataset:
     def batch(self, idx) -> Batch:
         """Rows idx (a sequence of ints) as a Batch."""
         x = torch.from_numpy(np.asarray(self.tokens[np.asarray(idx)], dtype=np.int64))
-        return make_batch(x, self.pad_id, self.eos_id, self.mode, self.bos_id)
+        return make_batch(x, self.pad_id, self.eos_id, self.mode, self.bos_id, self.fill_given)
 
     def n_tokens(self) -> int:
         return int((np.asarray(self.tokens) != self.pad_id).sum())
@@ -63,13 +67,18 @@ class TokenDataset:
         return np.bincount(n, minlength=self.seq_len + 1)
 
 
-def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None) -> Batch:
+def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None,
+               fill_given: bool = False) -> Batch:
     """Batch of rows x (B, L): padding is never modelled; in lines mode [EOS] and [PAD] are fixed; in
-    pairs mode the source and its [BOS] separator are fixed and not modelled."""
+    pairs mode the source and its [BOS] separator are fixed and not modelled, and with ``fill_given`` so is
+    the [EOS] fill from the target's end on."""
     pad = x == pad_id
     if mode == "pairs":
         source = source_mask(x, bos_id)
-        return Batch(x, ~pad & ~source, source | pad)
+        given = source | pad
+        if fill_given:
+            given = given | target_fill(x, source, eos_id)
+        return Batch(x, ~given, given)
     fixed = (pad | (x == eos_id)) if mode == "lines" else torch.zeros_like(pad)
     return Batch(x, ~pad, fixed)
 
@@ -82,6 +91,17 @@ def source_mask(x: torch.Tensor, bos_id: int | None) -> torch.Tensor:
     if not bool((sep.sum(-1) > 0).all()):
         raise DiffLMError("a pairs row has no [BOS] separator between source and target")
     return (sep.cumsum(-1) - sep) == 0
+
+
+def target_fill(x: torch.Tensor, source: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, L) True from each pairs row's first [EOS] after its source on (the fill that ends the target)."""
+    return ((x == eos_id) & ~source).long().cumsum(-1) > 0
+
+
+def target_lengths(x: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
+    """(B,) the target's length in each pairs row: its tokens between the [BOS] and the first [EOS] after it."""
+    source = source_mask(x, bos_id)
+    return (~source & ~target_fill(x, source, eos_id)).sum(-1)
 
 
 def condition_positions(tokens: torch.Tensor, fixed: torch.Tensor, bos_id: int) -> torch.Tensor:
@@ -247,7 +267,8 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
             try:
                 arr = np.load(path, mmap_mode="r")
                 if arr.ndim == 2 and arr.shape[1] == cfg.seq_len:
-                    return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
+                    return TokenDataset(arr, tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id,
+                                        cfg.target_length == "predicted")
             except (ValueError, OSError):
                 pass  # a damaged cache file is rebuilt below
     path = _writable_cache(cache_root(cfg)) / name
@@ -260,4 +281,5 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     if truncated:
         what = "pairs" if cfg.mode == "pairs" else "lines"
         print(f"difflm: {truncated} {split} {what} longer than data.seq_len={cfg.seq_len} were truncated")
-    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id)
+    return TokenDataset(np.load(path, mmap_mode="r"), tokenizer.pad_id, cfg.mode, tokenizer.eos_id, tokenizer.bos_id,
+                        cfg.target_length == "predicted")

@@ -178,7 +178,9 @@ class Process(nn.Module):
 
     def nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
-        from ..models.seq2seq import bind_source
+        from ..models.seq2seq import bind_source, length_terms
 
-        terms = self.bound_terms(bind_source(model, self, batch.tokens), batch, generator=generator)
-        return terms.double().sum(-1) + self.sequence_terms(batch).double()
+        net = bind_source(model, self, batch.tokens)
+        terms = self.bound_terms(net, batch, generator=generator)
+        seq = self.sequence_terms(batch).double() + length_terms(net, self, batch.tokens).double()  # −log p(length)
+        return terms.double().sum(-1) + seq

@@ -9,9 +9,10 @@ trainer call the reader like the network itself (``bind_source`` wraps a network
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.datasets import source_mask
+from ..data.datasets import source_mask, target_lengths
 from .transformer import Memory
 
 
@@ -63,6 +64,27 @@ class SourceReader(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | None = None, **kw) -> Tensor:
         return self.model(x, t, memory=self.memory(), **kw)
+
+    @property
+    def predicts_length(self) -> bool:
+        """Whether the encoder predicts the target length (data.target_length predicted)."""
+        return getattr(self.cfg, "length_classes", 0) > 0
+
+    def length_log_probs(self) -> Tensor:
+        """log p(ℓ | source) over target lengths ℓ = 0..C−1: (B, C) float32."""
+        return F.log_softmax(self.memory().length_logits, dim=-1)
+
+    def length_nll(self, lengths: Tensor) -> Tensor:
+        """−log p(ℓ | source) of each row's target length ``lengths`` (B,): (B,), the bound's length term."""
+        return -self.length_log_probs().gather(-1, lengths[:, None].long())[:, 0]
+
+
+def length_terms(model: nn.Module, process, tokens: Tensor) -> Tensor:
+    """(B,) the bound's −log p(target length | source) for rows ``tokens`` when ``model`` (bound to them by
+    ``bind_source``) predicts the length, else zeros."""
+    if not (isinstance(model, SourceReader) and model.predicts_length):
+        return torch.zeros(tokens.shape[0], device=tokens.device)
+    return model.length_nll(target_lengths(tokens, process.bos_id, process.eos_id))
 
 
 def bind_source(model: nn.Module, process, tokens: Tensor) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..registry import BackboneNeeds, option, register_backbone
+from ..registry import BackboneNeeds, derived, option, register_backbone
 from .base import Backbone, BackboneConfig
 
 
@@ -35,6 +35,7 @@ class TransformerConfig(BackboneConfig):
     encoder_layers: int = option(0, "seq2seq: layers of a bidirectional source encoder that every block reads by "
                                     "cross-attention, target positions numbered from 0 (CMLM / DiffuSeq-v2); 0: one "
                                     "stream, the source as given tokens", ge=0)
+    length_classes: int = derived(0)  # > 0: the encoder predicts the target length 0..length_classes−1 (Mask-Predict)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
@@ -183,10 +184,12 @@ class Memory:
     mask: Tensor
     start: Tensor
     kv: dict = field(default_factory=dict)
+    length_logits: Tensor | None = None  # (B, C): the predicted target length's logits (cfg.length_classes)
 
     def rows(self, idx: Tensor) -> Memory:
         return Memory(self.states[idx], self.mask[idx], self.start[idx],
-                      {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()})
+                      {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()},
+                      None if self.length_logits is None else self.length_logits[idx])
 
 
 class CrossAttention(nn.Module):
@@ -293,6 +296,10 @@ class Transformer(Backbone):
             self.encoder = nn.ModuleList(Block(cfg, timed=False) for _ in range(cfg.encoder_layers))
             self.encoder_norm = nn.LayerNorm(cfg.d_model)
             self.source_embed = nn.Embedding(cfg.vocab_size, cfg.d_model) if cfg.d_embed else None
+            # Mask-Predict's length predictor: the mean of the encoder's states, plus an embedding of the source's
+            # length (a mean alone cannot count), -> the target length
+            self.length_head = nn.Linear(cfg.d_model, cfg.length_classes) if cfg.length_classes else None
+            self.source_length = nn.Embedding(cfg.max_len + 1, cfg.d_model) if cfg.length_classes else None
         self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
@@ -381,7 +388,13 @@ class Transformer(Backbone):
         keys = mask[:, None, None, :]
         for i, blk in enumerate(self.encoder):
             h = blk(h, self.rope, None, keys, False, None, i, 0)
-        return Memory(self.encoder_norm(h), mask, start)
+        h = self.encoder_norm(h)
+        length = None
+        if self.length_head is not None:
+            n = mask.sum(-1, keepdim=True)
+            pooled = (h * mask[..., None]).sum(1) / n.clamp_min(1) + self.source_length(n[:, 0])
+            length = self.length_head(pooled).float()
+        return Memory(h, mask, start, length_logits=length)
 
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import runfolder
@@ -26,7 +27,7 @@ from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
 from ..io import atomic_write_text, fault_point, read_json
-from ..models.seq2seq import bind_source
+from ..models.seq2seq import SourceReader, bind_source, length_terms
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -219,7 +220,11 @@ class Trainer:
                 sync = nullcontext() if (dist.world == 1 or m == t.grad_accum - 1) else net.no_sync()
                 with sync:
                     with amp:
-                        terms = process.loss(bind_source(net, process, b.tokens), b)
+                        bound = bind_source(net, process, b.tokens)
+                        terms = process.loss(bound, b)
+                        if isinstance(bound, SourceReader) and bound.predicts_length:  # Mask-Predict's length loss
+                            terms = terms + F.pad(length_terms(bound, process, b.tokens)[:, None],
+                                                  (0, terms.shape[1] - 1))
                     loss = terms.float().sum() * (dist.world / n_tok)  # DDP averages over ranks
                     loss.backward()
                 loss_sum += terms.detach().float().sum().item()

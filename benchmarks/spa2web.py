@@ -1,0 +1,109 @@
+"""Spanish -> English translation (../shared/data/spa2web) with encoder-decoder models trained for the same wall
+time: the AR baseline and the masked diffusion model share the shape, encoder included (presets spa2web-ar and
+spa2web-mdlm), next to copying the source.
+
+    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm]
+
+Per model: BLEU and chrF (sacrebleu), ROUGE-L, NFE and seconds per sentence on the first --test test verses; and
+source use, the model's bound on 64 validation targets (nats per target token) with the source and with it
+replaced by [PAD]. AR decodes greedily; the masked model with Mask-Predict (10 iterations) and with the ancestral
+sampler (32 steps). Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use
+within 20% of AR's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+from difflm.config import load_config
+from difflm.data import build_dataset
+from difflm.data.corpora import load_pairs
+from difflm.data.datasets import drop_condition, source_mask
+from difflm.evaluation.text_metrics import rouge_l
+from difflm.models.seq2seq import bind_source
+from difflm.pipeline import DiffusionLM
+from difflm.training.trainer import Trainer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
+DECODERS = {"ar": [("greedy", {"sampler": "autoregressive", "sampler_options": {"greedy": True}})],
+            "mdlm": [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+                     ("ancestral 32", {"sampler": "ancestral", "steps": 32})]}
+
+
+def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
+    """Nats per target token (the target's own tokens, up to its first [EOS]) with and without the source."""
+    tok = lm.tokenizer
+    b = build_dataset(lm.run.data, tok, "valid").batch(list(range(rows)))
+    fill = b.loss_mask & (b.tokens == tok.eos_id)
+    words = b.loss_mask & ~(fill & (fill.cumsum(-1) > 1)) & ~source_mask(b.tokens, tok.bos_id)
+    out = []
+    for batch in (b, drop_condition(b, torch.ones(len(b.tokens), dtype=torch.bool), tok.pad_id, tok.bos_id)):
+        draws = 1 if lm.process.family == "autoregressive" else 8
+        g = torch.Generator().manual_seed(0)
+        tot = torch.zeros(b.tokens.shape, dtype=torch.float64)
+        for _ in range(draws):
+            with torch.no_grad():
+                tot += lm.process.bound_terms(bind_source(lm.model, lm.process, batch.tokens), batch, g).double()
+        out.append(float(tot[words].sum() / draws / words.sum()))
+    return out[0], out[1]
+
+
+def scores(preds: list[str], refs: list[str]) -> dict:
+    return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score, "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
+            "rouge_l": rouge_l(preds, refs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--test", type=int, default=1141)
+    ap.add_argument("--models", default="ar,mdlm")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
+    ap.add_argument("--reuse", action="store_true", help="score runs already in --out instead of training them")
+    a = ap.parse_args()
+    test = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "test")[: a.test]
+    refs = [t for _, t in test]
+    out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads", "minutes": a.minutes, "test": len(test), "rows": []}
+    copy = scores([s for s, _ in test], refs)
+    out["rows"].append({"model": "copy the source", **copy})
+    for name in a.models.split(","):
+        run_dir = a.out / name
+        if not a.reuse:
+            run = load_config(f"spa2web-{name}", [f"data.path={DATA}", f"train.max_minutes={a.minutes}",
+                                                  "train.max_steps=1000000", "train.eval_every=1000000"])
+            Trainer(run, run_dir, overwrite=True, progress=False).fit()
+        lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
+        with_src, without = source_use(lm)
+        steps = json.loads((run_dir / "manifest.json").read_text())["step"]
+        for label, kw in DECODERS[name]:
+            t0 = time.perf_counter()
+            outs = lm.generate_targets([s for s, _ in test], batch_size=32, **kw)
+            sec = (time.perf_counter() - t0) / len(test)
+            row = {"model": f"{name} ({label})", **scores([o.prediction for o in outs], refs),
+                   "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_sentence": sec, "train_steps": steps,
+                   "nats_with_source": with_src, "nats_without_source": without}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps(out, indent=2))
+    print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses\n")
+    print("| model | BLEU | chrF | ROUGE-L | nats/token with source | without | NFE | s/sentence | train steps |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in out["rows"]:
+        extra = ("| – | – | – | – | – |" if "nfe" not in r else
+                 f"| {r['nats_with_source']:.2f} | {r['nats_without_source']:.2f} | {r['nfe']:.1f} | "
+                 f"{r['s_per_sentence']:.3f} | {r['train_steps']} |")
+        print(f"| {r['model']} | {r['bleu']:.1f} | {r['chrf']:.1f} | {r['rouge_l']:.1f} {extra}")
+
+
+if __name__ == "__main__":
+    main()
