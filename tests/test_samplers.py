@@ -247,11 +247,11 @@ def test_mask_predict_with_one_iteration_is_one_shot_argmax(toy):
 
 
 @settings(max_examples=15, deadline=None)
-@given(steps=st.integers(1, 6), seed=st.integers(0, 10**6), greedy=st.booleans(),
+@given(steps=st.integers(1, 6), seed=st.integers(0, 10**6), draw=st.booleans(),
        fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L))
-def test_mask_predict_fills_every_mask_keeps_the_given_tokens_and_is_batch_invariant(toy, steps, seed, greedy, fixed):
+def test_mask_predict_fills_every_mask_keeps_the_given_tokens_and_is_batch_invariant(toy, steps, seed, draw, fixed):
     seqs, p, model = toy
-    smp = get_sampler("mask-predict", proc(), greedy=greedy)
+    smp = get_sampler("mask-predict", proc(), draw=draw)
     cond = Conditioning(torch.tensor([[2, 0, 1]] * 5), torch.tensor([fixed] * 5))
     out = smp(model, proc(), cond, steps=steps, seed=seed)
     assert (out.tokens < TOY_V).all() and torch.equal(out.tokens[cond.fixed], cond.tokens[cond.fixed])

@@ -152,7 +152,8 @@ class ThresholdDecoding(ConfidenceDecoding):
 
 @dataclass
 class MaskPredictOptions:
-    greedy: bool = option(True, "take each position's most probable token (Mask-Predict); false: draw it")
+    draw: bool = option(False, "draw each token from x̂0 (keyed on seed, row, iteration) instead of Mask-Predict's "
+                               "argmax")
 
 
 @register_sampler
@@ -187,10 +188,10 @@ class MaskPredict(Sampler):
             logp = process.log_probs(model, x, t, select=masked)  # (K, V) at the masked positions
             nfe += 1
             probs = probs_from_logits(logp, temperature, top_p)
-            if self.options.greedy:
-                tok = probs.argmax(-1)
-            else:
+            if self.options.draw:
                 tok = sample_categorical(probs, uniform(seed, rows, it, L, stream=8)[masked])
+            else:
+                tok = probs.argmax(-1)
             x = x.clone()
             x[masked] = tok
             p[masked] = probs.gather(-1, tok[:, None])[:, 0]
