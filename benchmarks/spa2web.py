@@ -2,13 +2,14 @@
 time: the AR baseline and the masked diffusion model share the shape, encoder included (presets spa2web-ar and
 spa2web-mdlm), next to copying the source.
 
-    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm]
+    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len]
 
 Per model: BLEU and chrF (sacrebleu), ROUGE-L, NFE and seconds per sentence on the first --test test verses; and
 source use, the model's bound on 64 validation targets (nats per target token) with the source and with it
 replaced by [PAD]. AR decodes greedily; the masked model with Mask-Predict (10 iterations) and with the ancestral
-sampler (32 steps). Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use
-within 20% of AR's.
+sampler (32 steps); the masked model that predicts its target length (data.target_length predicted) with
+Mask-Predict over its 3 most probable lengths. Goal (issue 24): the best diffusion model within 10% of the AR
+model's BLEU and its source use within 20% of AR's.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
-DECODERS = {"ar": [("greedy", {"sampler": "autoregressive", "sampler_options": {"greedy": True}})],
-            "mdlm": [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-                     ("ancestral 32", {"sampler": "ancestral", "steps": 32})]}
+MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
+    "ar": ("spa2web-ar", [], [("greedy", {"sampler": "autoregressive", "sampler_options": {"greedy": True}})]),
+    "mdlm": ("spa2web-mdlm", [], [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+                                  ("ancestral 32", {"sampler": "ancestral", "steps": 32})]),
+    "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
+                 [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3})]),
+}
 
 
 def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
@@ -65,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=60)
     ap.add_argument("--test", type=int, default=1141)
-    ap.add_argument("--models", default="ar,mdlm")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
     ap.add_argument("--reuse", action="store_true", help="score runs already in --out instead of training them")
     a = ap.parse_args()
@@ -76,15 +81,16 @@ def main() -> None:
     copy = scores([s for s, _ in test], refs)
     out["rows"].append({"model": "copy the source", **copy})
     for name in a.models.split(","):
+        preset, overrides, decoders = MODELS[name]
         run_dir = a.out / name
         if not a.reuse:
-            run = load_config(f"spa2web-{name}", [f"data.path={DATA}", f"train.max_minutes={a.minutes}",
-                                                  "train.max_steps=1000000", "train.eval_every=1000000"])
+            run = load_config(preset, [f"data.path={DATA}", f"train.max_minutes={a.minutes}", f"name=spa2web-{name}",
+                                       "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
             Trainer(run, run_dir, overwrite=True, progress=False).fit()
         lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
         with_src, without = source_use(lm)
         steps = json.loads((run_dir / "manifest.json").read_text())["step"]
-        for label, kw in DECODERS[name]:
+        for label, kw in decoders:
             t0 = time.perf_counter()
             outs = lm.generate_targets([s for s, _ in test], batch_size=32, **kw)
             sec = (time.perf_counter() - t0) / len(test)

@@ -15,7 +15,8 @@ from difflm.sampling import Conditioning, get_sampler, sampler_fits, sampler_nam
 L = 10
 OPTIONS = {"confidence": [{}, {"block": 4, "score": "margin"}], "threshold": [{"threshold": 0.5, "block": 5}],
            "remdm": [{"eta": 0.05}, {"eta": 0.5, "strategy": "rescale"}], "ddim": [{"eta": 0.0}],
-           "dpm-solver": [{}, {"clamp": True}], "block": [{}, {"cache": False}, {"stop_at_eos": True}]}
+           "dpm-solver": [{}, {"clamp": True}], "block": [{}, {"cache": False}, {"stop_at_eos": True}],
+           "mask-predict": [{"draw": True}]}
 
 
 def cases():

@@ -137,6 +137,8 @@ def test_encoder_decoder_models_learn_reversal_and_reload(learned, family):
     srcs = [s for s, _ in pairs[:6]]  # batch invariance: one row at a time or all six together (other sources)
     assert [o.prediction for o in lm.generate_targets(srcs, steps=16, seed=3, bf16=False, batch_size=1)] == \
         [o.prediction for o in lm.generate_targets(srcs, steps=16, seed=3, bf16=False, batch_size=6)]
+    with pytest.raises(DiffLMError, match="encoder reads at most 6"):  # seq_len 12: the source's half is 6
+        lm.generate_targets(["a b c d e f a"])
     res = lm.evaluate("valid", samples=1, batch_size=32)
     assert res.nelbo < 0.1 * SRC_LEN, res  # nats per target token: the reversal is nearly certain
 

@@ -21,7 +21,7 @@ from .data.tokenizers import Tokenizer
 from .diffusion import Batch, Process, low_discrepancy_uniform
 from .errors import DiffLMError
 from .evaluation.likelihood import EvalResult, evaluate
-from .models.seq2seq import bind_source
+from .models.seq2seq import bind_source, reads_source
 from .precision import autocast
 from .rng import uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
@@ -467,8 +467,12 @@ class DiffusionLM:
         L, tok = self.seq_len, self.tokenizer
         predicted = self.run.data.target_length == "predicted"
         encoded, cut = [], 0
-        for src in sources:
+        encoder = reads_source(self.model)
+        for k, src in enumerate(sources):
             ids = tok.encode(src.replace("\n", " "))
+            if len(ids) > L // 2 and encoder:
+                raise DiffLMError(f"source {k + 1} is {len(ids)} tokens but this model's encoder reads at most "
+                                  f"{L // 2} (data.seq_len={L} holds source and target): shorten it")
             if len(ids) > L // 2:  # as in training (datasets.pair_row): the source keeps its first L // 2 tokens
                 ids, cut = ids[: L // 2], cut + 1
             encoded.append(ids)
