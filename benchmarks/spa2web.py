@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1141)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
-    ap.add_argument("--reuse", action="store_true", help="score runs already in --out instead of training them")
+    ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them "
+                                                         "again (train the missing ones)")
     a = ap.parse_args()
     test = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "test")[: a.test]
     refs = [t for _, t in test]
@@ -83,7 +84,7 @@ def main() -> None:
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
         run_dir = a.out / name
-        if not a.reuse:
+        if not (a.reuse and (run_dir / "model.safetensors").is_file()):
             run = load_config(preset, [f"data.path={DATA}", f"train.max_minutes={a.minutes}", f"name=spa2web-{name}",
                                        "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
             Trainer(run, run_dir, overwrite=True, progress=False).fit()
@@ -92,7 +93,7 @@ def main() -> None:
         steps = json.loads((run_dir / "manifest.json").read_text())["step"]
         for label, kw in decoders:
             t0 = time.perf_counter()
-            outs = lm.generate_targets([s for s, _ in test], batch_size=32, **kw)
+            outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
             sec = (time.perf_counter() - t0) / len(test)
             row = {"model": f"{name} ({label})", **scores([o.prediction for o in outs], refs),
                    "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_sentence": sec, "train_steps": steps,

@@ -380,7 +380,8 @@ def cmd_generate(a) -> int:
     outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
                                sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a),
-                               guidance=a.guidance, draft_from=drafts, length_beam=a.length_beam)
+                               guidance=a.guidance, draft_from=drafts, length_beam=a.length_beam,
+                               truncate=a.truncate)
     for o in outs:
         if a.json:
             print(json.dumps({"source": o.source, "prediction": o.prediction, "candidates": o.candidates,
@@ -520,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-beam", type=count(1), default=3,
                    help="models that predict the target length (data.target_length predicted): decode this many "
                         "most probable lengths and keep the best by the model's bound (Mask-Predict)")
+    g.add_argument("--truncate", action="store_true",
+                   help="encoder-decoders: cut a source longer than the encoder reads to its first tokens (as "
+                        "training did) instead of refusing it")
     g.add_argument("--bootstrap-from", default=None, metavar="RUN",
                    help="edit models: revise this seq2seq model's translations (e.g. the AR model's) instead of "
                         "the sources (DiffusER's AR bootstrap)")

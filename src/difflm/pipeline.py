@@ -430,6 +430,7 @@ class DiffusionLM:
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
         guidance: float = 0.0, draft_from: DiffusionLM | None = None, length_beam: int = 3,
+        truncate: bool = False,
     ) -> list[Transduction]:
         """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
@@ -438,7 +439,9 @@ class DiffusionLM:
         another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources. Models that predict
         the target length (data.target_length predicted) decode the ``length_beam`` most probable lengths, each
         ``candidates`` times, and keep the row of lowest bound on −log p(target, length | source) (Mask-Predict's
-        length beam, scored by the model's own bound)."""
+        length beam, scored by the model's own bound). A source longer than an encoder-decoder reads (half of
+        data.seq_len) is an error unless ``truncate``: then it keeps its first tokens, as training did (single-stream
+        models always do, with a note)."""
         self.require_seq2seq()
         if draft_from is not None:
             if not self.process.revises_source:
@@ -450,13 +453,13 @@ class DiffusionLM:
             return [Transduction(src, o.prediction, o.candidates, o.nfe) for src, o in zip(sources, outs)]
         job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options,
-                                   guidance=guidance, length_beam=length_beam)
+                                   guidance=guidance, length_beam=length_beam, truncate=truncate)
         return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
 
     def prepare_targets(
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
-        sampler_options: dict | None = None, guidance: float = 0.0, length_beam: int = 3,
+        sampler_options: dict | None = None, guidance: float = 0.0, length_beam: int = 3, truncate: bool = False,
     ) -> Job:
         """``generate_targets``'s rows as a Job (its answer a list of ``Transduction``), for ``run_jobs``."""
         from .evaluation.text_metrics import mbr_select
@@ -470,9 +473,10 @@ class DiffusionLM:
         encoder = reads_source(self.model)
         for k, src in enumerate(sources):
             ids = tok.encode(src.replace("\n", " "))
-            if len(ids) > L // 2 and encoder:
+            if len(ids) > L // 2 and encoder and not truncate:
                 raise DiffLMError(f"source {k + 1} is {len(ids)} tokens but this model's encoder reads at most "
-                                  f"{L // 2} (data.seq_len={L} holds source and target): shorten it")
+                                  f"{L // 2} (data.seq_len={L} holds source and target): shorten it, or pass "
+                                  "--truncate to keep its first tokens as training did")
             if len(ids) > L // 2:  # as in training (datasets.pair_row): the source keeps its first L // 2 tokens
                 ids, cut = ids[: L // 2], cut + 1
             encoded.append(ids)

@@ -32,6 +32,13 @@ from .conditioning import Conditioning
 SCORES = ("confidence", "margin", "entropy")
 
 
+def ranks(score: Tensor, *, descending: bool) -> Tensor:
+    """Each position's rank within its row by ``score`` (B, L) -> (B, L) long, 0 first; ties by position."""
+    order = torch.sort(score, dim=-1, descending=descending, stable=True).indices
+    pos = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, pos)
+
+
 @dataclass
 class ConfidenceOptions:
     score: Literal["confidence", "margin", "entropy"] = option(
@@ -123,9 +130,7 @@ class ConfidenceDecoding(Sampler):
             score[cand] = self._scores(probs, tok)
             drawn = torch.full_like(x[idx], m)
             drawn[cand] = tok
-            # rank of each candidate within its row by score (0 = best; ties by position)
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand_as(order))
+            rank = ranks(score, descending=True)  # of each candidate within its row (0 = best)
             keep = self._keep(cand, score, rank, per_block - spent[idx])
             spent[idx] += 1
             x = x.clone()
@@ -197,9 +202,7 @@ class MaskPredict(Sampler):
             p[masked] = probs.gather(-1, tok[:, None])[:, 0]
             if it + 1 < steps:  # re-mask the n least probable free positions of each row
                 n = torch.div(N * (steps - 1 - it), steps, rounding_mode="floor")
-                score = torch.where(free, p, torch.full_like(p, math.inf))
-                order = torch.sort(score, dim=-1, stable=True).indices  # ascending; ties by position
-                rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand_as(order))
+                rank = ranks(torch.where(free, p, torch.full_like(p, math.inf)), descending=False)
                 x[free & (rank < n[:, None])] = m
             if on_step is not None:
                 on_step(StepInfo(steps - it, steps, float(steps - it) / steps, float(steps - it - 1) / steps, x,
