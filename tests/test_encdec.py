@@ -261,3 +261,18 @@ def test_the_length_predictor_learns_a_deterministic_rule_and_mask_predict_decod
     exact = sum(o.prediction == t for o, (_, t) in zip(outs, pairs)) / len(pairs)
     assert exact >= 0.9, (exact, [(o.source, o.prediction) for o in outs[:4]])
     assert all(len(o.candidates) == 2 for o in outs)
+
+
+def test_spanish_characters_the_tokenizer_never_saw_are_translated_not_a_crash():
+    from difflm.data import build_tokenizer
+
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "masked"}, "tokenizer": {"type": "bpe", "vocab_size": 300},
+                               "data": {"corpus": "pairs", "seq_len": 128}})
+    tok = build_tokenizer(run.tokenizer, ["the earth was formless", "y la tierra estaba desordenada"])
+    torch.manual_seed(0)
+    model, process = build_components(run, tok)
+    lm = DiffusionLM(model, process, tok, run, device="cpu")
+    out = lm.generate_targets(["EN el principio crió Dios ñandú ☃ los cielos"], steps=4, bf16=False)
+    assert len(out) == 1 and isinstance(out[0].prediction, str)
+    assert tok.decode(tok.encode("ñandú ☃")) == "ñandú ☃"  # byte-level: nothing is lost
