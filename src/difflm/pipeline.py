@@ -539,9 +539,10 @@ class DiffusionLM:
         a mean over ``draws`` fixed time draws): the score Mask-Predict's length beam picks by. (N,)"""
         tok = self.tokenizer
         batch = make_batch(toks.to(self.device), tok.pad_id, tok.eos_id, "pairs", tok.bos_id, fill_given=True)
+        net = bind_source(self.model, self.process, batch.tokens)  # the sources encoded once for every draw
         gen = torch.Generator(device=self.device).manual_seed(0)
         draws = 1 if self.process.exact_likelihood else draws
-        return sum(self.process.nelbo(self.model, batch, generator=gen).cpu() for _ in range(draws)) / draws
+        return sum(self.process.nelbo(net, batch, generator=gen).cpu() for _ in range(draws)) / draws
 
     def evaluate(self, split: str = "valid", *, samples: int = 4, batch_size: int = 32, seed: int = 0,
                  max_batches: int | None = None, bf16: bool = True, progress: bool = False,

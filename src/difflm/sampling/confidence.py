@@ -166,8 +166,8 @@ class MaskPredict(Sampler):
     """Mask-Predict (Ghazvininejad et al. 2019, §3.2): T = ``steps`` iterations over the N free positions of a row.
     Iteration 0 predicts every position; iteration t re-masks the n = ⌊N·(T−t)/T⌋ positions of lowest probability
     — among all of them, decoded ones included, so an early mistake can be undone — and predicts those again, each
-    keeping the probability it had when last predicted. T = 1 is one-shot argmax. ``greedy`` false draws the tokens
-    from x̂0 (keyed on (seed, row, iteration)) instead of taking the argmax."""
+    keeping the probability it had when last predicted. T = 1 is one-shot argmax. ``draw`` draws the tokens from x̂0
+    (keyed on (seed, row, iteration)) instead of taking the argmax."""
 
     name = "mask-predict"
     families = ("masked",)

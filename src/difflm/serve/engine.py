@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..pipeline import DiffusionLM, Job
+from ..pipeline import DiffusionLM, Job, Plan
 from ..precision import autocast
 from ..sampling.base import StepInfo
 
@@ -145,8 +145,9 @@ class Engine:
                 return
             self._inflight = list(batch)
             try:
-                if self._stepwise(batch[0]):
-                    self._run_stepwise(batch)
+                plan = self._stepwise_plan(batch[0])
+                if plan is not None:
+                    self._run_stepwise(batch, plan)
                 else:
                     self._run(batch)
             except BaseException as e:  # the server never dies from a request
@@ -154,9 +155,12 @@ class Engine:
                     p.resolve(error=e if isinstance(e, Exception) else RuntimeError(str(e)))
             self._inflight = []
 
-    def _stepwise(self, p: Pending) -> bool:
-        return (self.continuous and p.job is not None and not p.variable_length
-                and self.models[p.model].plan(p.job).sampler.stepwise)
+    def _stepwise_plan(self, p: Pending) -> Plan | None:
+        """The head request's plan when its batch runs step by step (continuous batching), else None."""
+        if not self.continuous or p.job is None or p.variable_length:
+            return None
+        plan = self.models[p.model].plan(p.job)
+        return plan if plan.sampler.stepwise else None
 
     def _join(self, head: Pending, room: int) -> list[Pending]:
         """Waiting requests that can join ``head``'s running batch now: same model and key, ``room`` rows at most,
@@ -175,11 +179,10 @@ class Engine:
             self.queue = rest
             return joined
 
-    def _run_stepwise(self, batch: list[Pending]) -> None:
+    def _run_stepwise(self, batch: list[Pending], plan: Plan) -> None:
         """Continuous batching: rows of new requests join at every step; a request leaves when its rows are done."""
         head = batch[0]
         lm = self.models[head.model]
-        plan = lm.plan(head.job)
         traj, owners = None, []  # owners[i]: the request that row i belongs to
         self.batches.append(0)
 
@@ -212,11 +215,7 @@ class Engine:
                     rows = torch.tensor([q is p for q in owners])
                     p._step += 1
                     if p.events is not None and not p.cancelled:
-                        cur = x[rows]
-                        changed = (cur != p._last).nonzero().tolist()
-                        p.emit({"event": "step", "step": p._step, "steps": plan.steps, "nfe": nfe[rows].tolist(),
-                                "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
-                        p._last = cur
+                        self._emit_changes(lm, p, x[rows], p._step, plan.steps, nfe[rows])
                     if bool(done[rows].all()):
                         p.resolve(p.job.finish(x[rows], nfe[rows]))
                 if done.any():
@@ -254,11 +253,9 @@ class Engine:
                 if p.variable_length:
                     p.emit({"event": "step", "step": step, "steps": info.steps, "rows": self._rows(lm, p, cur),
                             "nfe": info.nfe[lo:hi].tolist()})
+                    p._last = cur.clone()
                 else:
-                    changed = (cur != p._last).nonzero().tolist()
-                    p.emit({"event": "step", "step": step, "steps": info.steps, "nfe": info.nfe[lo:hi].tolist(),
-                            "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
-                p._last = cur.clone()
+                    self._emit_changes(lm, p, cur.clone(), step, info.steps, info.nfe[lo:hi])
 
         streaming = any(p.events is not None for p in batch)
         try:
@@ -267,6 +264,15 @@ class Engine:
             return
         for p, r in zip(batch, results):
             p.resolve(r)
+
+    def _emit_changes(self, lm: DiffusionLM, p: Pending, cur: torch.Tensor, step: int, steps: int,
+                      nfe: torch.Tensor) -> None:
+        """A fixed-length request's step event: the positions whose token changed since its last event (rows
+        ``cur``, (N, L), become the new last)."""
+        changed = (cur != p._last).nonzero().tolist()
+        p.emit({"event": "step", "step": step, "steps": steps, "nfe": nfe.tolist(),
+                "changes": [[r, i, self._piece(lm, int(cur[r, i]))] for r, i in changed]})
+        p._last = cur
 
     @staticmethod
     def _piece(lm: DiffusionLM, t: int) -> str:
