@@ -6,10 +6,11 @@ spa2web-mdlm), next to copying the source.
 
 Per model: BLEU and chrF (sacrebleu), ROUGE-L, NFE and seconds per sentence on the first --test test verses; and
 source use, the model's bound on 64 validation targets (nats per target token) with the source and with it
-replaced by [PAD]. AR decodes greedily; the masked model with Mask-Predict (10 iterations) and with the ancestral
-sampler (32 steps); the masked model that predicts its target length (data.target_length predicted) with
-Mask-Predict over its 3 most probable lengths. Goal (issue 24): the best diffusion model within 10% of the AR
-model's BLEU and its source use within 20% of AR's.
+replaced by [PAD]. AR decodes greedily and by beam search (4); the masked model with Mask-Predict (10 iterations),
+with the ancestral sampler (32 steps) and from the AR model's greedy draft (AR bootstrap: Mask-Predict from
+iteration 5 of 10; its seconds include the AR draft's); the masked model that predicts its target length
+(data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft.
+Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
+AR = {"sampler": "autoregressive"}
+BOOT = {"sampler": "mask-predict", "steps": 10, "draft_from": "ar"}  # AR bootstrap: from the AR model's greedy draft
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
-    "ar": ("spa2web-ar", [], [("greedy", {"sampler": "autoregressive", "sampler_options": {"greedy": True}})]),
+    "ar": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
+                              ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
     "mdlm": ("spa2web-mdlm", [], [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-                                  ("ancestral 32", {"sampler": "ancestral", "steps": 32})]),
+                                  ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
+                                  ("AR draft, mask-predict from 5 of 10", BOOT)]),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
-                 [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3})]),
+                 [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
+                  ("AR draft, mask-predict from 5 of 10", BOOT)]),
 }
 
 
@@ -92,6 +98,10 @@ def main() -> None:
         with_src, without = source_use(lm)
         steps = json.loads((run_dir / "manifest.json").read_text())["step"]
         for label, kw in decoders:
+            if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
+                if not (a.out / "ar" / "model.safetensors").is_file():
+                    continue
+                kw = {**kw, "draft_from": DiffusionLM.from_pretrained(a.out / "ar", device="cpu")}
             t0 = time.perf_counter()
             outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
             sec = (time.perf_counter() - t0) / len(test)

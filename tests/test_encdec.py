@@ -100,6 +100,59 @@ def test_cached_autoregressive_decoding_equals_the_full_pass():
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [8, 9])  # random models whose greedy choice is not the best: one ends at [EOS]
+def test_beam_search_finds_the_best_translation_that_exhaustive_search_finds_and_greedy_is_its_k_1(seed):
+    """With k at least the number of hypotheses, beam search is exhaustive: it must return, for every row, the
+    target of highest log-probability per token among all targets the row has room for (scored by full passes)."""
+    import itertools
+
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    tok = train_char(["ab"])
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "autoregressive"}, "data": {"corpus": "pairs", "seq_len": 7}})
+    torch.manual_seed(seed)
+    model, process = build_components(run, tok)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.5 * torch.randn_like(q))
+    model.eval()
+    sources, L = ["ab", "ba", "aa"], 7
+    allowed = [v for v in range(tok.vocab_size) if v not in process.never]
+    room = L - 3
+    cond = Conditioning(torch.tensor([tok.encode(s) + [tok.bos_id] + [tok.mask_id] * room for s in sources]),
+                        torch.tensor([[True] * 3 + [False] * room] * len(sources)))
+    net = bind_source(model, process, cond.tokens)
+    k = len(allowed) ** room
+    with torch.no_grad():
+        beam = get_sampler("autoregressive", process, beam=k)(net, process, cond, seed=0).tokens
+        greedy = get_sampler("autoregressive", process, greedy=True)(net, process, cond, seed=0).tokens
+        by_passes = cond.tokens.clone()  # greedy decoding by one full pass per position, a second route
+        for i in range(3, L):
+            by_passes[:, i] = process.log_probs(bind_source(model, process, by_passes), by_passes)[:, i].argmax(-1)
+    for g, f in zip(greedy.tolist(), by_passes.tolist()):
+        n = g.index(tok.eos_id, 3) + 1 if tok.eos_id in g[3:] else L
+        assert g[:n] == f[:n] and all(v == tok.eos_id for v in g[n:])
+    for b, src in enumerate(sources):
+        hyps = set()
+        for y in itertools.product(allowed, repeat=room):
+            y = list(y)
+            hyps.add(tuple(y[: y.index(tok.eos_id) + 1] if tok.eos_id in y else y))
+        best, best_score = None, float("-inf")
+        for y in hyps:
+            row = torch.tensor([tok.encode(src) + [tok.bos_id] + list(y) + [tok.eos_id] * (room - len(y))])
+            with torch.no_grad():
+                lp = process.log_probs(bind_source(model, process, row), row)[0]
+            score = float(sum(lp[3 + j, y[j]] for j in range(len(y)))) / len(y)
+            if score > best_score:
+                best, best_score = y, score
+        got = beam[b, 3:].tolist()
+        assert tuple(got[: got.index(tok.eos_id) + 1] if tok.eos_id in got else got) == best, src
+        assert all(v == tok.eos_id for v in got[len(best):])  # the rest of the row is [EOS] fill
+    assert not torch.equal(beam, greedy)  # this random model's greedy choice is not the best (else vacuous)
+
+
 def test_encoder_layers_need_pairs_and_a_family_that_supports_them():
     tok = train_char(["abc"])
     with pytest.raises(DiffLMError, match="needs data.corpus pairs"):
@@ -159,6 +212,27 @@ def greedy_by_full_passes(lm: DiffusionLM, source: str) -> str:
             break
     out = x[0, len(ids):].tolist()
     return tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
+
+
+def test_a_masked_model_refines_the_ar_models_drafts_by_mask_predict(learned):
+    """AR bootstrap for a masked model: it starts from the AR model's translation (here a reversal) at iteration
+    s of T; from s = 1 it re-masks nearly all of the draft and writes its own task (a copy); near T it keeps most."""
+    _, ar = learned["autoregressive"]
+    _, mdlm = learned["masked"]
+    pairs = load_pairs(mdlm.run.data, "test")[:24]
+    srcs = [s for s, _ in pairs]
+    drafts = [o.prediction for o in ar.generate_targets(srcs, bf16=False)]
+    early = mdlm.generate_targets(srcs, draft_from=ar, steps=10, bf16=False, sampler_options={"start": 1})
+    late = mdlm.generate_targets(srcs, draft_from=ar, steps=10, bf16=False, sampler_options={"start": 9})
+    half = mdlm.generate_targets(srcs[:2], draft_from=ar, steps=10, bf16=False)
+    assert all(o.nfe == 10 for o in early) and all(o.nfe == 2 for o in late) and all(o.nfe == 6 for o in half)
+    copied = sum(o.prediction == s for o, s in zip(early, srcs)) / len(srcs)
+    kept = sum(o.prediction == d for o, d in zip(late, drafts)) / len(srcs)
+    assert copied >= 0.8 and kept >= 0.5, (copied, kept)
+    with pytest.raises(DiffLMError, match="mask-predict"):
+        mdlm.generate_targets(srcs[:1], draft_from=ar, sampler="ancestral")
+    with pytest.raises(DiffLMError, match="or a masked one"):
+        ar.generate_targets(srcs[:1], draft_from=ar)
 
 
 def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path, capsys):

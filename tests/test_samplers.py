@@ -1,6 +1,8 @@
 """Samplers on the enumerable toy problem with the exact denoiser: right distribution, cached ≡ ancestral,
 given tokens untouched, and batch-size invariance."""
 
+import math
+
 import pytest
 import torch
 from conftest import TOY_L, TOY_MASK, TOY_PAD, TOY_V, chi2_gof
@@ -258,6 +260,36 @@ def test_mask_predict_fills_every_mask_keeps_the_given_tokens_and_is_batch_invar
     assert (out.nfe == steps).all()
     part = smp(model, proc(), cond.rows(slice(3, 5)), steps=steps, seed=seed, rows=torch.tensor([3, 4]))
     assert torch.equal(part.tokens, out.tokens[3:])
+
+
+@settings(max_examples=10, deadline=None)
+@given(steps=st.integers(2, 6), fixed=st.lists(st.booleans(), min_size=TOY_L, max_size=TOY_L))
+def test_mask_predict_from_a_draft_of_its_own_first_iteration_is_mask_predict(toy, steps, fixed):
+    """Two routes: Mask-Predict from all masks, and Mask-Predict started at iteration 1 from the draft its
+    iteration 0 writes (the argmax of one all-masked pass) give the same tokens at the same cost."""
+    seqs, p, model = toy
+    cond = Conditioning(torch.tensor([[2, 0, 1]] * 4), torch.tensor([fixed] * 4))
+    logp = proc().log_probs(model, cond.initial(TOY_MASK), torch.ones(4))
+    draft = Conditioning(torch.where(cond.fixed, cond.tokens, logp.argmax(-1)), cond.fixed)
+    plain = get_sampler("mask-predict", proc())(model, proc(), cond, steps=steps, seed=0)
+    boot = get_sampler("mask-predict", proc(), start=1)(model, proc(), draft, steps=steps, seed=0)
+    assert torch.equal(plain.tokens, boot.tokens) and torch.equal(plain.nfe, boot.nfe)
+
+
+def test_mask_predict_from_a_draft_keeps_its_most_probable_tokens_and_costs_1_plus_t_minus_s(toy):
+    seqs, p, model = toy
+    cond = Conditioning.unconditional(4, TOY_L)
+    logp = proc().log_probs(model, cond.initial(TOY_MASK), torch.ones(4))
+    logp[..., TOY_V:] = math.inf  # the draft: each position's least probable real token
+    bad = logp.argmin(-1)
+    out = get_sampler("mask-predict", proc(), start=2)(model, proc(), Conditioning(bad, cond.fixed), steps=3)
+    assert (out.nfe == 1 + 3 - 2).all()
+    # iteration 2 of 3 re-masks ⌊3·1/3⌋ = 1 position: the other two keep the draft's tokens, however improbable
+    assert ((out.tokens == bad).sum(-1) >= 2).all()
+    plain = get_sampler("mask-predict", proc())(model, proc(), cond, steps=3).tokens
+    assert not torch.equal(out.tokens, plain)
+    with pytest.raises(DiffLMError, match="leaves no iteration"):
+        get_sampler("mask-predict", proc(), start=3)(model, proc(), cond, steps=3)
 
 
 def test_mask_predict_remasks_decoded_tokens_of_low_probability():

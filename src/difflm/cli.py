@@ -525,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder-decoders: cut a source longer than the encoder reads to its first tokens (as "
                         "training did) instead of refusing it")
     g.add_argument("--bootstrap-from", default=None, metavar="RUN",
-                   help="edit models: revise this seq2seq model's translations (e.g. the AR model's) instead of "
-                        "the sources (DiffusER's AR bootstrap)")
+                   help="start from this seq2seq model's translations (e.g. the AR model's; DiffusER's AR "
+                        "bootstrap): an edit model revises them, a masked model refines them by Mask-Predict from "
+                        "iteration --start S (default half of --steps)")
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
     g.set_defaults(fn=cmd_generate)

@@ -436,7 +436,9 @@ class DiffusionLM:
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
         BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
         guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
-        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources. Models that predict
+        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources; a masked model refines
+        them by Mask-Predict from iteration ``start`` (a sampler option, default half the steps; a model that
+        predicts the length keeps the draft's). Models that predict
         the target length (data.target_length predicted) decode the ``length_beam`` most probable lengths, each
         ``candidates`` times, and keep the row of lowest bound on −log p(target, length | source) (Mask-Predict's
         length beam, scored by the model's own bound). A source longer than an encoder-decoder reads (half of
@@ -444,9 +446,21 @@ class DiffusionLM:
         models always do, with a note)."""
         self.require_seq2seq()
         if draft_from is not None:
-            if not self.process.revises_source:
-                raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft")
+            if not (self.process.revises_source or self.process.family == "masked"):
+                raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft, or a masked "
+                                  "one, which refines it by Mask-Predict")
             drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16)]
+        if draft_from is not None and not self.process.revises_source:  # Mask-Predict from the draft
+            if (sampler or "mask-predict") != "mask-predict":
+                raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
+            steps = steps if steps is not None else self.run.sample.steps
+            sampler_options = {"start": max(1, steps // 2)} | (sampler_options or {})
+            job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler="mask-predict",
+                                       seed=seed, temperature=temperature, top_p=top_p,
+                                       sampler_options=sampler_options, guidance=guidance, truncate=truncate,
+                                       drafts=drafts)
+            return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+        if draft_from is not None:
             outs = self.generate_targets(drafts, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
                                          seed=seed, temperature=temperature, top_p=top_p, batch_size=batch_size,
                                          bf16=bf16, on_step=on_step, sampler_options=sampler_options)
@@ -460,8 +474,11 @@ class DiffusionLM:
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         sampler_options: dict | None = None, guidance: float = 0.0, length_beam: int = 3, truncate: bool = False,
+        drafts: list[str] | None = None,
     ) -> Job:
-        """``generate_targets``'s rows as a Job (its answer a list of ``Transduction``), for ``run_jobs``."""
+        """``generate_targets``'s rows as a Job (its answer a list of ``Transduction``), for ``run_jobs``. ``drafts``:
+        one text per source placed in the free target positions (and, for a model that predicts the length, giving
+        it), for a sampler that starts from them (Mask-Predict's ``start``)."""
         from .evaluation.text_metrics import mbr_select
 
         self.require_seq2seq()
@@ -483,14 +500,25 @@ class DiffusionLM:
         if cut:
             print(f"difflm: note: {cut} source(s) longer than {L // 2} tokens were cut to their first {L // 2}, as "
                   f"training cut them (data.seq_len={L} holds source and target)", file=sys.stderr)
-        lengths = self._length_beam(encoded, length_beam) if predicted else [[None] for _ in encoded]
+        if drafts is not None and len(drafts) != len(sources):
+            raise DiffLMError(f"{len(drafts)} drafts for {len(sources)} sources: give one draft per source")
+        draft_ids = [tok.encode(d.replace("\n", " ")) for d in drafts] if drafts is not None else None
+        if draft_ids is not None:
+            lengths = [[min(max(len(d), 1), L - len(ids) - 1)] if predicted else [None]
+                       for ids, d in zip(encoded, draft_ids)]
+        else:
+            lengths = self._length_beam(encoded, length_beam) if predicted else [[None] for _ in encoded]
         rows, fixed, starts, owner = [], [], [], []
         for i, (ids, lens) in enumerate(zip(encoded, lengths)):
             room = L - len(ids) - 1
             for n in lens:  # the target's length: free (None, the model places [EOS]) or predicted and given
                 free = room if n is None else n
+                if draft_ids is not None:  # the draft, then [EOS]
+                    body = (draft_ids[i] + [tok.eos_id] * room)[:free]
+                else:
+                    body = [tok.mask_id] * free
                 for _ in range(candidates):
-                    rows.append([*ids, tok.bos_id] + [tok.mask_id] * free + [tok.eos_id] * (room - free))
+                    rows.append([*ids, tok.bos_id] + body + [tok.eos_id] * (room - free))
                     fixed.append([True] * (len(ids) + 1) + [False] * free + [True] * (room - free))
                     starts.append(len(ids) + 1)
                     owner.append(i)

@@ -159,6 +159,12 @@ class ThresholdDecoding(ConfidenceDecoding):
 class MaskPredictOptions:
     draw: bool = option(False, "draw each token from x̂0 (keyed on seed, row, iteration) instead of Mask-Predict's "
                                "argmax")
+    start: int = option(0, "begin at iteration s from the draft held in the free positions (AR bootstrap); 0 = "
+                           "from all masks", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            raise DiffLMError("--start must be ≥ 0 (0 = decode from all masks)")
 
 
 @register_sampler
@@ -167,7 +173,11 @@ class MaskPredict(Sampler):
     Iteration 0 predicts every position; iteration t re-masks the n = ⌊N·(T−t)/T⌋ positions of lowest probability
     — among all of them, decoded ones included, so an early mistake can be undone — and predicts those again, each
     keeping the probability it had when last predicted. T = 1 is one-shot argmax. ``draw`` draws the tokens from x̂0
-    (keyed on (seed, row, iteration)) instead of taking the argmax."""
+    (keyed on (seed, row, iteration)) instead of taking the argmax.
+
+    ``start`` s > 0 refines a draft (DiffusER's AR bootstrap, §3.3, for a masked model): the free positions hold
+    another model's output; one pass with all of them masked gives each draft token the probability iteration 0
+    would have given it, the n_s least probable are re-masked, and iterations s … T−1 run as above (NFE 1 + T − s)."""
 
     name = "mask-predict"
     families = ("masked",)
@@ -187,7 +197,20 @@ class MaskPredict(Sampler):
         N = free.sum(-1)
         p = torch.zeros(B, L, dtype=torch.float64, device=x.device)  # probability of each position's token
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
-        for it in range(steps):
+        s = self.options.start
+        if s >= steps:
+            raise DiffLMError(f"--start {s} leaves no iteration of {steps}: give a start below --steps")
+        if s > 0:  # the draft, scored as iteration 0 would have predicted it, its n_s least probable re-masked
+            masked = x == m
+            t = torch.ones(B, device=x.device)
+            probs = probs_from_logits(process.log_probs(model, x, t, select=masked), temperature, top_p)
+            nfe += 1
+            x = torch.where(free, cond.tokens, x)
+            p[masked] = probs.gather(-1, x[masked][:, None])[:, 0].double()
+            n = torch.div(N * (steps - s), steps, rounding_mode="floor")
+            rank = ranks(torch.where(free, p, torch.full_like(p, math.inf)), descending=False)
+            x[free & (rank < n[:, None])] = m
+        for it in range(s, steps):
             masked = x == m
             t = (masked.sum(-1).double() / N.clamp_min(1).double()).float()  # the masked fraction
             logp = process.log_probs(model, x, t, select=masked)  # (K, V) at the masked positions
