@@ -16,6 +16,7 @@ Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import time
@@ -67,6 +68,58 @@ def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def trained_minutes(run_dir: Path) -> float:
+    """Training minutes a run folder holds (its log's last elapsed_s), 0 when there is none."""
+    log = run_dir / "metrics.csv"
+    if not (run_dir / "model.safetensors").is_file() or not log.is_file():
+        return 0.0
+    rows = list(csv.DictReader(log.open()))
+    return float(rows[-1]["elapsed_s"]) / 60 if rows else 0.0
+
+
+def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]]) -> None:
+    """BLEU on the valid verses with each of the model's own decoders (not the AR-bootstrap rows), recorded in
+    run_dir/curve.json under the minutes trained."""
+    lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
+    minutes = round(trained_minutes(run_dir), 1)
+    point = {"step": json.loads((run_dir / "manifest.json").read_text())["step"]}
+    for label, kw in decoders:
+        if "draft_from" not in kw:
+            outs = lm.generate_targets([s for s, _ in valid], batch_size=32, truncate=True, **kw)
+            point[label] = sacrebleu.corpus_bleu([o.prediction for o in outs], [[t for _, t in valid]]).score
+    path = run_dir / "curve.json"
+    curve = json.loads(path.read_text()) if path.is_file() else {}
+    curve[str(minutes)] = point
+    path.write_text(json.dumps(curve, indent=1))
+    print(json.dumps({"run": str(run_dir), "minutes": minutes, **point}), flush=True)
+
+
+def plot_curves(runs: dict[str, Path], png: Path) -> None:
+    """BLEU on valid against training minutes, one line per model and decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, d in runs.items():
+        path = d / "curve.json"
+        if not path.is_file():
+            continue
+        curve = sorted((float(m), p) for m, p in json.loads(path.read_text()).items())
+        for label in [k for k in curve[-1][1] if k != "step"]:
+            pts = [(m, p[label]) for m, p in curve if label in p]
+            ax.plot([m for m, _ in pts], [b for _, b in pts], marker="o", label=f"{name} ({label})")
+    ax.set_xlabel("training minutes (2 CPU threads)")
+    ax.set_ylabel("BLEU on spa2web valid")
+    ax.set_title(f"spa2web: BLEU against training time ({date.today()})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
 def scores(preds: list[str], refs: list[str]) -> dict:
     return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score, "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
             "rouge_l": rouge_l(preds, refs)}
@@ -79,7 +132,11 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them "
-                                                         "again (train the missing ones)")
+                                                         "again (train the missing ones, resume the shorter ones)")
+    ap.add_argument("--curve", default="", help="minute marks (e.g. 15,30,45) at which training pauses for BLEU on "
+                                                "valid (the learning curve); --minutes is always one")
+    ap.add_argument("--valid", type=int, default=200, help="valid verses the curve is scored on")
+    ap.add_argument("--png", type=Path, default=None, help="the learning-curve figure (default <out>/curve.png)")
     a = ap.parse_args()
     test = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "test")[: a.test]
     refs = [t for _, t in test]
@@ -87,13 +144,23 @@ def main() -> None:
            f"{torch.get_num_threads()} threads", "minutes": a.minutes, "test": len(test), "rows": []}
     copy = scores([s for s, _ in test], refs)
     out["rows"].append({"model": "copy the source", **copy})
+    valid = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "valid")[: a.valid]
+    marks = sorted({*(float(m) for m in a.curve.split(",") if m), a.minutes})
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
         run_dir = a.out / name
-        if not (a.reuse and (run_dir / "model.safetensors").is_file()):
-            run = load_config(preset, [f"data.path={DATA}", f"train.max_minutes={a.minutes}", f"name=spa2web-{name}",
+        for m in marks:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
+            if m > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
+                continue
+            fresh = not (a.reuse or m != marks[0]) or not (run_dir / "checkpoint.safetensors").is_file()
+            run = load_config(preset, [f"data.path={DATA}", f"train.max_minutes={m}", f"name=spa2web-{name}",
                                        "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
-            Trainer(run, run_dir, overwrite=True, progress=False).fit()
+            Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
+                    allow_changes=["train.max_minutes"]).fit()
+            curve_point(run_dir, decoders, valid)
+        if str(a.minutes) not in json.loads((run_dir / "curve.json").read_text() if (run_dir / "curve.json").is_file()
+                                            else "{}"):
+            curve_point(run_dir, decoders, valid)
         lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
         with_src, without = source_use(lm)
         steps = json.loads((run_dir / "manifest.json").read_text())["step"]
@@ -112,6 +179,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(out, indent=2))
+    plot_curves({name: a.out / name for name in a.models.split(",")}, a.png or a.out / "curve.png")
     print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses\n")
     print("| model | BLEU | chrF | ROUGE-L | nats/token with source | without | NFE | s/sentence | train steps |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
