@@ -391,6 +391,22 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_caption(a) -> int:
+    from .pipeline import DiffusionLM
+
+    lm = DiffusionLM.from_pretrained(a.run_dir)
+    outs = lm.caption(a.images, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps, sampler=a.sampler,
+                      seed=a.seed, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
+                      bf16=not a.fp32, sampler_options=_sampler_options(a), guidance=a.guidance)
+    for o in outs:
+        if a.json:
+            print(json.dumps({"image": o.image, "prediction": o.prediction, "candidates": o.candidates,
+                              "nfe": o.nfe}, ensure_ascii=False))
+        else:
+            print(o.prediction if len(outs) == 1 else f"{o.image}\t{o.prediction}")
+    return 0
+
+
 def cmd_distill_data(a) -> int:
     """Sequence-level knowledge distillation (Kim & Rush 2016): every pair's target replaced by the AR model's
     greedy translation of its source (the original kept as ``reference``), for training a non-autoregressive model."""
@@ -541,6 +557,19 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--fp32", action="store_true")
     dd.add_argument("--overwrite", action="store_true")
     dd.set_defaults(fn=cmd_distill_data)
+
+    c = sub.add_parser("caption", help="captioners (data.corpus scenes): write a caption for each image")
+    c.add_argument("run_dir")
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="a .png (converted to gray) or .npy image the size the "
+                                                              "model reads (64×64 for scenes)")
+    c.add_argument("--candidates", type=count(1), default=1, help="samples per image; the prediction is their MBR")
+    c.add_argument("--no-mbr", action="store_true", help="take the first candidate instead of the MBR choice")
+    c.add_argument("--batch-size", type=count(1), default=16)
+    c.add_argument("--guidance", type=number(), default=0.0,
+                   help="classifier-free guidance weight w on the image (models trained with train.cond_dropout > 0)")
+    _add_sampling(c)
+    c.add_argument("--json", action="store_true", help="one JSON object per image, with all candidates")
+    c.set_defaults(fn=cmd_caption)
 
     b = sub.add_parser("bench-sampling", help="quality vs speed of every sampler of a model at several step counts")
     b.add_argument("run_dir")

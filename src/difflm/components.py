@@ -42,6 +42,13 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
                     raise DiffLMError("data.target_length predicted needs an encoder-decoder to predict the length "
                                       "from: set model.encoder_layers (e.g. 3)")
                 cfg = replace(cfg, length_classes=run.data.seq_len + 1)
+            if run.data.corpus == "scenes":
+                if not getattr(cfg, "encoder_layers", 0) or not hasattr(cfg, "image_size"):
+                    raise DiffLMError("captioning reads the image through an encoder: use model.type transformer with "
+                                      "model.encoder_layers (e.g. 2)")
+                from .data.scenes import CANVAS
+
+                cfg = replace(cfg, image_size=CANVAS)
             model = registry.backbone(registry.backbone_kind(run.model))(cfg)
     except (ValueError, TypeError) as e:
         raise DiffLMError(f"bad model config: {e}") from None

@@ -24,8 +24,9 @@ CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "co
 
 @dataclass
 class DataConfig:
-    corpus: str = "ptb"  # ptb | text | pairs (JSONL {"source", "target"}; needs mode: pairs)
-    path: str | list[str] | None = None  # text file(s) for corpus: text; a folder or .jsonl for pairs
+    corpus: str = "ptb"  # ptb | text | pairs (JSONL {"source", "target"}) | scenes (captioned images); pairs layout
+    path: str | list[str] | None = None  # text file(s) for corpus: text; a folder or .jsonl for pairs; scenes: the
+    # Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)
     valid_path: str | None = None
     test_path: str | None = None
     valid_fraction: float = option(0.1, "tail of the text used for validation when valid_path is not given",
@@ -37,12 +38,24 @@ class DataConfig:
     target_length: str = option("eos", "pairs: eos — the model writes the target and the [EOS] fill after it, the "
                                 "length where the first [EOS] lands; predicted — an encoder-decoder predicts the "
                                 "length from the source (Mask-Predict) and the fill after the target is given")
+    scenes: int = option(20000, "scenes: training scenes (each with its reference captions as rows)", ge=1)
+    eval_scenes: int = option(500, "scenes: valid and test scenes each", ge=1)
+    scene_items: str = option("2-4", "scenes: items per scene, a count or a range within 1-4 (1: plain-class "
+                              "captions, the sanity row)")
+    scene_classes: list[str] | None = None  # scenes: the Fashion-MNIST classes drawn (default all ten)
+    scene_seed: int = option(0, "scenes: the generator's seed (scene i of a split is a function of it)", ge=0)
 
     def __post_init__(self) -> None:
-        if self.corpus == "pairs" and self.mode == "packed":
-            self.mode = "pairs"  # the only layout source/target pairs have
-        if (self.corpus == "pairs") != (self.mode == "pairs"):
-            raise DiffLMError("data.mode pairs goes with data.corpus pairs (JSONL source/target), and only with it")
+        if self.corpus in ("pairs", "scenes") and self.mode == "packed":
+            self.mode = "pairs"  # the only layout source/target pairs (and image/caption pairs) have
+        if (self.corpus in ("pairs", "scenes")) != (self.mode == "pairs"):
+            raise DiffLMError("data.mode pairs goes with data.corpus pairs (JSONL source/target) or scenes, and only "
+                              "with them")
+        if self.corpus == "scenes":
+            from .data.scenes import class_ids, parse_items
+
+            parse_items(self.scene_items)
+            class_ids(self.scene_classes)
         if self.target_length not in ("eos", "predicted"):
             raise DiffLMError(f"data.target_length must be eos or predicted, got {self.target_length!r}")
         if self.target_length == "predicted" and self.mode != "pairs":

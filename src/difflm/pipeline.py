@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,16 @@ class Transduction:
     """One source's output: ``prediction`` (the MBR choice among ``candidates``, or the first)."""
 
     source: str
+    prediction: str
+    candidates: list[str]
+    nfe: float  # network calls per candidate, mean
+
+
+@dataclass
+class Caption:
+    """One image's caption: ``prediction`` (the MBR choice among ``candidates``, or the first)."""
+
+    image: str
     prediction: str
     candidates: list[str]
     nfe: float  # network calls per candidate, mean
@@ -166,9 +177,10 @@ class DiffusionLM:
         plan = self.plan(jobs[0])
         tokens = torch.cat([j.cond.tokens for j in jobs])
         fixed = torch.cat([j.cond.fixed for j in jobs])
+        images = None if jobs[0].cond.images is None else torch.cat([j.cond.images for j in jobs])
         seeds = torch.cat([torch.full((j.rows,), j.seed, dtype=torch.long) for j in jobs])
         rows = torch.cat([torch.arange(j.rows) for j in jobs])
-        toks, nfe = self._run(plan, Conditioning(tokens, fixed), seeds, rows, batch_size=len(rows), bf16=bf16,
+        toks, nfe = self._run(plan, Conditioning(tokens, fixed, images), seeds, rows, batch_size=len(rows), bf16=bf16,
                               on_step=on_step)
         out, a = [], 0
         for j in jobs:
@@ -193,7 +205,7 @@ class DiffusionLM:
             idx = torch.arange(a, min(N, a + batch_size))
             s = seed[idx].to(self.device) if isinstance(seed, torch.Tensor) else seed
             with autocast(self.device, bf16):
-                part = Conditioning(cond.tokens[idx].to(self.device), cond.fixed[idx].to(self.device))
+                part = cond.rows(idx).to(self.device)
                 out = plan.sampler(self._guided(plan, part), self.process, part, steps=plan.steps, seed=s,
                                    rows=rows[idx].to(self.device), temperature=plan.temperature, top_p=plan.top_p,
                                    on_step=on_step)
@@ -204,7 +216,7 @@ class DiffusionLM:
     def _guided(self, plan: Plan, cond: Conditioning) -> nn.Module:
         """The network the sampler calls: the model (an encoder-decoder reading the rows' sources), or its
         classifier-free-guided mix with the source dropped."""
-        model = bind_source(self.model, self.process, cond.tokens)
+        model = bind_source(self.model, self.process, cond.tokens, cond.images)
         if not plan.guidance:
             return model
         source = condition_positions(cond.tokens, cond.fixed, self.tokenizer.bos_id)
@@ -215,7 +227,7 @@ class DiffusionLM:
         """The job's rows at t = 1 on the model's device, for a stepwise sampler (``plan.sampler.stepwise``):
         ``advance`` moves them, alone or with the rows of other jobs of the same ``batch_key`` joined at any
         step, and each row ends where ``run_jobs`` would take it."""
-        cond = Conditioning(job.cond.tokens.to(self.device), job.cond.fixed.to(self.device))
+        cond = job.cond.to(self.device)
         return plan.sampler.begin(self.process, cond, steps=plan.steps, seed=job.seed,
                                   rows=torch.arange(job.rows, device=self.device))
 
@@ -263,6 +275,8 @@ class DiffusionLM:
 
     def require_seq2seq(self) -> None:
         """A one-line error unless the model was trained on source/target pairs."""
+        if self.run.data.corpus == "scenes":
+            raise DiffLMError("this model captions images; it has no text sources: use difflm caption RUN IMAGE.png")
         if self.run.data.mode != "pairs":
             raise DiffLMError(
                 "this model was not trained on source/target pairs; train a seq2seq preset (data.corpus: pairs) "
@@ -543,6 +557,89 @@ class DiffusionLM:
 
         return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p, guidance)
 
+    def caption(
+        self, images: list, *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
+        guidance: float = 0.0,
+    ) -> list[Caption]:
+        """Captioners (data.corpus scenes): ``candidates`` captions of each image — a path (.png, .npy), an (H, W)
+        uint8 array or a float tensor in [0, 1] — with any sampler of the family; with ``mbr`` the prediction is
+        the candidate of highest BLEU against the others, else the first. ``guidance`` w ≠ 0: classifier-free
+        guidance on the image (models trained with ``train.cond_dropout`` > 0; w = −1 ignores the image)."""
+        job = self.prepare_captions(images, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
+                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options,
+                                    guidance=guidance)
+        return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+
+    def prepare_captions(
+        self, images: list, *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
+        sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+        sampler_options: dict | None = None, guidance: float = 0.0,
+    ) -> Job:
+        """``caption``'s rows as a Job (its answer a list of ``Caption``), for ``run_jobs``."""
+        from .data.datasets import image_tensor
+        from .data.images import load_image
+        from .evaluation.text_metrics import mbr_select
+
+        if self.run.data.corpus != "scenes":
+            raise DiffLMError("this model was not trained to caption images (data.corpus scenes): train a captions "
+                              "preset, e.g. difflm train captions-mdlm")
+        if candidates < 1:
+            raise DiffLMError("--candidates must be at least 1")
+        size = self.model.cfg.image_size
+        names, arrays = [], []
+        for k, im in enumerate(images):
+            if isinstance(im, (str, Path)):
+                names.append(str(im))
+                arr = load_image(im)
+            else:
+                names.append(f"image {k + 1}")
+                arr = im.squeeze().cpu().numpy() if isinstance(im, torch.Tensor) else np.squeeze(np.asarray(im))
+                if arr.dtype.kind == "f":
+                    arr = np.clip(arr * 255.0, 0, 255).round()
+                arr = arr.astype(np.uint8)
+            if arr.shape != (size, size):
+                raise DiffLMError(f"{names[-1]} is {'×'.join(map(str, arr.shape))} pixels but this model reads "
+                                  f"{size}×{size} grayscale images: resize it")
+            arrays.append(arr)
+        if not arrays:
+            raise DiffLMError("give at least one image to caption")
+        L, tok = self.seq_len, self.tokenizer
+        predicted = self.run.data.target_length == "predicted"
+        pixels = image_tensor(np.stack(arrays))
+        if predicted:  # Mask-Predict's length: the most probable one under the image's length predictor
+            x = torch.tensor([[tok.bos_id] + [tok.eos_id] * (L - 1)] * len(arrays))
+            with torch.no_grad():
+                reader = bind_source(self.model, self.process, x.to(self.device), pixels.to(self.device))
+                logp = reader.length_log_probs().cpu()[:, : L]
+            logp[:, 0] = -math.inf
+            lengths = logp.argmax(-1).tolist()
+        else:
+            lengths = [L - 1] * len(arrays)
+        rows, fixed, owner = [], [], []
+        for i, n in enumerate(lengths):
+            for _ in range(candidates):
+                rows.append([tok.bos_id] + [tok.mask_id] * n + [tok.eos_id] * (L - 1 - n))
+                fixed.append([True] + [False] * n + [True] * (L - 1 - n) if predicted else [True] + [False] * (L - 1))
+                owner.append(i)
+        cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed), pixels[owner])
+
+        def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Caption]:
+            texts = []
+            for r in toks.tolist():
+                tgt = r[1:]
+                texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+            out = []
+            for i, name in enumerate(names):
+                mine = [j for j, o in enumerate(owner) if o == i]
+                cands = [texts[j] for j in mine]
+                pick = mbr_select(cands) if mbr and candidates > 1 else 0
+                out.append(Caption(name, cands[pick], cands, float(nfe[mine].float().mean())))
+            return out
+
+        return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p, guidance)
+
     @torch.no_grad()
     def _length_beam(self, sources: list[list[int]], k: int) -> list[list[int]]:
         """The k most probable target lengths for each source (ids), under the encoder's length predictor, among
@@ -567,7 +664,7 @@ class DiffusionLM:
         a mean over ``draws`` fixed time draws): the score Mask-Predict's length beam picks by. (N,)"""
         tok = self.tokenizer
         batch = make_batch(toks.to(self.device), tok.pad_id, tok.eos_id, "pairs", tok.bos_id, fill_given=True)
-        net = bind_source(self.model, self.process, batch.tokens)  # the sources encoded once for every draw
+        net = bind_source(self.model, self.process, batch.tokens, batch.images)  # sources encoded once for all draws
         gen = torch.Generator(device=self.device).manual_seed(0)
         draws = 1 if self.process.exact_likelihood else draws
         return sum(self.process.nelbo(net, batch, generator=gen).cpu() for _ in range(draws)) / draws

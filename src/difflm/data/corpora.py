@@ -95,6 +95,8 @@ def load_pairs(cfg, split: str) -> list[tuple[str, str]]:
     """cfg: DataConfig with corpus pairs. The split's (source, target) pairs."""
     if split not in SPLITS:
         raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if cfg.corpus == "scenes":
+        raise DiffLMError("this model captions images (data.corpus scenes), it has no text sources: use difflm caption")
     if cfg.corpus != "pairs":
         raise DiffLMError("this model was not trained on source/target pairs (data.corpus is not pairs)")
     return read_pairs(pairs_path(cfg, split))
@@ -108,6 +110,10 @@ def load_lines(cfg, split: str) -> list[str]:
     if cfg.corpus == "pairs":
         pairs = load_pairs(cfg, split)
         return [s for s, _ in pairs] + [t for _, t in pairs]
+    if cfg.corpus == "scenes":  # the reference captions (what a captioner's tokenizer reads)
+        from .scenes import scenes_for
+
+        return [c for sc in scenes_for(cfg, split) for c in sc.captions]
     if cfg.corpus == "ptb":
         lines = ptb_lines(split)
     elif cfg.corpus == "text":
@@ -130,7 +136,7 @@ def load_lines(cfg, split: str) -> list[str]:
         if lines and lines[-1] == "":
             lines.pop()
     else:
-        raise DiffLMError(f"unknown data.corpus {cfg.corpus!r}; choose ptb, text or pairs")
+        raise DiffLMError(f"unknown data.corpus {cfg.corpus!r}; choose ptb, text, pairs or scenes")
     if not any(line.strip() for line in lines):
         where = cfg.path if cfg.corpus == "text" else "ptb"
         raise DiffLMError(f"the {split} split of corpus {where} is empty; give a file with text in it")

@@ -67,6 +67,43 @@ class TokenDataset:
         return np.bincount(n, minlength=self.seq_len + 1)
 
 
+class SceneDataset(TokenDataset):
+    """Caption rows ([BOS], caption, [EOS]…: the pairs layout with an empty source), one per reference caption of
+    each scene, with the scene images (S, H, W) uint8 that ``image_of`` (N,) points each row at."""
+
+    def __init__(self, tokens: np.ndarray, pad_id: int, eos_id: int, bos_id: int, images: np.ndarray,
+                 image_of: np.ndarray, fill_given: bool = False) -> None:
+        super().__init__(tokens, pad_id, "pairs", eos_id, bos_id, fill_given)
+        self.images, self.image_of = images, image_of
+
+    def batch(self, idx) -> Batch:
+        b = super().batch(idx)
+        b.images = image_tensor(self.images[self.image_of[np.asarray(idx)]])
+        return b
+
+
+def image_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float32 in [0, 1], what an image encoder reads."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
+
+
+def build_scene_dataset(cfg, tokenizer: Tokenizer, split: str) -> SceneDataset:
+    from .scenes import scenes_for
+
+    scenes = scenes_for(cfg, split)
+    rows, image_of, cut = [], [], 0
+    for i, sc in enumerate(scenes):
+        for cap in sc.captions:
+            row, c = pair_row([], tokenizer.encode(cap), cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id, 0)
+            rows.append(row)
+            image_of.append(i)
+            cut += c
+    if cut:
+        print(f"difflm: {cut} {split} captions longer than data.seq_len={cfg.seq_len} were truncated", file=sys.stderr)
+    return SceneDataset(np.asarray(rows, dtype=np.int32), tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id,
+                        np.stack([sc.image for sc in scenes]), np.asarray(image_of), cfg.target_length == "predicted")
+
+
 def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None,
                fill_given: bool = False) -> Batch:
     """Batch of rows x (B, L): padding is never modelled; in lines mode [EOS] and [PAD] are fixed; in
@@ -114,8 +151,11 @@ def drop_condition(batch: Batch, drop: torch.Tensor, null_id: int, bos_id: int) 
     """Classifier-free guidance training: in rows where ``drop`` (B,) is True the source tokens become
     ``null_id`` ([PAD]); they stay fixed and unmodelled, the [BOS] separator and the target are untouched."""
     source = condition_positions(batch.tokens, batch.fixed, bos_id) & drop[:, None].to(batch.tokens.device)
+    images = batch.images
+    if images is not None:  # captioning: the dropped rows see a blank image
+        images = torch.where(drop.to(images.device)[:, None, None, None], torch.zeros_like(images), images)
     return Batch(torch.where(source, torch.full_like(batch.tokens, null_id), batch.tokens), batch.loss_mask,
-                 batch.fixed, batch.u, batch.rows, batch.seed, batch.step)
+                 batch.fixed, batch.u, batch.rows, batch.seed, batch.step, images)
 
 
 def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_source: int) -> tuple[list[int], bool]:
@@ -253,7 +293,9 @@ def _writable_cache(root: Path) -> Path:
 
 def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     """cfg: DataConfig. Tokenizes the split once (streaming into a memory-mapped .npy file in the cache) and
-    memory-maps the result."""
+    memory-maps the result. Scenes: caption rows with their images (``SceneDataset``)."""
+    if cfg.corpus == "scenes":
+        return build_scene_dataset(cfg, tokenizer, split)
     lines = load_pairs(cfg, split) if cfg.mode == "pairs" else load_lines(cfg, split)
     h = hashlib.sha256()
     h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str()]).encode())

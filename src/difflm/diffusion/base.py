@@ -27,6 +27,7 @@ class Batch:
                them to its own times. None = the process draws its own.
     rows:      (B,) int64 global row indices keying the corruption noise (with ``seed`` and ``step``), so a
                row's noise is the same whichever rank or micro-batch holds it. None = ``torch.rand``.
+    images:    (B, C, H, W) float in [0, 1], the image each caption row describes (captioning); never noised.
     """
 
     tokens: Tensor
@@ -36,12 +37,14 @@ class Batch:
     rows: Tensor | None = None
     seed: int = 0
     step: int = 0
+    images: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.tokens.to(device), self.loss_mask.to(device), self.fixed.to(device),
             None if self.u is None else self.u.to(device),
             None if self.rows is None else self.rows.to(device), self.seed, self.step,
+            None if self.images is None else self.images.to(device),
         )
 
     def time_uniforms(self, generator: torch.Generator | None = None) -> Tensor:
@@ -180,7 +183,7 @@ class Process(nn.Module):
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
         from ..models.seq2seq import bind_source, length_terms
 
-        net = bind_source(model, self, batch.tokens)
+        net = bind_source(model, self, batch.tokens, batch.images)
         terms = self.bound_terms(net, batch, generator=generator)
         seq = self.sequence_terms(batch).double() + length_terms(net, self, batch.tokens).double()  # −log p(length)
         return terms.double().sum(-1) + seq

@@ -102,7 +102,7 @@ def evaluate(
         batch.u = low_discrepancy_uniform(u0, len(rows)).to(dev)
         gen = torch.Generator(device=dev).manual_seed(hash((seed, k, b)) & 0x7FFFFFFF)
         with amp:
-            acc[k] += nelbo(bind_source(model, process, batch.tokens), batch, generator=gen).sum().item()
+            acc[k] += nelbo(bind_source(model, process, batch.tokens, batch.images), batch, generator=gen).sum().item()
         if k == 0:
             n_tokens += batch.n_tokens
             n_seq += len(rows)

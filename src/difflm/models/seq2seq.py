@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.datasets import source_mask, target_lengths
+from ..errors import DiffLMError
 from .transformer import Memory
 
 
@@ -24,13 +25,15 @@ def reads_source(model: nn.Module) -> bool:
 
 class SourceReader(nn.Module):
     """``model`` called with each row's encoded source: ``source`` (B, S) left-aligned, ``mask`` (B, S) True at
-    real source positions, ``start`` (B,) where each row's target begins in the network's input. The source is
-    encoded once per reader, or at every call while training (so gradients reach the encoder)."""
+    real source positions, ``start`` (B,) where each row's target begins in the network's input; or, captioning,
+    ``images`` (B, C, H, W) that the image encoder reads instead. The source is encoded once per reader, or at
+    every call while training (so gradients reach the encoder)."""
 
     def __init__(self, model: nn.Module, source: Tensor, mask: Tensor, start: Tensor,
-                 memory: Memory | None = None) -> None:
+                 memory: Memory | None = None, images: Tensor | None = None) -> None:
         super().__init__()
         self.model, self.source, self.mask, self.start, self._memory = model, source, mask, start, memory
+        self.images = images
         net = getattr(model, "module", model)  # what samplers and processes read off the backbone
         self.cfg, self.blocks, self.embed = net.cfg, net.blocks, net.embed
 
@@ -43,23 +46,38 @@ class SourceReader(nn.Module):
         mask = torch.arange(S, device=tokens.device)[None, :] < n[:, None]
         return cls(model, tokens[:, :S], mask, n + shift)
 
+    @classmethod
+    def for_images(cls, model: nn.Module, tokens: Tensor, images: Tensor, bos_id: int, shift: int = 0) -> SourceReader:
+        """The reader for caption rows ``tokens`` (B, L) ([BOS], caption, [EOS]…) describing ``images``."""
+        reader = cls.for_rows(model, tokens, bos_id, shift)
+        reader.images = images
+        return reader
+
     def rows(self, idx: Tensor) -> SourceReader:
         """The reader for a subset of the rows (samplers that call the network on some rows)."""
         mem = None if self._memory is None else self._memory.rows(idx)
-        return SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], mem)
+        images = None if self.images is None else self.images[idx]
+        return SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], mem, images)
 
     def null(self, null_id: int) -> SourceReader:
-        """The same rows with the source dropped (every source token [PAD], as ``train.cond_dropout`` trains it):
-        classifier-free guidance's unconditional stream."""
+        """The same rows with the source dropped (every source token [PAD], or a blank image, as
+        ``train.cond_dropout`` trains it): classifier-free guidance's unconditional stream."""
+        if self.images is not None:
+            return SourceReader(self.model, self.source, self.mask, self.start, images=torch.zeros_like(self.images))
         src = torch.where(self.mask, torch.full_like(self.source, null_id), self.source)
         return SourceReader(self.model, src, self.mask, self.start)
 
-    def memory(self) -> Memory:
+    def _encode(self) -> Memory:
         net = getattr(self.model, "module", self.model)
+        if self.images is not None:
+            return net.encode_image(self.images, self.start)
+        return net.encode(self.source, self.mask, self.start)
+
+    def memory(self) -> Memory:
         if self.model.training and torch.is_grad_enabled():
-            return net.encode(self.source, self.mask, self.start)
+            return self._encode()
         if self._memory is None:
-            self._memory = net.encode(self.source, self.mask, self.start)
+            self._memory = self._encode()
         return self._memory
 
     def forward(self, x: Tensor, t: Tensor | None = None, **kw) -> Tensor:
@@ -87,8 +105,21 @@ def length_terms(model: nn.Module, process, tokens: Tensor) -> Tensor:
     return model.length_nll(target_lengths(tokens, process.bos_id, process.eos_id))
 
 
-def bind_source(model: nn.Module, process, tokens: Tensor) -> nn.Module:
-    """``model`` reading the source of the rows ``tokens`` (B, L) when it is an encoder-decoder, else itself."""
+def bind_source(model: nn.Module, process, tokens: Tensor, images: Tensor | None = None) -> nn.Module:
+    """``model`` reading the source of the rows ``tokens`` (B, L) — or the ``images`` (B, C, H, W) they caption —
+    when it is an encoder-decoder, else itself."""
     if isinstance(model, SourceReader) or not reads_source(model):
         return model
-    return SourceReader.for_rows(model, tokens, process.bos_id, getattr(process, "input_shift", 0))
+    shift = getattr(process, "input_shift", 0)
+    if reads_images(model):
+        if images is None:
+            raise DiffLMError("this model captions images and writes nothing without one: use difflm caption RUN "
+                              "IMAGE.png (DiffusionLM.caption)")
+        return SourceReader.for_images(model, tokens, images, process.bos_id, shift)
+    return SourceReader.for_rows(model, tokens, process.bos_id, shift)
+
+
+def reads_images(model: nn.Module) -> bool:
+    """Whether ``model`` (or the network inside a wrapper) encodes images (captioning: model.image_size > 0)."""
+    net = getattr(model, "module", model)
+    return getattr(getattr(net, "cfg", None), "image_size", 0) > 0

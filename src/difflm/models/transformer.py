@@ -36,6 +36,9 @@ class TransformerConfig(BackboneConfig):
                                     "cross-attention, target positions numbered from 0 (CMLM / DiffuSeq-v2); 0: one "
                                     "stream, the source as given tokens", ge=0)
     length_classes: int = derived(0)  # > 0: the encoder predicts the target length 0..length_classes−1 (Mask-Predict)
+    image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
+    patch_size: int = option(8, "captioning: the image encoder (a ViT) reads patches of patch_size × patch_size "
+                                "pixels", ge=1)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
@@ -291,7 +294,8 @@ class Transformer(Backbone):
         self.embed = nn.Embedding(cfg.vocab_size, emb)
         if cfg.d_embed:
             self.in_proj = nn.Linear(emb * (2 if cfg.self_conditioning else 1), cfg.d_model)
-        self.rope = Rotary(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_base)
+        patches = (cfg.image_size // cfg.patch_size) ** 2 if cfg.image_size else 0
+        self.rope = Rotary(cfg.d_model // cfg.n_head, max(cfg.max_len, patches), cfg.rope_base)
         if cfg.encoder_layers:  # the source encoder: bidirectional, time-free; its own embedding in embedding diffusion
             self.encoder = nn.ModuleList(Block(cfg, timed=False) for _ in range(cfg.encoder_layers))
             self.encoder_norm = nn.LayerNorm(cfg.d_model)
@@ -300,6 +304,14 @@ class Transformer(Backbone):
             # length (a mean alone cannot count), -> the target length
             self.length_head = nn.Linear(cfg.d_model, cfg.length_classes) if cfg.length_classes else None
             self.source_length = nn.Embedding(cfg.max_len + 1, cfg.d_model) if cfg.length_classes else None
+        if cfg.image_size:  # captioning: a ViT over patches (Dosovitskiy et al. 2021) in front of the encoder blocks
+            if not cfg.encoder_layers:
+                raise ValueError("an image captioner reads its image through an encoder: set model.encoder_layers")
+            if cfg.image_size % cfg.patch_size:
+                raise ValueError(f"model.patch_size {cfg.patch_size} must divide the image size {cfg.image_size}")
+            n = (cfg.image_size // cfg.patch_size) ** 2
+            self.patch_embed = nn.Linear(cfg.patch_size**2, cfg.d_model)
+            self.patch_pos = nn.Parameter(torch.zeros(n, cfg.d_model))  # learned 2D positions, with rotary's 1D ones
         self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
@@ -394,6 +406,23 @@ class Transformer(Backbone):
             n = mask.sum(-1, keepdim=True)
             pooled = (h * mask[..., None]).sum(1) / n.clamp_min(1) + self.source_length(n[:, 0])
             length = self.length_head(pooled).float()
+        return Memory(h, mask, start, length_logits=length)
+
+    def encode_image(self, images: Tensor, start: Tensor) -> Memory:
+        """The image encoder (``cfg.image_size`` > 0): images (B, 1, H, W) in [0, 1] cut into P patches, embedded,
+        read bidirectionally by the encoder blocks -> Memory with states (B, P, D), every patch a real key."""
+        B, S, p = images.shape[0], self.cfg.image_size, self.cfg.patch_size
+        if tuple(images.shape[1:]) != (1, S, S):
+            raise ValueError(f"this model reads (B, 1, {S}, {S}) images, got {tuple(images.shape)}")
+        x = images.reshape(B, S // p, p, S // p, p).permute(0, 1, 3, 2, 4).reshape(B, -1, p * p)
+        h = self.patch_embed(x.to(self.patch_embed.weight.dtype)) + self.patch_pos
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        for i, blk in enumerate(self.encoder):
+            h = blk(h, self.rope, None, None, False, None, i, 0)
+        h = self.encoder_norm(h)
+        length = None
+        if self.length_head is not None:
+            length = self.length_head(h.mean(1) + self.source_length(mask.sum(-1))).float()
         return Memory(h, mask, start, length_logits=length)
 
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:

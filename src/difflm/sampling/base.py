@@ -92,7 +92,8 @@ def _take(v, idx: Tensor):
 
 def _cat(vs: list):
     if isinstance(vs[0], Conditioning):
-        return Conditioning(torch.cat([v.tokens for v in vs]), torch.cat([v.fixed for v in vs]))
+        images = None if vs[0].images is None else torch.cat([v.images for v in vs])
+        return Conditioning(torch.cat([v.tokens for v in vs]), torch.cat([v.fixed for v in vs]), images)
     if isinstance(vs[0], dict):
         return {k: torch.cat([v[k] for v in vs]) for k in vs[0]}
     return torch.cat(vs)

@@ -11,10 +11,12 @@ from torch import Tensor
 @dataclass
 class Conditioning:
     """tokens: (B, L) given tokens (anything where not fixed); fixed: (B, L) True where a token is given
-    and must come out unchanged (prefix, suffix, spans, padding, a seq2seq source)."""
+    and must come out unchanged (prefix, suffix, spans, padding, a seq2seq source); images: (B, C, H, W) the
+    images captioning rows describe (read by the encoder; no sampler touches them)."""
 
     tokens: Tensor
     fixed: Tensor
+    images: Tensor | None = None
 
     @classmethod
     def unconditional(cls, batch: int, length: int, fill: int = 0, device="cpu") -> Conditioning:
@@ -37,7 +39,11 @@ class Conditioning:
         return torch.where(self.fixed, self.tokens, torch.full_like(self.tokens, fill))
 
     def rows(self, idx: Tensor | slice) -> Conditioning:
-        return Conditioning(self.tokens[idx], self.fixed[idx])
+        return Conditioning(self.tokens[idx], self.fixed[idx], None if self.images is None else self.images[idx])
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return Conditioning(self.tokens.to(device), self.fixed.to(device),
+                            None if self.images is None else self.images.to(device))
 
     @property
     def shape(self) -> tuple[int, int]:

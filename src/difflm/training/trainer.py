@@ -220,7 +220,7 @@ class Trainer:
                 sync = nullcontext() if (dist.world == 1 or m == t.grad_accum - 1) else net.no_sync()
                 with sync:
                     with amp:
-                        bound = bind_source(net, process, b.tokens)
+                        bound = bind_source(net, process, b.tokens, b.images)
                         terms = process.loss(bound, b)
                         if isinstance(bound, SourceReader) and bound.predicts_length:  # Mask-Predict's length loss
                             terms = terms + F.pad(length_terms(bound, process, b.tokens)[:, None],
