@@ -40,7 +40,7 @@ class DataConfig:
                                 "length from the source (Mask-Predict) and the fill after the target is given")
     scenes: int = option(20000, "scenes: training scenes (each with its reference captions as rows)", ge=1)
     eval_scenes: int = option(500, "scenes: valid and test scenes each", ge=1)
-    scene_items: str = option("2-4", "scenes: items per scene, a count or a range within 1-4 (1: plain-class "
+    scene_items: str | int = option("2-4", "scenes: items per scene, a count or a range within 1-4 (1: plain-class "
                               "captions, the sanity row)")
     scene_classes: list[str] | None = None  # scenes: the Fashion-MNIST classes drawn (default all ten)
     scene_seed: int = option(0, "scenes: the generator's seed (scene i of a split is a function of it)", ge=0)

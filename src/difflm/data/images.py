@@ -18,6 +18,8 @@ CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
 def _unfilter(raw: bytes, h: int, w: int, bpp: int) -> np.ndarray:
     """Undo PNG's per-scanline filters (PNG spec §9): (h, w·bpp) uint8."""
     stride = w * bpp
+    if len(raw) != h * (1 + stride):
+        raise ValueError("the pixel data has the wrong length")
     out = np.zeros((h, stride), dtype=np.uint8)
     prev = np.zeros(stride, dtype=np.int32)
     pos = 0
@@ -45,7 +47,7 @@ def _unfilter(raw: bytes, h: int, w: int, bpp: int) -> np.ndarray:
                     pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
                 cur[i] = (int(line[i]) + pred) & 0xFF
         else:
-            raise DiffLMError(f"bad PNG filter type {ftype}")
+            raise ValueError(f"bad PNG filter type {ftype}")
         out[y] = cur
         prev = cur
     return out

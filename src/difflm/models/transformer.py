@@ -37,8 +37,8 @@ class TransformerConfig(BackboneConfig):
                                     "stream, the source as given tokens", ge=0)
     length_classes: int = derived(0)  # > 0: the encoder predicts the target length 0..length_classes−1 (Mask-Predict)
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
-    patch_size: int = option(8, "captioning: the image encoder (a ViT) reads patches of patch_size × patch_size "
-                                "pixels", ge=1)
+    patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
+                                "patch_size × patch_size pixels (a multiple of 4)", ge=4)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
@@ -188,17 +188,18 @@ class Memory:
     start: Tensor
     kv: dict = field(default_factory=dict)
     length_logits: Tensor | None = None  # (B, C): the predicted target length's logits (cfg.length_classes)
+    rotary: bool = True  # cross-attention rotates queries and keys (a text source; an image's patches are not a line)
 
     def rows(self, idx: Tensor) -> Memory:
         return Memory(self.states[idx], self.mask[idx], self.start[idx],
                       {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()},
-                      None if self.length_logits is None else self.length_logits[idx])
+                      None if self.length_logits is None else self.length_logits[idx], self.rotary)
 
 
 class CrossAttention(nn.Module):
     """Queries from the decoder (B, L, D) over the encoder's states (B, S, D), padded source positions masked.
     Rotary on both sides (target positions from 0, source positions from 0) biases attention towards the
-    monotone alignment most seq2seq pairs have without ruling any other out."""
+    monotone alignment most seq2seq pairs have without ruling any other out; an image's patches go unrotated."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -211,11 +212,12 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, memory: Memory, rope: Rotary, positions: Tensor, layer: int) -> Tensor:
         B, L, D = x.shape
         S, H = memory.states.shape[1], self.n_head
-        q = rope(self.q(x).view(B, L, H, D // H).transpose(1, 2), 0, positions)
+        q = self.q(x).view(B, L, H, D // H).transpose(1, 2)
+        q = rope(q, 0, positions) if memory.rotary else q
         kv = memory.kv.get(layer)
         if kv is None or kv[0].dtype != q.dtype:
             k, v = self.kv(memory.states.to(x.dtype)).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
-            kv = rope(k, 0), v
+            kv = (rope(k, 0) if memory.rotary else k), v
             if not (self.training and torch.is_grad_enabled()):
                 memory.kv[layer] = kv
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=memory.mask[:, None, None, :],
@@ -304,13 +306,17 @@ class Transformer(Backbone):
             # length (a mean alone cannot count), -> the target length
             self.length_head = nn.Linear(cfg.d_model, cfg.length_classes) if cfg.length_classes else None
             self.source_length = nn.Embedding(cfg.max_len + 1, cfg.d_model) if cfg.length_classes else None
-        if cfg.image_size:  # captioning: a ViT over patches (Dosovitskiy et al. 2021) in front of the encoder blocks
+        if cfg.image_size:  # captioning: a small CNN stem cuts the image into patch features (the convolutional
+            # stem of Xiao et al. 2021, "Early convolutions help transformers see better"), then the encoder blocks
             if not cfg.encoder_layers:
                 raise ValueError("an image captioner reads its image through an encoder: set model.encoder_layers")
-            if cfg.image_size % cfg.patch_size:
-                raise ValueError(f"model.patch_size {cfg.patch_size} must divide the image size {cfg.image_size}")
-            n = (cfg.image_size // cfg.patch_size) ** 2
-            self.patch_embed = nn.Linear(cfg.patch_size**2, cfg.d_model)
+            if cfg.image_size % cfg.patch_size or cfg.patch_size % 4:
+                raise ValueError(f"model.patch_size {cfg.patch_size} must be a multiple of 4 that divides the image "
+                                 f"size {cfg.image_size}")
+            n, d, k = (cfg.image_size // cfg.patch_size) ** 2, cfg.d_model, cfg.patch_size // 4
+            self.image_stem = nn.Sequential(  # (B, 1, S, S) -> (B, d, S/p, S/p): two stride-2 3×3 convs, a k×k one
+                nn.Conv2d(1, d // 4, 3, 2, 1), nn.GELU(), nn.Conv2d(d // 4, d // 2, 3, 2, 1), nn.GELU(),
+                nn.Conv2d(d // 2, d, k, k))
             self.patch_pos = nn.Parameter(torch.zeros(n, cfg.d_model))  # learned 2D positions, with rotary's 1D ones
         self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
@@ -344,6 +350,10 @@ class Transformer(Backbone):
         if self.cfg.time_conditioning:
             nn.init.zeros_(self.ada_f.weight)
             nn.init.zeros_(self.ada_f.bias)
+        if self.cfg.image_size:  # the stem's convolutions keep unit scale (He init), not GPT-2's 0.02
+            for m in self.image_stem:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         nn.init.zeros_(self.head.weight)  # start from the uniform prediction (as SEDD's final layer)
         if self.cfg.d_embed:  # unit-variance embeddings: the scale the variance-preserving process assumes
             nn.init.normal_(self.embed.weight, 0.0, 1.0)
@@ -409,21 +419,22 @@ class Transformer(Backbone):
         return Memory(h, mask, start, length_logits=length)
 
     def encode_image(self, images: Tensor, start: Tensor) -> Memory:
-        """The image encoder (``cfg.image_size`` > 0): images (B, 1, H, W) in [0, 1] cut into P patches, embedded,
-        read bidirectionally by the encoder blocks -> Memory with states (B, P, D), every patch a real key."""
-        B, S, p = images.shape[0], self.cfg.image_size, self.cfg.patch_size
+        """The image encoder (``cfg.image_size`` > 0): images (B, 1, S, S) in [0, 1] (a blank image: zeros), cut by
+        the CNN stem into P = (S/patch_size)² patch features and read bidirectionally by the encoder
+        blocks -> Memory with states (B, P, D), every patch a real key."""
+        S = self.cfg.image_size
         if tuple(images.shape[1:]) != (1, S, S):
             raise ValueError(f"this model reads (B, 1, {S}, {S}) images, got {tuple(images.shape)}")
-        x = images.reshape(B, S // p, p, S // p, p).permute(0, 1, 3, 2, 4).reshape(B, -1, p * p)
-        h = self.patch_embed(x.to(self.patch_embed.weight.dtype)) + self.patch_pos
+        x = images.to(self.patch_pos.dtype)  # background 0: the ink is the signal
+        h = self.image_stem(x).flatten(2).transpose(1, 2) + self.patch_pos  # (B, P, D), patches in raster order
         mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         for i, blk in enumerate(self.encoder):
             h = blk(h, self.rope, None, None, False, None, i, 0)
         h = self.encoder_norm(h)
         length = None
         if self.length_head is not None:
-            length = self.length_head(h.mean(1) + self.source_length(mask.sum(-1))).float()
-        return Memory(h, mask, start, length_logits=length)
+            length = self.length_head(h.mean(1)).float()  # the caption's length from the pooled image
+        return Memory(h, mask, start, length_logits=length, rotary=False)
 
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1:
