@@ -26,7 +26,8 @@ def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), *
         "data": {"corpus": "scenes", "scenes": 2000, "eval_scenes": 100, "scene_items": items,
                  "scene_classes": list(classes), "seq_len": 8 if str(items) == "1" else 24},
         "tokenizer": {"type": "word"},
-        "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "encoder_layers": 1, "patch_size": 16},
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "encoder_layers": 1, "patch_size": 16,
+                  "absolute_positions": True},
         "process": process,
         "train": {"batch_size": 32, "max_steps": steps, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100000,
                   "save_every": 100000, "ema": 0.0, "cond_dropout": 0.1, **train}})

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DiffLMError
 from ..registry import BackboneNeeds, option, register_family
 from ..schedules import Schedule, build_schedule
 from .base import T_MIN, Batch, Process
@@ -29,6 +30,13 @@ class MaskedOptions:
     time_conditioning: bool = option(False, "feed t to the network (adaLN); MDLM's network is time-free")
     discrete_steps: int = option(0, "T > 0: train and evaluate the T-step bound (eq. 8) instead of the continuous one",
                                  ge=0)
+    loss: str = option("elbo", "the training loss: elbo (the bound) or cmlm (cross-entropy averaged over each row's "
+                               "masked tokens, Mask-Predict's objective: lower variance on short targets; evaluation "
+                               "still reports the bound)")
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("elbo", "cmlm"):
+            raise DiffLMError(f"process.loss must be elbo or cmlm, got {self.loss!r}")
 
 
 @register_family
@@ -98,6 +106,23 @@ class MaskedDiffusion(Process):
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         terms[counted] = nll * w.float()[:, None].expand_as(x0)[counted]
+        return terms
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The bound's terms, or with loss cmlm (Ghazvininejad et al. 2019, §3.1) each masked token's cross-entropy
+        times n / m for a row of n modelled tokens of which m are masked: every row weighs its masked tokens' mean
+        cross-entropy by its length, whatever its t. The bound's 1/t weight (loglinear) is that ratio's expectation,
+        so both aim at the same minimiser; the ELBO's weight swings widely when a short row has one or two masks."""
+        if self.options.loss == "elbo":
+            return self.bound_terms(model, batch)
+        x0 = batch.tokens
+        t, _ = self.times(batch.time_uniforms())
+        xt = self.corrupt(batch, t)
+        counted = (xt == self.mask_id) & batch.loss_mask
+        nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
+        scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
+        terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        terms[counted] = nll * scale[:, None].expand_as(x0)[counted]
         return terms
 
     # -- reverse process -------------------------------------------------------------------------

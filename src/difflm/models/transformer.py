@@ -36,6 +36,9 @@ class TransformerConfig(BackboneConfig):
                                     "cross-attention, target positions numbered from 0 (CMLM / DiffuSeq-v2); 0: one "
                                     "stream, the source as given tokens", ge=0)
     length_classes: int = derived(0)  # > 0: the encoder predicts the target length 0..length_classes−1 (Mask-Predict)
+    absolute_positions: bool = option(False, "add sinusoidal absolute positions to the input (an encoder-decoder's "
+                                      "target numbered from 0): a masked decoder facing a row of [MASK] learns where "
+                                      "it is much sooner than from rotary's relative positions alone")
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
@@ -49,6 +52,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sinusoid(pos: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embeddings of integer positions (...) -> (..., dim): [cos(p·ω_i), sin(p·ω_i)], ω_i = 10⁴^(−2i/dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    args = pos.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -389,6 +400,9 @@ class Transformer(Backbone):
             h = self.in_proj(x)
         else:
             h = self.embed(x)
+        if self.cfg.absolute_positions:  # Vaswani et al. 2017 §3.5 on top of rotary: where a query is, not only how far
+            pos = positions if positions is not None else torch.arange(offset, offset + L, device=h.device)[None]
+            h = h + sinusoid(pos, h.shape[-1]).to(h.dtype)
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store, memory)
