@@ -65,17 +65,17 @@ def grid(scenes, rows: dict[str, list[str]], png: Path, n: int = 12) -> None:
     import matplotlib.pyplot as plt
 
     cols = 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 4.6 * ((n + cols - 1) // cols)))
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 5.8 * nrows), gridspec_kw={"hspace": 0.75})
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
             continue
         ax.imshow(scenes[k].image, cmap="gray", vmin=0, vmax=255)
         text = [f"ref: {scenes[k].captions[0]}"] + [f"{name}: {preds[k]}" for name, preds in rows.items()]
-        ax.set_title("\n".join(_wrap(t) for t in text), fontsize=7, loc="left")
-    fig.tight_layout()
+        ax.set_title("\n".join(_wrap(t) for t in text), fontsize=8, loc="left")
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
+    fig.savefig(png, dpi=90, bbox_inches="tight")
 
 
 def _wrap(text: str, width: int = 52) -> str:
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--sanity", type=float, default=0, help="minutes for the single-item sanity model (0: none)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/captions"))
     ap.add_argument("--png", type=Path, default=None, help="the caption grid (default <out>/grid.png)")
+    ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -118,7 +119,10 @@ def main() -> None:
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
         d = a.out / fam
-        steps = train(preset, overrides, d, a.minutes, f"captions-{fam}")
+        if a.reuse and (d / "model.safetensors").is_file():
+            steps = json.loads((d / "manifest.json").read_text())["step"]
+        else:
+            steps = train(preset, overrides, d, a.minutes, f"captions-{fam}")
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
         for w in (0.0, 1.0):

@@ -19,9 +19,10 @@ from difflm.pipeline import DiffusionLM
 FAMILIES = ("masked", "autoregressive", "gaussian", "sedd", "uniform", "d3pm")
 
 
-def tiny(family: str, seed: int = 0):
+def tiny(family: str, seed: int = 0, absolute: bool = False):
     tok = train_char(["abcdefgh ijklmnop"])
-    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1,
+                                         "absolute_positions": absolute},
                                "process": {"type": family}, "data": {"corpus": "pairs", "seq_len": 16}})
     torch.manual_seed(seed)
     model, process = build_components(run, tok)
@@ -88,8 +89,9 @@ def test_targets_are_numbered_from_zero_whatever_the_source_length():
     assert torch.allclose(a[0, 2:], b[0, 4:], atol=1e-5)
 
 
-def test_cached_autoregressive_decoding_equals_the_full_pass():
-    tok, model, process = tiny("autoregressive")
+@pytest.mark.parametrize("absolute", [False, True])
+def test_cached_autoregressive_decoding_equals_the_full_pass(absolute):
+    tok, model, process = tiny("autoregressive", absolute=absolute)
     x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
     r = bind_source(model, process, x)
     inp = process.shift_right(x)
@@ -352,3 +354,36 @@ def test_spanish_characters_the_tokenizer_never_saw_are_translated_not_a_crash()
     out = lm.generate_targets(["EN el principio crió Dios ñandú ☃ los cielos"], steps=4, bf16=False)
     assert len(out) == 1 and isinstance(out[0].prediction, str)
     assert tok.decode(tok.encode("ñandú ☃")) == "ñandú ☃"  # byte-level: nothing is lost
+
+
+def test_the_cmlm_loss_weighs_each_rows_mean_masked_cross_entropy_by_its_length():
+    """process.loss cmlm: a row's terms sum to n × (mean cross-entropy over its m masked tokens), on the very
+    corruption the bound draws (keyed on the batch's rows); the bound's terms are the same cross-entropies × 1/t."""
+    import torch.nn.functional as F
+
+    from difflm.data.datasets import make_batch
+    from difflm.diffusion.masked import MaskedDiffusion
+
+    tok, model, _ = tiny("masked")
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg"), ("a", "b")])
+    batch = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    batch.u = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
+    batch.rows, batch.seed, batch.step = torch.arange(3), 0, 5
+    cmlm = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="cmlm")
+    elbo = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id)
+    net = bind_source(model, cmlm, x)
+    with torch.no_grad():
+        terms = cmlm.loss(net, batch)
+        bound = elbo.loss(net, batch)
+        t, w = elbo.times(batch.u)
+        xt = elbo.corrupt(batch, t)
+        ce = F.cross_entropy(elbo.subs_logits(net, xt, t).transpose(1, 2), x, reduction="none")
+    masked = (xt == tok.mask_id) & batch.loss_mask
+    assert masked.sum() > 0
+    for b in range(3):
+        n, m = int(batch.loss_mask[b].sum()), int(masked[b].sum())
+        want = n * ce[b][masked[b]].mean() if m else torch.tensor(0.0)
+        assert torch.allclose(terms[b].sum(), want.float(), rtol=1e-4), b
+        assert torch.allclose(bound[b][masked[b]], (ce[b][masked[b]] * w[b]).float(), rtol=1e-4), b
+    with pytest.raises(DiffLMError, match="process.loss must be elbo or cmlm"):
+        MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="mse")
