@@ -19,7 +19,7 @@ from difflm.training.trainer import Trainer
 FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm")
 
 
-def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), **train) -> RunConfig:
+def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), absolute=True, **train) -> RunConfig:
     process = {"type": family} | ({"embed_dim": 16} if family == "gaussian" else {})
     return RunConfig.from_dict({
         "name": f"captions-{family}",
@@ -27,7 +27,7 @@ def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), *
                  "scene_classes": list(classes), "seq_len": 8 if str(items) == "1" else 24},
         "tokenizer": {"type": "word"},
         "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "encoder_layers": 1, "patch_size": 16,
-                  "absolute_positions": True},
+                  "absolute_positions": absolute},
         "process": process,
         "train": {"batch_size": 32, "max_steps": steps, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100000,
                   "save_every": 100000, "ema": 0.0, "cond_dropout": 0.1, **train}})
@@ -54,11 +54,12 @@ def barely(tmp_path_factory):
 
 def test_a_tiny_captioner_learns_single_item_class_captions(tmp_path):
     """400 steps (about 20 s): the plain-class caption of a single trouser or bag, from where it lies on the canvas
-    and at either size, for ≥ 95% of test scenes (Fashion-MNIST test images the model never saw)."""
-    Trainer(scenes_run("autoregressive", 400), tmp_path, progress=False).fit()
+    and at either size, for ≥ 95% of test scenes (Fashion-MNIST test images the model never saw). The AR captioner
+    knows its place from causality: no absolute positions (with them this run reaches 84% at 400 steps)."""
+    Trainer(scenes_run("autoregressive", 400, absolute=False), tmp_path, progress=False).fit()
     lm = DiffusionLM.from_pretrained(tmp_path, device="cpu")
     scenes = scenes_for(lm.run.data, "test")
-    outs = lm.caption([s.image for s in scenes], bf16=False)
+    outs = lm.caption([s.image for s in scenes], bf16=False, sampler_options={"greedy": True})
     m = caption_metrics([o.prediction for o in outs], scenes)
     assert m["exact"] >= 95.0, (m, [(o.prediction, s.captions) for o, s in zip(outs, scenes)][:8])
 

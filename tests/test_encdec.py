@@ -182,6 +182,7 @@ def learned(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["masked", "autoregressive"])
+@pytest.mark.slow  # trains small encoder-decoders (about 40 s together): make test-slow
 def test_encoder_decoder_models_learn_to_read_their_source_and_reload(learned, family):
     """Through the encoder only, the masked model learns to copy and the AR model to reverse (the target's position
     j finds the source's S−1−j); both are saved and reloaded by from_pretrained, and score, sample and batch like
@@ -216,6 +217,7 @@ def greedy_by_full_passes(lm: DiffusionLM, source: str) -> str:
     return tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
 
 
+@pytest.mark.slow  # trains small encoder-decoders (about 40 s together): make test-slow
 def test_a_masked_model_refines_the_ar_models_drafts_by_mask_predict(learned):
     """AR bootstrap for a masked model: it starts from the AR model's translation (here a reversal) at iteration
     s of T; from s = 1 it re-masks nearly all of the draft and writes its own task (a copy); near T it keeps most."""
@@ -237,6 +239,7 @@ def test_a_masked_model_refines_the_ar_models_drafts_by_mask_predict(learned):
         ar.generate_targets(srcs[:1], draft_from=ar)
 
 
+@pytest.mark.slow  # trains small encoder-decoders (about 40 s together): make test-slow
 def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path, capsys):
     import json
 
@@ -319,6 +322,7 @@ def write_doubling(d, n_train: int = 3000) -> None:
                 f.write(json.dumps({"source": " ".join(src), "target": " ".join(src + src)}) + "\n")
 
 
+@pytest.mark.slow  # trains small encoder-decoders (about 40 s together): make test-slow
 def test_the_length_predictor_learns_a_deterministic_rule_and_mask_predict_decodes_with_it(tmp_path):
     from difflm.training.trainer import Trainer
 
