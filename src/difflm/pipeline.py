@@ -463,7 +463,8 @@ class DiffusionLM:
             if not (self.process.revises_source or self.process.family == "masked"):
                 raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft, or a masked "
                                   "one, which refines it by Mask-Predict")
-            drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16)]
+            drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16,
+                                                                        truncate=truncate)]
         if draft_from is not None and not self.process.revises_source:  # Mask-Predict from the draft
             if (sampler or "mask-predict") != "mask-predict":
                 raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
