@@ -103,7 +103,7 @@ def test_cached_autoregressive_decoding_equals_the_full_pass(absolute):
 
 
 @pytest.mark.parametrize("seed", [8, 9])  # random models whose greedy choice is not the best: one ends at [EOS]
-def test_beam_search_finds_the_best_translation_that_exhaustive_search_finds_and_greedy_is_its_k_1(seed):
+def test_beam_search_finds_the_best_translation_that_exhaustive_search_finds(seed):
     """With k at least the number of hypotheses, beam search is exhaustive: it must return, for every row, the
     target of highest log-probability per token among all targets the row has room for (scored by full passes)."""
     import itertools
@@ -133,9 +133,7 @@ def test_beam_search_finds_the_best_translation_that_exhaustive_search_finds_and
         by_passes = cond.tokens.clone()  # greedy decoding by one full pass per position, a second route
         for i in range(3, L):
             by_passes[:, i] = process.log_probs(bind_source(model, process, by_passes), by_passes)[:, i].argmax(-1)
-    for g, f in zip(greedy.tolist(), by_passes.tolist()):
-        n = g.index(tok.eos_id, 3) + 1 if tok.eos_id in g[3:] else L
-        assert g[:n] == f[:n] and all(v == tok.eos_id for v in g[n:])
+    assert torch.equal(greedy, by_passes)
     for b, src in enumerate(sources):
         hyps = set()
         for y in itertools.product(allowed, repeat=room):

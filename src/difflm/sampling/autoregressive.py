@@ -1,8 +1,8 @@
 """Left-to-right decoding for the autoregressive baseline, with the backbone's KV cache: ancestral sampling,
 greedy decoding, or beam search (``beam`` > 1: the ``beam`` most probable prefixes of each row are kept; a
 hypothesis ends at its [EOS], and the one of highest log-probability per token wins — length penalty 1, as in
-fairseq's default). Greedy decoding is beam search with one hypothesis: both stop once every row has its
-[EOS] and fill the rest of the row with [EOS]."""
+fairseq's default). Beam search treats [EOS] as the end of the text (seq2seq targets, captions, lines) and stops
+once every row has it; greedy and ancestral decoding run to the row's end (a packed stream goes on after [EOS])."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .conditioning import Conditioning
 class AutoregressiveOptions:
     greedy: bool = option(False, "take the most probable next token (greedy decoding) instead of drawing it")
     beam: int = option(1, "beam search over this many hypotheses per row (1 = off; deterministic, ignores "
-                          "temperature and top_p; greedy is beam 1)", ge=1)
+                          "temperature and top_p; a hypothesis ends at its [EOS])", ge=1)
 
     def __post_init__(self) -> None:
         if self.beam < 1:
@@ -52,7 +52,7 @@ class AutoregressiveSampler(Sampler):
                 "an autoregressive model can only continue a prefix; use a diffusion model to fill gaps"
             )
         rows = self.default_rows(cond, rows)
-        if self.options.beam > 1 or self.options.greedy:  # greedy decoding is beam search with k = 1
+        if self.options.beam > 1:
             return self._beam_search(model, process, cond, on_step)
         B, L = cond.shape
         x = cond.tokens.clone()
@@ -65,8 +65,11 @@ class AutoregressiveSampler(Sampler):
         for i in range(P, L):
             logits = logits.float()
             logits[:, process.never] = float("-inf")
-            probs = probs_from_logits(logits, temperature, top_p)
-            tok = sample_categorical(probs, uniform(seed, rows, i, 1)[:, 0])
+            if self.options.greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = probs_from_logits(logits, temperature, top_p)
+                tok = sample_categorical(probs, uniform(seed, rows, i, 1)[:, 0])
             x[:, i] = torch.where(cond.fixed[:, i], x[:, i], tok)
             if on_step is not None:
                 on_step(StepInfo(L - i, L - P, 1 - i / L, 1 - (i + 1) / L, x, nfe.clone()))
@@ -87,7 +90,7 @@ class AutoregressiveSampler(Sampler):
         if isinstance(model, ClassifierFreeGuidance):
             raise DiffLMError("beam search does not combine with --guidance; use greedy decoding or sampling")
         eos = process.eos_id
-        k = 1 if self.options.greedy else self.options.beam
+        k = self.options.beam
         B, L = cond.shape
         dev = cond.tokens.device
         P = int(cond.fixed.sum(-1).min())
