@@ -265,6 +265,11 @@ class DiffusionLM:
         """Token rows (N, L) -> texts, cut as ``generate`` cuts them (at [EOS] in lines mode, at [PAD])."""
         return [self._decode_row(r) for r in tokens]
 
+    def _decode_target(self, ids: list[int]) -> str:
+        """A generated target (seq2seq, caption) up to its first [EOS]."""
+        eos = self.tokenizer.eos_id
+        return self.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
+
     def _decode_row(self, row: torch.Tensor) -> str:
         ids = row.tolist()
         if self.run.data.mode == "lines" and self.tokenizer.eos_id in ids:
@@ -540,10 +545,9 @@ class DiffusionLM:
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed))
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Transduction]:
-            texts = []
-            for r, a in zip(toks.tolist(), starts):
-                tgt = r if self.process.revises_source else r[a:]  # an edit model returns the source revised
-                texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+            # an edit model returns the source revised, every other the target after the [BOS]
+            revised = self.process.revises_source
+            texts = [self._decode_target(r if revised else r[a:]) for r, a in zip(toks.tolist(), starts)]
             bound = self._target_bound(toks) if predicted else None
             out = []
             for i, src in enumerate(sources):
@@ -627,10 +631,7 @@ class DiffusionLM:
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed), pixels[owner])
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Caption]:
-            texts = []
-            for r in toks.tolist():
-                tgt = r[1:]
-                texts.append(tok.decode(tgt[: tgt.index(tok.eos_id)] if tok.eos_id in tgt else tgt))
+            texts = [self._decode_target(r[1:]) for r in toks.tolist()]  # after the [BOS]
             out = []
             for i, name in enumerate(names):
                 mine = [j for j, o in enumerate(owner) if o == i]
