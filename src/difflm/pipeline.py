@@ -584,7 +584,7 @@ class DiffusionLM:
     ) -> Job:
         """``caption``'s rows as a Job (its answer a list of ``Caption``), for ``run_jobs``."""
         from .data.datasets import image_tensor
-        from .data.images import load_image
+        from .data.images import as_uint8, load_image
         from .evaluation.text_metrics import mbr_select
 
         if self.run.data.corpus != "scenes":
@@ -601,9 +601,7 @@ class DiffusionLM:
             else:
                 names.append(f"image {k + 1}")
                 arr = im.squeeze().cpu().numpy() if isinstance(im, torch.Tensor) else np.squeeze(np.asarray(im))
-                if arr.dtype.kind == "f":
-                    arr = np.clip(arr * 255.0, 0, 255).round()
-                arr = arr.astype(np.uint8)
+                arr = as_uint8(arr)
             if arr.shape != (size, size):
                 raise DiffLMError(f"{names[-1]} is {'×'.join(map(str, arr.shape))} pixels but this model reads "
                                   f"{size}×{size} grayscale images: resize it")

@@ -115,7 +115,12 @@ def load_image(path: str | Path) -> np.ndarray:
         arr = np.squeeze(arr)
         if arr.ndim != 2:
             raise DiffLMError(f"{p} holds an array of shape {arr.shape}; give one grayscale image (H, W)")
-        if arr.dtype.kind == "f":
-            arr = np.clip(arr * 255.0, 0, 255).round()
-        return arr.astype(np.uint8)
+        return as_uint8(arr)
     return read_png(p)
+
+
+def as_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixels as uint8: a float array is read as [0, 1], anything else as 0–255."""
+    if arr.dtype.kind == "f":
+        arr = np.clip(arr * 255.0, 0, 255).round()
+    return arr.astype(np.uint8)
