@@ -2,14 +2,19 @@
 time: the AR baseline and the masked diffusion model share the shape, encoder included (presets spa2web-ar and
 spa2web-mdlm), next to copying the source.
 
-    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len]
+    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len,mdlm-abs,block]
+
+Two models can train at once on one core each (equal CPU for both): `--threads 1 --train-only` in two processes,
+then one `--reuse` run alone scores them.
 
 Per model: BLEU and chrF (sacrebleu), ROUGE-L, NFE and seconds per sentence on the first --test test verses; and
 source use, the model's bound on 64 validation targets (nats per target token) with the source and with it
 replaced by [PAD]. AR decodes greedily and by beam search (4); the masked model with Mask-Predict (10 iterations),
 with the ancestral sampler (32 steps) and from the AR model's greedy draft (AR bootstrap: Mask-Predict from
 iteration 5 of 10; its seconds include the AR draft's); the masked model that predicts its target length
-(data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft.
+(data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft; mdlm-abs,
+the masked model with sinusoidal absolute positions (model.absolute_positions); block, BD3-LM (blocks of 8) with
+its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
@@ -47,6 +52,14 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    # sinusoidal absolute positions on top of rotary: a mostly-[MASK] row otherwise says little about where a query is
+    "mdlm-abs": ("spa2web-mdlm", ["model.absolute_positions=true"],
+                 [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+                  ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
+                  ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    # BD3-LM over the target: blocks of 8 tokens, 4 steps each (the block sampler's budget is over the whole row)
+    "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"],
+              [("block sampler, 64 steps", {"sampler": "block", "steps": 64})]),
 }
 
 
@@ -110,7 +123,7 @@ def plot_curves(runs: dict[str, Path], png: Path) -> None:
         for label in [k for k in curve[-1][1] if k != "step"]:
             pts = [(m, p[label]) for m, p in curve if label in p]
             ax.plot([m for m, _ in pts], [b for _, b in pts], marker="o", label=f"{name} ({label})")
-    ax.set_xlabel("training minutes (2 CPU threads)")
+    ax.set_xlabel("training minutes (wall time)")
     ax.set_ylabel("BLEU on spa2web valid")
     ax.set_title(f"spa2web: BLEU against training time ({date.today()})")
     ax.grid(alpha=0.3)
@@ -137,7 +150,11 @@ def main() -> None:
                                                 "valid (the learning curve); --minutes is always one")
     ap.add_argument("--valid", type=int, default=200, help="valid verses the curve is scored on")
     ap.add_argument("--png", type=Path, default=None, help="the learning-curve figure (default <out>/curve.png)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     test = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "test")[: a.test]
     refs = [t for _, t in test]
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -158,6 +175,8 @@ def main() -> None:
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
             curve_point(run_dir, decoders, valid)
+        if a.train_only:
+            continue
         done = json.loads((run_dir / "curve.json").read_text()) if (run_dir / "curve.json").is_file() else {}
         if not any(abs(float(m) - trained_minutes(run_dir)) < 0.5 for m in done):  # this length of training: scored
             curve_point(run_dir, decoders, valid)
@@ -177,6 +196,8 @@ def main() -> None:
                    "nats_with_source": with_src, "nats_without_source": without}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if a.train_only:
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(out, indent=2))
     plot_curves({name: a.out / name for name in a.models.split(",")}, a.png or a.out / "curve.png")

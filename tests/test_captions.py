@@ -16,7 +16,7 @@ from difflm.errors import DiffLMError
 from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
-FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm")
+FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm", "block")
 
 
 def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), absolute=True, **train) -> RunConfig:
@@ -115,7 +115,7 @@ def test_guidance_minus_one_is_the_model_without_the_image_and_captions_are_batc
         lm.generate_targets(["a b"])
 
 
-@pytest.mark.parametrize("family", ["block", "edit"])
+@pytest.mark.parametrize("family", ["edit", "editflow"])
 def test_families_without_an_encoder_decoder_are_refused_in_one_line(family, tmp_path):
     with pytest.raises(DiffLMError, match="not supported by the"):
         Trainer(scenes_run(family, 2), tmp_path, progress=False).fit()

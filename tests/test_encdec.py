@@ -16,7 +16,7 @@ from difflm.models.seq2seq import SourceReader, bind_source
 from difflm.models.transformer import KVCache
 from difflm.pipeline import DiffusionLM
 
-FAMILIES = ("masked", "autoregressive", "gaussian", "sedd", "uniform", "d3pm")
+FAMILIES = ("masked", "autoregressive", "gaussian", "sedd", "uniform", "d3pm", "block")
 
 
 def tiny(family: str, seed: int = 0, absolute: bool = False):
@@ -74,6 +74,55 @@ def test_the_decoder_reads_the_source_only_through_the_encoder(family):
         c = bind_source(model, process, x2)(inp(x2), t)
     assert torch.allclose(a[tgt], b[tgt], atol=1e-5)
     assert not torch.allclose(a[tgt], c[tgt], atol=1e-3)
+
+
+def test_block_diffusion_one_pass_equals_block_by_block_and_kv_cached_reading_the_source():
+    """BD3-LM's training input [x_t, x0] under its block mask, composed with the decoder's view of the target: at
+    every target position the loss's logits are those of each block seen alone after its clean prefix, recomputed
+    or read from the KV cache, all reading the same encoded source."""
+    from difflm.diffusion.block import block_causal
+
+    tok, model, process = tiny("block")
+    S = process.block_size = 4
+    x0 = rows(tok, [("abcd", "efgh"), ("ab", "cdefg"), ("abcdef", "gh")])
+    tgt = ~source_mask(x0, tok.bos_id)
+    g = torch.Generator().manual_seed(0)
+    xt = torch.where(tgt & (torch.rand(x0.shape, generator=g) < 0.5), torch.full_like(x0, tok.mask_id), x0)
+    r = bind_source(model, process, x0)
+    L = x0.shape[1]
+    with torch.no_grad():
+        one = process.denoiser_logits(r, xt, x0)
+        cache = KVCache(len(model.blocks))
+        for a in range(0, L, S):
+            blk = torch.arange(a + S) // S
+            alone = r(torch.cat([x0[:, :a], xt[:, a:a + S]], 1), attn_mask=block_causal(blk, blk))[:, a:].float()
+            cached = r(xt[:, a:a + S], cache=cache, store=0).float()
+            r(x0[:, a:a + S], cache=cache)  # commit the clean block
+            for other in (alone, cached):
+                other[..., process.never] = -float("inf")
+                m = tgt[:, a:a + S]
+                torch.testing.assert_close(one[:, a:a + S][m], other[m], atol=1e-4, rtol=1e-4)
+    x2 = x0.clone()
+    x2[0, :4] = torch.tensor(tok.encode("hhhh"))  # another source: the loss's logits change
+    with torch.no_grad():
+        other = process.denoiser_logits(bind_source(model, process, x2), xt, x0)
+    assert not torch.allclose(one[0][tgt[0]], other[0][tgt[0]], atol=1e-3)
+
+
+def test_block_encoder_decoder_translates_batch_invariantly_with_or_without_the_kv_cache():
+    tok, model, process = tiny("block")
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "block", "block_size": 4},
+                               "data": {"corpus": "pairs", "seq_len": 16}})
+    process.block_size = 4
+    lm = DiffusionLM(model, process, tok, run, device="cpu")
+    srcs = ["abcd", "ab", "abcdefg"]
+    kw = {"sampler": "block", "steps": 8, "seed": 1, "bf16": False}
+    one = [o.prediction for o in lm.generate_targets(srcs, batch_size=1, **kw)]
+    assert one == [o.prediction for o in lm.generate_targets(srcs, batch_size=3, **kw)]
+    assert one == [o.prediction for o in lm.generate_targets(srcs, batch_size=3, sampler_options={"cache": False},
+                                                             **kw)]
+    assert all(o.nfe > 0 for o in lm.generate_targets(srcs, **kw))
 
 
 def test_targets_are_numbered_from_zero_whatever_the_source_length():
@@ -157,8 +206,8 @@ def test_encoder_layers_need_pairs_and_a_family_that_supports_them():
     tok = train_char(["abc"])
     with pytest.raises(DiffLMError, match="needs data.corpus pairs"):
         build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "data": {"mode": "lines"}}), tok)
-    with pytest.raises(DiffLMError, match="not supported by the block family"):
-        build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "process": {"type": "block"},
+    with pytest.raises(DiffLMError, match="not supported by the edit family"):
+        build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "process": {"type": "edit"},
                                               "data": {"corpus": "pairs"}}), tok)
 
 

@@ -61,9 +61,9 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
     return model, process
 
 
-# families whose networks an encoder-decoder backbone serves (block diffusion sets its own masks and positions; the
-# edit families revise a draft in place)
-ENCODER_FAMILIES = ("masked", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
+# families whose networks an encoder-decoder backbone serves (block diffusion's own masks and positions compose with
+# the decoder's view of the target; the edit families revise a draft in place)
+ENCODER_FAMILIES = ("masked", "block", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
 
 
 def check_pretrained_tokenizer(run: RunConfig) -> None:

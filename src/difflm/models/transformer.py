@@ -391,9 +391,7 @@ class Transformer(Backbone):
         if self.cfg.encoder_layers:
             if memory is None:
                 raise ValueError("this model reads its source through an encoder: call it with memory=encode(...)")
-            if attn_mask is not None or positions is not None:
-                raise ValueError("an encoder-decoder model sets its own attention mask and positions")
-            attn_mask, positions = self.target_view(memory.start, offset, L, cache)
+            attn_mask, positions = self.target_view(memory.start, offset, L, cache, attn_mask, positions)
         if self.cfg.d_embed:
             if self.cfg.self_conditioning:
                 x = torch.cat([x, torch.zeros_like(x) if x0_prev is None else x0_prev.to(x.dtype)], -1)
@@ -450,15 +448,21 @@ class Transformer(Backbone):
             length = self.length_head(h.mean(1)).float()  # the caption's length from the pooled image
         return Memory(h, mask, start, length_logits=length, rotary=False)
 
-    def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None) -> tuple[Tensor, Tensor]:
-        """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1:
-        positions count from each row's ``start``; a query attends to keys at or after it (causally when the
-        family is causal) and to itself (so the unused queries before ``start`` stay finite)."""
+    def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None, attn_mask: Tensor | None = None,
+                    positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1
+        (or on row positions ``positions`` (L,), as block diffusion's [x_t, x0] input): positions count from each
+        row's ``start``; a query attends to keys at or after it (causally when the family is causal; within the
+        family's own ``attn_mask`` when it sets one) and to itself (so the unused queries before ``start`` stay
+        finite)."""
         T = offset + L if cache is not None else L
-        q = torch.arange(offset, offset + L, device=start.device)
+        q = positions if positions is not None else torch.arange(offset, offset + L, device=start.device)
         k = torch.arange(T, device=start.device) if cache is not None else q
-        allowed = (k[None, None, :] >= start[:, None, None]).expand(-1, L, -1)
+        allowed = (k[None, None, :] >= start[:, None, None]).expand(-1, L, -1)[:, None]
         if self.cfg.causal:
-            allowed = allowed & (k[None, :] <= q[:, None])[None]
-        allowed = allowed | (k[None, :] == q[:, None])[None]
-        return allowed[:, None], (q[None, :] - start[:, None]).clamp(min=0)
+            allowed = allowed & (k[None, :] <= q[:, None])
+        if attn_mask is not None:
+            allowed = allowed & attn_mask.to(torch.bool)
+        own = torch.arange(L, device=start.device)  # each query's own key: the same input slot
+        allowed = allowed | (torch.arange(T, device=start.device)[None, :] == own[:, None] + (T - L))
+        return allowed, (q[None, :] - start[:, None]).clamp(min=0)

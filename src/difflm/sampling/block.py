@@ -28,7 +28,7 @@ from ..errors import DiffLMError
 from ..models.transformer import KVCache
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
@@ -56,6 +56,8 @@ class BlockSampler(Sampler):
         """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
         cache holding x[:, :committed], the positions [committed, a) are written to it in the same call."""
         S = process.block_size
+        if len(idx) < x.shape[0]:  # an encoder-decoder reads the sources of these rows only
+            model = on_rows(model, idx)
         if cache is None:  # the whole prefix, block-causal, in a throwaway static cache of the row's length
             xs = x[idx, :e]
             blk = torch.arange(e, device=x.device) // S
