@@ -1,7 +1,7 @@
 """Image captioning (issue 25) on compositional Fashion-MNIST scenes: every family that reads an image through the
 encoder-decoder, trained for the same wall time on this CPU, scored by reading its captions back into facts.
 
-    python benchmarks/captions.py --minutes 8 [--families masked,autoregressive,gaussian,uniform,sedd,d3pm,block]
+    python benchmarks/captions.py --minutes 8 [--families masked,autoregressive,gaussian,uniform,sedd,d3pm,block,edit]
                                   [--test 500] [--threads 2] [--sanity 3] [--train-only]
 
 Two families can train at once on one core each (`--threads 1 --train-only` in two processes); one `--reuse` run
@@ -40,7 +40,9 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            "d3pm": ("captions-mdlm", ["process={type: d3pm}", "sample.sampler=ancestral", "sample.steps=32"]),
            # BD3-LM: 6 blocks of 4 tokens, 4 steps each (the block sampler's budget is over the whole row)
            "block": ("captions-mdlm", ["process={type: block, block_size: 4}", "sample.sampler=block",
-                                       "sample.steps=24"])}
+                                       "sample.steps=24"]),
+           # DiffusER: the tagger and generator read the caption from position 0, the image by cross-attention
+           "edit": ("captions-mdlm", ["process={type: edit}", "sample.sampler=diffuser", "sample.steps=10"])}
 
 
 def score(lm: DiffusionLM, scenes, guidance: float) -> dict:

@@ -16,7 +16,7 @@ from difflm.errors import DiffLMError
 from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
 
-FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm", "block")
+FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm", "block", "edit")
 
 
 def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), absolute=True, **train) -> RunConfig:
@@ -94,7 +94,8 @@ def test_every_sampler_reads_one_fixed_encoding_of_the_image(barely, family):
                 assert "\n" not in str(e)
                 continue
             assert seen, name
-            assert all(torch.allclose(s.float(), want, atol=1e-5) for s in seen), name
+            for s in seen:  # a sampler may call the network on some rows only (those still changing)
+                assert all(any(torch.allclose(r.float(), w, atol=1e-5) for w in want) for r in s), name
             assert torch.equal(job.cond.images, before)
     finally:
         del lm.model.forward
@@ -115,7 +116,7 @@ def test_guidance_minus_one_is_the_model_without_the_image_and_captions_are_batc
         lm.generate_targets(["a b"])
 
 
-@pytest.mark.parametrize("family", ["edit", "editflow"])
+@pytest.mark.parametrize("family", ["editflow"])
 def test_families_without_an_encoder_decoder_are_refused_in_one_line(family, tmp_path):
     with pytest.raises(DiffLMError, match="not supported by the"):
         Trainer(scenes_run(family, 2), tmp_path, progress=False).fit()

@@ -206,8 +206,8 @@ def test_encoder_layers_need_pairs_and_a_family_that_supports_them():
     tok = train_char(["abc"])
     with pytest.raises(DiffLMError, match="needs data.corpus pairs"):
         build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "data": {"mode": "lines"}}), tok)
-    with pytest.raises(DiffLMError, match="not supported by the edit family"):
-        build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "process": {"type": "edit"},
+    with pytest.raises(DiffLMError, match="not supported by the editflow family"):
+        build_components(RunConfig.from_dict({"model": {"encoder_layers": 1}, "process": {"type": "editflow"},
                                               "data": {"corpus": "pairs"}}), tok)
 
 
@@ -438,3 +438,77 @@ def test_the_cmlm_loss_weighs_each_rows_mean_masked_cross_entropy_by_its_length(
         assert torch.allclose(bound[b][masked[b]], (ce[b][masked[b]] * w[b]).float(), rtol=1e-4), b
     with pytest.raises(DiffLMError, match="process.loss must be elbo or cmlm"):
         MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="mse")
+
+
+def edit_tiny(steps: int = 1, rate: float = 1e-9, encoder: bool = True):
+    tok = train_char(["abcdefgh ijklmnop"])
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": int(encoder)},
+                               "process": {"type": "edit", "steps": steps, "edit_rate": rate},
+                               "data": {"corpus": "pairs", "seq_len": 16}})
+    torch.manual_seed(0)
+    model, process = build_components(run, tok)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    return tok, model.eval(), process, run
+
+
+def tagger_inputs(model) -> list[torch.Tensor]:
+    """Spy on the backbone: the input rows of every tagger call (head "aux"), in order."""
+    seen, forward = [], model.forward
+
+    def spy(x, *args, **kw):
+        if kw.get("head") == "aux":
+            seen.append(x.clone())
+        return forward(x, *args, **kw)
+
+    model.forward = spy
+    return seen
+
+
+@pytest.mark.parametrize("encoder", [True, False])
+def test_an_edit_encoder_decoder_learns_to_undo_corruption_of_the_target_not_the_path_from_the_source(encoder):
+    """DiffusER with an encoder reads the source apart and is trained as the unconditional model, on corrupted
+    targets read from position 0; without one it walks the edit path from the source. With T = 1 and (almost) no
+    corruption, x_1 is then the target itself with an encoder, and the source itself without."""
+    from difflm.data.datasets import make_batch
+
+    tok, model, process, _ = edit_tiny(encoder=encoder)
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+    b = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    b.u, b.rows, b.seed, b.step = torch.tensor([0.3, 0.6], dtype=torch.float64), torch.arange(2), 0, 0
+    net = bind_source(model, process, x)
+    if encoder:
+        assert net.start.tolist() == [0, 0]  # the decoder numbers x_t from its first token
+    seen = tagger_inputs(model)
+    with torch.no_grad():
+        process.loss(net, b)
+    want = ["efgh", "cdefg"] if encoder else ["abcd", "ab"]
+    assert process.sequences(seen[0]) == [tok.encode(w) for w in want]
+
+
+def test_an_edit_encoder_decoder_translates_from_random_tokens_or_a_draft_batch_invariantly():
+    tok, model, process, run = edit_tiny(steps=4, rate=0.3)
+    lm = DiffusionLM(model, process, tok, run, device="cpu")
+    srcs = ["abcd", "ab", "abcdefg"]
+    kw = {"steps": 4, "seed": 1, "bf16": False}
+    one = [o.prediction for o in lm.generate_targets(srcs, batch_size=1, **kw)]
+    assert one == [o.prediction for o in lm.generate_targets(srcs, batch_size=3, **kw)]
+    seen = tagger_inputs(model)
+    lm.generate_targets(srcs, **kw)
+    first = process.sequences(seen[0])
+    assert all(s != tok.encode(src) for s, src in zip(first, srcs))  # random tokens, not the source
+    ar_tok, ar_model, ar_process = tiny("autoregressive")  # an AR drafter (the same characters, the same ids)
+    ar = DiffusionLM(ar_model, ar_process, ar_tok, RunConfig.from_dict({**run.to_dict(), "process": {
+        "type": "autoregressive"}}), device="cpu")
+    drafts = [o.prediction for o in ar.generate_targets(srcs, bf16=False)]
+    seen.clear()
+    lm.generate_targets(srcs, draft_from=ar, **kw)
+    assert process.sequences(seen[0]) == [tok.encode(d)[:15] for d in drafts]  # revision starts at the AR draft
+    with pytest.raises(DiffLMError, match="reads its source through an encoder"):
+        lm.revise("abc")
+    del model.forward
+    single = edit_tiny(encoder=False)
+    seen = tagger_inputs(single[1])
+    DiffusionLM(single[1], single[2], single[0], single[3], device="cpu").generate_targets(srcs, **kw)
+    assert process.sequences(seen[0]) == [tok.encode(s) for s in srcs]  # single stream: revision of the source

@@ -62,8 +62,8 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
 
 
 # families whose networks an encoder-decoder backbone serves (block diffusion's own masks and positions compose with
-# the decoder's view of the target; the edit families revise a draft in place)
-ENCODER_FAMILIES = ("masked", "block", "uniform", "sedd", "d3pm", "gaussian", "autoregressive")
+# the decoder's view of the target; DiffusER's tagger and generator read x_t from position 0; Edit Flows not yet)
+ENCODER_FAMILIES = ("masked", "block", "uniform", "sedd", "d3pm", "gaussian", "autoregressive", "edit")
 
 
 def check_pretrained_tokenizer(run: RunConfig) -> None:

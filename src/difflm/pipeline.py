@@ -246,8 +246,9 @@ class DiffusionLM:
         kind = getattr(smp.options, "bootstrap", None)
         if kind is None or not hasattr(self.process, "trained_starts"):
             return
-        seq2seq = self.run.data.mode == "pairs"
-        kind, _ = resolve_start(kind, self.process, cond)  # the sampler's own reading of "default" and drafts
+        encoder = reads_source(self.model)
+        seq2seq = self.run.data.mode == "pairs" and not encoder  # an encoder-decoder's target is corrupted data
+        kind, _ = resolve_start(kind, self.process, cond, encoder)  # the sampler's own reading of "default" and drafts
         trained = self.process.trained_starts(seq2seq)
         if kind in trained:
             return
@@ -353,6 +354,9 @@ class DiffusionLM:
         if family not in ("edit", "editflow"):
             raise DiffLMError(f"revise needs an edit-family model (process.type edit or editflow); this one is "
                               f"{family}")
+        if reads_source(self.model):
+            raise DiffLMError("this edit model reads its source through an encoder and writes the target from random "
+                              "tokens or a draft: use difflm generate RUN --source TEXT [--bootstrap-from AR_RUN]")
         if not text.strip():
             raise DiffLMError("nothing to revise: give a non-empty --text")
         ids = self.encode_text(text)
@@ -476,6 +480,12 @@ class DiffusionLM:
             steps = steps if steps is not None else self.run.sample.steps
             sampler_options = {"start": max(1, steps // 2)} | (sampler_options or {})
             job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler="mask-predict",
+                                       seed=seed, temperature=temperature, top_p=top_p,
+                                       sampler_options=sampler_options, guidance=guidance, truncate=truncate,
+                                       drafts=drafts)
+            return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+        if draft_from is not None and reads_source(self.model):  # the encoder reads the source, revision the draft
+            job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
                                        seed=seed, temperature=temperature, top_p=top_p,
                                        sampler_options=sampler_options, guidance=guidance, truncate=truncate,
                                        drafts=drafts)
@@ -629,7 +639,8 @@ class DiffusionLM:
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed), pixels[owner])
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Caption]:
-            texts = [self._decode_target(r[1:]) for r in toks.tolist()]  # after the [BOS]
+            skip = 0 if self.process.revises_source else 1  # after the [BOS] (an edit model's rows start at x_0)
+            texts = [self._decode_target(r[skip:]) for r in toks.tolist()]
             out = []
             for i, name in enumerate(names):
                 mine = [j for j, o in enumerate(owner) if o == i]

@@ -16,6 +16,10 @@ bound: ``exact_likelihood`` is False and ``difflm eval`` reports it as the edit 
 
 Seq2seq (``data.mode: pairs``, DiffusER §3.3's source bootstrap): x_T is the source, x_0 the target, and the states
 between lie on the Levenshtein edit path from one to the other (``path_pair``); revision starts from the source.
+With an encoder-decoder network (``model.encoder_layers``, DiffusER's own translation setup) the encoder reads the
+source (or the image, captioning) and the forward process corrupts the target as in the unconditional case: the
+tagger and generator read x_t from position 0 and the source by cross-attention, and revision starts from random
+tokens or a draft (another model's translation: AR bootstrap), never from the source itself.
 
 Layout: a row is the sequence, then [EOS], then [PAD] (``data.mode: lines``); the tagger reads its classes off the
 backbone's auxiliary head (``BackboneNeeds.aux_outputs`` = 3 + max_insert + 1), the generator off the token head.
@@ -84,6 +88,7 @@ class EditDiffusion(Process):
     has_bound = False  # DiffusER's objective bounds no likelihood
     revises_source = True  # seq2seq: the output is the source revised, not a continuation after it
     generates_length = True
+    packs_target = True  # the network reads x_t from position 0 (an encoder-decoder reads the source apart)
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, **kw) -> None:
         super().__init__(vocab_size, mask_id, pad_id, bos_id, **kw)
@@ -101,9 +106,10 @@ class EditDiffusion(Process):
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
 
     def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
-        """The bootstraps whose x_T the training states resemble: a seq2seq model only ever saw states on the path
-        from a source, so it needs a draft; forward corruption ends at a corrupted copy of the data (random tokens
-        are the nearest start) and never at the empty sequence, from which such a model inserts nothing."""
+        """The bootstraps whose x_T the training states resemble: a single-stream seq2seq model only ever saw
+        states on the path from a source, so it needs a draft; forward corruption (unconditional, or the target of
+        an encoder-decoder, ``seq2seq`` False) ends at a corrupted copy of the data (random tokens are the nearest
+        start) and never at the empty sequence, from which such a model inserts nothing."""
         return ("draft",) if seq2seq else ("random", "draft")
 
     def default_start(self) -> str:
@@ -264,10 +270,14 @@ class EditDiffusion(Process):
         steps = (batch.time_uniforms(generator) * self.T).floor().long().clamp(0, self.T - 1) + 1
         xts, ops, inss, ys, gts = [], [], [], [], []
         pairs = self.pairs_of(batch)
+        data = [p[1] for p in pairs] if pairs else self.sequences(batch.tokens)  # x_0 of each row
+        from ..models.seq2seq import reads_source  # (models imports diffusion)
+
+        apart = reads_source(model)  # an encoder-decoder reads the source: corrupt the target itself
         for j, (k, r) in enumerate(zip(steps.tolist(), rngs)):
-            chain = self.path_pair(*pairs[j], k, r) if pairs else self.corrupt_to(self.sequences(batch.tokens)[j], k, r)
+            chain = self.path_pair(*pairs[j], k, r) if pairs and not apart else self.corrupt_to(data[j], k, r)
             if self.options.target == "clean":  # x_0-prediction: the whole script from x_t to the data
-                chain = (pairs[j][1] if pairs else self.sequences(batch.tokens)[j], chain[1])
+                chain = (data[j], chain[1])
             x_t, o, n, y, g = self.training_pair(*chain, L)
             xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
         xt = self.pack(xts, L, dev)

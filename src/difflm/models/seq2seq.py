@@ -115,8 +115,12 @@ def bind_source(model: nn.Module, process, tokens: Tensor, images: Tensor | None
         if images is None:
             raise DiffLMError("this model captions images and writes nothing without one: use difflm caption RUN "
                               "IMAGE.png (DiffusionLM.caption)")
-        return SourceReader.for_images(model, tokens, images, process.bos_id, shift)
-    return SourceReader.for_rows(model, tokens, process.bos_id, shift)
+        reader = SourceReader.for_images(model, tokens, images, process.bos_id, shift)
+    else:
+        reader = SourceReader.for_rows(model, tokens, process.bos_id, shift)
+    if getattr(process, "packs_target", False):  # the family feeds the network its target alone, from position 0
+        reader.start = torch.zeros_like(reader.start)
+    return reader
 
 
 def reads_images(model: nn.Module) -> bool:

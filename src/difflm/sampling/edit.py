@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from ..diffusion.edit import N_OPS, EditDiffusion
 from ..diffusion.edits import DELETE, KEEP, OPS, REPLACE
 from ..errors import DiffLMError
+from ..models.seq2seq import reads_source
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
@@ -38,13 +39,20 @@ class DiffuserOptions:
                               "search scores stay unbiased")
 
 
-def resolve_start(kind: str, process, cond: Conditioning) -> tuple[str, list[list[int]]]:
+def resolve_start(kind: str, process, cond: Conditioning, encoder: bool = False) -> tuple[str, list[list[int]]]:
     """(the start's kind, each row's start): ``default`` becomes "draft" when the rows hold fixed tokens, else the
     process's ``default_start()``; a draft is a row's fixed tokens (layout ids left out), "empty" an empty list,
-    "random" leaves the drawing to the sampler (its rows are returned empty)."""
+    "random" leaves the drawing to the sampler (its rows are returned empty). For an ``encoder``-decoder the
+    source (before the row's [BOS]) is the encoder's: a draft is what the target region holds ([MASK] left out)."""
     given = (process.bos_id, process.pad_id, process.eos_id)  # a seq2seq row's separator is layout
-    drafts = [[t for t, f in zip(r, fx) if f and t not in given]
-              for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
+    if encoder:
+        drafts = []
+        for r in cond.tokens.tolist():
+            tgt = r[r.index(process.bos_id) + 1:] if process.bos_id in r else r
+            drafts.append([t for t in tgt if t not in (*given, process.mask_id)])
+    else:
+        drafts = [[t for t, f in zip(r, fx) if f and t not in given]
+                  for r, fx in zip(cond.tokens.tolist(), cond.fixed.tolist())]
     if kind == "default":
         kind = "draft" if any(drafts) else process.default_start()
     if kind == "draft":
@@ -74,9 +82,10 @@ class DiffuserSampler(Sampler):
         super().__init__(**options)
         self.history: list[list[Revision]] = []
 
-    def start(self, process: EditDiffusion, cond: Conditioning, rows: Tensor, seed: int) -> list[list[int]]:
+    def start(self, process: EditDiffusion, cond: Conditioning, rows: Tensor, seed: int,
+              encoder: bool = False) -> list[list[int]]:
         """Each row's x_T."""
-        kind, drafts = resolve_start(self.options.bootstrap, process, cond)
+        kind, drafts = resolve_start(self.options.bootstrap, process, cond, encoder)
         if kind != "random":
             return drafts
         L = cond.shape[1]
@@ -97,7 +106,7 @@ class DiffuserSampler(Sampler):
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         dev = cond.tokens.device
-        seqs = self.start(process, cond, rows, seed)
+        seqs = self.start(process, cond, rows, seed, reads_source(model))
         seqs = [s[: L - 1] for s in seqs]
         if self.options.beam_b > 0:
             return self._beam(model, process, seqs, steps, L, dev, on_step)
@@ -110,7 +119,7 @@ class DiffuserSampler(Sampler):
                 break
             xt = process.pack([seqs[i] for i in idx.tolist()], L, dev)
             t = process.step_time(k, steps)
-            op_l, ins_l = process.tag_logits(model, xt, t)
+            op_l, ins_l = process.tag_logits(on_rows(model, idx), xt, t)
             if self.options.keep_bias:
                 op_l[..., KEEP] += self.options.keep_bias
                 ins_l[..., 0] += self.options.keep_bias
@@ -131,7 +140,7 @@ class DiffuserSampler(Sampler):
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
                 y = process.pack(ys, L, dev)
-                logits = process.gen_logits(model, y, t, self._slots(slots, L, dev))
+                logits = process.gen_logits(on_rows(model, gi), y, t, self._slots(slots, L, dev))
                 toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44), temperature, top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
@@ -155,7 +164,7 @@ class DiffuserSampler(Sampler):
             for k in range(steps, 0, -1):
                 xt = process.pack([b[1] for b in beams], L, dev)
                 t = process.step_time(k, steps)
-                op_l, ins_l = process.tag_logits(model, xt, t)
+                op_l, ins_l = process.tag_logits(on_rows(model, torch.full((len(beams),), i, device=dev)), xt, t)
                 op_l, ins_l = op_l.log_softmax(-1), ins_l.log_softmax(-1)
                 nfe[i] += 1
                 cands = []  # (score, x_t, ops, ins, tag log-prob, trajectory)
@@ -163,7 +172,8 @@ class DiffuserSampler(Sampler):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
                         cands.append((score, seq, o, c, lp, hist))
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
-                logits = process.gen_logits(model, process.pack([y for y, _ in ys], L, dev), t,
+                logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)),
+                                            process.pack([y for y, _ in ys], L, dev), t,
                                             self._slots([sl for _, sl in ys], L, dev)).log_softmax(-1)
                 nfe[i] += 1
                 scored = []
