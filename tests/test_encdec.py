@@ -512,3 +512,19 @@ def test_an_edit_encoder_decoder_translates_from_random_tokens_or_a_draft_batch_
     seen = tagger_inputs(single[1])
     DiffusionLM(single[1], single[2], single[0], single[3], device="cpu").generate_targets(srcs, **kw)
     assert process.sequences(seen[0]) == [tok.encode(s) for s in srcs]  # single stream: revision of the source
+
+
+def test_the_ar_bound_computes_logits_only_where_it_counts_and_equals_the_full_pass():
+    """The AR baseline's training terms run the output head at the modelled (target) positions only; they equal
+    −log p from the full (B, L, V) pass at those positions, and are 0 at the source's."""
+    from difflm.data.datasets import make_batch
+
+    tok, model, process = tiny("autoregressive")
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+    b = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    net = bind_source(model, process, x)
+    with torch.no_grad():
+        terms = process.bound_terms(net, b)
+        full = -process.log_probs(net, x).gather(-1, x[..., None])[..., 0]
+    assert torch.equal(terms == 0, ~b.loss_mask)
+    torch.testing.assert_close(terms[b.loss_mask], full[b.loss_mask], atol=1e-5, rtol=1e-5)

@@ -51,6 +51,11 @@ class Autoregressive(Process):
         return F.log_softmax(self.logits(model, x), dim=-1)
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
-        logits = self.logits(model, batch.tokens)
-        nll = F.cross_entropy(logits.transpose(1, 2), batch.tokens, reduction="none")
-        return torch.where(batch.loss_mask, nll, torch.zeros_like(nll))
+        """−log p(xⁱ | x<ⁱ) at the modelled positions (B, L), 0 elsewhere. The output head runs only there (a
+        seq2seq row's source, and padding, cost no (V)-wide logits)."""
+        sel = batch.loss_mask
+        logits = model(self.shift_right(batch.tokens), select=sel).float()
+        logits[..., self.never] = float("-inf")
+        terms = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=batch.tokens.device)
+        terms[sel] = F.cross_entropy(logits, batch.tokens[sel], reduction="none")
+        return terms
