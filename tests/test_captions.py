@@ -101,12 +101,13 @@ def test_every_sampler_reads_one_fixed_encoding_of_the_image(barely, family):
         del lm.model.forward
 
 
-def test_guidance_minus_one_is_the_model_without_the_image_and_captions_are_batch_invariant(barely):
-    lm = barely["masked"]
+@pytest.mark.parametrize("family,sampler", [("masked", "ancestral"), ("edit", "diffuser")])
+def test_guidance_minus_one_is_the_model_without_the_image_and_captions_are_batch_invariant(barely, family, sampler):
+    lm = barely[family]
     scenes = scenes_for(lm.run.data, "test")[:5]
     images = [s.image for s in scenes]
     blank = [np.zeros((64, 64), np.uint8)] * 5
-    kw = {"sampler": "ancestral", "steps": 6, "seed": 3, "bf16": False}
+    kw = {"sampler": sampler, "steps": 6, "seed": 3, "bf16": False}
     # the sampler sees the same logits either way: (1 + w)·cond − w·uncond at w = −1 is uncond
     assert [o.prediction for o in lm.caption(images, guidance=-1.0, **kw)] == \
         [o.prediction for o in lm.caption(blank, **kw)]
