@@ -528,3 +528,29 @@ def test_the_ar_bound_computes_logits_only_where_it_counts_and_equals_the_full_p
         full = -process.log_probs(net, x).gather(-1, x[..., None])[..., 0]
     assert torch.equal(terms == 0, ~b.loss_mask)
     torch.testing.assert_close(terms[b.loss_mask], full[b.loss_mask], atol=1e-5, rtol=1e-5)
+
+
+def test_absolute_positions_match_the_token_embeddings_scale_and_old_folders_keep_theirs():
+    """The sinusoid is added at the token embeddings' initial RMS (it used to be 35 times larger); a model folder
+    written before ``absolute_scale`` existed is rebuilt with the scale it was trained on (1.0): same outputs."""
+    from difflm.components import folder_config
+    from difflm.models.transformer import sinusoid
+
+    tok, model, process = tiny("masked", absolute=True)
+    pos = (model.cfg.absolute_scale * sinusoid(torch.arange(16), model.cfg.d_model)).pow(2).mean().sqrt()
+    assert abs(float(pos) - 0.02) < 0.002  # the RMS of the embeddings' N(0, 0.02²) initialisation
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1,
+                                         "absolute_positions": True, "absolute_scale": 1.0},
+                               "process": {"type": "masked"}, "data": {"corpus": "pairs", "seq_len": 16}})
+    old, _ = build_components(run, tok)
+    old.load_state_dict(model.state_dict())
+    backbone = folder_config(run, tok, None, old)["backbone"]  # what config.json records
+    del backbone["absolute_scale"]  # as the first version wrote it
+    reread, _ = build_components(run, tok, backbone=backbone)
+    reread.load_state_dict(old.state_dict())
+    assert reread.cfg.absolute_scale == 1.0
+    x = rows(tok, [("abcd", "efgh")])
+    with torch.no_grad():
+        a = bind_source(old.eval(), process, x)(x, torch.full((1,), 0.5))
+        b = bind_source(reread.eval(), process, x)(x, torch.full((1,), 0.5))
+    torch.testing.assert_close(a, b)

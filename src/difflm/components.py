@@ -33,6 +33,8 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
     try:
         if backbone is not None:
             fields = dict(backbone)
+            if fields.get("absolute_positions") and "absolute_scale" not in fields:
+                fields["absolute_scale"] = 1.0  # folders written before the option: the sinusoid they were trained on
             cls = registry.backbone(fields.pop("type"))
             model = cls(cls.Config(**fields))
         else:

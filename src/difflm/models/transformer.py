@@ -39,6 +39,9 @@ class TransformerConfig(BackboneConfig):
     absolute_positions: bool = option(False, "add sinusoidal absolute positions to the input (an encoder-decoder's "
                                       "target numbered from 0): a masked decoder facing a row of [MASK] learns where "
                                       "it is much sooner than from rotary's relative positions alone")
+    absolute_scale: float = option(0.028, "the sinusoid's multiplier: 0.028 = 0.02·√2 gives it the token "
+                                   "embeddings' initial RMS (0.02), so neither swamps the other (1.0, the first "
+                                   "version, buried the tokens under a signal 35 times larger)", gt=0)
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
@@ -400,7 +403,7 @@ class Transformer(Backbone):
             h = self.embed(x)
         if self.cfg.absolute_positions:  # Vaswani et al. 2017 §3.5 on top of rotary: where a query is, not only how far
             pos = positions if positions is not None else torch.arange(offset, offset + L, device=h.device)[None]
-            h = h + sinusoid(pos, h.shape[-1]).to(h.dtype)
+            h = h + (self.cfg.absolute_scale * sinusoid(pos, h.shape[-1])).to(h.dtype)
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store, memory)
