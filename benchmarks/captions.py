@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="the caption grid (default <out>/grid.png)")
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them")
     ap.add_argument("--train-only", action="store_true", help="train the families, score nothing")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -131,7 +133,7 @@ def main() -> None:
         if a.reuse and (d / "model.safetensors").is_file():
             steps = json.loads((d / "manifest.json").read_text())["step"]
         else:
-            steps = train(preset, overrides, d, a.minutes, f"captions-{fam}")
+            steps = train(preset, [*overrides, *a.set], d, a.minutes, f"captions-{fam}")
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
