@@ -474,23 +474,20 @@ class DiffusionLM:
                                   "one, which refines it by Mask-Predict")
             drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16,
                                                                         truncate=truncate)]
-        if draft_from is not None and not self.process.revises_source:  # Mask-Predict from the draft
-            if (sampler or "mask-predict") != "mask-predict":
-                raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
-            steps = steps if steps is not None else self.run.sample.steps
-            sampler_options = {"start": max(1, steps // 2)} | (sampler_options or {})
-            job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler="mask-predict",
-                                       seed=seed, temperature=temperature, top_p=top_p,
-                                       sampler_options=sampler_options, guidance=guidance, truncate=truncate,
-                                       drafts=drafts)
-            return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
-        if draft_from is not None and reads_source(self.model):  # the encoder reads the source, revision the draft
+        if draft_from is not None and (not self.process.revises_source or reads_source(self.model)):
+            # the draft in the target region: a masked model refines it by Mask-Predict, an edit encoder-decoder
+            # revises it while its encoder reads the source
+            if not self.process.revises_source:
+                if (sampler or "mask-predict") != "mask-predict":
+                    raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
+                steps = steps if steps is not None else self.run.sample.steps
+                sampler, sampler_options = "mask-predict", {"start": max(1, steps // 2)} | (sampler_options or {})
             job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
                                        seed=seed, temperature=temperature, top_p=top_p,
                                        sampler_options=sampler_options, guidance=guidance, truncate=truncate,
                                        drafts=drafts)
             return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
-        if draft_from is not None:
+        if draft_from is not None:  # a single-stream edit model revises the drafts as its sources
             outs = self.generate_targets(drafts, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
                                          seed=seed, temperature=temperature, top_p=top_p, batch_size=batch_size,
                                          bf16=bf16, on_step=on_step, sampler_options=sampler_options)
@@ -639,7 +636,7 @@ class DiffusionLM:
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed), pixels[owner])
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[Caption]:
-            skip = 0 if self.process.revises_source else 1  # after the [BOS] (an edit model's rows start at x_0)
+            skip = 0 if getattr(self.process, "packs_target", False) else 1  # after the [BOS], or packed from 0
             texts = [self._decode_target(r[skip:]) for r in toks.tolist()]
             out = []
             for i, name in enumerate(names):

@@ -34,6 +34,7 @@ class SourceReader(nn.Module):
         super().__init__()
         self.model, self.source, self.mask, self.start, self._memory = model, source, mask, start, memory
         self.images = images
+        self._null: SourceReader | None = None  # the unconditional stream (``null``), built once
         net = getattr(model, "module", model)  # what samplers and processes read off the backbone
         self.cfg, self.blocks, self.embed = net.cfg, net.blocks, net.embed
 
@@ -54,18 +55,27 @@ class SourceReader(nn.Module):
         return reader
 
     def rows(self, idx: Tensor) -> SourceReader:
-        """The reader for a subset of the rows (samplers that call the network on some rows)."""
-        mem = None if self._memory is None else self._memory.rows(idx)
+        """The reader for a subset of the rows (samplers that call the network on some rows): the batch's sources
+        are encoded once, here if not yet, and every subset reads its rows of that encoding."""
         images = None if self.images is None else self.images[idx]
-        return SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], mem, images)
+        reader = SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], self.memory().rows(idx),
+                              images)
+        if self._null is not None:
+            reader._null = self._null.rows(idx)
+        return reader
 
     def null(self, null_id: int) -> SourceReader:
         """The same rows with the source dropped (every source token [PAD], or a blank image, as
-        ``train.cond_dropout`` trains it): classifier-free guidance's unconditional stream."""
-        if self.images is not None:
-            return SourceReader(self.model, self.source, self.mask, self.start, images=torch.zeros_like(self.images))
-        src = torch.where(self.mask, torch.full_like(self.source, null_id), self.source)
-        return SourceReader(self.model, src, self.mask, self.start)
+        ``train.cond_dropout`` trains it): classifier-free guidance's unconditional stream, built (and its dropped
+        source encoded) once per reader."""
+        if self._null is None:
+            if self.images is not None:
+                self._null = SourceReader(self.model, self.source, self.mask, self.start,
+                                          images=torch.zeros_like(self.images))
+            else:
+                src = torch.where(self.mask, torch.full_like(self.source, null_id), self.source)
+                self._null = SourceReader(self.model, src, self.mask, self.start)
+        return self._null
 
     def _encode(self) -> Memory:
         net = getattr(self.model, "module", self.model)
