@@ -2,7 +2,7 @@
 time: the AR baseline and the masked diffusion model share the shape, encoder included (presets spa2web-ar and
 spa2web-mdlm), next to copying the source.
 
-    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len,mdlm-abs,block]
+    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len,mdlm-abs,mdlm-abs-kd,block]
 
 Two models can train at once on one core each (equal CPU for both): `--threads 1 --train-only` in two processes,
 then one `--reuse` run alone scores them.
@@ -13,7 +13,9 @@ replaced by [PAD]. AR decodes greedily and by beam search (4); the masked model 
 with the ancestral sampler (32 steps) and from the AR model's greedy draft (AR bootstrap: Mask-Predict from
 iteration 5 of 10; its seconds include the AR draft's); the masked model that predicts its target length
 (data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft; mdlm-abs,
-the masked model with sinusoidal absolute positions (model.absolute_positions); block, BD3-LM (blocks of 8) with
+the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-abs-kd, the same trained on
+distilled targets (the AR model's greedy translations of the training sources, written once by `difflm distill-data`
+to <out>/kd-data; valid and test keep the real references); block, BD3-LM (blocks of 8) with
 its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
@@ -24,6 +26,8 @@ import argparse
 import csv
 import json
 import platform
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -57,6 +61,12 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
                  [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
                   ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    # the same, trained on the AR teacher's greedy translations of the training sources (sequence-level distillation,
+    # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
+    "mdlm-abs-kd": ("spa2web-mdlm", ["model.absolute_positions=true"],
+                    [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+                     ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
+                     ("AR draft, mask-predict from 5 of 10", BOOT)]),
     # BD3-LM over the target: blocks of 8 tokens, 4 steps each (the block sampler's budget is over the whole row)
     "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"],
               [("block sampler, 64 steps", {"sampler": "block", "steps": 64})]),
@@ -79,6 +89,24 @@ def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
                 tot += lm.process.bound_terms(bind_source(lm.model, lm.process, batch.tokens), batch, g).double()
         out.append(float(tot[words].sum() / draws / words.sum()))
     return out[0], out[1]
+
+
+def distilled_data(out: Path) -> Path:
+    """<out>/kd-data: train.jsonl with the AR teacher's (<out>/ar) greedy translations as targets, written once by
+    `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
+    kd = out / "kd-data"
+    if not (kd / "train.jsonl").is_file():
+        if not (out / "ar" / "model.safetensors").is_file():
+            raise SystemExit(f"spa2web: the -kd models need the AR teacher {out / 'ar'}: train --models ar first")
+        kd.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).with_name("difflm")), "distill-data", str(out / "ar"),
+                        str(DATA / "train.jsonl"), str(kd / "train.jsonl"), "--truncate"], check=True)
+        (kd / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    for split in ("valid", "test"):
+        if not (kd / f"{split}.jsonl").exists():
+            (kd / f"{split}.jsonl").symlink_to((DATA / f"{split}.jsonl").resolve())
+    return kd
 
 
 def trained_minutes(run_dir: Path) -> float:
@@ -165,6 +193,8 @@ def main() -> None:
     marks = sorted({*(float(m) for m in a.curve.split(",") if m), a.minutes})
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
+        if name.endswith("-kd"):
+            overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}"]
         run_dir = a.out / name
         for m in marks:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):

@@ -166,4 +166,25 @@ def markov_models(markov_corpus):
     return out, P, markov.per_token_entropy(P, MARKOV_L), d
 
 
+@pytest.fixture(scope="session")
+def markov_family_runs(markov_corpus, tmp_path_factory):
+    """Run folders of families trained on the Markov source (batch 128, lr 2e-3, 600 steps), each trained once per
+    session on first use and shared by the tests that need that family: ``markov_family_runs(process) -> Path``.
+    Treat a folder as read-only (copy it to write into it)."""
+    import json
+
+    d, _ = markov_corpus
+    runs: dict[str, Path] = {}
+
+    def get(process: dict) -> Path:
+        key = json.dumps(process, sort_keys=True)
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp(process["type"])
+            Trainer(markov_run(d, process, batch_size=128, lr=2e-3, max_steps=600), run_dir, progress=False).fit()
+            runs[key] = run_dir
+        return runs[key]
+
+    return get
+
+
 __all__ = ["ExactDenoiser", "TINY_PROCESSES", "chi2_gof", "chi2_pvalue", "np"]

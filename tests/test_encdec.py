@@ -4,6 +4,7 @@ decoding equals the full pass, and encoder-decoder models train, sample, score a
 
 import pytest
 import torch
+from conftest import one_line_error
 from test_seq2seq import SRC_LEN, pairs_run, write_pairs
 
 from difflm.components import build_components
@@ -311,6 +312,14 @@ def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path,
     md, _ = learned["masked"]
     assert main(["distill-data", str(md / "run"), str(src), str(tmp_path / "y.jsonl")]) == 2
     assert "needs the autoregressive teacher" in capsys.readouterr().err
+    # a source longer than the encoder reads: refused with the flag to pass, then cut as training cut it
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"source": " ".join([pairs[0][0]] * 40), "target": "x"}) + "\n")
+    assert main(["distill-data", str(d / "run"), str(long), str(tmp_path / "z.jsonl"), "--fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "--truncate" in err and one_line_error(err)
+    assert main(["distill-data", str(d / "run"), str(long), str(tmp_path / "z.jsonl"), "--fp32", "--truncate"]) == 0
+    assert json.loads((tmp_path / "z.jsonl").read_text())["reference"] == "x"
 
 
 def test_a_given_fill_is_fixed_and_unmodelled_and_target_lengths_are_counted():

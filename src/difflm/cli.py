@@ -424,7 +424,7 @@ def cmd_distill_data(a) -> int:
         raise DiffLMError(f"{a.ar_run} is a {lm.process.family} model; distill-data needs the autoregressive "
                           "teacher (process.type: autoregressive) trained on pairs")
     outs = lm.generate_targets([s for s, _ in pairs], batch_size=a.batch_size, bf16=not a.fp32,
-                               sampler_options={"greedy": True})
+                               sampler_options={"greedy": True}, truncate=a.truncate)
     lines = [json.dumps({**o, "target": t.prediction, "reference": o["target"]}, ensure_ascii=False)
              for o, t in zip(objs, outs)]
     atomic_write_text(out, "\n".join(lines) + "\n")
@@ -555,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("out", metavar="OUT.jsonl")
     dd.add_argument("--batch-size", type=count(1), default=32)
     dd.add_argument("--fp32", action="store_true")
+    dd.add_argument("--truncate", action="store_true",
+                    help="cut a source longer than the teacher's encoder reads to its first tokens (as training did) "
+                         "instead of refusing it")
     dd.add_argument("--overwrite", action="store_true")
     dd.set_defaults(fn=cmd_distill_data)
 
