@@ -47,6 +47,10 @@ from difflm.training.trainer import Trainer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
 AR = {"sampler": "autoregressive"}
 BOOT = {"sampler": "mask-predict", "steps": 10, "draft_from": "ar"}  # AR bootstrap: from the AR model's greedy draft
+ABS = ("spa2web-mdlm", ["model.absolute_positions=true"],  # mdlm-abs and mdlm-abs-kd: the same model and decoders
+       [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+        ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
+        ("AR draft, mask-predict from 5 of 10", BOOT)])
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "ar": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
                               ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
@@ -57,16 +61,10 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
     # sinusoidal absolute positions on top of rotary: a mostly-[MASK] row otherwise says little about where a query is
-    "mdlm-abs": ("spa2web-mdlm", ["model.absolute_positions=true"],
-                 [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-                  ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
-                  ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    "mdlm-abs": ABS,
     # the same, trained on the AR teacher's greedy translations of the training sources (sequence-level distillation,
     # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
-    "mdlm-abs-kd": ("spa2web-mdlm", ["model.absolute_positions=true"],
-                    [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-                     ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
-                     ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    "mdlm-abs-kd": ABS,
     # BD3-LM over the target: blocks of 8 tokens, 4 steps each (the block sampler's budget is over the whole row)
     "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"],
               [("block sampler, 64 steps", {"sampler": "block", "steps": 64})]),
