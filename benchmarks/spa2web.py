@@ -2,7 +2,7 @@
 time: the AR baseline and the masked diffusion model share the shape, encoder included (presets spa2web-ar and
 spa2web-mdlm), next to copying the source.
 
-    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-len,mdlm-abs,mdlm-abs-kd,block]
+    python benchmarks/spa2web.py --minutes 60 [--test 1141] [--models ar,mdlm,mdlm-kd,mdlm-abs,mdlm-abs-kd,...]
 
 Two models can train at once on one core each (equal CPU for both): `--threads 1 --train-only` in two processes,
 then one `--reuse` run alone scores them.
@@ -13,9 +13,9 @@ replaced by [PAD]. AR decodes greedily and by beam search (4); the masked model 
 with the ancestral sampler (32 steps) and from the AR model's greedy draft (AR bootstrap: Mask-Predict from
 iteration 5 of 10; its seconds include the AR draft's); the masked model that predicts its target length
 (data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft; mdlm-abs,
-the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-abs-kd, the same trained on
-distilled targets (the AR model's greedy translations of the training sources, written once by `difflm distill-data`
-to <out>/kd-data; valid and test keep the real references); block, BD3-LM (blocks of 8) with
+the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-kd and mdlm-abs-kd, mdlm and
+mdlm-abs trained on distilled targets (the AR model's greedy translations of the training sources, written once by
+`difflm distill-data` to <out>/kd-data; valid and test keep the real references); block, BD3-LM (blocks of 8) with
 its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
@@ -47,24 +47,24 @@ from difflm.training.trainer import Trainer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
 AR = {"sampler": "autoregressive"}
 BOOT = {"sampler": "mask-predict", "steps": 10, "draft_from": "ar"}  # AR bootstrap: from the AR model's greedy draft
-ABS = ("spa2web-mdlm", ["model.absolute_positions=true"],  # mdlm-abs and mdlm-abs-kd: the same model and decoders
-       [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-        ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
-        ("AR draft, mask-predict from 5 of 10", BOOT)])
+MASKED = [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
+          ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
+          ("AR draft, mask-predict from 5 of 10", BOOT)]
+PLAIN = ("spa2web-mdlm", [], MASKED)  # mdlm and mdlm-kd: the same model and decoders, real or distilled targets
+ABS = ("spa2web-mdlm", ["model.absolute_positions=true"], MASKED)  # mdlm-abs and mdlm-abs-kd
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "ar": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
                               ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
-    "mdlm": ("spa2web-mdlm", [], [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
-                                  ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
-                                  ("AR draft, mask-predict from 5 of 10", BOOT)]),
+    "mdlm": PLAIN,
+    # the same on the AR teacher's greedy translations of the training sources (sequence-level distillation,
+    # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
+    "mdlm-kd": PLAIN,
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
     # sinusoidal absolute positions on top of rotary: a mostly-[MASK] row otherwise says little about where a query is
     "mdlm-abs": ABS,
-    # the same, trained on the AR teacher's greedy translations of the training sources (sequence-level distillation,
-    # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
-    "mdlm-abs-kd": ABS,
+    "mdlm-abs-kd": ABS,  # the same on distilled targets
     # BD3-LM over the target: blocks of 8 tokens, 4 steps each (the block sampler's budget is over the whole row)
     "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"],
               [("block sampler, 64 steps", {"sampler": "block", "steps": 64})]),
@@ -192,7 +192,9 @@ def main() -> None:
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
         if name.endswith("-kd"):
-            overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}"]
+            # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
+            overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}", "tokenizer.type=hf",
+                         f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
         run_dir = a.out / name
         for m in marks:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
