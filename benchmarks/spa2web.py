@@ -15,8 +15,9 @@ iteration 5 of 10; its seconds include the AR draft's); the masked model that pr
 (data.target_length predicted) with Mask-Predict over its 3 most probable lengths, and from the AR draft; mdlm-abs,
 the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-kd and mdlm-abs-kd, mdlm and
 mdlm-abs trained on distilled targets (the AR model's greedy translations of the training sources, written once by
-`difflm distill-data` to <out>/kd-data; valid and test keep the real references); block, BD3-LM (blocks of 8) with
-its block sampler.
+`difflm distill-data` to <out>/kd-data; valid and test keep the real references); mdlm-cmlm and mdlm-glat, the
+masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat); block,
+BD3-LM (blocks of 8) with its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
@@ -59,6 +60,10 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # the same on the AR teacher's greedy translations of the training sources (sequence-level distillation,
     # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
     "mdlm-kd": PLAIN,
+    # Mask-Predict's loss (each row's mean cross-entropy over its masked tokens), on random or on glancing masks
+    # (GLAT, Qian et al. 2021: a first pass over the all-[MASK] target decides how much of it to reveal)
+    "mdlm-cmlm": ("spa2web-mdlm", ["process.loss=cmlm"], MASKED),
+    "mdlm-glat": ("spa2web-mdlm", ["process.loss=glat"], MASKED),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),

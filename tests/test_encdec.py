@@ -298,7 +298,7 @@ def test_distill_data_writes_the_teachers_greedy_translations(learned, tmp_path,
     pairs = load_pairs(lm.run.data, "valid")[:6]
     src.write_text("".join(json.dumps({"id": i, "source": s, "target": t}) + "\n" for i, (s, t) in enumerate(pairs)))
     out = tmp_path / "distilled.jsonl"
-    assert main(["distill-data", str(d / "run"), str(src), str(out), "--fp32"]) == 0
+    assert main(["distill-data", str(d / "run"), str(src), str(out), "--fp32", "--batch-size", "4"]) == 0  # 2 batches
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(6)) and [r["reference"] for r in rows] == [t for _, t in pairs]
     for r in rows:
@@ -445,8 +445,49 @@ def test_the_cmlm_loss_weighs_each_rows_mean_masked_cross_entropy_by_its_length(
         want = n * ce[b][masked[b]].mean() if m else torch.tensor(0.0)
         assert torch.allclose(terms[b].sum(), want.float(), rtol=1e-4), b
         assert torch.allclose(bound[b][masked[b]], (ce[b][masked[b]] * w[b]).float(), rtol=1e-4), b
-    with pytest.raises(DiffLMError, match="process.loss must be elbo or cmlm"):
+    with pytest.raises(DiffLMError, match="process.loss must be elbo, cmlm or glat"):
         MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="mse")
+
+
+def test_glancing_reveals_lambda_times_the_first_passs_errors_and_trains_cmlm_on_the_rest():
+    """process.loss glat (GLAT §3.2): a row shows ⌊λ·d⌋ of its target tokens, d the wrong tokens of one pass over
+    the all-[MASK] row, at random target positions (never the source); the loss is cmlm's on those masks."""
+    import torch.nn.functional as F
+
+    from difflm.data.datasets import make_batch
+    from difflm.diffusion.masked import MaskedDiffusion
+
+    tok, model, _ = tiny("masked")
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg"), ("a", "b")])
+    probe = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="glat")
+    free = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id).loss_mask
+    with torch.no_grad():  # the first pass sees no target token, so setting targets to its guesses makes them right
+        guess = probe.subs_logits(bind_source(model, probe, x), torch.where(free, tok.mask_id, x), None).argmax(-1)
+    right = free & (torch.arange(16)[None, :] % 3 == 0)
+    x = torch.where(right, guess, x)
+    batch = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    batch.rows, batch.seed, batch.step = torch.arange(3), 0, 5
+    d = (free & (guess != x)).sum(-1)
+    assert (d < free.sum(-1)).all() and (d > 0).all()
+    for lam in (0.0, 0.5, 1.0):
+        glat = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="glat", glance_ratio=lam)
+        net = bind_source(model, glat, x)
+        with torch.no_grad():
+            xt = glat.glancing_corrupt(net, batch)
+            terms = glat.loss(net, batch)
+            ce = F.cross_entropy(glat.subs_logits(net, xt, None).transpose(1, 2), x, reduction="none")
+        shown = free & (xt != tok.mask_id)
+        assert shown.sum(-1).tolist() == torch.floor(lam * d).long().tolist(), lam
+        assert torch.equal(xt[~free], x[~free]) and torch.equal(xt[shown], x[shown])
+        masked = free & (xt == tok.mask_id)
+        for b in range(3):
+            want = int(free[b].sum()) * ce[b][masked[b]].mean()
+            assert torch.allclose(terms[b].sum(), want.float(), rtol=1e-4), (lam, b)
+    other = batch.__class__(batch.tokens, batch.loss_mask, batch.fixed)  # the reveal is keyed on (seed, row, step)
+    other.rows, other.seed, other.step = torch.arange(3), 1, 5
+    with torch.no_grad():
+        assert not torch.equal(glat.glancing_corrupt(net, other), xt)
+        assert torch.equal(glat.glancing_corrupt(net, batch), xt)
 
 
 def edit_tiny(steps: int = 1, rate: float = 1e-9, encoder: bool = True):

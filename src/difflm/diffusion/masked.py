@@ -30,13 +30,15 @@ class MaskedOptions:
     time_conditioning: bool = option(False, "feed t to the network (adaLN); MDLM's network is time-free")
     discrete_steps: int = option(0, "T > 0: train and evaluate the T-step bound (eq. 8) instead of the continuous one",
                                  ge=0)
-    loss: str = option("elbo", "the training loss: elbo (the bound) or cmlm (cross-entropy averaged over each row's "
-                               "masked tokens, Mask-Predict's objective: lower variance on short targets; evaluation "
-                               "still reports the bound)")
+    loss: str = option("elbo", "the training loss: elbo (the bound), cmlm (cross-entropy averaged over each row's "
+                               "masked tokens, Mask-Predict's objective: lower variance on short targets) or glat "
+                               "(cmlm's loss on glancing masks: a first pass over the all-[MASK] row decides how many "
+                               "tokens to reveal); evaluation still reports the bound")
+    glance_ratio: float = option(0.5, "loss glat: λ, the share of the first pass's wrong tokens revealed", ge=0, le=1)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("elbo", "cmlm"):
-            raise DiffLMError(f"process.loss must be elbo or cmlm, got {self.loss!r}")
+        if self.loss not in ("elbo", "cmlm", "glat"):
+            raise DiffLMError(f"process.loss must be elbo, cmlm or glat, got {self.loss!r}")
 
 
 @register_family
@@ -116,14 +118,37 @@ class MaskedDiffusion(Process):
         if self.options.loss == "elbo":
             return self.bound_terms(model, batch)
         x0 = batch.tokens
-        t, _ = self.times(batch.time_uniforms())
-        xt = self.corrupt(batch, t)
+        if self.options.loss == "glat":
+            xt = self.glancing_corrupt(model, batch)
+            t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
+        else:
+            t, _ = self.times(batch.time_uniforms())
+            xt = self.corrupt(batch, t)
         counted = (xt == self.mask_id) & batch.loss_mask
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         terms[counted] = nll * scale[:, None].expand_as(x0)[counted]
         return terms
+
+    def glancing_corrupt(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Glancing sampling (GLAT, Qian et al. 2021, §3.2): the network predicts the row with every free position
+        [MASK] (one pass, no gradient); of a row's d wrong predictions, N = ⌊λ·d⌋ free positions chosen at random
+        are revealed (their true tokens) and the rest stay [MASK]. A row the model gets wholly wrong is shown much
+        of its target, so the decoder learns to predict from the source what it cannot yet guess. (B, L) -> (B, L)."""
+        x0 = batch.tokens
+        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
+        full = torch.where(free, torch.full_like(x0, self.mask_id), x0)
+        with torch.no_grad():
+            guess = self.subs_logits(model, full, torch.ones(len(x0), dtype=torch.float64, device=x0.device),
+                                     select=free).argmax(-1)
+        wrong = torch.zeros_like(free)
+        wrong[free] = guess != x0[free]
+        reveal = torch.floor(self.options.glance_ratio * wrong.sum(-1).double()).long()  # N = ⌊λ·d⌋ per row
+        key = torch.where(free, batch.rand(stream=1), torch.full(x0.shape, 2.0, dtype=torch.float64,
+                                                                  device=x0.device))
+        rank = key.argsort(-1).argsort(-1)  # a random order of each row's free positions (they come first)
+        return torch.where(free & (rank >= reveal[:, None]), torch.full_like(x0, self.mask_id), x0)
 
     # -- reverse process -------------------------------------------------------------------------
     def unmask_probability(self, t: Tensor, s: Tensor) -> Tensor:
