@@ -423,8 +423,14 @@ def cmd_distill_data(a) -> int:
     if lm.process.family != "autoregressive":
         raise DiffLMError(f"{a.ar_run} is a {lm.process.family} model; distill-data needs the autoregressive "
                           "teacher (process.type: autoregressive) trained on pairs")
-    outs = lm.generate_targets([s for s, _ in pairs], batch_size=a.batch_size, bf16=not a.fp32,
-                               sampler_options={"greedy": True}, truncate=a.truncate)
+    from tqdm import tqdm
+
+    sources, outs = [s for s, _ in pairs], []
+    with tqdm(total=len(sources), desc="distill", unit="pair", disable=None) as bar:  # no bar when not a terminal
+        for i in range(0, len(sources), a.batch_size):  # a batch at a time, for the bar (greedy: the same output)
+            outs += lm.generate_targets(sources[i:i + a.batch_size], batch_size=a.batch_size, bf16=not a.fp32,
+                                        sampler_options={"greedy": True}, truncate=a.truncate)
+            bar.update(len(sources[i:i + a.batch_size]))
     lines = [json.dumps({**o, "target": t.prediction, "reference": o["target"]}, ensure_ascii=False)
              for o, t in zip(objs, outs)]
     atomic_write_text(out, "\n".join(lines) + "\n")
