@@ -120,6 +120,7 @@ class MaskedDiffusion(Process):
         x0 = batch.tokens
         if self.options.loss == "glat":
             xt = self.glancing_corrupt(model, batch)
+            # t: the share masked (1 − α(t) = t under loglinear); read only by time-conditioned networks
             t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
         else:
             t, _ = self.times(batch.time_uniforms())
