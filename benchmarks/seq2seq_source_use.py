@@ -35,12 +35,12 @@ def nll_at_ratio(lm: DiffusionLM, b, words: torch.Tensor, r: float, draws: int) 
     for batch in (b, drop_condition(b, torch.ones(len(b.tokens), dtype=torch.bool), tok.pad_id, tok.bos_id)):
         g = torch.Generator().manual_seed(0)
         tot, n = 0.0, 0
+        net = bind_source(lm.model, lm.process, batch.tokens)  # the source encoded once, read by every draw
         for _ in range(draws):
             masked = (torch.rand(b.tokens.shape, generator=g) < r) & batch.loss_mask
             xt = torch.where(masked, torch.full_like(batch.tokens, tok.mask_id), batch.tokens)
             sel = masked & words
             with torch.no_grad():
-                net = bind_source(lm.model, lm.process, batch.tokens)
                 logits = lm.process.subs_logits(net, xt, None, select=sel)
             tot += float(F.cross_entropy(logits, batch.tokens[sel], reduction="sum"))
             n += int(sel.sum())

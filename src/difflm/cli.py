@@ -428,9 +428,10 @@ def cmd_distill_data(a) -> int:
     sources, outs = [s for s, _ in pairs], []
     with tqdm(total=len(sources), desc="distill", unit="pair", disable=None) as bar:  # no bar when not a terminal
         for i in range(0, len(sources), a.batch_size):  # a batch at a time, for the bar (greedy: the same output)
-            outs += lm.generate_targets(sources[i:i + a.batch_size], batch_size=a.batch_size, bf16=not a.fp32,
+            chunk = sources[i:i + a.batch_size]
+            outs += lm.generate_targets(chunk, batch_size=a.batch_size, bf16=not a.fp32,
                                         sampler_options={"greedy": True}, truncate=a.truncate)
-            bar.update(len(sources[i:i + a.batch_size]))
+            bar.update(len(chunk))
     lines = [json.dumps({**o, "target": t.prediction, "reference": o["target"]}, ensure_ascii=False)
              for o, t in zip(objs, outs)]
     atomic_write_text(out, "\n".join(lines) + "\n")
