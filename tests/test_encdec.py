@@ -604,3 +604,74 @@ def test_absolute_positions_match_the_token_embeddings_scale_and_old_folders_kee
         a = bind_source(old.eval(), process, x)(x, torch.full((1,), 0.5))
         b = bind_source(reread.eval(), process, x)(x, torch.full((1,), 0.5))
     torch.testing.assert_close(a, b)
+
+
+def adapted(tmp_path, family: str = "masked", **model):
+    """A random AR encoder-decoder saved as a model folder, and a ``family`` model of the same shape started from it
+    (model.init, the AR model's own tokenizer)."""
+    from difflm.components import check_pretrained_tokenizer
+
+    tok, ar, ar_process = tiny("autoregressive", seed=3)
+    folder = tmp_path / "ar"
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "autoregressive"}, "data": {"corpus": "pairs", "seq_len": 16}})
+    DiffusionLM(ar, ar_process, tok, run).save_pretrained(folder)
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1,
+                                         "init": str(folder), **model},
+                               "tokenizer": {"type": "hf", "path": str(folder)},
+                               "process": {"type": family}, "data": {"corpus": "pairs", "seq_len": 16}})
+    check_pretrained_tokenizer(run)
+    net, process = build_components(run, tok)
+    assert net.pretrained_init()
+    return tok, ar, ar_process, net.eval(), process
+
+
+def test_an_ar_model_adapted_with_shift_predicts_as_the_ar_model_under_a_causal_mask(tmp_path):
+    """model.init copies every tensor of the AR folder; with model.shift the adapted masked model's output at row
+    position i is read off position i − 1, so under a causal mask it computes exactly the AR model's next-token
+    logits (two routes: the AR process's shifted input, the adapted model's shifted output); unshifted, it does
+    not."""
+    tok, ar, ar_process, net, _ = adapted(tmp_path, shift=True)
+    for name, w in ar.state_dict().items():
+        assert torch.equal(net.state_dict()[name], w), name
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+    tgt = ~source_mask(x, tok.bos_id)  # the target's tokens (after the [BOS])
+    L = x.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    with torch.no_grad():
+        want = ar_process.logits(bind_source(ar, ar_process, x), x)
+        got = net(x, attn_mask=causal, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+        net.cfg.shift = False
+        plain = net(x, attn_mask=causal, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+    real = want[tgt].isfinite()  # the AR process rules out tokens it never writes ([MASK], [PAD]) with −inf
+    assert real.float().mean() > 0.5
+    torch.testing.assert_close(got[tgt][real], want[tgt][real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain[tgt][real], want[tgt][real], atol=1e-3)
+
+
+def test_model_init_refuses_another_shape_another_tokenizer_and_shift_on_the_ar_family(tmp_path):
+    from difflm.components import check_pretrained_tokenizer
+
+    adapted(tmp_path)  # writes tmp_path/ar
+    tok = train_char(["abcdefgh ijklmnop"])
+    base = {"process": {"type": "masked"}, "data": {"corpus": "pairs", "seq_len": 16},
+            "tokenizer": {"type": "hf", "path": str(tmp_path / "ar")}}
+    wide = RunConfig.from_dict({**base, "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "encoder_layers": 1,
+                                                  "init": str(tmp_path / "ar")}})
+    with pytest.raises(DiffLMError, match=r"weight is \(32, 32\) there and \(64, 64\) here"):
+        build_components(wide, tok)[0].pretrained_init()
+    deeper = RunConfig.from_dict({**base, "model": {"n_layer": 3, "n_head": 2, "d_model": 32, "encoder_layers": 1,
+                                                    "init": str(tmp_path / "ar")}})
+    with pytest.raises(DiffLMError, match="lacks blocks.2"):
+        build_components(deeper, tok)[0].pretrained_init()
+    other_tok = RunConfig.from_dict({**base, "tokenizer": {"type": "char"},
+                                     "model": {"encoder_layers": 1, "init": str(tmp_path / "ar")}})
+    with pytest.raises(DiffLMError, match="needs the checkpoint's own tokenizer"):
+        check_pretrained_tokenizer(other_tok)
+    with pytest.raises(DiffLMError, match="not a difflm model folder"):
+        build_components(RunConfig.from_dict({**base, "model": {"n_layer": 2, "n_head": 2, "d_model": 32,
+                                                                "encoder_layers": 1, "init": str(tmp_path)}}),
+                         tok)[0].pretrained_init()
+    with pytest.raises((DiffLMError, ValueError), match="already predicts the next token"):
+        build_components(RunConfig.from_dict({**base, "process": {"type": "autoregressive"},
+                                              "model": {"encoder_layers": 1, "shift": True}}), tok)

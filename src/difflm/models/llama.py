@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..registry import BackboneNeeds, option, register_backbone
 from .base import Backbone, BackboneConfig
-from .transformer import KVCache, Rotary, attend, sequence_offset, time_condition
+from .transformer import KVCache, Rotary, attend, sequence_offset, shift_states, time_condition
 
 
 @dataclass
@@ -204,18 +204,7 @@ class Llama(Backbone):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)
         h = self.norm_f(h)
         if self.cfg.shift:
-            h = self._shifted(h, prev, cache, store)
+            h = shift_states(h, prev, cache, store)
         if select is not None:
             h = h[select]
         return h @ self.embed.weight.T if self.head is None else self.head(h)
-
-    def _shifted(self, h: Tensor, prev: Tensor | None, cache: KVCache | None, store: int | None) -> Tensor:
-        """h (B, L, D) re-indexed so position i holds the hidden state of its preceding token (Dream's shift:
-        the first position, with nothing before it, keeps its own). The cache remembers the last stored
-        position's state, which predicts the first token of the next call."""
-        B, L, _ = h.shape
-        first = h[:, :1] if cache is None or cache.last is None else cache.last[:, None].to(h.dtype)
-        if cache is not None and store != 0:
-            cache.last = h[:, (L if store is None else store) - 1]
-        idx = torch.arange(-1, L - 1, device=h.device) if prev is None else prev.to(h.device)
-        return torch.cat([first, h], 1)[:, idx + 1]

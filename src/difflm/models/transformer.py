@@ -45,8 +45,18 @@ class TransformerConfig(BackboneConfig):
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
+    init: str | None = option(None, "a difflm model folder (a run folder) whose weights start this run, every tensor "
+                              "of the same name (shapes must agree; the rest, e.g. time layers, start fresh): an "
+                              "AR model of the same shape adapted to a diffusion family, the tokenizer its own")
+    shift: bool = option(False, "AR→diffusion adaptation: the output at position i predicts token i+1, so an AR "
+                         "model's next-token decoder is reused as it was trained (Dream, DiffuLLaMA)")
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
+        if needs.attention == "causal" and self.shift:
+            raise ValueError("model.shift adapts an AR model to a diffusion family; the autoregressive family "
+                             "already predicts the next token: remove it")
+        if self.shift and needs.d_embed:
+            raise ValueError("model.shift is for the discrete families (logits per token), not embedding diffusion")
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
 
 
@@ -188,6 +198,19 @@ def time_condition(model: nn.Module, t: Tensor | None, B: int) -> Tensor | None:
     if t is None:
         raise ValueError("this model is time-conditioned: pass t")
     return model.time_mlp(timestep_embedding(t.expand(B) if t.dim() == 0 else t, model.cfg.d_time))
+
+
+def shift_states(h: Tensor, prev: Tensor | None, cache: KVCache | None, store: int | None) -> Tensor:
+    """Dream's shift: h (B, L, D) re-indexed so position i holds the hidden state of the token before it
+    (``prev`` (L,): that token's index in this call, default i − 1; −1: the cache's last stored position), so a
+    next-token head predicts token i there. The first position, with nothing before it, keeps its own; the cache
+    remembers the last stored position's state, which predicts the first token of the next call."""
+    B, L, _ = h.shape
+    first = h[:, :1] if cache is None or cache.last is None else cache.last[:, None].to(h.dtype)
+    if cache is not None and store != 0:
+        cache.last = h[:, (L if store is None else store) - 1]
+    idx = torch.arange(-1, L - 1, device=h.device) if prev is None else prev.to(h.device)
+    return torch.cat([first, h], 1)[:, idx + 1]
 
 
 @dataclass
@@ -383,7 +406,7 @@ class Transformer(Backbone):
         select: optional (B, L) bool — compute the output head only there (the loss needs no more);
         positions: optional (L,) long RoPE positions (default: cache length + 0..L−1; block diffusion feeds
         [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it;
-        prev: where each position's preceding token sits (read only by shifted backbones: ``Llama``);
+        prev: (L,) where each position's preceding token sits (read only with ``cfg.shift``: ``shift_states``);
         head: "token" (logits) or "aux" (the auxiliary head, ``cfg.aux_outputs`` wide);
         memory: the encoded source (``encode``), required when ``cfg.encoder_layers`` > 0.
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
@@ -411,9 +434,20 @@ class Transformer(Backbone):
         if c is not None:
             shift, scale = self.ada_f(c)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
+        if self.cfg.shift:
+            h = shift_states(h, prev, cache, store)
         if select is not None:
             h = h[select]
         return self.aux_head(h) if head == "aux" else self.head(h)
+
+    def pretrained_init(self) -> bool:
+        """Load ``cfg.init``'s weights (a fresh training run starts from them); False when there is none."""
+        if not self.cfg.init:
+            return False
+        from .weights import load_difflm_folder
+
+        load_difflm_folder(self, self.cfg.init)
+        return True
 
     def encode(self, source: Tensor, mask: Tensor, start: Tensor) -> Memory:
         """The source encoder (``cfg.encoder_layers`` > 0): tokens (B, S), left-aligned with ``mask`` (B, S) True at

@@ -1,6 +1,7 @@
-"""Pretrained weights for the llama backbone: one table from Hugging Face Llama names to difflm's, the
+"""Pretrained weights: for the llama backbone, one table from Hugging Face Llama names to difflm's, the
 checkpoint's architecture as ``LlamaConfig`` fields, and loading (with the embedding grown for difflm's added
-special tokens). Nothing else in difflm knows the foreign names."""
+special tokens) — nothing else in difflm knows the foreign names; for the transformer, a difflm model folder's
+own weights (``load_difflm_folder``: an AR model adapted to a diffusion family)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,42 @@ def load_pretrained(model: nn.Module, spec: str) -> None:
     if missing or unexpected:
         raise DiffLMError(f"{spec} does not fit the llama backbone (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
+
+
+#: transformer tensors a family may have that the init folder's lacks: they start fresh (time conditioning, the
+#: length predictor, the edit tagger)
+FRESH = ("time_mlp.", "ada_f.", ".ada.", "length_head.", "source_length.", "aux_head.")
+
+
+def load_difflm_folder(model: nn.Module, folder: str) -> None:
+    """Copy a difflm model folder's weights (``folder``/model.safetensors, checked against its manifest) into
+    ``model``, a transformer of the same shape: every tensor by name, those in ``FRESH`` left as initialised when
+    the folder lacks them. A one-line error names the first tensor that does not fit."""
+    from pathlib import Path
+
+    from ..io import read_json, read_safetensors
+    from ..runfolder import check_model_folder
+
+    path = Path(folder).expanduser()
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise DiffLMError(f"model.init {folder}: not a difflm model folder (config.json, model.safetensors); give "
+                          "a trained run's folder")
+    check_model_folder(path)
+    kind = (read_json(path / "config.json").get("backbone") or {}).get("type", "transformer")
+    if kind != "transformer":
+        raise DiffLMError(f"model.init {folder} holds a {kind} backbone; model.type transformer starts only from "
+                          "a transformer's weights")
+    state, _ = read_safetensors(path / "model.safetensors")
+    own = model.state_dict()
+    for name, w in state.items():
+        if name not in own:
+            raise DiffLMError(f"model.init {folder}: its tensor {name} has no place in this model; give the model "
+                              "the same shape (model.n_layer, encoder_layers, ...)")
+        if tuple(w.shape) != tuple(own[name].shape):
+            raise DiffLMError(f"model.init {folder}: {name} is {tuple(w.shape)} there and {tuple(own[name].shape)} "
+                              "here; give the model the same shape (model.d_model, n_layer, ...) and tokenizer")
+    missing = [k for k in own if k not in state and not any(f in k for f in FRESH)]
+    if missing:
+        raise DiffLMError(f"model.init {folder} lacks {missing[0]} (and {len(missing) - 1} more); give the model "
+                          "the same shape")
+    model.load_state_dict(state, strict=False)
