@@ -16,8 +16,10 @@ iteration 5 of 10; its seconds include the AR draft's); the masked model that pr
 the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-kd and mdlm-abs-kd, mdlm and
 mdlm-abs trained on distilled targets (the AR model's greedy translations of the training sources, written once by
 `difflm distill-data` to <out>/kd-data; valid and test keep the real references); mdlm-cmlm and mdlm-glat, the
-masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat); block,
-BD3-LM (blocks of 8) with its block sampler.
+masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat); mdlm-adapt,
+the AR model as it stood at --adapt-at minutes (<out>/ar-at-M, copied when its training passes that mark) adapted to
+the masked family for the rest of the --minutes (model.init, model.shift, Mask-Predict's loss: AR→diffusion
+adaptation at equal wall time, AR minutes included); block, BD3-LM (blocks of 8) with its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +46,7 @@ from difflm.data.datasets import drop_condition, source_mask
 from difflm.evaluation.text_metrics import rouge_l
 from difflm.models.seq2seq import bind_source
 from difflm.pipeline import DiffusionLM
+from difflm.runfolder import MODEL_FILES
 from difflm.training.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
@@ -64,6 +68,9 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # (GLAT, Qian et al. 2021: a first pass over the all-[MASK] target decides how much of it to reveal)
     "mdlm-cmlm": ("spa2web-mdlm", ["process.loss=cmlm"], MASKED),
     "mdlm-glat": ("spa2web-mdlm", ["process.loss=glat"], MASKED),
+    # AR→diffusion adaptation (Dream, DiffuLLaMA) of the encoder-decoder: the AR model at --adapt-at minutes, its
+    # next-token decoder kept as it is (model.shift), trained on as a masked model for the remaining minutes
+    "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], MASKED),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
@@ -121,11 +128,23 @@ def trained_minutes(run_dir: Path) -> float:
     return float(rows[-1]["elapsed_s"]) / 60 if rows else 0.0
 
 
-def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]]) -> None:
+def snapshot(run_dir: Path, dest: Path) -> None:
+    """Copy the model folder of ``run_dir`` as it stands (the files its manifest names, and the manifest) to
+    ``dest``, whole or not at all."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in (*MODEL_FILES, "manifest.json"):
+        shutil.copy2(run_dir / f, tmp / f)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]], before: float = 0.0) -> None:
     """BLEU on the valid verses with each of the model's own decoders (not the AR-bootstrap rows), recorded in
-    run_dir/curve.json under the minutes trained."""
+    run_dir/curve.json under the minutes trained (plus ``before``: an adapted model's AR minutes)."""
     lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
-    minutes = round(trained_minutes(run_dir), 1)
+    minutes = round(trained_minutes(run_dir) + before, 1)
     point = {"step": json.loads((run_dir / "manifest.json").read_text())["step"]}
     for label, kw in decoders:
         if "draft_from" not in kw:
@@ -181,6 +200,8 @@ def main() -> None:
                                                 "valid (the learning curve); --minutes is always one")
     ap.add_argument("--valid", type=int, default=200, help="valid verses the curve is scored on")
     ap.add_argument("--png", type=Path, default=None, help="the learning-curve figure (default <out>/curve.png)")
+    ap.add_argument("--adapt-at", type=float, default=30, help="mdlm-adapt starts from the AR model as it stood at "
+                                                                   "this many minutes and trains the rest")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
     a = ap.parse_args()
@@ -200,21 +221,36 @@ def main() -> None:
             # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
             overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}", "tokenizer.type=hf",
                          f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
-        run_dir = a.out / name
-        for m in marks:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
-            if m > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
+        run_dir, before, own = a.out / name, 0.0, marks
+        if name == "ar" and a.adapt_at < a.minutes:
+            own = sorted({*marks, a.adapt_at})
+        if name == "mdlm-adapt":  # the AR minutes count: it trains the rest of --minutes
+            ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
+            if not (ar_at / "manifest.json").is_file():
+                raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar past {a.adapt_at:g} "
+                                 "minutes first")
+            overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
+            before = a.adapt_at
+            own = [m - before for m in marks if m > before]
+        for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
+            if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
+                if name == "ar" and m == a.adapt_at and not (a.out / f"ar-at-{m:g}").is_dir():
+                    raise SystemExit(f"spa2web: the AR run is past {m:g} minutes without its copy there; "
+                                     "train it again (without --reuse) for mdlm-adapt")
                 continue
-            fresh = not (a.reuse or m != marks[0]) or not (run_dir / "checkpoint.safetensors").is_file()
+            fresh = not (a.reuse or m != own[0]) or not (run_dir / "checkpoint.safetensors").is_file()
             run = load_config(preset, [f"data.path={DATA}", f"train.max_minutes={m}", f"name=spa2web-{name}",
                                        "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
-            curve_point(run_dir, decoders, valid)
+            if name == "ar" and m == a.adapt_at:
+                snapshot(run_dir, a.out / f"ar-at-{m:g}")
+            curve_point(run_dir, decoders, valid, before)
         if a.train_only:
             continue
         done = json.loads((run_dir / "curve.json").read_text()) if (run_dir / "curve.json").is_file() else {}
-        if not any(abs(float(m) - trained_minutes(run_dir)) < 0.5 for m in done):  # this length of training: scored
-            curve_point(run_dir, decoders, valid)
+        if not any(abs(float(m) - before - trained_minutes(run_dir)) < 0.5 for m in done):  # this length: scored
+            curve_point(run_dir, decoders, valid, before)
         lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
         with_src, without = source_use(lm)
         steps = json.loads((run_dir / "manifest.json").read_text())["step"]
