@@ -11,7 +11,9 @@ Per family: fact precision / recall / F1 (``difflm.data.scenes.caption_metrics``
 the 2-item test scenes, BLEU against the reference captions, NFE and seconds per caption, without and with
 classifier-free guidance on the image (w = 1; every model is trained with the image dropped in 10% of rows).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
-Writes <out>/results.json and a grid of test scenes with the AR and the best diffusion captions (--png).
+masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
+the wall time (AR→diffusion adaptation; the AR minutes count). Writes <out>/results.json and a grid of test scenes
+with the AR and the best diffusion captions (--png).
 Goal (issue 25): the best diffusion captioner's fact F1 within 5 points of the AR captioner's, and above 90% on
 2-item scenes.
 """
@@ -42,7 +44,11 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            "block": ("captions-mdlm", ["process={type: block, block_size: 4}", "sample.sampler=block",
                                        "sample.steps=24"]),
            # DiffusER: the tagger and generator read the caption from position 0, the image by cross-attention
-           "edit": ("captions-mdlm", ["process={type: edit}", "sample.sampler=diffuser", "sample.steps=10"])}
+           "edit": ("captions-mdlm", ["process={type: edit}", "sample.sampler=diffuser", "sample.steps=10"]),
+           # AR→diffusion adaptation at equal wall time: the AR captioner trained for --adapt-at minutes
+           # (<out>/ar-at-M), then trained on as a masked model (its weights, tokenizer and next-token decoder kept:
+           # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
+           "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"])}
 
 
 def score(lm: DiffusionLM, scenes, guidance: float) -> dict:
@@ -108,9 +114,12 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="the caption grid (default <out>/grid.png)")
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them")
     ap.add_argument("--train-only", action="store_true", help="train the families, score nothing")
+    ap.add_argument("--adapt-at", type=float, default=None, help="masked-adapt: minutes of AR training before the "
+                                                                 "adaptation (default: half of --minutes)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
+    a.adapt_at = a.minutes / 2 if a.adapt_at is None else a.adapt_at
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -129,11 +138,17 @@ def main() -> None:
     scenes = None
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
-        d = a.out / fam
+        d, minutes = a.out / fam, a.minutes
+        if fam == "masked-adapt":
+            ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
+            if not (ar_at / "manifest.json").is_file():
+                train(*PRESETS["autoregressive"], ar_at, a.adapt_at, "captions-autoregressive")
+            overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
+            minutes = a.minutes - a.adapt_at
         if a.reuse and (d / "model.safetensors").is_file():
             steps = json.loads((d / "manifest.json").read_text())["step"]
         else:
-            steps = train(preset, [*overrides, *a.set], d, a.minutes, f"captions-{fam}")
+            steps = train(preset, [*overrides, *a.set], d, minutes, f"captions-{fam}")
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
