@@ -48,7 +48,8 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # AR→diffusion adaptation at equal wall time: the AR captioner trained for --adapt-at minutes
            # (<out>/ar-at-M), then trained on as a masked model (its weights, tokenizer and next-token decoder kept:
            # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
-           "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"])}
+           "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"]),
+           "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"])}  # the same, output i predicting token i
 
 
 def score(lm: DiffusionLM, scenes, guidance: float) -> dict:
@@ -139,7 +140,7 @@ def main() -> None:
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
         d, minutes = a.out / fam, a.minutes
-        if fam == "masked-adapt":
+        if fam.startswith("masked-adapt"):
             ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
                 train(*PRESETS["autoregressive"], ar_at, a.adapt_at, "captions-autoregressive")
