@@ -19,7 +19,8 @@ mdlm-abs trained on distilled targets (the AR model's greedy translations of the
 masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat); mdlm-adapt,
 the AR model as it stood at --adapt-at minutes (<out>/ar-at-M, copied when its training passes that mark) adapted to
 the masked family for the rest of the --minutes (model.init, model.shift, Mask-Predict's loss: AR→diffusion
-adaptation at equal wall time, AR minutes included); block, BD3-LM (blocks of 8) with its block sampler.
+adaptation at equal wall time, AR minutes included), and mdlm-adapt-anneal the same with attention annealed
+from causal over 200 steps (model.anneal_steps); block, BD3-LM (blocks of 8) with its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
@@ -71,6 +72,8 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # AR→diffusion adaptation (Dream, DiffuLLaMA) of the encoder-decoder: the AR model at --adapt-at minutes, its
     # next-token decoder kept as it is (model.shift), trained on as a masked model for the remaining minutes
     "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], MASKED),
+    # the same with the decoder's attention opened from causal over the first 200 steps (DiffuLLaMA's annealing)
+    "mdlm-adapt-anneal": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=200"], MASKED),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
@@ -224,7 +227,7 @@ def main() -> None:
         run_dir, before, own = a.out / name, 0.0, marks
         if name == "ar" and a.adapt_at < a.minutes:
             own = sorted({*marks, a.adapt_at})
-        if name == "mdlm-adapt":  # the AR minutes count: it trains the rest of --minutes
+        if name.startswith("mdlm-adapt"):  # the AR minutes count: it trains the rest of --minutes
             ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
                 raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar past {a.adapt_at:g} "

@@ -675,3 +675,27 @@ def test_model_init_refuses_another_shape_another_tokenizer_and_shift_on_the_ar_
     with pytest.raises((DiffLMError, ValueError), match="already predicts the next token"):
         build_components(RunConfig.from_dict({**base, "process": {"type": "autoregressive"},
                                               "model": {"encoder_layers": 1, "shift": True}}), tok)
+
+
+def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_at_the_familys_mask(tmp_path):
+    """model.anneal_steps on the transformer: at step 0 of training the adapted model's decoder attends causally, so
+    it computes the AR model's logits with no mask given; from step N on (and at inference) it is the masked
+    family's bidirectional decoder."""
+    tok, ar, ar_process, net, _ = adapted(tmp_path, shift=True, anneal_steps=10)
+    x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+    tgt = ~source_mask(x, tok.bos_id)
+    with torch.no_grad():
+        want = ar_process.logits(bind_source(ar, ar_process, x), x)
+        real = want[tgt].isfinite()
+        net.train().set_step(0)
+        got = net(x, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+        torch.testing.assert_close(got[tgt][real], want[tgt][real], atol=1e-5, rtol=1e-5)
+        net.set_step(5)
+        half = net(x, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+        net.set_step(10)
+        done = net(x, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+        net.eval()
+        full = net(x, memory=SourceReader.for_rows(net, x, tok.bos_id).memory())
+    torch.testing.assert_close(done, full)
+    assert not torch.allclose(half[tgt], full[tgt], atol=1e-4) and not torch.allclose(full[tgt][real],
+                                                                                        want[tgt][real], atol=1e-3)

@@ -160,31 +160,6 @@ class Llama(Backbone):
         load_pretrained(self, self.cfg.init)
         return True
 
-    def set_step(self, step: int) -> None:
-        """Backbone contract: the trainer announces the optimizer step about to run (attention annealing)."""
-        self.step = int(step)
-
-    def open_fraction(self) -> float:
-        """The fraction of the family's non-causal attention edges open now: step / anneal_steps while training
-        within the annealing window, else 1 (inference always uses the family's full mask)."""
-        n = self.cfg.anneal_steps
-        if not (n and self.training and not self.cfg.causal):
-            return 1.0
-        return min(1.0, getattr(self, "step", 0) / n)
-
-    def annealed_mask(self, attn_mask: Tensor | None, L: int, positions: Tensor | None, device) -> Tensor | None:
-        """DiffuLLaMA §3.2: the causal mask plus each edge to a later position opened with probability
-        ``open_fraction`` (one draw per step, seeded by the step: resumable), intersected with the family's mask.
-        At ``anneal_steps`` and after it is the family's own mask."""
-        r = self.open_fraction()
-        if r >= 1.0:
-            return attn_mask
-        pos = torch.arange(L, device=device) if positions is None else positions
-        g = torch.Generator().manual_seed(1_000_003 * getattr(self, "step", 0) + 17)
-        opened = torch.rand(L, L, generator=g) < r
-        m = (pos[None, :] <= pos[:, None]) | opened.to(device)
-        return m if attn_mask is None else attn_mask & m
-
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,

@@ -50,11 +50,13 @@ class TransformerConfig(BackboneConfig):
                               "AR model of the same shape adapted to a diffusion family, the tokenizer its own")
     shift: bool = option(False, "AR→diffusion adaptation: the output at position i predicts token i+1, so an AR "
                          "model's next-token decoder is reused as it was trained (Dream, DiffuLLaMA)")
+    anneal_steps: int = option(0, "AR→diffusion adaptation: the decoder's attention opens from causal to the "
+                               "family's mask over the first N training steps (DiffuLLaMA's annealing)", ge=0)
 
     def with_needs(self, needs: BackboneNeeds, vocab_size: int, max_len: int) -> TransformerConfig:
-        if needs.attention == "causal" and self.shift:
-            raise ValueError("model.shift adapts an AR model to a diffusion family; the autoregressive family "
-                             "already predicts the next token: remove it")
+        if needs.attention == "causal" and (self.shift or self.anneal_steps):
+            raise ValueError("model.shift and model.anneal_steps adapt an AR model to a diffusion family; the "
+                             "autoregressive family already predicts the next token: remove them")
         if self.shift and needs.d_embed:
             raise ValueError("model.shift is for the discrete families (logits per token), not embedding diffusion")
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
@@ -414,6 +416,8 @@ class Transformer(Backbone):
         (zeros when None); returns x̂0 (B, L, d_embed)."""
         B, L = x.shape[:2]
         offset = sequence_offset(self.cfg.max_len, L, cache, positions)
+        if cache is None and self.cfg.anneal_steps:
+            attn_mask = self.annealed_mask(attn_mask, L, positions, x.device)
         if self.cfg.encoder_layers:
             if memory is None:
                 raise ValueError("this model reads its source through an encoder: call it with memory=encode(...)")
