@@ -203,8 +203,8 @@ def main() -> None:
                                                 "valid (the learning curve); --minutes is always one")
     ap.add_argument("--valid", type=int, default=200, help="valid verses the curve is scored on")
     ap.add_argument("--png", type=Path, default=None, help="the learning-curve figure (default <out>/curve.png)")
-    ap.add_argument("--adapt-at", type=float, default=30, help="mdlm-adapt starts from the AR model as it stood at "
-                                                                   "this many minutes and trains the rest")
+    ap.add_argument("--adapt-at", type=float, default=None, help="the AR run copies itself at this many minutes "
+                                                                     "(<out>/ar-at-M), where mdlm-adapt starts from")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
     a = ap.parse_args()
@@ -225,9 +225,11 @@ def main() -> None:
             overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}", "tokenizer.type=hf",
                          f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
-        if name == "ar" and a.adapt_at < a.minutes:
+        if name == "ar" and a.adapt_at is not None and a.adapt_at < a.minutes:
             own = sorted({*marks, a.adapt_at})
         if name.startswith("mdlm-adapt"):  # the AR minutes count: it trains the rest of --minutes
+            if a.adapt_at is None:
+                raise SystemExit("spa2web: mdlm-adapt starts from the AR model at --adapt-at M minutes: give it")
             ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
                 raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar past {a.adapt_at:g} "
