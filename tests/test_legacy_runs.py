@@ -23,13 +23,11 @@ def test_legacy_run_loads_and_reproduces(family):
     assert g.nfe.tolist() == EXPECTED[family]["nfe"]
     scores = lm.score(["the cat sat", "a good day"], n_samples=4, seed=3)
     nats = [s["nats"] for s in scores]
-    # uniform's float32 pass was rewritten for precision near t → 1 (issue 20), and AR's head runs only where it is
-    # scored (issue 24): rounding moves
-    if family in ("uniform", "autoregressive"):
-        for got, want, s in zip(nats, EXPECTED[family]["nats"], scores):
-            assert abs(got - want) < 1e-6 * s["tokens"], (got, want)
-    else:
-        assert nats == EXPECTED[family]["nats"]  # same arithmetic, same order: bit for bit
+    # float32 rounding: the expected bounds were written on an Intel CPU, and another CPU's matmul kernels (AMD's AVX2
+    # paths) round differently in the last bits; uniform's pass was also rewritten for precision near t → 1 (issue 20)
+    # and AR's head runs only where it is scored (issue 24). The samples above are exact.
+    for got, want, s in zip(nats, EXPECTED[family]["nats"], scores):
+        assert abs(got - want) < 1e-6 * s["tokens"], (got, want)
 
 
 def test_a_prompt_comes_back_as_written_even_with_unseen_characters():

@@ -51,11 +51,10 @@ class DataConfig:
         if (self.corpus in ("pairs", "scenes")) != (self.mode == "pairs"):
             raise DiffLMError("data.mode pairs goes with data.corpus pairs (JSONL source/target) or scenes, and only "
                               "with them")
-        if self.corpus == "scenes":
-            from .data.scenes import class_ids, parse_items
+        from .data.scenes import class_ids, parse_items
 
-            parse_items(self.scene_items)
-            class_ids(self.scene_classes)
+        parse_items(self.scene_items)  # checked whatever the corpus: a bad value is an error, never silently unused
+        class_ids(self.scene_classes)
         if self.target_length not in ("eos", "predicted"):
             raise DiffLMError(f"data.target_length must be eos or predicted, got {self.target_length!r}")
         if self.target_length == "predicted" and self.mode != "pairs":
