@@ -25,7 +25,7 @@ from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo
+from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
@@ -121,7 +121,7 @@ class ConfidenceDecoding(Sampler):
             spent[idx] = torch.where(moved, 0, spent[idx])
             cur_block[idx] = blk
             t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
-            logp = process.log_probs(model, x[idx], t, select=cand)  # x̂0 at the candidates only: (N, V)
+            logp = process.log_probs(on_rows(model, idx), x[idx], t, select=cand)  # x̂0 at the candidates only: (N, V)
             nfe[idx] += 1
             probs = probs_from_logits(logp, temperature, top_p)
             u = uniform(seed, rows[idx], call, L, stream=6)[cand]

@@ -148,7 +148,7 @@ class FirstHitting(Sampler):
             at = (order == k[:, None]) & masked[idx]  # (len(idx), L), one True per row
             pos = at.float().argmax(-1)
             # x̂0 at that position only, from the state just before the jump at s
-            logp = process.log_probs(model, x[idx], s.float(), select=at)
+            logp = process.log_probs(on_rows(model, idx), x[idx], s.float(), select=at)
             nfe[idx] += 1
             probs = probs_from_logits(logp, temperature, top_p)
             u_tok = uniform(seed, rows[idx], j, 1, stream=5)[:, 0]
