@@ -203,8 +203,9 @@ def main() -> None:
                                                 "valid (the learning curve); --minutes is always one")
     ap.add_argument("--valid", type=int, default=200, help="valid verses the curve is scored on")
     ap.add_argument("--png", type=Path, default=None, help="the learning-curve figure (default <out>/curve.png)")
-    ap.add_argument("--adapt-at", type=float, default=None, help="the AR run copies itself at this many minutes "
-                                                                     "(<out>/ar-at-M), where mdlm-adapt starts from")
+    ap.add_argument("--adapt-at", default="", help="minute marks (e.g. 30,45) at which the AR run copies itself "
+                                                   "(<out>/ar-at-M); an mdlm-adapt model starts from the one it is "
+                                                   "given (<out>/<model>-from-M)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
     a = ap.parse_args()
@@ -218,6 +219,7 @@ def main() -> None:
     out["rows"].append({"model": "copy the source", **copy})
     valid = load_pairs(load_config("spa2web-ar", [f"data.path={DATA}"]).data, "valid")[: a.valid]
     marks = sorted({*(float(m) for m in a.curve.split(",") if m), a.minutes})
+    adapt = [float(m) for m in a.adapt_at.split(",") if m]
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
         if name.endswith("-kd"):
@@ -225,21 +227,22 @@ def main() -> None:
             overrides = [*overrides, f"data.path={distilled_data(a.out).resolve()}", "tokenizer.type=hf",
                          f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
-        if name == "ar" and a.adapt_at is not None and a.adapt_at < a.minutes:
-            own = sorted({*marks, a.adapt_at})
+        if name == "ar":
+            own = sorted({*marks, *(m for m in adapt if m < a.minutes)})
         if name.startswith("mdlm-adapt"):  # the AR minutes count: it trains the rest of --minutes
-            if a.adapt_at is None:
-                raise SystemExit("spa2web: mdlm-adapt starts from the AR model at --adapt-at M minutes: give it")
-            ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
+            if len(adapt) != 1:
+                raise SystemExit("spa2web: mdlm-adapt starts from the AR model at --adapt-at M minutes: give one M")
+            before = adapt[0]
+            ar_at = (a.out / f"ar-at-{before:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
-                raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar past {a.adapt_at:g} "
-                                 "minutes first")
+                raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar --adapt-at {before:g} "
+                                 "past that mark first")
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
-            before = a.adapt_at
+            run_dir = a.out / f"{name}-from-{before:g}"
             own = [m - before for m in marks if m > before]
         for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
-                if name == "ar" and m == a.adapt_at and not (a.out / f"ar-at-{m:g}").is_dir():
+                if name == "ar" and m in adapt and not (a.out / f"ar-at-{m:g}").is_dir():
                     raise SystemExit(f"spa2web: the AR run is past {m:g} minutes without its copy there; "
                                      "train it again (without --reuse) for mdlm-adapt")
                 continue
@@ -248,7 +251,7 @@ def main() -> None:
                                        "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
-            if name == "ar" and m == a.adapt_at:
+            if name == "ar" and m in adapt:
                 snapshot(run_dir, a.out / f"ar-at-{m:g}")
             curve_point(run_dir, decoders, valid, before)
         if a.train_only:
@@ -267,7 +270,7 @@ def main() -> None:
             t0 = time.perf_counter()
             outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
             sec = (time.perf_counter() - t0) / len(test)
-            row = {"model": f"{name} ({label})", **scores([o.prediction for o in outs], refs),
+            row = {"model": f"{run_dir.name} ({label})", **scores([o.prediction for o in outs], refs),
                    "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_sentence": sec, "train_steps": steps,
                    "nats_with_source": with_src, "nats_without_source": without}
             out["rows"].append(row)
@@ -276,7 +279,8 @@ def main() -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(out, indent=2))
-    plot_curves({name: a.out / name for name in a.models.split(",")}, a.png or a.out / "curve.png")
+    plot_curves({d.name: d for d in sorted(a.out.iterdir()) if (d / "curve.json").is_file()},
+                a.png or a.out / "curve.png")
     print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses\n")
     print("| model | BLEU | chrF | ROUGE-L | nats/token with source | without | NFE | s/sentence | train steps |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
