@@ -207,6 +207,26 @@ def test_confidence_decoding_prefers_the_sure_position(toy):
         get_sampler("confidence", proc(), score="luck")
 
 
+def test_greedy_confidence_in_blocks_of_one_is_left_to_right_argmax(toy):
+    """Two routes: the sampler with ``greedy`` and blocks of 1, and argmax decoding position by position."""
+    seqs, p, model = toy
+    x = torch.full((1, TOY_L), TOY_MASK)
+    for i in range(TOY_L):
+        x[0, i] = proc().log_probs(model, x, None)[0, i].argmax()
+    smp = get_sampler("confidence", proc(), greedy=True, block=1)
+    out = smp(model, proc(), Conditioning.unconditional(5, TOY_L), steps=TOY_L, seed=3, temperature=7.0)
+    assert torch.equal(out.tokens, x.expand(5, -1)) and (out.nfe == TOY_L).all()
+
+
+def test_blocks_begin_after_the_prompt(toy):
+    """A prompt at position 0 and blocks of 2: the two free positions form one block, filled by one call; counted
+    from position 0 they would be two blocks, one call each."""
+    seqs, p, model = toy
+    cond = Conditioning(torch.tensor([[1, 0, 0]] * 3), torch.tensor([[True, False, False]] * 3))
+    out = get_sampler("confidence", proc(), block=2)(model, proc(), cond, steps=1, seed=0)
+    assert (out.nfe == 1).all() and (out.tokens[:, 0] == 1).all()
+
+
 def test_remdm_with_eta_zero_is_the_ancestral_sampler(toy):
     seqs, p, model = toy
     cond = Conditioning.unconditional(300, TOY_L)

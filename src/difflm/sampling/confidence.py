@@ -8,8 +8,10 @@ confidence  MaskGIT / LLaDA low-confidence remasking (LLaDA §2.4, Alg. 5): at e
 threshold   Fast-dLLM parallel decoding (arXiv 2505.22618, §3.3): each call unmasks every candidate whose
             score exceeds τ, and at least the best one; ``steps`` is ignored, calls ≤ tokens to fill.
 Both take ``block`` (0 = whole sequence): semi-autoregressive order, candidates only in the leftmost block
-that still has a masked position (LLaDA's block length); with ``confidence`` the steps are split evenly
-across blocks. Draws are keyed on (seed, row, call), so a row's text does not depend on the batch.
+that still has a masked position (LLaDA's block length). Blocks are counted from each row's first free
+position (after its prompt or source, as LLaDA splits the generation length); with ``confidence`` a row's
+steps are split evenly across its blocks. ``greedy`` takes each candidate's argmax (LLaDA's temperature 0)
+instead of drawing it. Draws are keyed on (seed, row, call), so a row's text does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ConfidenceOptions:
     score: Literal["confidence", "margin", "entropy"] = option(
         "confidence", "how sure a drawn token is: its probability, top-1 minus top-2, or −entropy")
     block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)", ge=0)
+    greedy: bool = option(False, "take each candidate's most probable token instead of drawing one (temperature 0; "
+                                 "the score is still the model's probability)")
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -71,15 +75,15 @@ class ConfidenceDecoding(Sampler):
         """Which candidates keep their drawn token (B, L): an even share of the steps left, best first."""
         return cand & (rank < self._count(cand, calls_left)[:, None])
 
-    def _candidates(self, masked: Tensor) -> tuple[Tensor, Tensor]:
+    def _candidates(self, masked: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
         """The masked positions of each row's leftmost block that still has one (B, L) bool, and that
-        block's index (B,)."""
+        block's index (B,); blocks start at each row's first free position ``start`` (B,)."""
         if not self.block:
             return masked, torch.zeros(masked.shape[0], dtype=torch.long, device=masked.device)
         L = masked.shape[1]
-        blk = torch.arange(L, device=masked.device) // self.block  # (L,)
+        blk = (torch.arange(L, device=masked.device)[None] - start[:, None]).clamp_min(0) // self.block  # (B, L)
         first = torch.where(masked, blk, torch.full_like(blk, 1 << 30)).amin(-1)  # (B,)
-        return masked & (blk[None] == first[:, None]), first
+        return masked & (blk == first[:, None]), first
 
     def _scores(self, probs: Tensor, tok: Tensor) -> Tensor:
         """(N,) float64 scores of the N drawn tokens from their distributions (N, V)."""
@@ -107,8 +111,11 @@ class ConfidenceDecoding(Sampler):
         x = cond.initial(m)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
         free0 = (~cond.fixed).sum(-1)
-        n_blocks = 1 if not self.block else math.ceil(L / self.block)
-        per_block = max(1, steps // n_blocks)
+        start = (~cond.fixed).long().argmax(-1)  # each row's first free position, where its blocks begin
+        span = (L - start).clamp_min(1)
+        n_blocks = torch.ones_like(span) if not self.block else torch.div(span + self.block - 1, self.block,
+                                                                            rounding_mode="floor")
+        per_block = torch.div(steps, n_blocks, rounding_mode="floor").clamp_min(1)  # (B,) calls per block
         cur_block = torch.full((B,), -1, dtype=torch.long, device=x.device)
         spent = torch.zeros(B, dtype=torch.long, device=x.device)  # calls spent on the current block
         call = 0
@@ -116,22 +123,25 @@ class ConfidenceDecoding(Sampler):
             masked = x == m
             live = masked.any(-1)
             idx = live.nonzero().squeeze(-1)
-            cand, blk = self._candidates(masked[idx])
+            cand, blk = self._candidates(masked[idx], start[idx])
             moved = blk != cur_block[idx]
             spent[idx] = torch.where(moved, 0, spent[idx])
             cur_block[idx] = blk
             t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
             logp = process.log_probs(on_rows(model, idx), x[idx], t, select=cand)  # x̂0 at the candidates only: (N, V)
             nfe[idx] += 1
-            probs = probs_from_logits(logp, temperature, top_p)
-            u = uniform(seed, rows[idx], call, L, stream=6)[cand]
-            tok = sample_categorical(probs, u)
+            if self.options.greedy:
+                probs = probs_from_logits(logp)
+                tok = probs.argmax(-1)
+            else:
+                probs = probs_from_logits(logp, temperature, top_p)
+                tok = sample_categorical(probs, uniform(seed, rows[idx], call, L, stream=6)[cand])
             score = torch.full(cand.shape, -math.inf, dtype=torch.float64, device=x.device)
             score[cand] = self._scores(probs, tok)
             drawn = torch.full_like(x[idx], m)
             drawn[cand] = tok
             rank = ranks(score, descending=True)  # of each candidate within its row (0 = best)
-            keep = self._keep(cand, score, rank, per_block - spent[idx])
+            keep = self._keep(cand, score, rank, per_block[idx] - spent[idx])
             spent[idx] += 1
             x = x.clone()
             sub = x[idx]
