@@ -20,7 +20,9 @@ masked model on Mask-Predict's loss with random masks or with glancing ones (pro
 the AR model as it stood at --adapt-at minutes (<out>/ar-at-M, copied when its training passes that mark) adapted to
 the masked family for the rest of the --minutes (model.init, model.shift, Mask-Predict's loss: AR→diffusion
 adaptation at equal wall time, AR minutes included), and mdlm-adapt-anneal the same with attention annealed
-from causal over 200 steps (model.anneal_steps); block, BD3-LM (blocks of 8) with its block sampler.
+from causal over 200 steps (model.anneal_steps); the adapted models also decode semi-autoregressively (blocks of 8
+from the target's start, argmax tokens, the most confident first: 64 steps, or every token above 0.9); block,
+BD3-LM (blocks of 8) with its block sampler.
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
 """
 
@@ -56,6 +58,13 @@ BOOT = {"sampler": "mask-predict", "steps": 10, "draft_from": "ar"}  # AR bootst
 MASKED = [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
           ("ancestral 32", {"sampler": "ancestral", "steps": 32}),
           ("AR draft, mask-predict from 5 of 10", BOOT)]
+# an adapted model's AR parent read its left context: semi-autoregressive decoding keeps it in that regime (LLaDA's
+# blocks, Fast-dLLM's threshold), argmax tokens as in Mask-Predict
+SEMI_AR = [("semi-AR, blocks of 8, 64 steps", {"sampler": "confidence", "steps": 64,
+                                               "sampler_options": {"block": 8, "greedy": True}}),
+           ("semi-AR, blocks of 8, threshold 0.9", {"sampler": "threshold",
+                                                     "sampler_options": {"block": 8, "greedy": True}})]
+ADAPTED = [MASKED[0], *SEMI_AR, MASKED[2]]
 PLAIN = ("spa2web-mdlm", [], MASKED)  # mdlm and mdlm-kd: the same model and decoders, real or distilled targets
 ABS = ("spa2web-mdlm", ["model.absolute_positions=true"], MASKED)  # mdlm-abs and mdlm-abs-kd
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
@@ -71,9 +80,10 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-glat": ("spa2web-mdlm", ["process.loss=glat"], MASKED),
     # AR→diffusion adaptation (Dream, DiffuLLaMA) of the encoder-decoder: the AR model at --adapt-at minutes, its
     # next-token decoder kept as it is (model.shift), trained on as a masked model for the remaining minutes
-    "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], MASKED),
+    "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], ADAPTED),
     # the same with the decoder's attention opened from causal over the first 200 steps (DiffuLLaMA's annealing)
-    "mdlm-adapt-anneal": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=200"], MASKED),
+    "mdlm-adapt-anneal": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=200"],
+                          ADAPTED),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
