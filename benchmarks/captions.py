@@ -33,6 +33,7 @@ import torch
 from difflm.config import load_config
 from difflm.data.scenes import caption_metrics, scenes_for
 from difflm.pipeline import DiffusionLM
+from difflm.runfolder import copy_model_folder
 from difflm.training.trainer import Trainer
 
 PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []),
@@ -49,12 +50,22 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # (<out>/ar-at-M), then trained on as a masked model (its weights, tokenizer and next-token decoder kept:
            # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
            "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"]),
-           "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"])}  # the same, output i predicting token i
+           "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"]),  # the same, output i predicting token i
+           # ... with the decoder's attention opened from causal over the first 1,000 steps (DiffuLLaMA's annealing)
+           "masked-adapt-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                     "model.anneal_steps=1000"]),
+           "masked-adapt-noshift-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.anneal_steps=1000"])}
+# masked captioners also decode semi-autoregressively (blocks of 4 from the caption's start, argmax tokens, the most
+# confident first: LLaDA's blocks with 2 tokens a call, or Fast-dLLM's threshold), without guidance
+SEMI_AR = [("semi-AR, blocks of 4, 12 steps", {"sampler": "confidence", "steps": 12,
+                                               "sampler_options": {"block": 4, "greedy": True}}),
+           ("semi-AR, blocks of 4, threshold 0.9", {"sampler": "threshold",
+                                                     "sampler_options": {"block": 4, "greedy": True}})]
 
 
-def score(lm: DiffusionLM, scenes, guidance: float) -> dict:
+def score(lm: DiffusionLM, scenes, guidance: float, **decoder) -> dict:
     t0 = time.perf_counter()
-    outs = lm.caption([s.image for s in scenes], batch_size=64, guidance=guidance)
+    outs = lm.caption([s.image for s in scenes], batch_size=64, guidance=guidance, **decoder)
     sec = (time.perf_counter() - t0) / len(scenes)
     preds = [o.prediction for o in outs]
     refs = [[s.captions[k % len(s.captions)] for s in scenes] for k in range(3)]
@@ -65,10 +76,17 @@ def score(lm: DiffusionLM, scenes, guidance: float) -> dict:
             "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_caption": sec, "predictions": preds}
 
 
-def train(preset: str, overrides: list[str], out: Path, minutes: float, name: str) -> int:
-    run = load_config(preset, [f"train.max_minutes={minutes}", "train.max_steps=1000000", "train.eval_every=1000000",
-                               f"name={name}", *overrides])
-    Trainer(run, out, overwrite=True, progress=False).fit()
+def train(preset: str, overrides: list[str], out: Path, minutes: float, name: str,
+          snapshots: tuple[float, ...] = ()) -> int:
+    """Train ``minutes`` of wall time into ``out``; at each of the ``snapshots`` minute marks on the way, pause and
+    copy the model folder to <out's parent>/ar-at-M (an exact resume carries on from there)."""
+    marks = sorted({*(m for m in snapshots if m < minutes), minutes})
+    for k, m in enumerate(marks):
+        run = load_config(preset, [f"train.max_minutes={m}", "train.max_steps=1000000", "train.eval_every=1000000",
+                                   f"name={name}", *overrides])
+        Trainer(run, out, overwrite=k == 0, resume=k > 0, progress=False, allow_changes=["train.max_minutes"]).fit()
+        if m in snapshots:
+            copy_model_folder(out, out.parent / f"ar-at-{m:g}")
     return json.loads((out / "manifest.json").read_text())["step"]
 
 
@@ -115,12 +133,13 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="the caption grid (default <out>/grid.png)")
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them")
     ap.add_argument("--train-only", action="store_true", help="train the families, score nothing")
-    ap.add_argument("--adapt-at", type=float, default=None, help="masked-adapt: minutes of AR training before the "
-                                                                 "adaptation (default: half of --minutes)")
+    ap.add_argument("--adapt-at", default="", help="minute marks (e.g. 7.5,11.25) at which the AR captioner copies "
+                                                   "itself (<out>/ar-at-M); a masked-adapt family starts from the one "
+                                                   "it is given (<out>/<family>-from-M; default: half of --minutes)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
-    a.adapt_at = a.minutes / 2 if a.adapt_at is None else a.adapt_at
+    adapt = tuple(float(m) for m in a.adapt_at.split(",") if m) or (a.minutes / 2,)
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -139,26 +158,32 @@ def main() -> None:
     scenes = None
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
-        d, minutes = a.out / fam, a.minutes
+        d, minutes, snaps = a.out / fam, a.minutes, adapt if fam == "autoregressive" else ()
         if fam.startswith("masked-adapt"):
-            ar_at = (a.out / f"ar-at-{a.adapt_at:g}").resolve()
+            if len(adapt) != 1:
+                raise SystemExit("captions: a masked-adapt family starts from one AR mark: give one --adapt-at M")
+            ar_at = (a.out / f"ar-at-{adapt[0]:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
-                train(*PRESETS["autoregressive"], ar_at, a.adapt_at, "captions-autoregressive")
+                train(*PRESETS["autoregressive"], ar_at, adapt[0], "captions-autoregressive")
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
-            minutes = a.minutes - a.adapt_at
+            d, minutes = a.out / f"{fam}-from-{adapt[0]:g}", a.minutes - adapt[0]
         if a.reuse and (d / "model.safetensors").is_file():
             steps = json.loads((d / "manifest.json").read_text())["step"]
         else:
-            steps = train(preset, [*overrides, *a.set], d, minutes, f"captions-{fam}")
+            steps = train(preset, [*overrides, *a.set], d, minutes, f"captions-{fam}", snaps)
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
-        for w in (0.0, 1.0):
-            r = score(lm, scenes, w)
-            preds_by[(fam, w)] = r.pop("predictions")
-            row = {"model": f"{fam}{' (CFG w=1)' if w else ''}", "sampler": lm.run.sample.sampler,
-                   "steps": lm.run.sample.steps, "train_steps": steps, **r}
+        decoders = [("", 0.0, {}), (" (CFG w=1)", 1.0, {})]
+        if lm.process.family == "masked":
+            decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
+        for label, w, kw in decoders:
+            r = score(lm, scenes, w, **kw)
+            name = f"{d.name}{label}"
+            preds_by[name] = r.pop("predictions")
+            row = {"model": name, "sampler": kw.get("sampler", lm.run.sample.sampler),
+                   "steps": kw.get("steps", lm.run.sample.steps), "train_steps": steps, **r}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
     if a.train_only:
@@ -168,10 +193,9 @@ def main() -> None:
     diffusion = [r for r in out["rows"] if not r["model"].startswith(("autoregressive", "masked, single"))]
     if scenes is not None and diffusion:
         best = max(diffusion, key=lambda r: r["fact_f1"])["model"]
-        fam, w = best.split(" ")[0], 1.0 if "CFG" in best else 0.0
-        shown = {best: preds_by[(fam, w)]}
-        if ("autoregressive", 0.0) in preds_by:
-            shown["autoregressive"] = preds_by[("autoregressive", 0.0)]
+        shown = {best: preds_by[best]}
+        if "autoregressive" in preds_by:
+            shown["autoregressive"] = preds_by["autoregressive"]
         grid(scenes, shown, a.png or a.out / "grid.png")
     print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {a.test} test scenes\n")
     print("| model | fact P | fact R | fact F1 | F1, 2 items | exact | parsed | BLEU | NFE | s/caption | train steps "

@@ -32,7 +32,6 @@ import argparse
 import csv
 import json
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from difflm.data.datasets import drop_condition, source_mask
 from difflm.evaluation.text_metrics import rouge_l
 from difflm.models.seq2seq import bind_source
 from difflm.pipeline import DiffusionLM
-from difflm.runfolder import MODEL_FILES
+from difflm.runfolder import copy_model_folder
 from difflm.training.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "spa2web"
@@ -139,18 +138,6 @@ def trained_minutes(run_dir: Path) -> float:
         return 0.0
     rows = list(csv.DictReader(log.open()))
     return float(rows[-1]["elapsed_s"]) / 60 if rows else 0.0
-
-
-def snapshot(run_dir: Path, dest: Path) -> None:
-    """Copy the model folder of ``run_dir`` as it stands (the files its manifest names, and the manifest) to
-    ``dest``, whole or not at all."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in (*MODEL_FILES, "manifest.json"):
-        shutil.copy2(run_dir / f, tmp / f)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
 
 
 def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]], before: float = 0.0) -> None:
@@ -262,7 +249,7 @@ def main() -> None:
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
             if name == "ar" and m in adapt:
-                snapshot(run_dir, a.out / f"ar-at-{m:g}")
+                copy_model_folder(run_dir, a.out / f"ar-at-{m:g}")
             curve_point(run_dir, decoders, valid, before)
         if a.train_only:
             continue

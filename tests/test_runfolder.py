@@ -121,6 +121,24 @@ def test_readers_check_the_manifest_and_export_repairs(reference, tmp_path, caps
     assert "manifest.json is corrupted" in capsys.readouterr().err
 
 
+def test_a_model_folder_copy_is_whole_or_refused(reference, tmp_path):
+    """copy_model_folder (a snapshot of a run that trains on): the copy loads and generates as the original does; a
+    source whose files do not match its manifest is refused and leaves the previous copy as it was."""
+    cfg, full = reference
+    dest = tmp_path / "snap"
+    runfolder.copy_model_folder(full, dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*runfolder.MODEL_FILES, runfolder.MANIFEST])
+    a = DiffusionLM.from_pretrained(full, device="cpu").generate(2, steps=4, seed=5).texts
+    assert DiffusionLM.from_pretrained(dest, device="cpu").generate(2, steps=4, seed=5).texts == a
+    bad = tmp_path / "bad"
+    shutil.copytree(full, bad)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    before = (dest / "model.safetensors").read_bytes()
+    with pytest.raises(DiffLMError, match="model.safetensors differs"):
+        runfolder.copy_model_folder(bad, dest)
+    assert (dest / "model.safetensors").read_bytes() == before
+
+
 def test_one_writer_per_run_folder(reference, tmp_path, capsys):
     cfg, full = reference
     out = tmp_path / "run"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -92,6 +93,21 @@ def check_model_folder(run_dir: Path) -> None:
         what = f"{' and '.join(bad)} {'differs' if len(bad) == 1 else 'differ'}"
         raise DiffLMError(f"{run_dir}: {what} from what the run's manifest recorded (step {m.get('step')}): a save "
                           f"cut short or a file replaced by hand; rewrite the model folder with: {fix}")
+
+
+def copy_model_folder(run_dir: Path, dest: Path) -> None:
+    """Copy the model of ``run_dir`` as it stands (the model files and the manifest) to ``dest``, whole or not at
+    all: written beside it and renamed into place, after checking the copy against the manifest (a snapshot of a
+    run that goes on training, e.g. the AR model an adaptation starts from)."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in (*MODEL_FILES, MANIFEST):
+        shutil.copy2(run_dir / f, tmp / f)
+    check_model_folder(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 # -- one writer ---------------------------------------------------------------------------------------
