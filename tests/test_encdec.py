@@ -143,6 +143,20 @@ def test_every_masked_sampler_translates_batch_invariantly(sampler):
     assert one == [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=3, **kw)]
 
 
+def test_a_masked_model_starts_from_its_source_as_the_draft():
+    """draft_from="source" (a revision task): the target region starts as the source. Mask-Predict from iteration 9
+    of 10 re-masks ⌊N/10⌋ of the N ≤ 9 free positions, none: the source comes back unchanged, in 2 calls."""
+    tok, model, process = tiny("masked")
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1},
+                               "process": {"type": "masked"}, "data": {"corpus": "pairs", "seq_len": 16}})
+    lm = DiffusionLM(model, process, tok, run, device="cpu")
+    srcs = ["abcdefg", "abc dfe"]
+    outs = lm.generate_targets(srcs, draft_from="source", steps=10, sampler_options={"start": 9}, bf16=False)
+    assert [o.prediction for o in outs] == srcs and all(o.nfe == 2 for o in outs)
+    with pytest.raises(DiffLMError, match="'source'"):
+        lm.generate_targets(srcs, draft_from="copy")
+
+
 def test_targets_are_numbered_from_zero_whatever_the_source_length():
     """The same target region (12 positions) after sources of 2 and 4 tokens, reading the same encoded source, gets
     the same decoder output: the decoder sees the target at positions 0, 1, … wherever the row puts it."""

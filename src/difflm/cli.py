@@ -376,7 +376,8 @@ def cmd_generate(a) -> int:
 
     sources = _read_sources(a)
     lm = DiffusionLM.from_pretrained(a.run_dir)
-    drafts = DiffusionLM.from_pretrained(a.bootstrap_from) if a.bootstrap_from else None
+    drafts = (a.bootstrap_from if a.bootstrap_from in (None, "source")
+              else DiffusionLM.from_pretrained(a.bootstrap_from))
     outs = lm.generate_targets(sources, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps,
                                sampler=a.sampler, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
                                batch_size=a.batch_size, bf16=not a.fp32, sampler_options=_sampler_options(a),
@@ -547,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--truncate", action="store_true",
                    help="encoder-decoders: cut a source longer than the encoder reads to its first tokens (as "
                         "training did) instead of refusing it")
-    g.add_argument("--bootstrap-from", default=None, metavar="RUN",
+    g.add_argument("--bootstrap-from", default=None, metavar="RUN|source",
                    help="start from this seq2seq model's translations (e.g. the AR model's; DiffusER's AR "
-                        "bootstrap): an edit model revises them, a masked model refines them by Mask-Predict from "
-                        "iteration --start S (default half of --steps)")
+                        "bootstrap), or from the source itself (source: a revision whose target keeps most of it): "
+                        "an edit model revises them, a masked model refines them by Mask-Predict from iteration "
+                        "--start S (default half of --steps)")
     _add_sampling(g)
     g.add_argument("--json", action="store_true", help="one JSON object per source, with all candidates")
     g.set_defaults(fn=cmd_generate)

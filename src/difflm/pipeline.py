@@ -452,7 +452,7 @@ class DiffusionLM:
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
-        guidance: float = 0.0, draft_from: DiffusionLM | None = None, length_beam: int = 3,
+        guidance: float = 0.0, draft_from: DiffusionLM | str | None = None, length_beam: int = 3,
         truncate: bool = False,
     ) -> list[Transduction]:
         """Seq2seq: for each source draw ``candidates`` targets (the source is held fixed, the target region
@@ -461,7 +461,8 @@ class DiffusionLM:
         guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
         another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources; a masked model refines
         them by Mask-Predict from iteration ``start`` (a sampler option, default half the steps; a model that
-        predicts the length keeps the draft's). Models that predict
+        predicts the length keeps the draft's). ``draft_from="source"``: the draft is the source itself (a revision
+        task whose target keeps most of its source, e.g. KJV → WEB). Models that predict
         the target length (data.target_length predicted) decode the ``length_beam`` most probable lengths, each
         ``candidates`` times, and keep the row of lowest bound on −log p(target, length | source) (Mask-Predict's
         length beam, scored by the model's own bound). A source longer than an encoder-decoder reads (half of
@@ -472,8 +473,13 @@ class DiffusionLM:
             if not (self.process.revises_source or self.process.family == "masked"):
                 raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft, or a masked "
                                   "one, which refines it by Mask-Predict")
-            drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size, bf16=bf16,
-                                                                        truncate=truncate)]
+            if isinstance(draft_from, str):
+                if draft_from != "source":
+                    raise DiffLMError(f"draft_from {draft_from!r}: give a seq2seq model or 'source'")
+                drafts = list(sources)
+            else:
+                drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size,
+                                                                            bf16=bf16, truncate=truncate)]
         if draft_from is not None and (not self.process.revises_source or reads_source(self.model)):
             # the draft in the target region: a masked model refines it by Mask-Predict, an edit encoder-decoder
             # revises it while its encoder reads the source
