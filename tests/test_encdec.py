@@ -730,3 +730,78 @@ def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_a
     torch.testing.assert_close(done, full)
     assert not torch.allclose(half[tgt], full[tgt], atol=1e-4) and not torch.allclose(full[tgt][real],
                                                                                         want[tgt][real], atol=1e-3)
+
+
+def cache_model(n_layer: int, shift: bool, encoder: bool):
+    tok = train_char(["abcdefgh ijklmnop"])
+    model = {"n_layer": n_layer, "n_head": 2, "d_model": 32, "shift": shift, "encoder_layers": int(encoder)}
+    run = RunConfig.from_dict({"model": model, "process": {"type": "masked"},
+                               "data": {"corpus": "pairs", "seq_len": 20}})
+    torch.manual_seed(1)
+    net, process = build_components(run, tok)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+    return tok, net.eval(), process, run
+
+
+@pytest.mark.parametrize("encoder", [True, False])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(encoder, shift, mode):
+    """Fast-dLLM's cache (``BlockCache``): keys of the whole rows are stored, then tokens inside each row's block
+    change and a window call recomputes the block. With one decoder layer a key depends only on its own token and
+    position, so the stored keys outside the window are still exact and the window call must equal the full pass
+    on the new rows (a stale key of the window read, a wrong position or a shifted state would break it). With two
+    layers every key has read the changed tokens: the cache is an approximation there, and it shows."""
+    from difflm.sampling.confidence import BlockCache
+
+    for n_layer, at_zero in ((1, False), (2, False), (1, True)):
+        if at_zero and encoder:
+            continue
+        tok, net, process, _ = cache_model(n_layer, shift, encoder)
+        x = rows(tok, [("abcd", "ghij kl"), ("ab", "hgfe dcba"), ("abcdefg", "ab")], L=20)
+        start = source_mask(x, tok.bos_id).sum(-1)  # each row's first target position (after its [BOS])
+        old = x.clone()
+        block = 3
+        # the second block of each row's target, or (a single stream, nothing given) the row's first block
+        a = torch.zeros_like(start) if at_zero else start + block
+        inside = (torch.arange(20)[None] >= a[:, None]) & (torch.arange(20)[None] < a[:, None] + block)
+        old[inside | (torch.arange(20)[None] >= a[:, None] + 1)] = process.mask_id  # the block and after: masked
+        new = old.clone()
+        new[inside & (torch.arange(20)[None] % 2 == 0)] = x[inside & (torch.arange(20)[None] % 2 == 0)]
+        select = inside & (new == process.mask_id)
+        model = bind_source(net, process, x) if encoder else net
+        t, idx = torch.full((3,), 0.5), torch.arange(3)
+        cache = BlockCache(mode, n_layer, block, rows=3)
+        with torch.no_grad():
+            first = cache.refresh(model, process, old, t, idx, select)
+            torch.testing.assert_close(first, process.log_probs(model, old, t, select=select))
+            got = cache.window(model, process, new, t, idx, select, a)
+            want = process.log_probs(model, new, t, select=select)
+        finite = want > -1e30
+        if n_layer == 1:
+            torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(got[finite], want[finite], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_invariant(mode):
+    """Threshold decoding in blocks with Fast-dLLM's cache: with one decoder layer every window call is exact (test
+    above), so the text and the calls equal those of decoding without the cache; with two layers it is an
+    approximation, still the same text at any batch size."""
+    srcs = ["abcd", "ab", "abcdefg", "hgf"]
+    for n_layer in (1, 2):
+        tok, net, process, run = cache_model(n_layer, True, True)
+        lm = DiffusionLM(net, process, tok, run, device="cpu")
+        kw = {"sampler": "threshold", "seed": 2, "bf16": False,
+              "sampler_options": {"block": 3, "greedy": True, "threshold": 0.3}}
+        plain = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+        kw["sampler_options"]["kv_cache"] = mode
+        cached = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+        assert cached == [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=1, **kw)]
+        if n_layer == 1:
+            assert cached == plain
+    with pytest.raises(DiffLMError, match="--block > 0"):
+        lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})

@@ -80,18 +80,20 @@ class MaskedDiffusion(Process):
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
     # -- network ---------------------------------------------------------------------------------
-    def subs_logits(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None) -> Tensor:
+    def subs_logits(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None,
+                    **net) -> Tensor:
         """Network logits in float32 with zero mass on the ids that are never data: (B, L, V), or (N, V)
-        at the N positions where ``select`` (B, L) is True."""
+        at the N positions where ``select`` (B, L) is True; ``net``: more keywords for the network (a KV cache)."""
         tc = t.float() if (self.time_conditioning and t is not None) else None
-        logits = (model(xt, tc) if select is None else model(xt, tc, select=select)).float()
+        logits = (model(xt, tc, **net) if select is None else model(xt, tc, select=select, **net)).float()
         logits[..., self.never] = -math.inf
         return logits
 
-    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None) -> Tensor:
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None,
+                  **net) -> Tensor:
         """SUBS log p_θ(x0 | x_t): (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is
         True (the head and the softmax run only there); [MASK] and [PAD] get −inf, unmasked carry over."""
-        logp = F.log_softmax(self.subs_logits(model, xt, t, select), dim=-1)
+        logp = F.log_softmax(self.subs_logits(model, xt, t, select, **net), dim=-1)
         cur = xt if select is None else xt[select]
         keep = cur != self.mask_id
         if keep.any():  # carry-over unmasking: a visible token is its own prediction

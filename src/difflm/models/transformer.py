@@ -492,18 +492,22 @@ class Transformer(Backbone):
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None, attn_mask: Tensor | None = None,
                     positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The decoder's mask (B, 1, L, T) and positions (B, L) for a call on input positions offset..offset+L−1
-        (or on row positions ``positions`` (L,), as block diffusion's [x_t, x0] input): positions count from each
+        (or on row positions ``positions`` (L,) or (B, L): block diffusion's [x_t, x0] input, a window of each row
+        over a cache of the whole row): positions count from each
         row's ``start``; a query attends to keys at or after it (causally when the family is causal; within the
         family's own ``attn_mask`` when it sets one) and to itself (so the unused queries before ``start`` stay
         finite)."""
         T = offset + L if cache is not None else L
         q = positions if positions is not None else torch.arange(offset, offset + L, device=start.device)
-        k = torch.arange(T, device=start.device) if cache is not None else q
-        allowed = (k[None, None, :] >= start[:, None, None]).expand(-1, L, -1)[:, None]
+        qq = q if q.dim() == 2 else q[None]  # (B or 1, L)
+        # the keys' positions: the cache's (stored at 0..offset−1), then this call's own
+        k = torch.cat([torch.arange(offset, device=start.device).expand(qq.shape[0], -1), qq], 1) if cache is not None \
+            else qq
+        allowed = (k >= start[:, None])[:, None, :].expand(-1, L, -1)[:, None]  # (B, 1, L, T)
         if self.cfg.causal:
-            allowed = allowed & (k[None, :] <= q[:, None])
+            allowed = allowed & (k[:, None, :] <= qq[:, :, None])[:, None]
         if attn_mask is not None:
             allowed = allowed & attn_mask.to(torch.bool)
         own = torch.arange(L, device=start.device)  # each query's own key: the same input slot
         allowed = allowed | (torch.arange(T, device=start.device)[None, :] == own[:, None] + (T - L))
-        return allowed, (q[None, :] - start[:, None]).clamp(min=0)
+        return allowed, (qq - start[:, None]).clamp(min=0)

@@ -25,13 +25,16 @@ from torch import Tensor, nn
 
 from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
+from ..models.transformer import KVCache
 from ..registry import option, register_sampler
 from ..rng import uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
+from .guidance import ClassifierFreeGuidance
 
 SCORES = ("confidence", "margin", "entropy")
+CACHES = ("none", "prefix", "dual")
 
 
 def ranks(score: Tensor, *, descending: bool) -> Tensor:
@@ -48,17 +51,72 @@ class ConfidenceOptions:
     block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)", ge=0)
     greedy: bool = option(False, "take each candidate's most probable token instead of drawing one (temperature 0; "
                                  "the score is still the model's probability)")
+    kv_cache: Literal["none", "prefix", "dual"] = option(
+        "none", "Fast-dLLM's approximate KV cache (with --block): keys/values computed when a row enters a block and "
+                "reused within it; prefix: those before the block, dual: those after it too")
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise DiffLMError(f"unknown confidence score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.block < 0:
             raise DiffLMError("--block must be ≥ 0 (0 = the whole sequence)")
+        if self.kv_cache not in CACHES:
+            raise DiffLMError(f"unknown --kv-cache {self.kv_cache!r}; choose one of {', '.join(CACHES)}")
+        if self.kv_cache != "none" and not self.block:
+            raise DiffLMError("--kv-cache caches the positions outside the current block: give --block > 0")
 
 
 @dataclass
 class ThresholdOptions(ConfidenceOptions):
     threshold: float = option(0.9, "unmask every candidate whose score exceeds τ (and at least the best one)")
+
+
+class BlockCache:
+    """Fast-dLLM's approximate KV cache for blockwise decoding (arXiv 2505.22618, §3.2: prefix cache and
+    DualCache). When a row enters a new block, one call over the whole row computes its predictions and stores
+    every position's keys and values. The calls within the block recompute only a window: the block and one
+    position before it (whose state predicts the block's first token in a shifted backbone) with ``dual``, the
+    block and everything after it with ``prefix``; the window attends to its own fresh keys and to the stored
+    keys elsewhere (the stored keys of the window's positions, stale, are masked out). Outside the window the
+    keys are those of the row as it stood when the block began: the approximation Fast-dLLM measures."""
+
+    def __init__(self, mode: str, n_layer: int, block: int, rows: int) -> None:
+        self.mode, self.block, self.rows = mode, block, rows
+        self.kv = KVCache(n_layer)  # (B, H, L, Dh) per layer, every row's whole row
+
+    def refresh(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor,
+                select: Tensor) -> Tensor:
+        """log p_θ(x0 | x_t) at ``select`` of rows ``idx`` (x: their (n, L) tokens) by a call over the whole rows,
+        whose keys and values are stored as these rows' cache: (N, V)."""
+        fresh = KVCache(len(self.kv.k))
+        logp = process.log_probs(model, x, t, select=select, cache=fresh)
+        for i, (k, v) in enumerate(zip(fresh.k, fresh.v)):
+            if self.kv.k[i] is None:
+                self.kv.k[i] = k.new_zeros((self.rows, *k.shape[1:]))
+                self.kv.v[i] = v.new_zeros((self.rows, *v.shape[1:]))
+            self.kv.k[i][idx], self.kv.v[i][idx] = k, v
+        return logp
+
+    def window(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor, select: Tensor,
+               start: Tensor) -> Tensor:
+        """log p_θ(x0 | x_t) at ``select`` of rows ``idx`` (x: their (n, L) tokens; every selected position inside
+        its row's block, which begins at ``start`` (n,)) from a call on each row's window: (N, V)."""
+        n, L = x.shape
+        if self.mode == "dual":
+            W = min(self.block + 1, L)
+            ws = (start - 1).clamp(0, L - W)
+        else:
+            ws = (start - 1).clamp_min(0).amin().expand(n)
+            W = L - int(ws[0])
+        pos = ws[:, None] + torch.arange(W, device=x.device)  # (n, W) each row's window
+        sel = select.gather(1, pos)
+        assert int(sel.sum()) == int(select.sum()), "a selected position lies outside its row's window"
+        inside = torch.zeros(n, L, dtype=torch.bool, device=x.device).scatter_(1, pos, True)
+        keys = torch.cat([~inside, torch.ones(n, W, dtype=torch.bool, device=x.device)], 1)  # stale keys out
+        # no stored last state (``KVCache.last``): a window at position 0 keeps its own state there, as the
+        # whole-row call does
+        return process.log_probs(model, x.gather(1, pos), t, select=sel, cache=self.kv.rows(idx), store=0,
+                                 positions=pos, attn_mask=keys[:, None, None, :].expand(-1, 1, W, -1))
 
 
 @register_sampler
@@ -84,6 +142,16 @@ class ConfidenceDecoding(Sampler):
         blk = (torch.arange(L, device=masked.device)[None] - start[:, None]).clamp_min(0) // self.block  # (B, L)
         first = torch.where(masked, blk, torch.full_like(blk, 1 << 30)).amin(-1)  # (B,)
         return masked & (blk == first[:, None]), first
+
+    def _block_cache(self, model: nn.Module, B: int) -> BlockCache | None:
+        """The approximate KV cache ``kv_cache`` asks for (None: every call over the whole rows)."""
+        if self.options.kv_cache == "none":
+            return None
+        if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
+            raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): drop --kv-cache")
+        if isinstance(model, ClassifierFreeGuidance):
+            raise DiffLMError("--kv-cache does not combine with guidance yet: drop --kv-cache or --guidance")
+        return BlockCache(self.options.kv_cache, len(model.blocks), self.block, B)
 
     def _scores(self, probs: Tensor, tok: Tensor) -> Tensor:
         """(N,) float64 scores of the N drawn tokens from their distributions (N, V)."""
@@ -118,6 +186,7 @@ class ConfidenceDecoding(Sampler):
         per_block = torch.div(steps, n_blocks, rounding_mode="floor").clamp_min(1)  # (B,) calls per block
         cur_block = torch.full((B,), -1, dtype=torch.long, device=x.device)
         spent = torch.zeros(B, dtype=torch.long, device=x.device)  # calls spent on the current block
+        kv = self._block_cache(model, B)
         call = 0
         while (x == m).any():
             masked = x == m
@@ -128,7 +197,18 @@ class ConfidenceDecoding(Sampler):
             spent[idx] = torch.where(moved, 0, spent[idx])
             cur_block[idx] = blk
             t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
-            logp = process.log_probs(on_rows(model, idx), x[idx], t, select=cand)  # x̂0 at the candidates only: (N, V)
+            if kv is None:
+                logp = process.log_probs(on_rows(model, idx), x[idx], t, select=cand)  # x̂0 at the candidates: (N, V)
+            else:  # rows entering a block refresh their cache, the others read it
+                logp = torch.empty(int(cand.sum()), process.vocab_size, device=x.device)
+                owner = torch.repeat_interleave(moved, cand.sum(-1))  # (N,) each candidate's row entered a block
+                if moved.any():
+                    r = idx[moved]
+                    logp[owner] = kv.refresh(on_rows(model, r), process, x[r], t[moved], r, cand[moved])
+                if not moved.all():
+                    r, stay = idx[~moved], ~moved
+                    logp[~owner] = kv.window(on_rows(model, r), process, x[r], t[stay], r, cand[stay],
+                                             start[r] + blk[stay] * self.block)
             nfe[idx] += 1
             if self.options.greedy:
                 probs = probs_from_logits(logp)
