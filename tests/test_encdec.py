@@ -805,3 +805,21 @@ def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_
             assert cached == plain
     with pytest.raises(DiffLMError, match="--block > 0"):
         lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})
+
+
+def test_stopping_at_eos_keeps_every_translation_and_saves_calls():
+    """A row ends once it has an [EOS] with nothing masked before it: the text up to that [EOS] could not change
+    any more, so every prediction is the one decoding to the end gives, in fewer calls where a row ends early."""
+    srcs = ["abcd", "ab", "abcdefg", "hgf", "a", "dcba"]
+    tok, net, process, run = cache_model(2, True, True)
+    lm = DiffusionLM(net, process, tok, run, device="cpu")
+    for opts in ({"block": 3}, {"block": 2, "kv_cache": "dual"}, {}):
+        kw = {"sampler": "threshold", "seed": 2, "bf16": False,
+              "sampler_options": {"greedy": True, "threshold": 0.3, **opts}}
+        full = lm.generate_targets(srcs, **kw)
+        kw["sampler_options"]["stop_at_eos"] = True
+        short = lm.generate_targets(srcs, **kw)
+        assert [o.prediction for o in short] == [o.prediction for o in full]
+        assert all(s.nfe <= f.nfe for s, f in zip(short, full))
+        if opts:  # in blocks some row ends before its last block
+            assert sum(s.nfe for s in short) < sum(f.nfe for f in full), [o.prediction for o in full]

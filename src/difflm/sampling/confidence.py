@@ -11,7 +11,10 @@ Both take ``block`` (0 = whole sequence): semi-autoregressive order, candidates 
 that still has a masked position (LLaDA's block length). Blocks are counted from each row's first free
 position (after its prompt or source, as LLaDA splits the generation length); with ``confidence`` a row's
 steps are split evenly across its blocks. ``greedy`` takes each candidate's argmax (LLaDA's temperature 0)
-instead of drawing it. Draws are keyed on (seed, row, call), so a row's text does not depend on the batch.
+instead of drawing it. ``stop_at_eos`` ends a row once it has an [EOS] with nothing masked before it (its
+text can no longer change), and ``kv_cache`` reuses keys and values across a block's calls (Fast-dLLM §3.2,
+``BlockCache``: an approximation, exact only where no stored key depends on what changed). Draws are keyed
+on (seed, row, call), so a row's text does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class ConfidenceOptions:
     kv_cache: Literal["none", "prefix", "dual"] = option(
         "none", "Fast-dLLM's approximate KV cache (with --block): keys/values computed when a row enters a block and "
                 "reused within it; prefix: those before the block, dual: those after it too")
+    stop_at_eos: bool = option(False, "end a row once it has an [EOS] with nothing masked before it: the masks after "
+                                      "it become [PAD] (the text up to the [EOS] is what it would have been)")
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -143,8 +148,11 @@ class ConfidenceDecoding(Sampler):
         first = torch.where(masked, blk, torch.full_like(blk, 1 << 30)).amin(-1)  # (B,)
         return masked & (blk == first[:, None]), first
 
-    def _block_cache(self, model: nn.Module, B: int) -> BlockCache | None:
-        """The approximate KV cache ``kv_cache`` asks for (None: every call over the whole rows)."""
+    def _block_cache(self, model: nn.Module, process: MaskedDiffusion, B: int) -> BlockCache | None:
+        """The approximate KV cache ``kv_cache`` asks for (None: every call over the whole rows), after checking the
+        options against the network and the process."""
+        if self.options.stop_at_eos and process.eos_id is None:
+            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
         if self.options.kv_cache == "none":
             return None
         if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
@@ -152,6 +160,18 @@ class ConfidenceDecoding(Sampler):
         if isinstance(model, ClassifierFreeGuidance):
             raise DiffLMError("--kv-cache does not combine with guidance yet: drop --kv-cache or --guidance")
         return BlockCache(self.options.kv_cache, len(model.blocks), self.block, B)
+
+    @staticmethod
+    def _end_rows(x: Tensor, fixed: Tensor, process: MaskedDiffusion) -> Tensor:
+        """x (B, L) with the masks after each row's first generated [EOS] set to [PAD] where nothing before that
+        [EOS] is still masked: no later call could change the row's text up to it."""
+        eos = (x == process.eos_id) & ~fixed
+        L = x.shape[1]
+        first = torch.where(eos.any(-1), eos.long().argmax(-1), L)[:, None]  # (B, 1)
+        pos = torch.arange(L, device=x.device)[None]
+        settled = ~((x == process.mask_id) & (pos < first)).any(-1, keepdim=True)
+        tail = settled & (pos > first) & (x == process.mask_id)
+        return torch.where(tail, torch.full_like(x, process.pad_id), x) if tail.any() else x
 
     def _scores(self, probs: Tensor, tok: Tensor) -> Tensor:
         """(N,) float64 scores of the N drawn tokens from their distributions (N, V)."""
@@ -186,7 +206,7 @@ class ConfidenceDecoding(Sampler):
         per_block = torch.div(steps, n_blocks, rounding_mode="floor").clamp_min(1)  # (B,) calls per block
         cur_block = torch.full((B,), -1, dtype=torch.long, device=x.device)
         spent = torch.zeros(B, dtype=torch.long, device=x.device)  # calls spent on the current block
-        kv = self._block_cache(model, B)
+        kv = self._block_cache(model, process, B)
         call = 0
         while (x == m).any():
             masked = x == m
@@ -227,6 +247,8 @@ class ConfidenceDecoding(Sampler):
             sub = x[idx]
             sub[keep] = drawn[keep]
             x[idx] = sub
+            if self.options.stop_at_eos:
+                x = self._end_rows(x, cond.fixed, process)
             call += 1
             if on_step is not None:
                 on_step(StepInfo(max(steps - call, 0), steps, 1.0, 0.0, x, nfe.clone()))
