@@ -732,9 +732,10 @@ def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_a
                                                                                         want[tgt][real], atol=1e-3)
 
 
-def cache_model(n_layer: int, shift: bool, encoder: bool):
+def cache_model(n_layer: int, shift: bool, encoder: bool, llama: bool = False):
     tok = train_char(["abcdefgh ijklmnop"])
-    model = {"n_layer": n_layer, "n_head": 2, "d_model": 32, "shift": shift, "encoder_layers": int(encoder)}
+    model = {"n_layer": n_layer, "n_head": 2, "d_model": 32, "shift": shift}
+    model |= {"type": "llama", "n_kv_head": 1} if llama else {"encoder_layers": int(encoder)}
     run = RunConfig.from_dict({"model": model, "process": {"type": "masked"},
                                "data": {"corpus": "pairs", "seq_len": 20}})
     torch.manual_seed(1)
@@ -745,10 +746,10 @@ def cache_model(n_layer: int, shift: bool, encoder: bool):
     return tok, net.eval(), process, run
 
 
-@pytest.mark.parametrize("encoder", [True, False])
+@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(encoder, shift, mode):
+def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(net, shift, mode):
     """Fast-dLLM's cache (``BlockCache``): keys of the whole rows are stored, then tokens inside each row's block
     change and a window call recomputes the block. With one decoder layer a key depends only on its own token and
     position, so the stored keys outside the window are still exact and the window call must equal the full pass
@@ -756,10 +757,11 @@ def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(en
     layers every key has read the changed tokens: the cache is an approximation there, and it shows."""
     from difflm.sampling.confidence import BlockCache
 
+    encoder = net == "encoder-decoder"
     for n_layer, at_zero in ((1, False), (2, False), (1, True)):
         if at_zero and encoder:
             continue
-        tok, net, process, _ = cache_model(n_layer, shift, encoder)
+        tok, backbone, process, _ = cache_model(n_layer, shift, encoder, llama=net.startswith("llama"))
         x = rows(tok, [("abcd", "ghij kl"), ("ab", "hgfe dcba"), ("abcdefg", "ab")], L=20)
         start = source_mask(x, tok.bos_id).sum(-1)  # each row's first target position (after its [BOS])
         old = x.clone()
@@ -771,7 +773,7 @@ def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(en
         new = old.clone()
         new[inside & (torch.arange(20)[None] % 2 == 0)] = x[inside & (torch.arange(20)[None] % 2 == 0)]
         select = inside & (new == process.mask_id)
-        model = bind_source(net, process, x) if encoder else net
+        model = bind_source(backbone, process, x) if encoder else backbone
         t, idx = torch.full((3,), 0.5), torch.arange(3)
         cache = BlockCache(mode, n_layer, block, rows=3)
         with torch.no_grad():
@@ -805,6 +807,8 @@ def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_
             assert cached == plain
     with pytest.raises(DiffLMError, match="--block > 0"):
         lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})
+    with pytest.raises(DiffLMError, match="guidance"):
+        lm.generate_targets(srcs, sampler="threshold", guidance=1.0, sampler_options={"kv_cache": "dual", "block": 2})
 
 
 def test_stopping_at_eos_keeps_every_translation_and_saves_calls():
