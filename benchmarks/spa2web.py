@@ -64,7 +64,7 @@ MASKED = [("mask-predict T=10", {"sampler": "mask-predict", "steps": 10}),
           ("AR draft, mask-predict from 5 of 10", BOOT)]
 # an adapted model's AR parent read its left context: semi-autoregressive decoding keeps it in that regime (blocks of
 # 8 from the target's start, LLaDA; every token above 0.9 in a call and at least one, Fast-dLLM), argmax tokens as in
-# Mask-Predict. It has no KV cache, so it is scored on test only, not at the curve's marks
+# Mask-Predict. Without a cache it is slow: the curve's marks score only the row with the dual cache below
 SEMI_AR = ("semi-AR, blocks of 8, threshold 0.9", {"sampler": "threshold",
                                                     "sampler_options": {"block": 8, "greedy": True}})
 # the same, each row ended once its text is settled (an [EOS] with nothing masked before it: the same text), and
