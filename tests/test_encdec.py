@@ -21,17 +21,24 @@ from difflm.pipeline import DiffusionLM
 FAMILIES = ("masked", "autoregressive", "gaussian", "sedd", "uniform", "d3pm", "block")
 
 
-def tiny(family: str, seed: int = 0, absolute: bool = False):
+def random_net(model: dict, process: dict, seq_len: int = 16, seed: int = 0):
+    """A randomly initialised network (weights jittered so its outputs are far from uniform) on a character
+    tokenizer: (tokenizer, network in eval mode, process, run config)."""
     tok = train_char(["abcdefgh ijklmnop"])
-    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": 1,
-                                         "absolute_positions": absolute},
-                               "process": {"type": family}, "data": {"corpus": "pairs", "seq_len": 16}})
+    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, **model}, "process": process,
+                               "data": {"corpus": "pairs", "seq_len": seq_len}})
     torch.manual_seed(seed)
-    model, process = build_components(run, tok)
+    net, proc = build_components(run, tok)
     with torch.no_grad():
-        for q in model.parameters():
+        for q in net.parameters():
             q.add_(0.3 * torch.randn_like(q))
-    return tok, model.eval(), process
+    return tok, net.eval(), proc, run
+
+
+def tiny(family: str, seed: int = 0, absolute: bool = False):
+    tok, model, process, _ = random_net({"encoder_layers": 1, "absolute_positions": absolute}, {"type": family},
+                                        seed=seed)
+    return tok, model, process
 
 
 def rows(tok, pairs: list[tuple[str, str]], L: int = 16) -> torch.Tensor:
@@ -522,16 +529,7 @@ def test_glancing_reveals_lambda_times_the_first_passs_errors_and_trains_cmlm_on
 
 
 def edit_tiny(steps: int = 1, rate: float = 1e-9, encoder: bool = True):
-    tok = train_char(["abcdefgh ijklmnop"])
-    run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "encoder_layers": int(encoder)},
-                               "process": {"type": "edit", "steps": steps, "edit_rate": rate},
-                               "data": {"corpus": "pairs", "seq_len": 16}})
-    torch.manual_seed(0)
-    model, process = build_components(run, tok)
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(0.3 * torch.randn_like(q))
-    return tok, model.eval(), process, run
+    return random_net({"encoder_layers": int(encoder)}, {"type": "edit", "steps": steps, "edit_rate": rate})
 
 
 def tagger_inputs(model) -> list[torch.Tensor]:
@@ -733,17 +731,9 @@ def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_a
 
 
 def cache_model(n_layer: int, shift: bool, encoder: bool, llama: bool = False):
-    tok = train_char(["abcdefgh ijklmnop"])
-    model = {"n_layer": n_layer, "n_head": 2, "d_model": 32, "shift": shift}
+    model = {"n_layer": n_layer, "shift": shift}
     model |= {"type": "llama", "n_kv_head": 1} if llama else {"encoder_layers": int(encoder)}
-    run = RunConfig.from_dict({"model": model, "process": {"type": "masked"},
-                               "data": {"corpus": "pairs", "seq_len": 20}})
-    torch.manual_seed(1)
-    net, process = build_components(run, tok)
-    with torch.no_grad():
-        for q in net.parameters():
-            q.add_(0.3 * torch.randn_like(q))
-    return tok, net.eval(), process, run
+    return random_net(model, {"type": "masked"}, seq_len=20, seed=1)
 
 
 @pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
