@@ -221,6 +221,9 @@ def main() -> None:
                                                    "given (<out>/<model>-from-M)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
+    ap.add_argument("--no-slow", action="store_true", help="skip the semi-AR rows without the dual cache that give "
+                                                           "no other text (plain: as stopping at [EOS]) or only "
+                                                           "speed (the prefix cache)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -279,6 +282,8 @@ def main() -> None:
         if a.data == "kjv2web" and lm.process.family == "masked":
             decoders = [*decoders, SOURCE_DRAFT]
         for label, kw in decoders:
+            if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
+                continue
             if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
                 if not (a.out / "ar" / "model.safetensors").is_file():
                     continue
