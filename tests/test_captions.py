@@ -160,3 +160,31 @@ def test_caption_cli_reads_png_and_npy_and_bad_images_are_one_line_errors(barely
     assert main(["sample", str(run), "--num", "1"]) == 2
     err = capsys.readouterr().err
     assert one_line_error(err) and "difflm caption" in err
+
+
+def test_masked_and_edit_captioners_start_from_the_ar_captioners_drafts(barely):
+    """DiffusER's AR bootstrap for captions (``draft_from``). A masked captioner refines the AR captions by
+    Mask-Predict: from iteration 99 of 100 it re-masks ⌊N/100⌋ = 0 of its N < 100 free positions, so the drafts come
+    back unchanged, in 2 calls. An edit captioner's first revision reads the drafts."""
+    ar, masked, edit = barely["autoregressive"], barely["masked"], barely["edit"]
+    images = [s.image for s in scenes_for(ar.run.data, "test")[:4]]
+    drafts = [o.prediction for o in ar.caption(images, bf16=False)]
+    assert all(drafts), drafts
+    outs = masked.caption(images, draft_from=ar, steps=100, sampler_options={"start": 99}, bf16=False)
+    assert [o.prediction for o in outs] == drafts and all(o.nfe == 2 for o in outs)
+    with pytest.raises(DiffLMError, match="mask-predict"):
+        masked.caption(images, draft_from=ar, sampler="ancestral")
+    seen, forward = [], edit.model.forward
+
+    def spy(x, *args, **kw):  # the input rows of every tagger call (head "aux"), in order
+        if kw.get("head") == "aux":
+            seen.append(x.clone())
+        return forward(x, *args, **kw)
+
+    edit.model.forward = spy
+    try:
+        edit.caption(images, draft_from=ar, steps=2, bf16=False)
+    finally:
+        del edit.model.forward
+    tok = edit.tokenizer
+    assert edit.process.sequences(seen[0]) == [tok.encode(d)[: edit.seq_len - 1] for d in drafts]

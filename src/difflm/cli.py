@@ -396,9 +396,10 @@ def cmd_caption(a) -> int:
     from .pipeline import DiffusionLM
 
     lm = DiffusionLM.from_pretrained(a.run_dir)
+    drafts = None if a.bootstrap_from is None else DiffusionLM.from_pretrained(a.bootstrap_from)
     outs = lm.caption(a.images, candidates=a.candidates, mbr=not a.no_mbr, steps=a.steps, sampler=a.sampler,
                       seed=a.seed, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
-                      bf16=not a.fp32, sampler_options=_sampler_options(a), guidance=a.guidance)
+                      bf16=not a.fp32, sampler_options=_sampler_options(a), guidance=a.guidance, draft_from=drafts)
     for o in outs:
         if a.json:
             print(json.dumps({"image": o.image, "prediction": o.prediction, "candidates": o.candidates,
@@ -579,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=count(1), default=16)
     c.add_argument("--guidance", type=number(), default=0.0,
                    help="classifier-free guidance weight w on the image (models trained with train.cond_dropout > 0)")
+    c.add_argument("--bootstrap-from", default=None, metavar="RUN",
+                   help="start from this captioner's captions (e.g. the AR one's; DiffusER's AR bootstrap): an edit "
+                        "model revises them, a masked model refines them by Mask-Predict from iteration --start S "
+                        "(default half of --steps)")
     _add_sampling(c)
     c.add_argument("--json", action="store_true", help="one JSON object per image, with all candidates")
     c.set_defaults(fn=cmd_caption)

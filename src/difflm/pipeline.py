@@ -470,9 +470,7 @@ class DiffusionLM:
         models always do, with a note)."""
         self.require_seq2seq()
         if draft_from is not None:
-            if not (self.process.revises_source or self.process.family == "masked"):
-                raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft, or a masked "
-                                  "one, which refines it by Mask-Predict")
+            self._draft_decoder(sampler, steps, sampler_options)  # this model can start from a draft
             if isinstance(draft_from, str):
                 if draft_from != "source":
                     raise DiffLMError(f"draft_from {draft_from!r}: give a seq2seq model or 'source'")
@@ -483,11 +481,7 @@ class DiffusionLM:
         if draft_from is not None and (not self.process.revises_source or reads_source(self.model)):
             # the draft in the target region: a masked model refines it by Mask-Predict, an edit encoder-decoder
             # revises it while its encoder reads the source
-            if not self.process.revises_source:
-                if (sampler or "mask-predict") != "mask-predict":
-                    raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
-                steps = steps if steps is not None else self.run.sample.steps
-                sampler, sampler_options = "mask-predict", {"start": max(1, steps // 2)} | (sampler_options or {})
+            sampler, steps, sampler_options = self._draft_decoder(sampler, steps, sampler_options)
             job = self.prepare_targets(sources, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler,
                                        seed=seed, temperature=temperature, top_p=top_p,
                                        sampler_options=sampler_options, guidance=guidance, truncate=truncate,
@@ -502,6 +496,21 @@ class DiffusionLM:
                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options,
                                    guidance=guidance, length_beam=length_beam, truncate=truncate)
         return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+
+    def _draft_decoder(self, sampler: str | None, steps: int | None,
+                       sampler_options: dict | None) -> tuple[str | None, int | None, dict | None]:
+        """(sampler, steps, options) that start from a draft in the free positions: an edit model revises it with its
+        own sampler, a masked model refines it by Mask-Predict from iteration ``start`` (default half the steps);
+        any other family is an error."""
+        if self.process.revises_source:
+            return sampler, steps, sampler_options
+        if self.process.family != "masked":
+            raise DiffLMError("--bootstrap-from needs an edit-family model, which revises a draft, or a masked one, "
+                              "which refines it by Mask-Predict")
+        if (sampler or "mask-predict") != "mask-predict":
+            raise DiffLMError(f"a masked model refines a draft with --sampler mask-predict, not {sampler}")
+        steps = steps if steps is not None else self.run.sample.steps
+        return "mask-predict", steps, {"start": max(1, steps // 2)} | (sampler_options or {})
 
     def prepare_targets(
         self, sources: list[str], *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
@@ -579,23 +588,31 @@ class DiffusionLM:
         self, images: list, *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
         batch_size: int = 16, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
-        guidance: float = 0.0,
+        guidance: float = 0.0, draft_from: DiffusionLM | None = None,
     ) -> list[Caption]:
         """Captioners (data.corpus scenes): ``candidates`` captions of each image — a path (.png, .npy), an (H, W)
         uint8 array or a float tensor in [0, 1] — with any sampler of the family; with ``mbr`` the prediction is
         the candidate of highest BLEU against the others, else the first. ``guidance`` w ≠ 0: classifier-free
-        guidance on the image (models trained with ``train.cond_dropout`` > 0; w = −1 ignores the image)."""
+        guidance on the image (models trained with ``train.cond_dropout`` > 0; w = −1 ignores the image).
+        ``draft_from``: another captioner (the AR one) writes a draft of each caption, which an edit model revises
+        and a masked one refines by Mask-Predict from iteration ``start`` (DiffusER's AR bootstrap, §3.3)."""
+        drafts = None
+        if draft_from is not None:
+            sampler, steps, sampler_options = self._draft_decoder(sampler, steps, sampler_options)
+            drafts = [c.prediction for c in draft_from.caption(images, batch_size=batch_size, bf16=bf16)]
         job = self.prepare_captions(images, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
                                     temperature=temperature, top_p=top_p, sampler_options=sampler_options,
-                                    guidance=guidance)
+                                    guidance=guidance, drafts=drafts)
         return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
 
     def prepare_captions(
         self, images: list, *, candidates: int = 1, mbr: bool = True, steps: int | None = None,
         sampler: str | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
-        sampler_options: dict | None = None, guidance: float = 0.0,
+        sampler_options: dict | None = None, guidance: float = 0.0, drafts: list[str] | None = None,
     ) -> Job:
-        """``caption``'s rows as a Job (its answer a list of ``Caption``), for ``run_jobs``."""
+        """``caption``'s rows as a Job (its answer a list of ``Caption``), for ``run_jobs``. ``drafts``: one caption
+        per image placed in the free positions (and, for a model that predicts the length, giving it), for a
+        sampler that starts from them."""
         from .data.datasets import image_tensor
         from .data.images import as_uint8, load_image
         from .evaluation.text_metrics import mbr_select
@@ -624,7 +641,12 @@ class DiffusionLM:
         L, tok = self.seq_len, self.tokenizer
         predicted = self.run.data.target_length == "predicted"
         pixels = image_tensor(np.stack(arrays))
-        if predicted:  # Mask-Predict's length: the most probable one under the image's length predictor
+        if drafts is not None and len(drafts) != len(arrays):
+            raise DiffLMError(f"{len(drafts)} drafts for {len(arrays)} images: give one draft per image")
+        draft_ids = None if drafts is None else [tok.encode(d.replace("\n", " "))[: L - 1] for d in drafts]
+        if draft_ids is not None and predicted:  # the draft gives the length
+            lengths = [max(len(d), 1) for d in draft_ids]
+        elif predicted:  # Mask-Predict's length: the most probable one under the image's length predictor
             x = torch.tensor([[tok.bos_id] + [tok.eos_id] * (L - 1)] * len(arrays))
             with torch.no_grad():
                 reader = bind_source(self.model, self.process, x.to(self.device), pixels.to(self.device))
@@ -635,8 +657,9 @@ class DiffusionLM:
             lengths = [L - 1] * len(arrays)
         rows, fixed, owner = [], [], []
         for i, n in enumerate(lengths):
+            body = [tok.mask_id] * n if draft_ids is None else (draft_ids[i] + [tok.eos_id] * L)[:n]
             for _ in range(candidates):
-                rows.append([tok.bos_id] + [tok.mask_id] * n + [tok.eos_id] * (L - 1 - n))
+                rows.append([tok.bos_id] + body + [tok.eos_id] * (L - 1 - n))
                 fixed.append([True] + [False] * n + [True] * (L - 1 - n) if predicted else [True] + [False] * (L - 1))
                 owner.append(i)
         cond = Conditioning(torch.tensor(rows, dtype=torch.long), torch.tensor(fixed), pixels[owner])
