@@ -12,8 +12,9 @@ the 2-item test scenes, BLEU against the reference captions, NFE and seconds per
 classifier-free guidance on the image (w = 1; every model is trained with the image dropped in 10% of rows).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
-the wall time (AR→diffusion adaptation; the AR minutes count). Writes <out>/results.json and a grid of test scenes
-with the AR and the best diffusion captions (--png).
+the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
+captioner's captions (``caption(draft_from=)``, DiffusER's AR bootstrap) when <out>/autoregressive exists.
+Writes <out>/results.json and a grid of test scenes with the AR and the best diffusion captions (--png).
 Goal (issue 25): the best diffusion captioner's fact F1 within 5 points of the AR captioner's, and above 90% on
 2-item scenes.
 """
@@ -178,11 +179,18 @@ def main() -> None:
         decoders = [("", 0.0, {}), (" (CFG w=1)", 1.0, {})]
         if lm.process.family == "masked":
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
+        ar_dir = a.out / "autoregressive"
+        if lm.process.family in ("masked", "edit") and (ar_dir / "model.safetensors").is_file():
+            # DiffusER's AR bootstrap: the AR captioner's captions (timed with it) revised or refined
+            ar = DiffusionLM.from_pretrained(ar_dir, device="cpu")
+            decoders.append((" (AR draft, mask-predict from 5 of 10)", 0.0, {"sampler": "mask-predict", "steps": 10,
+                                                                             "draft_from": ar})
+                            if lm.process.family == "masked" else (" (AR draft)", 0.0, {"draft_from": ar}))
         for label, w, kw in decoders:
             r = score(lm, scenes, w, **kw)
             name = f"{d.name}{label}"
             preds_by[name] = r.pop("predictions")
-            row = {"model": name, "sampler": kw.get("sampler", lm.run.sample.sampler),
+            row = {"model": name, "sampler": kw.get("sampler", lm.run.sample.sampler),  # NFE: the refiner's only
                    "steps": kw.get("steps", lm.run.sample.steps), "train_steps": steps, **r}
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
