@@ -259,7 +259,8 @@ class ConfidenceDecoding(Sampler):
 class ThresholdDecoding(ConfidenceDecoding):
     name = "threshold"
     Options = ThresholdOptions
-    bench = ({"threshold": 0.9},)
+    bench = ({"threshold": 0.9}, {"threshold": 0.9, "block": 8, "greedy": True},  # semi-AR, then with the cache
+             {"threshold": 0.9, "block": 8, "greedy": True, "kv_cache": "dual"})
     step_free = True
 
     def _keep(self, cand: Tensor, score: Tensor, rank: Tensor, calls_left: Tensor) -> Tensor:
