@@ -21,12 +21,12 @@ from difflm.pipeline import DiffusionLM
 FAMILIES = ("masked", "autoregressive", "gaussian", "sedd", "uniform", "d3pm", "block")
 
 
-def random_net(model: dict, process: dict, seq_len: int = 16, seed: int = 0):
+def random_net(model: dict, process: dict, seq_len: int = 16, seed: int = 0, train: dict | None = None):
     """A randomly initialised network (weights jittered so its outputs are far from uniform) on a character
     tokenizer: (tokenizer, network in eval mode, process, run config)."""
     tok = train_char(["abcdefgh ijklmnop"])
     run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, **model}, "process": process,
-                               "data": {"corpus": "pairs", "seq_len": seq_len}})
+                               "data": {"corpus": "pairs", "seq_len": seq_len}, "train": train or {}})
     torch.manual_seed(seed)
     net, proc = build_components(run, tok)
     with torch.no_grad():
@@ -733,7 +733,7 @@ def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_a
 def cache_model(n_layer: int, shift: bool, encoder: bool, llama: bool = False):
     model = {"n_layer": n_layer, "shift": shift}
     model |= {"type": "llama", "n_kv_head": 1} if llama else {"encoder_layers": int(encoder)}
-    return random_net(model, {"type": "masked"}, seq_len=20, seed=1)
+    return random_net(model, {"type": "masked"}, seq_len=20, seed=1, train={"cond_dropout": 0.1})  # guidance too
 
 
 @pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
@@ -779,26 +779,27 @@ def test_the_block_caches_window_call_is_exact_where_no_stored_key_went_stale(ne
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_invariant(mode):
+@pytest.mark.parametrize("encoder", [True, False])
+def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_invariant(mode, encoder):
     """Threshold decoding in blocks with Fast-dLLM's cache: with one decoder layer every window call is exact (test
-    above), so the text and the calls equal those of decoding without the cache; with two layers it is an
-    approximation, still the same text at any batch size."""
+    above), so the text and the calls equal those of decoding without the cache, with classifier-free guidance too
+    (its unconditional stream keeps its own cache); with two layers it is an approximation, still the same text at
+    any batch size."""
     srcs = ["abcd", "ab", "abcdefg", "hgf"]
     for n_layer in (1, 2):
-        tok, net, process, run = cache_model(n_layer, True, True)
+        tok, net, process, run = cache_model(n_layer, True, encoder)
         lm = DiffusionLM(net, process, tok, run, device="cpu")
-        kw = {"sampler": "threshold", "seed": 2, "bf16": False,
-              "sampler_options": {"block": 3, "greedy": True, "threshold": 0.3}}
-        plain = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
-        kw["sampler_options"]["kv_cache"] = mode
-        cached = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
-        assert cached == [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=1, **kw)]
-        if n_layer == 1:
-            assert cached == plain
+        for w in (0.0, 1.0):
+            kw = {"sampler": "threshold", "seed": 2, "bf16": False, "guidance": w,
+                  "sampler_options": {"block": 3, "greedy": True, "threshold": 0.3}}
+            plain = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+            kw["sampler_options"]["kv_cache"] = mode
+            cached = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+            assert cached == [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=1, **kw)]
+            if n_layer == 1:
+                assert cached == plain, (w, cached, plain)
     with pytest.raises(DiffLMError, match="--block > 0"):
         lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})
-    with pytest.raises(DiffLMError, match="guidance"):
-        lm.generate_targets(srcs, sampler="threshold", guidance=1.0, sampler_options={"kv_cache": "dual", "block": 2})
 
 
 def test_stopping_at_eos_keeps_every_translation_and_saves_calls():

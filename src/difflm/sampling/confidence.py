@@ -88,18 +88,32 @@ class BlockCache:
     def __init__(self, mode: str, n_layer: int, block: int, rows: int) -> None:
         self.mode, self.block, self.rows = mode, block, rows
         self.kv = KVCache(n_layer)  # (B, H, L, Dh) per layer, every row's whole row
+        self.ukv = KVCache(n_layer)  # the same for guidance's unconditional stream
+
+    def _views(self, model: nn.Module, idx: Tensor | None) -> KVCache:
+        """The cache a call reads and writes: rows ``idx`` of the stored one (None: a fresh one), paired under
+        guidance with the unconditional stream's."""
+        n = len(self.kv.k)
+        view = KVCache(n) if idx is None else self.kv.rows(idx)
+        if isinstance(model, ClassifierFreeGuidance):
+            model.pair(view, KVCache(n) if idx is None else self.ukv.rows(idx))
+        return view
 
     def refresh(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor,
                 select: Tensor) -> Tensor:
         """log p_θ(x0 | x_t) at ``select`` of rows ``idx`` (x: their (n, L) tokens) by a call over the whole rows,
         whose keys and values are stored as these rows' cache: (N, V)."""
-        fresh = KVCache(len(self.kv.k))
+        fresh = self._views(model, None)
         logp = process.log_probs(model, x, t, select=select, cache=fresh)
-        for i, (k, v) in enumerate(zip(fresh.k, fresh.v)):
-            if self.kv.k[i] is None:
-                self.kv.k[i] = k.new_zeros((self.rows, *k.shape[1:]))
-                self.kv.v[i] = v.new_zeros((self.rows, *v.shape[1:]))
-            self.kv.k[i][idx], self.kv.v[i][idx] = k, v
+        stores = [(fresh, self.kv)]
+        if isinstance(model, ClassifierFreeGuidance):
+            stores.append((model._ucache(fresh), self.ukv))
+        for new, store in stores:
+            for i, (k, v) in enumerate(zip(new.k, new.v)):
+                if store.k[i] is None:
+                    store.k[i] = k.new_zeros((self.rows, *k.shape[1:]))
+                    store.v[i] = v.new_zeros((self.rows, *v.shape[1:]))
+                store.k[i][idx], store.v[i][idx] = k, v
         return logp
 
     def window(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor, select: Tensor,
@@ -120,7 +134,7 @@ class BlockCache:
         keys = torch.cat([~inside, torch.ones(n, W, dtype=torch.bool, device=x.device)], 1)  # stale keys out
         # no stored last state (``KVCache.last``): a window at position 0 keeps its own state there, as the
         # whole-row call does
-        return process.log_probs(model, x.gather(1, pos), t, select=sel, cache=self.kv.rows(idx), store=0,
+        return process.log_probs(model, x.gather(1, pos), t, select=sel, cache=self._views(model, idx), store=0,
                                  positions=pos, attn_mask=keys[:, None, None, :].expand(-1, 1, W, -1))
 
 
@@ -157,8 +171,6 @@ class ConfidenceDecoding(Sampler):
             return None
         if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
             raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): drop --kv-cache")
-        if isinstance(model, ClassifierFreeGuidance):
-            raise DiffLMError("--kv-cache does not combine with guidance yet: drop --kv-cache or --guidance")
         return BlockCache(self.options.kv_cache, len(model.blocks), self.block, B)
 
     @staticmethod

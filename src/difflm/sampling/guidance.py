@@ -38,7 +38,10 @@ class ClassifierFreeGuidance(nn.Module):
         out = self.model(x, t, cache=cache, **kw)
         if self.w == 0:
             return out
-        src = self.source[:, offset : offset + x.shape[1]]
+        if positions is None:
+            src = self.source[:, offset : offset + x.shape[1]]
+        else:  # the call's own row positions ((L,) or (B, L): a window of each row)
+            src = self.source.gather(1, positions.expand(x.shape[0], -1))
         null = getattr(self.model, "null", None)
         if callable(null):  # an encoder-decoder: the unconditional stream reads the dropped source
             uncond = null(self.null_id)(x, t, cache=self._ucache(cache), **kw)
@@ -52,7 +55,12 @@ class ClassifierFreeGuidance(nn.Module):
         return (1 + self.w) * out - self.w * uncond
 
     def _ucache(self, cache: KVCache | None) -> KVCache | None:
-        """The unconditional stream's own KV cache (autoregressive sampling)."""
+        """The unconditional stream's own KV cache (autoregressive sampling): made with the first call on ``cache``,
+        or given beforehand (``pair``)."""
         if cache is None:
             return None
         return self._caches.setdefault(id(cache), KVCache(len(self.model.blocks), cache.capacity))
+
+    def pair(self, cache: KVCache, uncond: KVCache) -> None:
+        """Calls on ``cache`` run the unconditional stream on ``uncond`` (a cache kept outside the wrapper)."""
+        self._caches[id(cache)] = uncond
