@@ -90,25 +90,26 @@ class BlockCache:
         self.kv = KVCache(n_layer)  # (B, H, L, Dh) per layer, every row's whole row
         self.ukv = KVCache(n_layer)  # the same for guidance's unconditional stream
 
-    def _views(self, model: nn.Module, idx: Tensor | None) -> KVCache:
-        """The cache a call reads and writes: rows ``idx`` of the stored one (None: a fresh one), paired under
-        guidance with the unconditional stream's."""
+    def _views(self, model: nn.Module, idx: Tensor | None) -> tuple[KVCache, KVCache | None]:
+        """The caches a call reads and writes: rows ``idx`` of the stored ones (None: fresh ones), the first the
+        network's, the second (under guidance, paired with the first; else None) the unconditional stream's."""
         n = len(self.kv.k)
         view = KVCache(n) if idx is None else self.kv.rows(idx)
-        if isinstance(model, ClassifierFreeGuidance):
-            model.pair(view, KVCache(n) if idx is None else self.ukv.rows(idx))
-        return view
+        if not isinstance(model, ClassifierFreeGuidance):
+            return view, None
+        uncond = KVCache(n) if idx is None else self.ukv.rows(idx)
+        model.pair(view, uncond)
+        return view, uncond
 
     def refresh(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor,
                 select: Tensor) -> Tensor:
         """log p_θ(x0 | x_t) at ``select`` of rows ``idx`` (x: their (n, L) tokens) by a call over the whole rows,
         whose keys and values are stored as these rows' cache: (N, V)."""
-        fresh = self._views(model, None)
+        fresh, ufresh = self._views(model, None)
         logp = process.log_probs(model, x, t, select=select, cache=fresh)
-        stores = [(fresh, self.kv)]
-        if isinstance(model, ClassifierFreeGuidance):
-            stores.append((model._ucache(fresh), self.ukv))
-        for new, store in stores:
+        for new, store in ((fresh, self.kv), (ufresh, self.ukv)):
+            if new is None:
+                continue
             for i, (k, v) in enumerate(zip(new.k, new.v)):
                 if store.k[i] is None:
                     store.k[i] = k.new_zeros((self.rows, *k.shape[1:]))
@@ -134,7 +135,7 @@ class BlockCache:
         keys = torch.cat([~inside, torch.ones(n, W, dtype=torch.bool, device=x.device)], 1)  # stale keys out
         # no stored last state (``KVCache.last``): a window at position 0 keeps its own state there, as the
         # whole-row call does
-        return process.log_probs(model, x.gather(1, pos), t, select=sel, cache=self._views(model, idx), store=0,
+        return process.log_probs(model, x.gather(1, pos), t, select=sel, cache=self._views(model, idx)[0], store=0,
                                  positions=pos, attn_mask=keys[:, None, None, :].expand(-1, 1, W, -1))
 
 
