@@ -74,6 +74,11 @@ SEMI_AR_FAST = [(f"{SEMI_AR[0]}, stop at [EOS]{f', {c} cache' if c else ''}",
                                                     **({"kv_cache": c} if c else {})}})
                 for c in ("", "prefix", "dual")]
 ADAPTED = [MASKED[0], SEMI_AR, *SEMI_AR_FAST, MASKED[2]]
+# BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
+# tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
+BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),
+         ("block sampler, threshold 0.9", {"sampler": "block", "steps": 128,
+                                           "sampler_options": {"threshold": 0.9, "stop_at_eos": True}})]
 PLAIN = ("spa2web-mdlm", [], MASKED)  # mdlm and mdlm-kd: the same model and decoders, real or distilled targets
 ABS = ("spa2web-mdlm", ["model.absolute_positions=true"], MASKED)  # mdlm-abs and mdlm-abs-kd
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
@@ -103,8 +108,23 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-abs": ABS,
     "mdlm-abs-kd": ABS,  # the same on distilled targets
     # BD3-LM over the target: blocks of 8 tokens, 4 steps each (the block sampler's budget is over the whole row)
-    "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"],
-              [("block sampler, 64 steps", {"sampler": "block", "steps": 64})]),
+    "block": ("spa2web-mdlm", ["process={type: block, block_size: 8}"], BLOCK),
+    # the AR model adapted to BD3-LM (Fast-dLLM v2, SDAR): next-token decoder kept, attention opened from causal to
+    # block-causal over the first 50 steps, BD3-LM's loss; its earlier blocks are exact in the KV cache
+    "block-adapt": ("spa2web-mdlm", ["process={type: block, block_size: 8}", "model.shift=true",
+                                     "model.anneal_steps=50"], BLOCK),
+    # the other families, from scratch, each with its own sampler
+    "uniform": ("spa2web-mdlm", ["process={type: uniform}"], [("ancestral 32", {"sampler": "ancestral", "steps": 32})]),
+    "d3pm": ("spa2web-mdlm", ["process={type: d3pm}"], [("ancestral 32", {"sampler": "ancestral", "steps": 32})]),
+    "sedd": ("spa2web-mdlm", ["process={type: sedd}"], [("Euler 32", {"sampler": "euler", "steps": 32})]),
+    "gaussian": ("spa2web-mdlm", ["process={type: gaussian, schedule: sqrt, embed_dim: 64, self_conditioning: true}"],
+                 [("DPM-Solver 20", {"sampler": "dpm-solver", "steps": 20})]),
+    # DiffusER: tagger and generator over the target, the source read by cross-attention; from the empty sequence
+    # and from the AR model's greedy draft (DiffusER's AR bootstrap)
+    "edit": ("spa2web-mdlm", ["process={type: edit}"],
+             [("DiffusER 10 steps, greedy", {"sampler": "diffuser", "steps": 10, "sampler_options": {"greedy": True}}),
+              ("DiffusER from the AR draft, greedy", {"sampler": "diffuser", "steps": 10, "draft_from": "ar",
+                                                      "sampler_options": {"greedy": True}})]),
 }
 
 
@@ -208,6 +228,9 @@ def main() -> None:
                     help="the pairs under ../shared/data (kjv2web: the same models on King James -> WEB, where "
                          "the masked models also refine the source itself)")
     ap.add_argument("--test", type=int, default=1141)
+    ap.add_argument("--test-skip", type=int, default=0, help="score test verses from this one on (a second set: "
+                                                             "--test-skip 500 after --test 500)")
+    ap.add_argument("--seed", type=int, default=0, help="the training seed (not 0: run folders <model>-seedS)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them "
@@ -228,10 +251,11 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     data = DATA / a.data
-    test = load_pairs(load_config("spa2web-ar", [f"data.path={data}"]).data, "test")[: a.test]
+    test = load_pairs(load_config("spa2web-ar", [f"data.path={data}"]).data, "test")[a.test_skip: a.test_skip + a.test]
     refs = [t for _, t in test]
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads", "minutes": a.minutes, "test": len(test), "rows": []}
+           f"{torch.get_num_threads()} threads", "minutes": a.minutes, "test": len(test),
+           "test_skip": a.test_skip, "rows": []}
     copy = scores([s for s, _ in test], refs)
     out["rows"].append({"model": "copy the source", **copy})
     valid = load_pairs(load_config("spa2web-ar", [f"data.path={data}"]).data, "valid")[: a.valid]
@@ -244,18 +268,20 @@ def main() -> None:
             overrides = [*overrides, f"data.path={distilled_data(a.out, data).resolve()}", "tokenizer.type=hf",
                          f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
+        if a.seed:  # the same model from another seed: its own folder
+            overrides, run_dir = [*overrides, f"seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
         if name == "ar":
             own = sorted({*marks, *(m for m in adapt if m < a.minutes)})
-        if name.startswith("mdlm-adapt"):  # the AR minutes count: it trains the rest of --minutes
+        if "-adapt" in name:  # the AR minutes count: it trains the rest of --minutes
             if len(adapt) != 1:
-                raise SystemExit("spa2web: mdlm-adapt starts from the AR model at --adapt-at M minutes: give one M")
+                raise SystemExit(f"spa2web: {name} starts from the AR model at --adapt-at M minutes: give one M")
             before = adapt[0]
             ar_at = (a.out / f"ar-at-{before:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
-                raise SystemExit(f"spa2web: mdlm-adapt starts from {ar_at}: train --models ar --adapt-at {before:g} "
+                raise SystemExit(f"spa2web: {name} starts from {ar_at}: train --models ar --adapt-at {before:g} "
                                  "past that mark first")
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
-            run_dir = a.out / f"{name}-from-{before:g}"
+            run_dir = a.out / f"{name}-from-{before:g}{f'-seed{a.seed}' if a.seed else ''}"
             own = [m - before for m in marks if m > before]
         for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
@@ -302,7 +328,8 @@ def main() -> None:
     (a.out / "results.json").write_text(json.dumps(out, indent=2))
     plot_curves({d.name: d for d in sorted(a.out.iterdir()) if (d / "curve.json").is_file()},
                 a.png or a.out / "curve.png")
-    print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses\n")
+    print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses "
+          f"from {a.test_skip}\n")
     print("| model | BLEU | chrF | ROUGE-L | nats/token with source | without | NFE | s/sentence | train steps |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in out["rows"]:

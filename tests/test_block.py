@@ -279,3 +279,67 @@ def test_known_distribution_bound_and_variable_length_samples(markov_corpus, tmp
     assert main(["infill", str(tmp_path / "bd3"), "ab___cd"]) == 2
     err = capsys.readouterr().err
     assert "not fill gaps" in err and one_line_error(err)
+
+
+def blockwise_argmax(model: Transformer, p: BlockDiffusion, n: int, L: int) -> torch.Tensor:
+    """The second route: each block filled in one call, with its argmax tokens given the finished blocks before it
+    (the whole prefix recomputed under the block-causal mask, no cache). (n, L) long."""
+    x = torch.full((n, L), MASK)
+    for a in range(0, L, p.block_size):
+        e = min(a + p.block_size, L)
+        blk = torch.arange(e) // p.block_size
+        out = model(x[:, :e], attn_mask=block_causal(blk, blk)).float()
+        out[..., p.never] = -float("inf")
+        x[:, a:e] = out[:, a:e].argmax(-1)
+    return x
+
+
+@pytest.mark.parametrize("S", [1, 4])
+def test_threshold_decoding_below_every_probability_fills_a_block_per_call_with_its_argmax(S):
+    """τ below every probability: each block in one call, its argmax tokens (with blocks of 1: left-to-right
+    argmax, autoregressive greedy decoding)."""
+    L, model, p = 14, net(), proc(S)
+    out = get_sampler("block", p, threshold=1e-9)(model, p, Conditioning.unconditional(3, L, fill=MASK), steps=1,
+                                                  seed=0, temperature=5.0)
+    assert torch.equal(out.tokens, blockwise_argmax(model, p, 3, L))
+    assert (out.nfe == math.ceil(L / S)).all()
+
+
+def test_threshold_one_unmasks_the_most_confident_position_per_call():
+    L, S, model, p = 12, 4, net(), proc(4)
+    seen = []
+    out = get_sampler("block", p, threshold=1.0)(model, p, Conditioning.unconditional(2, L, fill=MASK), steps=1,
+                                                 seed=0, on_step=lambda info: seen.append(info.tokens.clone()))
+    assert (out.nfe == L).all()  # one token a call: S calls per block, whatever the step budget
+    first = seen[0][:, :S] != MASK
+    assert (first.sum(-1) == 1).all()
+    blk = torch.arange(S) // S
+    logp = model(torch.full((2, S), MASK), attn_mask=block_causal(blk, blk)).float()
+    logp[..., p.never] = -float("inf")
+    conf, tok = logp.softmax(-1).max(-1)
+    assert torch.equal(first.float().argmax(-1), conf.argmax(-1))  # the most confident position first
+    assert torch.equal(seen[0][:, :S][first], tok[first])  # with its argmax token
+
+
+def test_threshold_decoding_is_batch_invariant_and_the_kv_cache_exact():
+    L, S, tau, model, p = 16, 4, 0.3, net(), proc(4)
+    model.head.weight.data *= 8  # sharper: some calls unmask several positions, some one
+    cond = prompt_cond(5, L, 3)
+    cond.tokens[:, :3] = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 3, 5], [2, 4, 6]])
+    a = get_sampler("block", p, threshold=tau)(model, p, cond, steps=1, seed=0)
+    b = get_sampler("block", p, threshold=tau, cache=False)(model, p, cond, steps=1, seed=0)
+    c = [get_sampler("block", p, threshold=tau)(model, p, cond.rows(slice(i, i + 2)), steps=1, seed=0,
+                                                rows=torch.arange(i, min(i + 2, 5))) for i in range(0, 5, 2)]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe)
+    assert torch.equal(a.tokens, torch.cat([o.tokens for o in c])) and torch.equal(a.nfe, torch.cat([o.nfe for o in c]))
+    assert not (a.tokens == MASK).any() and torch.equal(a.tokens[:, :3], cond.tokens[:, :3])
+    # between one call per block that has free positions (4) and one per free token (13), and both seen
+    assert math.ceil(L / S) <= int(a.nfe.min()) < int(a.nfe.max()) <= L - 3
+
+
+def test_greedy_ancestral_block_sampling_takes_argmax_tokens():
+    """greedy: the order of unmasking stays ancestral (random), the tokens are argmax: with one step per block the
+    whole block is unmasked at once, so it equals the blockwise argmax."""
+    L, model, p = 12, net(), proc(4)
+    out = get_sampler("block", p, greedy=True)(model, p, Conditioning.unconditional(3, L, fill=MASK), steps=3, seed=4)
+    assert torch.equal(out.tokens, blockwise_argmax(model, p, 3, L))

@@ -13,6 +13,12 @@ bf16 too: both attend over a static cache of L key slots (the unwritten ones mas
 uses a throwaway one), so every attention row sums over L keys in both and the kernels add in the same order.
 With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the row becomes [PAD] and the
 row makes no more calls (variable-length generation).
+
+``greedy`` takes each unmasked position's most probable token (temperature 0). ``threshold`` τ > 0 replaces the
+ancestral steps by Fast-dLLM v2's parallel decoding (arXiv 2509.26328, with Fast-dLLM's threshold rule,
+arXiv 2505.22618 §3.3): each call unmasks, with its most probable token, every masked position of the block whose
+probability is at least τ, and at least the most confident one, so a block takes between 1 and S calls and the
+step budget is not used.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ class BlockSamplerOptions:
     cache: bool = option(True, "keep the clean blocks' keys/values in the KV cache (off: recompute the prefix "
                          "at every call)", flag="--no-kv-cache")
     stop_at_eos: bool = option(False, "end each sequence at the first [EOS] it generates (variable length)")
+    greedy: bool = option(False, "take the most probable token at each unmasked position (temperature 0)")
+    threshold: float = option(0.0, "parallel decoding (Fast-dLLM v2): each call unmasks every position of the "
+                              "block at least this probable, and the most confident one, with argmax tokens; the "
+                              "step budget is then unused (0: BD3-LM's ancestral steps)", ge=0.0, le=1.0)
 
 
 @register_sampler
@@ -50,6 +60,8 @@ class BlockSampler(Sampler):
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.cache, self.stop_at_eos = bool(self.options.cache), bool(self.options.stop_at_eos)
+        self.threshold = float(self.options.threshold)
+        self.greedy = bool(self.options.greedy) or self.threshold > 0
 
     def _log_probs(self, model: nn.Module, process: BlockDiffusion, x: Tensor, a: int, e: int,
                    cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
@@ -85,7 +97,8 @@ class BlockSampler(Sampler):
         on_step: OnStep | None = None,
     ) -> SampleOutput:
         """``steps``: the total step budget, as for the other samplers: each of the ⌈L/S⌉ blocks gets
-        max(1, steps // ⌈L/S⌉) denoising steps (and at most that many network calls)."""
+        max(1, steps // ⌈L/S⌉) denoising steps (and at most that many network calls); with ``threshold`` a block
+        takes at most S calls, whatever ``steps``."""
         if not cond.is_prefix_only():
             raise DiffLMError(
                 "block diffusion generates left to right: it can continue a prompt but not fill gaps; "
@@ -102,7 +115,7 @@ class BlockSampler(Sampler):
         # a backbone without difflm's KV cache (a wrapped Hugging Face model) recomputes the prefix: same tokens
         cache = KVCache(len(model.blocks), capacity=L) if self.cache and getattr(model, "kv_cache", True) else None
         committed = 0
-        steps = max(1, steps // -(-L // S))  # per block
+        steps = S if self.threshold else max(1, steps // -(-L // S))  # per block
         p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))
                     for k in range(steps + 1)]
         for b, a in enumerate(range(0, L, S)):
@@ -123,11 +136,20 @@ class BlockSampler(Sampler):
                     if cache is not None:  # the fused call (if any) has written [committed, a)
                         committed = a
                 key = b * (steps + 1) + k  # each (block, step) draws its own random numbers
-                unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
+                if self.threshold:  # every masked position at least τ probable, and the most confident one
+                    conf = logp.max(-1).values.exp().masked_fill(~masked, -1.0)
+                    top = F.one_hot(conf.argmax(-1), e - a).bool() & masked
+                    unmask = (masked & (conf >= self.threshold)) | top
+                else:
+                    unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
                 if unmask.any():
-                    probs = probs_from_logits(logp[unmask], temperature, top_p)
                     x = x.clone()
-                    x[:, a:e][unmask] = sample_categorical(probs, uniform(seed, rows, key, e - a, stream=1)[unmask])
+                    if self.greedy:
+                        x[:, a:e][unmask] = logp[unmask].argmax(-1)
+                    else:
+                        probs = probs_from_logits(logp[unmask], temperature, top_p)
+                        x[:, a:e][unmask] = sample_categorical(probs,
+                                                               uniform(seed, rows, key, e - a, stream=1)[unmask])
                 dirty = unmask.any(-1)
                 if on_step is not None:
                     on_step(StepInfo(k, steps, k / steps, (k - 1) / steps, x, nfe.clone()))
