@@ -247,6 +247,8 @@ def main() -> None:
     ap.add_argument("--no-slow", action="store_true", help="skip the semi-AR rows without the dual cache that give "
                                                            "no other text (plain: as stopping at [EOS]) or only "
                                                            "speed (the prefix cache)")
+    ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
+                                               "comma-separated strings (e.g. 'greedy,beam,dual cache')")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -309,6 +311,8 @@ def main() -> None:
             decoders = [*decoders, SOURCE_DRAFT]
         for label, kw in decoders:
             if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
+                continue
+            if a.rows and not any(r in label for r in a.rows.split(",")):
                 continue
             if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
                 if not (a.out / "ar" / "model.safetensors").is_file():
