@@ -271,7 +271,7 @@ def main() -> None:
                          f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
         if a.seed:  # the same model from another seed: its own folder
-            overrides, run_dir = [*overrides, f"seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
+            overrides, run_dir = [*overrides, f"train.seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
         if name == "ar":
             own = sorted({*marks, *(m for m in adapt if m < a.minutes)})
         if "-adapt" in name:  # the AR minutes count: it trains the rest of --minutes
