@@ -22,7 +22,11 @@ the masked family for the rest of the --minutes (model.init, model.shift, Mask-P
 adaptation at equal wall time, AR minutes included), and mdlm-adapt-anneal the same with attention annealed
 from causal over 200 steps (model.anneal_steps); the adapted models also decode semi-autoregressively (blocks of 8
 from the target's start, argmax tokens, every token above 0.9 in a call and at least one); block,
-BD3-LM (blocks of 8) with its block sampler.
+BD3-LM (blocks of 8) with its block sampler (ancestral, and Fast-dLLM v2's threshold decoding), and block-adapt the
+AR model adapted to it (attention opened to block-causal over 50 steps); uniform, d3pm, sedd and gaussian from
+scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft).
+--seed S trains another seed into <model>-seedS; --test-skip N scores the test verses from N on (a second set);
+--rows keeps only some decoders.
 --data kjv2web: the same models on King James -> World English Bible, next to copying the source (the masked models
 also refine the source itself: Mask-Predict from iteration 5 of 10 with the source as the draft).
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
