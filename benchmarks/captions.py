@@ -14,6 +14,7 @@ classifier-free guidance on the image (w = 1; every model is trained with the im
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
 the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
 captioner's captions (``caption(draft_from=)``, DiffusER's AR bootstrap) when <out>/autoregressive exists.
+masked-len: the masked captioner with Mask-Predict's predicted length; masked-glat: on GLAT's glancing masks.
 Writes <out>/results.json and a grid of test scenes with the AR and the best diffusion captions (--png).
 Goal (issue 25): the best diffusion captioner's fact F1 within 5 points of the AR captioner's, and above 90% on
 2-item scenes.
@@ -55,13 +56,21 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # ... with the decoder's attention opened from causal over the first 1,000 steps (DiffuLLaMA's annealing)
            "masked-adapt-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
                                                      "model.anneal_steps=1000"]),
-           "masked-adapt-noshift-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.anneal_steps=1000"])}
+           "masked-adapt-noshift-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.anneal_steps=1000"]),
+           # Mask-Predict's length prediction (the encoder predicts the caption's length; the [EOS] fill is given,
+           # not modelled) and GLAT's glancing masks, from scratch
+           "masked-len": ("captions-mdlm", ["data.target_length=predicted"]),
+           "masked-glat": ("captions-mdlm", ["process.loss=glat"])}
 # masked captioners also decode semi-autoregressively (blocks of 4 from the caption's start, argmax tokens, the most
 # confident first: LLaDA's blocks with 2 tokens a call, or Fast-dLLM's threshold), without guidance
 SEMI_AR = [("semi-AR, blocks of 4, 12 steps", {"sampler": "confidence", "steps": 12,
                                                "sampler_options": {"block": 4, "greedy": True}}),
            ("semi-AR, blocks of 4, threshold 0.9", {"sampler": "threshold",
-                                                     "sampler_options": {"block": 4, "greedy": True}})]
+                                                     "sampler_options": {"block": 4, "greedy": True}}),
+           # the same, rows ended once settled and Fast-dLLM's dual cache (keys outside the block stored on entry)
+           ("semi-AR, blocks of 4, threshold 0.9, stop at [EOS], dual cache",
+            {"sampler": "threshold", "sampler_options": {"block": 4, "greedy": True, "stop_at_eos": True,
+                                                          "kv_cache": "dual"}})]
 
 
 def score(lm: DiffusionLM, scenes, guidance: float, **decoder) -> dict:
