@@ -17,7 +17,7 @@ row makes no more calls (variable-length generation).
 ``greedy`` takes each unmasked position's most probable token (temperature 0). ``threshold`` τ > 0 replaces the
 ancestral steps by Fast-dLLM v2's parallel decoding (arXiv 2509.26328, with Fast-dLLM's threshold rule,
 arXiv 2505.22618 §3.3): each call unmasks, with its most probable token, every masked position of the block whose
-probability is at least τ, and at least the most confident one, so a block takes between 1 and S calls and the
+probability exceeds τ, and at least the most confident one, so a block takes between 1 and S calls and the
 step budget is not used.
 """
 
@@ -46,7 +46,7 @@ class BlockSamplerOptions:
     stop_at_eos: bool = option(False, "end each sequence at the first [EOS] it generates (variable length)")
     greedy: bool = option(False, "take the most probable token at each unmasked position (temperature 0)")
     threshold: float = option(0.0, "parallel decoding (Fast-dLLM v2): each call unmasks every position of the "
-                              "block at least this probable, and the most confident one, with argmax tokens; the "
+                              "block more probable than this, and the most confident one, with argmax tokens; the "
                               "step budget is then unused (0: BD3-LM's ancestral steps)", ge=0.0, le=1.0)
 
 
@@ -55,7 +55,7 @@ class BlockSampler(Sampler):
     name = "block"
     families = ("block",)
     Options = BlockSamplerOptions
-    bench = ({}, {"cache": False})
+    bench = ({}, {"cache": False}, {"threshold": 0.9})
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -136,10 +136,10 @@ class BlockSampler(Sampler):
                     if cache is not None:  # the fused call (if any) has written [committed, a)
                         committed = a
                 key = b * (steps + 1) + k  # each (block, step) draws its own random numbers
-                if self.threshold:  # every masked position at least τ probable, and the most confident one
+                if self.threshold:  # every masked position more than τ probable, and the most confident one
                     conf = logp.max(-1).values.exp().masked_fill(~masked, -1.0)
                     top = F.one_hot(conf.argmax(-1), e - a).bool() & masked
-                    unmask = (masked & (conf >= self.threshold)) | top
+                    unmask = (masked & (conf > self.threshold)) | top
                 else:
                     unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
                 if unmask.any():
