@@ -321,6 +321,22 @@ def test_threshold_one_unmasks_the_most_confident_position_per_call():
     assert torch.equal(seen[0][:, :S][first], tok[first])  # with its argmax token
 
 
+def test_threshold_decoding_ignores_the_step_budget_and_bench_sampling_runs_it_once():
+    """With τ the step budget is unused: the same tokens and calls at any ``steps``, so ``bench-sampling`` runs that
+    setting once (steps = length); BD3-LM's ancestral sampler does depend on it."""
+    from difflm.evaluation.generative import step_free
+
+    L, model, p = 12, net(), proc(4)
+    model.head.weight.data *= 8
+    cond = Conditioning.unconditional(3, L, fill=MASK)
+    a, b = (get_sampler("block", p, threshold=0.5)(model, p, cond, steps=k, seed=0) for k in (3, 64))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe)
+    c, d = (get_sampler("block", p)(model, p, cond, steps=k, seed=0) for k in (3, 64))
+    assert not torch.equal(c.nfe, d.nfe)
+    assert step_free("block", "block", {"threshold": 0.9}) and not step_free("block", "block", {})
+    assert not step_free("block", "block", {"cache": False})
+
+
 def test_threshold_decoding_is_batch_invariant_and_the_kv_cache_exact():
     L, S, tau, model, p = 16, 4, 0.3, net(), proc(4)
     model.head.weight.data *= 8  # sharper: some calls unmask several positions, some one

@@ -273,6 +273,7 @@ def test_a_tiny_model_learns_to_copy():
     assert sum(o == t for o, t in zip(out, tests)) >= 22, list(zip(tests, out))
 
 
+@pytest.mark.slow  # ~26 s; the default run keeps the typo and copy tasks
 def test_a_tiny_model_learns_to_reverse():
     """Target = the source reversed (three letters of five): the ends swap, by REPLACEs whose token comes from the
     mirrored position (or a delete and an insert), which tagger and generator must read by attention; greedy

@@ -25,9 +25,10 @@ def bench_samplers(family: str) -> list[tuple[str, dict]]:
     return [(c.name, dict(opts)) for c in registry.samplers(family) for opts in c.bench]
 
 
-def step_free(name: str, family: str) -> bool:
-    """Whether a sampler's cost and output do not depend on ``steps`` (run once, at steps = length)."""
-    return registry.sampler_class(name, family).step_free
+def step_free(name: str, family: str, options: dict | None = None) -> bool:
+    """Whether a sampler's cost and output, with these options, do not depend on ``steps`` (run once, at
+    steps = length)."""
+    return registry.sampler_class(name, family).free_of_steps(options or {})
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
     length = length or lm.seq_len
     rows = []
     for name, opts in samplers:
-        free = step_free(name, family)
+        free = step_free(name, family, opts)
         for steps in ([length] if free else steps_list):
             t0 = time.perf_counter()
             try:

@@ -127,6 +127,11 @@ class Sampler:
     def __init__(self, **options) -> None:
         self.options = make_options(self.Options, options, f"sampler {self.name!r}")
 
+    @classmethod
+    def free_of_steps(cls, options: dict) -> bool:
+        """Whether, with these options, cost and output do not depend on ``steps`` (default: ``step_free``)."""
+        return cls.step_free
+
     def __call__(
         self, model: nn.Module, process: Process, cond: Conditioning, *, steps: int, seed: int = 0,
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,

@@ -63,6 +63,10 @@ class BlockSampler(Sampler):
         self.threshold = float(self.options.threshold)
         self.greedy = bool(self.options.greedy) or self.threshold > 0
 
+    @classmethod
+    def free_of_steps(cls, options: dict) -> bool:
+        return float(options.get("threshold", 0.0)) > 0  # threshold decoding ignores the step budget
+
     def _log_probs(self, model: nn.Module, process: BlockDiffusion, x: Tensor, a: int, e: int,
                    cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
         """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
