@@ -14,7 +14,8 @@ classifier-free guidance on the image (w = 1; every model is trained with the im
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
 the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
 captioner's captions (``caption(draft_from=)``, DiffusER's AR bootstrap) when <out>/autoregressive exists.
-masked-len: the masked captioner with Mask-Predict's predicted length; masked-glat: on GLAT's glancing masks.
+masked-len: the masked captioner with Mask-Predict's predicted length; masked-glat: on GLAT's glancing masks
+(masked-glat-mix: half its rows masked at a random rate instead).
 Writes <out>/results.json and a grid of test scenes with the AR and the best diffusion captions (--png).
 Goal (issue 25): the best diffusion captioner's fact F1 within 5 points of the AR captioner's, and above 90% on
 2-item scenes.
@@ -60,7 +61,9 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # Mask-Predict's length prediction (the encoder predicts the caption's length; the [EOS] fill is given,
            # not modelled) and GLAT's glancing masks, from scratch
            "masked-len": ("captions-mdlm", ["data.target_length=predicted"]),
-           "masked-glat": ("captions-mdlm", ["process.loss=glat"])}
+           "masked-glat": ("captions-mdlm", ["process.loss=glat"]),
+           # ... with half the rows masked at a random rate (glancing alone never trains on the all-[MASK] row)
+           "masked-glat-mix": ("captions-mdlm", ["process.loss=glat", "process.glance_mix=0.5"])}
 # masked captioners also decode semi-autoregressively (blocks of 4 from the caption's start, argmax tokens, the most
 # confident first: LLaDA's blocks with 2 tokens a call, or Fast-dLLM's threshold), without guidance
 SEMI_AR = [("semi-AR, blocks of 4, 12 steps", {"sampler": "confidence", "steps": 12,

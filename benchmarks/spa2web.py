@@ -96,6 +96,8 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # (GLAT, Qian et al. 2021: a first pass over the all-[MASK] target decides how much of it to reveal)
     "mdlm-cmlm": ("spa2web-mdlm", ["process.loss=cmlm"], MASKED),
     "mdlm-glat": ("spa2web-mdlm", ["process.loss=glat"], MASKED),
+    # ... with half the rows masked at a random rate (glancing alone never trains on the all-[MASK] row)
+    "mdlm-glat-mix": ("spa2web-mdlm", ["process.loss=glat", "process.glance_mix=0.5"], MASKED),
     # AR→diffusion adaptation (Dream, DiffuLLaMA) of the encoder-decoder: the AR model at --adapt-at minutes, its
     # next-token decoder kept as it is (model.shift), trained on as a masked model for the remaining minutes
     "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], ADAPTED),

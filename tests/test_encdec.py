@@ -521,6 +521,24 @@ def test_glancing_reveals_lambda_times_the_first_passs_errors_and_trains_cmlm_on
         for b in range(3):
             want = int(free[b].sum()) * ce[b][masked[b]].mean()
             assert torch.allclose(terms[b].sum(), want.float(), rtol=1e-4), (lam, b)
+    # glance_mix: that share of the rows (keyed on seed, row, step) masked as cmlm masks them, the others glanced
+    many = x[torch.arange(96) % 3]
+    big = make_batch(many, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    big.rows, big.seed, big.step, big.u = torch.arange(96), 0, 5, torch.rand(96, dtype=torch.float64)
+
+    def terms_of(**kw):
+        p = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, glance_ratio=0.5, **kw)
+        with torch.no_grad():
+            return p.loss(bind_source(model, p, many), big)
+    glanced, cmlm = terms_of(loss="glat"), terms_of(loss="cmlm")
+    assert torch.allclose(terms_of(loss="glat", glance_mix=1.0), cmlm, atol=1e-5)
+    assert torch.allclose(terms_of(loss="glat", glance_mix=0.0), glanced, atol=1e-5)
+    half = terms_of(loss="glat", glance_mix=0.5)
+    chosen = (big.rand(stream=2, width=1) < 0.5)[:, 0]
+    assert 30 < int(chosen.sum()) < 66  # about half the rows
+    assert torch.allclose(half[chosen], cmlm[chosen], atol=1e-5)
+    assert torch.allclose(half[~chosen], glanced[~chosen], atol=1e-5)
+    assert not torch.allclose(glanced, cmlm, atol=1e-3)  # the two maskings differ, so the check above could fail
     other = batch.__class__(batch.tokens, batch.loss_mask, batch.fixed)  # the reveal is keyed on (seed, row, step)
     other.rows, other.seed, other.step = torch.arange(3), 1, 5
     with torch.no_grad():

@@ -35,6 +35,9 @@ class MaskedOptions:
                                "(cmlm's loss on glancing masks: a first pass over the all-[MASK] row decides how many "
                                "tokens to reveal); evaluation still reports the bound")
     glance_ratio: float = option(0.5, "loss glat: λ, the share of the first pass's wrong tokens revealed", ge=0, le=1)
+    glance_mix: float = option(0.0, "loss glat: the share of rows masked at a random rate instead, as loss cmlm masks "
+                               "them (glancing alone never trains on the all-[MASK] row that decoding starts from)",
+                               ge=0, le=1)
 
     def __post_init__(self) -> None:
         if self.loss not in ("elbo", "cmlm", "glat"):
@@ -122,6 +125,10 @@ class MaskedDiffusion(Process):
         x0 = batch.tokens
         if self.options.loss == "glat":
             xt = self.glancing_corrupt(model, batch)
+            if self.options.glance_mix > 0:  # a share of the rows masked at a random rate, as cmlm masks them
+                t_rand, _ = self.times(batch.time_uniforms())
+                mixed = batch.rand(stream=2, width=1) < self.options.glance_mix
+                xt = torch.where(mixed, self.corrupt(batch, t_rand), xt)
             # t: the share masked (1 − α(t) = t under loglinear); read only by time-conditioned networks
             t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
         else:
