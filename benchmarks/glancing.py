@@ -28,7 +28,7 @@ from difflm.pipeline import DiffusionLM
 
 @torch.no_grad()
 def glancing_stats(lm: DiffusionLM, rows: int = 64, ratio: float | None = None) -> dict:
-    """First-pass accuracy (all free positions, and those before the first [EOS]), the masked share after glancing
+    """First-pass accuracy (all free positions, and those not holding [EOS]: the words), the masked share after glancing
     at λ = ``ratio`` (default: the run's), and the first pass's mean cross-entropy (nats), on ``rows`` valid rows."""
     p = lm.process
     if not isinstance(p, MaskedDiffusion):
