@@ -42,9 +42,7 @@ def glancing_stats(lm: DiffusionLM, rows: int = 64, ratio: float | None = None) 
     b.rows, b.seed, b.step = torch.arange(n), 0, 0
     net = bind_source(lm.model.eval(), p, b.tokens, getattr(b, "images", None))
     x0 = b.tokens
-    free = b.loss_mask if b.fixed is None else b.loss_mask & ~b.fixed
-    full = torch.where(free, torch.full_like(x0, p.mask_id), x0)
-    logits = p.subs_logits(net, full, torch.ones(n, dtype=torch.float64), select=free)
+    free, logits = p.first_pass(net, b)
     right = logits.argmax(-1) == x0[free]
     words = (x0 != p.eos_id)[free]  # the caption or translation itself, not the [EOS] fill after it
     xt = p.glancing_corrupt(net, b)

@@ -141,17 +141,24 @@ class MaskedDiffusion(Process):
         terms[counted] = nll * scale[:, None].expand_as(x0)[counted]
         return terms
 
+    @torch.no_grad()
+    def first_pass(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The network over the row with every free position [MASK] (t = 1), as decoding starts: the free
+        positions (B, L) bool, and the logits there (N, V) float32, N = free.sum()."""
+        x0 = batch.tokens
+        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
+        full = torch.where(free, torch.full_like(x0, self.mask_id), x0)
+        t = torch.ones(len(x0), dtype=torch.float64, device=x0.device)
+        return free, self.subs_logits(model, full, t, select=free)
+
     def glancing_corrupt(self, model: nn.Module, batch: Batch) -> Tensor:
         """Glancing sampling (GLAT, Qian et al. 2021, §3.2): the network predicts the row with every free position
         [MASK] (one pass, no gradient); of a row's d wrong predictions, N = ⌊λ·d⌋ free positions chosen at random
         are revealed (their true tokens) and the rest stay [MASK]. A row the model gets wholly wrong is shown much
         of its target, so the decoder learns to predict from the source what it cannot yet guess. (B, L) -> (B, L)."""
         x0 = batch.tokens
-        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
-        full = torch.where(free, torch.full_like(x0, self.mask_id), x0)
-        with torch.no_grad():
-            guess = self.subs_logits(model, full, torch.ones(len(x0), dtype=torch.float64, device=x0.device),
-                                     select=free).argmax(-1)
+        free, logits = self.first_pass(model, batch)
+        guess = logits.argmax(-1)
         wrong = torch.zeros_like(free)
         wrong[free] = guess != x0[free]
         reveal = torch.floor(self.options.glance_ratio * wrong.sum(-1).double()).long()  # N = ⌊λ·d⌋ per row
