@@ -70,3 +70,39 @@ def test_a_sampler_of_another_family_is_a_clear_error():
     with pytest.raises(DiffLMError, match="does not fit a masked model"):
         get_sampler("euler", MaskedDiffusion(V, TOY_MASK, TOY_PAD))
     assert get_sampler(None, UniformDiffusion(V, TOY_MASK, TOY_PAD)).name == "ancestral"
+
+
+@pytest.mark.parametrize("sampler,s", [("analytic", 0.3), ("analytic", 0.0), ("euler", 0.3)])
+def test_absorbing_steps_compute_only_the_masked_positions_and_lose_nothing(toy, sampler, s):
+    """A token on the absorbing graph never moves, so a step over the [MASK] positions alone is the same step:
+    at every other position the full step is one-hot on the token held, and at [MASK] the two agree."""
+    seqs, p, _ = toy
+    proc, form, scale = setup("sedd", "absorb")
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    smp = get_sampler(sampler, proc)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, TOY_V, (64, TOY_L), generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.5, torch.full_like(x, TOY_MASK), x)
+    free = torch.rand(x.shape, generator=g) < 0.8
+    moving = smp.moving(proc, x, free)
+    assert torch.equal(moving, free & (x == TOY_MASK)) and moving.any() and (free & ~moving).any()
+    full = smp.step_probs(model, proc, x, 0.6, s, free).clamp_min(0)
+    full = full / full.sum(-1, keepdim=True)
+    only = smp.step_probs(model, proc, x, 0.6, s, moving).clamp_min(0)
+    only = only / only.sum(-1, keepdim=True)
+    at_mask = (x == TOY_MASK)[free]
+    torch.testing.assert_close(full[at_mask], only, rtol=1e-12, atol=1e-12)
+    held = torch.nn.functional.one_hot(x[free & ~moving], V).double()
+    torch.testing.assert_close(full[~at_mask], held, rtol=0, atol=1e-12)
+    calls = []
+
+    def spy(x, t=None, select=None):
+        calls.append(select)
+        full = ExactScore.forward(model, x, t)
+        return full if select is None else full[select]
+
+    model.forward = spy
+    smp(model, proc, Conditioning(x, ~free), steps=4, seed=2)
+    assert calls[0] is not None and torch.equal(calls[0], free)  # the run starts with every free position masked
+    assert all(torch.equal(b & a, b) for a, b in zip(calls, calls[1:]))  # once a token lands it is never recomputed
+    assert int(calls[-1].sum()) < int(free.sum())

@@ -10,6 +10,9 @@ euler     (SEDD τ-leaping, §4.1): p(x_s = y | x_t) = Δσ̄ · π_{x_t} · s_y
 
 At s = 0 the absorbing graph's [MASK] gets probability 0: every position leaves with a token. SEDD samplers
 start at t = 1 − 1e-5, where the score is finite; the uniform ancestral sampler starts at t = 1.
+
+On the absorbing graph a position that holds a token never moves again (T(x | y) = β·𝟙[y = x] when π_x = 0), so
+each step computes scores and probabilities at the [MASK] positions only.
 """
 
 from __future__ import annotations
@@ -34,9 +37,15 @@ class GraphSampler(Sampler):
     families: tuple[str, ...] = ()
     t_max = 1.0
 
-    def step_probs(self, model: nn.Module, process: Process, x: Tensor, t: float, s: float) -> Tensor:
-        """p(x_s | x_t) at every position: (B, L, V) float64 (rows sum to 1)."""
+    def step_probs(self, model: nn.Module, process: Process, x: Tensor, t: float, s: float, select: Tensor) -> Tensor:
+        """p(x_s | x_t) at the N positions where ``select`` (B, L) is True: (N, V) float64 (rows sum to 1, up
+        to the clipping of negative entries)."""
         raise NotImplementedError
+
+    @staticmethod
+    def moving(process: Process, x: Tensor, free: Tensor) -> Tensor:
+        """(B, L) bool: the free positions that can change in a step (on the absorbing graph: [MASK] only)."""
+        return free & (x == process.mask_id) if process.graph.absorb else free
 
     @torch.no_grad()
     def __call__(
@@ -52,18 +61,19 @@ class GraphSampler(Sampler):
         free = ~cond.fixed
         for k in range(steps, 0, -1):
             t, s = self.t_max * k / steps, self.t_max * (k - 1) / steps
-            probs = self.step_probs(model, process, x, t, s)
-            nfe += 1
-            if s == 0 and process.graph.absorb:
-                probs[..., process.mask_id] = 0.0
-            probs = probs.clamp_min(0.0)
-            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-300)
-            p = probs[free]
-            if temperature != 1.0 or top_p < 1.0:
-                p = probs_from_logits(torch.log(p), temperature, top_p)
-            u = uniform(seed, rows, k, L, stream=1)[free]
-            x = x.clone()
-            x[free] = sample_categorical(p, u)
+            nfe += 1  # every row spends the step, whatever else is in the batch
+            sel = self.moving(process, x, free)
+            if sel.any():
+                p = self.step_probs(model, process, x, t, s, sel)
+                if s == 0 and process.graph.absorb:
+                    p[..., process.mask_id] = 0.0
+                p = p.clamp_min(0.0)
+                p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+                if temperature != 1.0 or top_p < 1.0:
+                    p = probs_from_logits(torch.log(p), temperature, top_p)
+                u = uniform(seed, rows, k, L, stream=1)[sel]
+                x = x.clone()
+                x[sel] = sample_categorical(p, u)
             if on_step is not None:
                 on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
         return SampleOutput(x, nfe)
@@ -74,11 +84,11 @@ class UniformAncestral(GraphSampler):
     name = "ancestral"
     families = ("uniform",)
 
-    def step_probs(self, model, process, x, t, s):
+    def step_probs(self, model, process, x, t, s, select):
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device)).double().exp()
-        return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x, a_t / a_s)
+        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device))[select].double().exp()
+        return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x[select], a_t / a_s)
 
 
 @register_sampler
@@ -89,13 +99,13 @@ class D3PMAncestral(GraphSampler):
     name = "ancestral"
     families = ("d3pm",)
 
-    def step_probs(self, model, process, x, t, s):
+    def step_probs(self, model, process, x, t, s, select):
         T = process.T
         if round(t * T) == round(s * T):
             raise DiffLMError(f"a D3PM model with T={T} takes at most {T} sampling steps")
         kt, ks = (torch.tensor(round(v * T), device=x.device) for v in (t, s))
         p0 = process.log_probs(model, x, kt.expand(x.shape[0])).exp()
-        return process.reverse_probs(p0, x, ks, kt)
+        return process.reverse_probs(p0, x, ks, kt)[select]
 
 
 @register_sampler
@@ -104,32 +114,36 @@ class SEDDAnalytic(GraphSampler):
     families = ("sedd",)
     t_max = T_TOP
 
-    def scores(self, model, process, x, t) -> Tensor:
-        """s_θ(x_t)_y as float64 (B, L, V), with s = 1 at the token each position holds."""
-        ls = process.log_score(model, x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device))
-        return ls.double().scatter(-1, x[..., None], 0.0).exp()
+    def scores(self, model, process, x, t, select) -> Tensor:
+        """s_θ(x_t)_y as float64 (N, V) at the positions where ``select`` is True, with s = 1 at the token
+        each position holds."""
+        tt = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+        ls = process.log_score(model, x, tt, select=select) if process.graph.absorb else \
+            process.log_score(model, x, tt)[select]
+        return ls.double().scatter(-1, x[select][..., None], 0.0).exp()
 
-    def step_probs(self, model, process, x, t, s):
+    def step_probs(self, model, process, x, t, s, select):
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
         beta = a_t / a_s
-        sc = self.scores(model, process, x, t)
+        sc = self.scores(model, process, x, t, select)
         stag = sc / beta - ((1 - beta) / beta) * g.pi(x.device) * sc.sum(-1, keepdim=True)
-        return stag * g.kernel_into(x, beta)
+        return stag * g.kernel_into(x[select], beta)
 
 
 @register_sampler
 class SEDDEuler(SEDDAnalytic):
     name = "euler"
 
-    def step_probs(self, model, process, x, t, s):
+    def step_probs(self, model, process, x, t, s, select):
         if s == 0:  # the final denoising step is the analytic (Tweedie) one
-            return super().step_probs(model, process, x, t, s)
+            return super().step_probs(model, process, x, t, s, select)
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
         d_sigma = math.log(a_s / a_t)
-        sc = self.scores(model, process, x, t)
-        rate = d_sigma * g.pi(x.device)[x][..., None] * sc
-        rate = rate.scatter(-1, x[..., None], 0.0).clamp_min(0.0)
+        sc = self.scores(model, process, x, t, select)
+        held = x[select][..., None]
+        rate = d_sigma * g.pi(x.device)[held] * sc
+        rate = rate.scatter(-1, held, 0.0).clamp_min(0.0)
         stay = (1 - rate.sum(-1, keepdim=True)).clamp_min(0.0)
-        return rate.scatter(-1, x[..., None], stay)
+        return rate.scatter(-1, held, stay)
