@@ -535,6 +535,16 @@ def test_glancing_reveals_lambda_times_the_first_passs_errors_and_trains_cmlm_on
     assert torch.allclose(terms_of(loss="glat", glance_mix=0.0), glanced, atol=1e-5)
     half = terms_of(loss="glat", glance_mix=0.5)
     chosen = (big.rand(stream=2, width=1) < 0.5)[:, 0]
+    sizes, encoded, forward, encode, was = [], [], model.forward, model.encode, model.training
+    model.forward = lambda x, *a, **kw: sizes.append(len(x)) or forward(x, *a, **kw)
+    model.encode = lambda src, *a, **kw: encoded.append(len(src)) or encode(src, *a, **kw)
+    mix = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="glat", glance_mix=0.5)
+    model.train()
+    mix.loss(bind_source(model, mix, many), big).sum().backward()  # a training step
+    model.forward, model.encode = forward, encode
+    model.train(was)
+    glanced_rows = int((~chosen).sum())
+    assert sizes == [glanced_rows, 96] and encoded == [glanced_rows, 96]  # the first pass: the glanced rows alone
     assert 30 < int(chosen.sum()) < 66  # about half the rows
     assert torch.allclose(half[chosen], cmlm[chosen], atol=1e-5)
     assert torch.allclose(half[~chosen], glanced[~chosen], atol=1e-5)

@@ -124,11 +124,12 @@ class MaskedDiffusion(Process):
             return self.bound_terms(model, batch)
         x0 = batch.tokens
         if self.options.loss == "glat":
-            xt = self.glancing_corrupt(model, batch)
             if self.options.glance_mix > 0:  # a share of the rows masked at a random rate, as cmlm masks them
                 t_rand, _ = self.times(batch.time_uniforms())
-                mixed = batch.rand(stream=2, width=1) < self.options.glance_mix
-                xt = torch.where(mixed, self.corrupt(batch, t_rand), xt)
+                mixed = batch.rand(stream=2, width=1) < self.options.glance_mix  # (B, 1)
+                xt = torch.where(mixed, self.corrupt(batch, t_rand), self.glancing_corrupt(model, batch, ~mixed[:, 0]))
+            else:
+                xt = self.glancing_corrupt(model, batch)
             # t: the share masked (1 − α(t) = t under loglinear); read only by time-conditioned networks
             t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
         else:
@@ -142,25 +143,37 @@ class MaskedDiffusion(Process):
         return terms
 
     @torch.no_grad()
-    def first_pass(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The network over the row with every free position [MASK] (t = 1), as decoding starts: the free
-        positions (B, L) bool, and the logits there (N, V) float32, N = free.sum()."""
-        x0 = batch.tokens
-        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
+    def first_pass(self, model: nn.Module, batch: Batch, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The network over the rows ``idx`` (n,) of the batch (all B when None) with every free position [MASK]
+        (t = 1), as decoding starts: their free positions (n, L) bool, and the logits there (N, V) float32,
+        N = free.sum(). An encoder-decoder encodes the sources of those rows only."""
+        from ..sampling.base import on_rows  # the samplers import the families
+
+        x0, loss_mask, fixed = batch.tokens, batch.loss_mask, batch.fixed
+        if idx is not None:
+            x0, loss_mask, model = x0[idx], loss_mask[idx], on_rows(model, idx)
+            fixed = None if fixed is None else fixed[idx]
+        free = loss_mask if fixed is None else loss_mask & ~fixed
         full = torch.where(free, torch.full_like(x0, self.mask_id), x0)
         t = torch.ones(len(x0), dtype=torch.float64, device=x0.device)
         return free, self.subs_logits(model, full, t, select=free)
 
-    def glancing_corrupt(self, model: nn.Module, batch: Batch) -> Tensor:
+    def glancing_corrupt(self, model: nn.Module, batch: Batch, rows: Tensor | None = None) -> Tensor:
         """Glancing sampling (GLAT, Qian et al. 2021, §3.2): the network predicts the row with every free position
         [MASK] (one pass, no gradient); of a row's d wrong predictions, N = ⌊λ·d⌋ free positions chosen at random
         are revealed (their true tokens) and the rest stay [MASK]. A row the model gets wholly wrong is shown much
-        of its target, so the decoder learns to predict from the source what it cannot yet guess. (B, L) -> (B, L)."""
+        of its target, so the decoder learns to predict from the source what it cannot yet guess. (B, L) -> (B, L).
+        ``rows`` (B,) bool: glance at these rows only (the first pass runs on them alone); the others come back
+        with every free position [MASK]."""
         x0 = batch.tokens
-        free, logits = self.first_pass(model, batch)
-        guess = logits.argmax(-1)
+        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
         wrong = torch.zeros_like(free)
-        wrong[free] = guess != x0[free]
+        idx = None if rows is None else rows.nonzero()[:, 0]
+        if idx is None or len(idx):
+            sub_free, logits = self.first_pass(model, batch, idx)
+            sub_wrong = torch.zeros_like(sub_free)
+            sub_wrong[sub_free] = logits.argmax(-1) != (x0 if idx is None else x0[idx])[sub_free]
+            wrong[slice(None) if idx is None else idx] = sub_wrong
         reveal = torch.floor(self.options.glance_ratio * wrong.sum(-1).double()).long()  # N = ⌊λ·d⌋ per row
         key = torch.where(free, batch.rand(stream=1), torch.full(x0.shape, 2.0, dtype=torch.float64,
                                                                   device=x0.device))

@@ -58,8 +58,9 @@ class SourceReader(nn.Module):
         """The reader for a subset of the rows (samplers that call the network on some rows): the batch's sources
         are encoded once, here if not yet, and every subset reads its rows of that encoding."""
         images = None if self.images is None else self.images[idx]
-        reader = SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], self.memory().rows(idx),
-                              images)
+        # while training nothing is cached for the batch (a subset then encodes its own rows: glancing's first pass)
+        memory = None if self._memory is None and self.model.training else self.memory().rows(idx)
+        reader = SourceReader(self.model, self.source[idx], self.mask[idx], self.start[idx], memory, images)
         if self._null is not None:
             reader._null = self._null.rows(idx)
         return reader
