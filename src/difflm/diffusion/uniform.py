@@ -38,9 +38,11 @@ class UniformDiffusion(GraphDiffusion):
     Options = UniformOptions
     default_sampler = "ancestral"
 
-    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor) -> Tensor:
-        """log p̃_θ(x0 | x_t): (B, L, V) float32, −inf on the ids that are never data."""
-        logits = model(xt, t.float() if self.time_conditioning else None).float()
+    def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor, select: Tensor | None = None) -> Tensor:
+        """log p̃_θ(x0 | x_t): (B, L, V) float32, or (N, V) where ``select`` is True; −inf on the ids that are
+        never data."""
+        tc = t.float() if self.time_conditioning else None
+        logits = (model(xt, tc) if select is None else model(xt, tc, select=select)).float()
         logits[..., self.never] = -math.inf
         return F.log_softmax(logits, dim=-1)
 

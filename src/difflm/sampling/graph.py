@@ -11,8 +11,9 @@ euler     (SEDD τ-leaping, §4.1): p(x_s = y | x_t) = Δσ̄ · π_{x_t} · s_y
 At s = 0 the absorbing graph's [MASK] gets probability 0: every position leaves with a token. SEDD samplers
 start at t = 1 − 1e-5, where the score is finite; the uniform ancestral sampler starts at t = 1.
 
-On the absorbing graph a position that holds a token never moves again (T(x | y) = β·𝟙[y = x] when π_x = 0), so
-each step computes scores and probabilities at the [MASK] positions only.
+Each step runs the network's output head, and computes probabilities, at the positions that can move only: the
+free ones, and on the absorbing graph the [MASK] ones among them (a held token never moves again: T(x | y) =
+β·𝟙[y = x] when π_x = 0).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class UniformAncestral(GraphSampler):
     def step_probs(self, model, process, x, t, s, select):
         sch, g = process.schedule, process.graph
         a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device))[select].double().exp()
+        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device), select).double().exp()
         return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x[select], a_t / a_s)
 
 
@@ -104,8 +105,8 @@ class D3PMAncestral(GraphSampler):
         if round(t * T) == round(s * T):
             raise DiffLMError(f"a D3PM model with T={T} takes at most {T} sampling steps")
         kt, ks = (torch.tensor(round(v * T), device=x.device) for v in (t, s))
-        p0 = process.log_probs(model, x, kt.expand(x.shape[0])).exp()
-        return process.reverse_probs(p0, x, ks, kt)[select]
+        p0 = process.log_probs(model, x, kt.expand(x.shape[0]), select).exp()
+        return process.reverse_probs(p0, x[select], ks, kt)
 
 
 @register_sampler
@@ -118,8 +119,7 @@ class SEDDAnalytic(GraphSampler):
         """s_θ(x_t)_y as float64 (N, V) at the positions where ``select`` is True, with s = 1 at the token
         each position holds."""
         tt = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-        ls = process.log_score(model, x, tt, select=select) if process.graph.absorb else \
-            process.log_score(model, x, tt)[select]
+        ls = process.log_score(model, x, tt, select=select)
         return ls.double().scatter(-1, x[select][..., None], 0.0).exp()
 
     def step_probs(self, model, process, x, t, s, select):
