@@ -47,6 +47,11 @@ class Batch:
             None if self.images is None else self.images.to(device),
         )
 
+    @property
+    def free(self) -> Tensor:
+        """(B, L) bool: the modelled positions that are not given (``loss_mask`` and not ``fixed``)."""
+        return self.loss_mask if self.fixed is None else self.loss_mask & ~self.fixed
+
     def time_uniforms(self, generator: torch.Generator | None = None) -> Tensor:
         """The (B,) float64 uniforms a process maps to times: ``u`` when set, else drawn from ``generator``."""
         if self.u is not None:

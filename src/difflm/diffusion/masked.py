@@ -149,11 +149,9 @@ class MaskedDiffusion(Process):
         N = free.sum(). An encoder-decoder encodes the sources of those rows only."""
         from ..sampling.base import on_rows  # the samplers import the families
 
-        x0, loss_mask, fixed = batch.tokens, batch.loss_mask, batch.fixed
+        x0, free = batch.tokens, batch.free
         if idx is not None:
-            x0, loss_mask, model = x0[idx], loss_mask[idx], on_rows(model, idx)
-            fixed = None if fixed is None else fixed[idx]
-        free = loss_mask if fixed is None else loss_mask & ~fixed
+            x0, free, model = x0[idx], free[idx], on_rows(model, idx)
         full = torch.where(free, torch.full_like(x0, self.mask_id), x0)
         t = torch.ones(len(x0), dtype=torch.float64, device=x0.device)
         return free, self.subs_logits(model, full, t, select=free)
@@ -166,7 +164,7 @@ class MaskedDiffusion(Process):
         ``rows`` (B,) bool: glance at these rows only (the first pass runs on them alone); the others come back
         with every free position [MASK]."""
         x0 = batch.tokens
-        free = batch.loss_mask if batch.fixed is None else batch.loss_mask & ~batch.fixed
+        free = batch.free
         wrong = torch.zeros_like(free)
         idx = None if rows is None else rows.nonzero()[:, 0]
         if idx is None or len(idx):
