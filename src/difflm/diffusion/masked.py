@@ -167,11 +167,12 @@ class MaskedDiffusion(Process):
         free = batch.free
         wrong = torch.zeros_like(free)
         idx = None if rows is None else rows.nonzero()[:, 0]
+        at = slice(None) if idx is None else idx  # the glanced rows
         if idx is None or len(idx):
             sub_free, logits = self.first_pass(model, batch, idx)
             sub_wrong = torch.zeros_like(sub_free)
-            sub_wrong[sub_free] = logits.argmax(-1) != (x0 if idx is None else x0[idx])[sub_free]
-            wrong[slice(None) if idx is None else idx] = sub_wrong
+            sub_wrong[sub_free] = logits.argmax(-1) != x0[at][sub_free]
+            wrong[at] = sub_wrong
         reveal = torch.floor(self.options.glance_ratio * wrong.sum(-1).double()).long()  # N = ⌊λ·d⌋ per row
         key = torch.where(free, batch.rand(stream=1), torch.full(x0.shape, 2.0, dtype=torch.float64,
                                                                   device=x0.device))
