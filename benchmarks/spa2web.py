@@ -16,7 +16,9 @@ iteration 5 of 10; its seconds include the AR draft's); the masked model that pr
 the masked model with sinusoidal absolute positions (model.absolute_positions); mdlm-kd and mdlm-abs-kd, mdlm and
 mdlm-abs trained on distilled targets (the AR model's greedy translations of the training sources, written once by
 `difflm distill-data` to <out>/kd-data; valid and test keep the real references); mdlm-cmlm and mdlm-glat, the
-masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat); mdlm-adapt,
+masked model on Mask-Predict's loss with random masks or with glancing ones (process.loss cmlm, glat; glat-mix: half
+the rows masked at random, process.glance_mix 0.5); mdlm-cmlm-copy, cmlm with the source's embeddings copied into
+the decoder input (model.copy_source, Gu et al. 2018's uniform copy); mdlm-adapt,
 the AR model as it stood at --adapt-at minutes (<out>/ar-at-M, copied when its training passes that mark) adapted to
 the masked family for the rest of the --minutes (model.init, model.shift, Mask-Predict's loss: AR→diffusion
 adaptation at equal wall time, AR minutes included), and mdlm-adapt-anneal the same with attention annealed
@@ -98,6 +100,9 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-glat": ("spa2web-mdlm", ["process.loss=glat"], MASKED),
     # ... with half the rows masked at a random rate (glancing alone never trains on the all-[MASK] row)
     "mdlm-glat-mix": ("spa2web-mdlm", ["process.loss=glat", "process.glance_mix=0.5"], MASKED),
+    # Mask-Predict's loss with the source's embeddings copied into the decoder input (Gu et al. 2018's uniform copy,
+    # source and target about as long in tokens: ratio 1), so an all-[MASK] target holds the source's words in order
+    "mdlm-cmlm-copy": ("spa2web-mdlm", ["process.loss=cmlm", "model.copy_source=true"], MASKED),
     # AR→diffusion adaptation (Dream, DiffuLLaMA) of the encoder-decoder: the AR model at --adapt-at minutes, its
     # next-token decoder kept as it is (model.shift), trained on as a masked model for the remaining minutes
     "mdlm-adapt": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true"], ADAPTED),

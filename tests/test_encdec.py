@@ -35,9 +35,9 @@ def random_net(model: dict, process: dict, seq_len: int = 16, seed: int = 0, tra
     return tok, net.eval(), proc, run
 
 
-def tiny(family: str, seed: int = 0, absolute: bool = False):
-    tok, model, process, _ = random_net({"encoder_layers": 1, "absolute_positions": absolute}, {"type": family},
-                                        seed=seed)
+def tiny(family: str, seed: int = 0, absolute: bool = False, **model):
+    tok, model, process, _ = random_net({"encoder_layers": 1, "absolute_positions": absolute, **model},
+                                        {"type": family}, seed=seed)
     return tok, model, process
 
 
@@ -177,9 +177,9 @@ def test_targets_are_numbered_from_zero_whatever_the_source_length():
     assert torch.allclose(a[0, 2:], b[0, 4:], atol=1e-5)
 
 
-@pytest.mark.parametrize("absolute", [False, True])
-def test_cached_autoregressive_decoding_equals_the_full_pass(absolute):
-    tok, model, process = tiny("autoregressive", absolute=absolute)
+@pytest.mark.parametrize("absolute,copy", [(False, False), (True, False), (False, True)])
+def test_cached_autoregressive_decoding_equals_the_full_pass(absolute, copy):
+    tok, model, process = tiny("autoregressive", absolute=absolute, copy_source=copy)
     x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
     r = bind_source(model, process, x)
     inp = process.shift_right(x)
@@ -188,6 +188,51 @@ def test_cached_autoregressive_decoding_equals_the_full_pass(absolute):
         cache = KVCache(len(model.blocks))
         parts = [r(inp[:, :3], cache=cache)] + [r(inp[:, i : i + 1], cache=cache) for i in range(3, 16)]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_uniform_copy_puts_the_aligned_source_embedding_into_the_decoder_input():
+    """model.copy_source (Gu et al. 2018's uniform copy): target position j reads source position
+    min(⌊j·r⌋, n−1): the first block's input changes at the target positions aligned to a changed source token and
+    nowhere else, and with cross-attention silenced the decoder's output still depends on the source; without the
+    copy it does not depend on it at all."""
+    x = None
+    for copy in (True, False):
+        tok, model, process = tiny("masked", copy_source=copy, copy_ratio=0.5)
+        if x is None:
+            x = rows(tok, [("abcd", "efgh"), ("ab", "cdefg")])
+            x[:, 5:] = process.mask_id  # the target all [MASK] after its [BOS]
+        with torch.no_grad():
+            for blk in model.blocks:
+                blk.cross.proj.weight.zero_()
+        r = bind_source(model, process, x)
+        mem = r.memory()
+        if copy:
+            pos = torch.arange(12)[None].expand(2, -1)
+            want = torch.stack([torch.stack([mem.embedded[b, min(j // 2, n - 1)] for j in range(12)])
+                                for b, n in enumerate([4, 2])])
+            assert torch.equal(mem.uniform_copy(pos, 0.5), want)
+            assert torch.equal(mem.embedded[:, :2], model.embed(x[:, :2]))  # the input embeddings, not the states
+        x2 = x.clone()
+        x2[0, 3] = tok.encode("h")[0]  # row 0's last source token: target positions j ≥ 6 read it (⌊j/2⌋ ≥ 3)
+        inputs = []
+        hook = model.blocks[0].register_forward_pre_hook(lambda m, args, seen=inputs: seen.append(args[0]))
+        with torch.no_grad():
+            a = r(x, torch.full((2,), 0.5))
+            b = bind_source(model, process, x2)(x2, torch.full((2,), 0.5))
+        hook.remove()
+        changed = (inputs[0] - inputs[1]).abs().amax(-1)[0, 4:] > 0  # row 0's target, from its [BOS] (j = 0) on
+        assert changed.tolist() == ([False] * 6 + [True] * 6 if copy else [False] * 12)
+        assert torch.equal(inputs[0][1], inputs[1][1])
+        assert torch.allclose(a[0, 4:], b[0, 4:], atol=1e-5) != copy  # the output, through self-attention too
+
+
+def test_copy_source_needs_an_encoder_and_a_text_source():
+    with pytest.raises(DiffLMError, match="model.copy_source .* set model.encoder_layers"):
+        random_net({"copy_source": True}, {"type": "masked"})
+    run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32, "encoder_layers": 1,
+                                         "copy_source": True}, "data": {"corpus": "scenes", "seq_len": 16}})
+    with pytest.raises(DiffLMError, match="an image has none"):
+        build_components(run, train_char(["abc"]))
 
 
 @pytest.mark.parametrize("seed", [8, 9])  # random models whose greedy choice is not the best: one ends at [EOS]

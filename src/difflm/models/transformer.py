@@ -42,6 +42,12 @@ class TransformerConfig(BackboneConfig):
     absolute_scale: float = option(0.028, "the sinusoid's multiplier: 0.028 = 0.02·√2 gives it the token "
                                    "embeddings' initial RMS (0.02), so neither swamps the other (1.0, the first "
                                    "version, buried the tokens under a signal 35 times larger)", gt=0)
+    copy_source: bool = option(False, "seq2seq: the decoder's input at each target position j adds the source token "
+                               "embedding at the uniformly aligned position ⌊j·copy_ratio⌋ (the last source token "
+                               "past the end): Gu et al. 2018's uniform copy, so an all-[MASK] target row already "
+                               "differs by position and holds the source's words")
+    copy_ratio: float = option(1.0, "model.copy_source: source positions per target position (~ source length / "
+                               "target length in tokens)", gt=0)
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
@@ -59,6 +65,9 @@ class TransformerConfig(BackboneConfig):
                              "autoregressive family already predicts the next token: remove them")
         if self.shift and needs.d_embed:
             raise ValueError("model.shift is for the discrete families (logits per token), not embedding diffusion")
+        if self.copy_source and not self.encoder_layers:
+            raise ValueError("model.copy_source copies an encoder-decoder's source into its decoder input: set "
+                             "model.encoder_layers (or remove model.copy_source)")
         return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
 
 
@@ -228,11 +237,21 @@ class Memory:
     kv: dict = field(default_factory=dict)
     length_logits: Tensor | None = None  # (B, C): the predicted target length's logits (cfg.length_classes)
     rotary: bool = True  # cross-attention rotates queries and keys (a text source; an image's patches are not a line)
+    embedded: Tensor | None = None  # (B, S, D): the source's token embeddings (cfg.copy_source)
 
     def rows(self, idx: Tensor) -> Memory:
         return Memory(self.states[idx], self.mask[idx], self.start[idx],
                       {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()},
-                      None if self.length_logits is None else self.length_logits[idx], self.rotary)
+                      None if self.length_logits is None else self.length_logits[idx], self.rotary,
+                      None if self.embedded is None else self.embedded[idx])
+
+    def uniform_copy(self, positions: Tensor, ratio: float) -> Tensor:
+        """The source embedding each target position reads (Gu et al. 2018 §3.1, uniform copy): position j (numbered
+        from 0 at the target's [BOS]) takes source position min(⌊j·ratio⌋, n−1), n the row's source length.
+        positions: (B, L) long -> (B, L, D)."""
+        n = self.mask.sum(-1)  # ≥ 1: an empty source keeps one padding key (encode)
+        idx = torch.minimum((positions.float() * ratio).floor().long(), (n - 1)[:, None])
+        return self.embedded.gather(1, idx[..., None].expand(-1, -1, self.embedded.shape[-1]))
 
 
 class CrossAttention(nn.Module):
@@ -349,6 +368,8 @@ class Transformer(Backbone):
             # stem of Xiao et al. 2021, "Early convolutions help transformers see better"), then the encoder blocks
             if not cfg.encoder_layers:
                 raise ValueError("an image captioner reads its image through an encoder: set model.encoder_layers")
+            if cfg.copy_source:
+                raise ValueError("model.copy_source copies source tokens; an image has none: remove it")
             if cfg.image_size % cfg.patch_size or cfg.patch_size % 4:
                 raise ValueError(f"model.patch_size {cfg.patch_size} must be a multiple of 4 that divides the image "
                                  f"size {cfg.image_size}")
@@ -431,6 +452,8 @@ class Transformer(Backbone):
         if self.cfg.absolute_positions:  # Vaswani et al. 2017 §3.5 on top of rotary: where a query is, not only how far
             pos = positions if positions is not None else torch.arange(offset, offset + L, device=h.device)[None]
             h = h + (self.cfg.absolute_scale * sinusoid(pos, h.shape[-1])).to(h.dtype)
+        if self.cfg.copy_source:  # positions: the target's own numbering (target_view)
+            h = h + memory.uniform_copy(positions, self.cfg.copy_ratio).to(h.dtype)
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store, memory)
@@ -460,6 +483,7 @@ class Transformer(Backbone):
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(-1)  # an empty source still has one (padding) key, so no attention row is empty
         h = self.embed(source) if self.source_embed is None else self.source_embed(source)
+        embedded = h if self.cfg.copy_source else None
         keys = mask[:, None, None, :]
         for i, blk in enumerate(self.encoder):
             h = blk(h, self.rope, None, keys, False, None, i, 0)
@@ -469,7 +493,7 @@ class Transformer(Backbone):
             n = mask.sum(-1, keepdim=True)
             pooled = (h * mask[..., None]).sum(1) / n.clamp_min(1) + self.source_length(n[:, 0])
             length = self.length_head(pooled).float()
-        return Memory(h, mask, start, length_logits=length)
+        return Memory(h, mask, start, length_logits=length, embedded=embedded)
 
     def encode_image(self, images: Tensor, start: Tensor) -> Memory:
         """The image encoder (``cfg.image_size`` > 0): images (B, 1, S, S) in [0, 1] (a blank image: zeros), cut by
