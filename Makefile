@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test test-slow lint clean
+.PHONY: demo serve test test-slow screenshot lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+# the README's docs/playground.png, taken by the browser test (needs chromium and chromium-driver)
+screenshot: $(STAMP)
+	DIFFLM_PLAYGROUND_SHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
