@@ -19,7 +19,8 @@ from difflm.training.trainer import Trainer
 FAMILIES = ("masked", "autoregressive", "gaussian", "uniform", "sedd", "d3pm", "block", "edit")
 
 
-def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), absolute=True, **train) -> RunConfig:
+def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), absolute=True, model=None,
+               **train) -> RunConfig:
     process = {"type": family} | ({"embed_dim": 16} if family == "gaussian" else {})
     return RunConfig.from_dict({
         "name": f"captions-{family}",
@@ -27,7 +28,7 @@ def scenes_run(family: str, steps: int, items="1", classes=("trouser", "bag"), a
                  "scene_classes": list(classes), "seq_len": 8 if str(items) == "1" else 24},
         "tokenizer": {"type": "word"},
         "model": {"n_layer": 2, "n_head": 2, "d_model": 64, "encoder_layers": 1, "patch_size": 16,
-                  "absolute_positions": absolute},
+                  "absolute_positions": absolute, **(model or {})},
         "process": process,
         "train": {"batch_size": 32, "max_steps": steps, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100000,
                   "save_every": 100000, "ema": 0.0, "cond_dropout": 0.1, **train}})
@@ -188,3 +189,32 @@ def test_masked_and_edit_captioners_start_from_the_ar_captioners_drafts(barely):
         del edit.model.forward
     tok = edit.tokenizer
     assert edit.process.sequences(seen[0]) == [tok.encode(d)[: edit.seq_len - 1] for d in drafts]
+
+
+def test_sincos2d_adds_fixed_row_and_column_positions_to_the_patches():
+    """model.image_positions sincos2d: the encoder's first block reads the stem's features plus the learned table
+    plus MAE's fixed 2D table, whose first half depends on the patch's row only and second half on its column only;
+    learned (the default) adds nothing more. An unknown value is a one-line config error."""
+    from difflm.components import build_components
+    from difflm.data.tokenizers import train_char
+    from difflm.models.transformer import sincos_2d
+
+    grid, d = 4, 64
+    table = sincos_2d(grid, d)
+    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    for i in range(grid * grid):
+        for j in range(grid * grid):
+            assert torch.equal(table[i, : d // 2], table[j, : d // 2]) == bool(rows[i] == rows[j])
+            assert torch.equal(table[i, d // 2 :], table[j, d // 2 :]) == bool(cols[i] == cols[j])
+    images = torch.rand(3, 1, 64, 64)
+    tok = train_char(["abc"])
+    seen = {}
+    for kind in ("learned", "sincos2d"):
+        torch.manual_seed(0)
+        model, _ = build_components(scenes_run("masked", 1, items="2-4", model={"image_positions": kind}), tok)
+        hook = model.encoder[0].register_forward_pre_hook(lambda m, args, kind=kind: seen.__setitem__(kind, args[0]))
+        model.eval().encode_image(images, torch.zeros(3, dtype=torch.long))
+        hook.remove()
+    torch.testing.assert_close(seen["sincos2d"] - seen["learned"], table.expand(3, -1, -1))
+    with pytest.raises(DiffLMError, match="image_positions"):
+        scenes_run("masked", 1, model={"image_positions": "fixed"})

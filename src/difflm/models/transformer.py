@@ -10,6 +10,7 @@ learned token-embedding table that defines the diffusion space. It knows no diff
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,11 @@ class TransformerConfig(BackboneConfig):
     image_size: int = derived(0)  # > 0: captioning, the encoder reads (B, 1, size, size) images (data.corpus scenes)
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
+    image_positions: typing.Literal["learned", "sincos2d"] = option(
+        "learned", "captioning: where each image patch sits. learned: a learned table added to the stem's features "
+        "(starts at 0.02 against features of about 1, so it is learned slowly); sincos2d: that table plus fixed 2D "
+        "sin-cos positions at the features' scale (row in half the width, column in the other; MAE's), so "
+        "'left of' and 'above' can be read from the first step")
     init: str | None = option(None, "a difflm model folder (a run folder) whose weights start this run, every tensor "
                               "of the same name (shapes must agree; the rest, e.g. time layers, start fresh): an "
                               "AR model of the same shape adapted to a diffusion family, the tokenizer its own")
@@ -85,6 +91,15 @@ def sinusoid(pos: Tensor, dim: int) -> Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
     args = pos.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2D sin-cos positions of a grid × grid patch raster -> (grid², dim): the row's sinusoid in the first
+    half of the width, the column's in the second (MAE, He et al. 2022), raster order as the patches."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    half = dim // 2
+    table = torch.cat([sinusoid(rows.flatten(), half), sinusoid(cols.flatten(), half)], dim=-1)
+    return F.pad(table, (0, dim - table.shape[-1]))  # an odd half leaves a zero column or two
 
 
 class Rotary(nn.Module):
@@ -378,6 +393,8 @@ class Transformer(Backbone):
                 nn.Conv2d(1, d // 4, 3, 2, 1), nn.GELU(), nn.Conv2d(d // 4, d // 2, 3, 2, 1), nn.GELU(),
                 nn.Conv2d(d // 2, d, k, k))
             self.patch_pos = nn.Parameter(torch.zeros(n, cfg.d_model))  # learned 2D positions, with rotary's 1D ones
+            if cfg.image_positions == "sincos2d":
+                self.register_buffer("patch_sincos", sincos_2d(cfg.image_size // cfg.patch_size, d), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
@@ -504,6 +521,8 @@ class Transformer(Backbone):
             raise ValueError(f"this model reads (B, 1, {S}, {S}) images, got {tuple(images.shape)}")
         x = images.to(self.patch_pos.dtype)  # background 0: the ink is the signal
         h = self.image_stem(x).flatten(2).transpose(1, 2) + self.patch_pos  # (B, P, D), patches in raster order
+        if self.cfg.image_positions == "sincos2d":
+            h = h + self.patch_sincos.to(h.dtype)
         mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         for i, blk in enumerate(self.encoder):
             h = blk(h, self.rope, None, None, False, None, i, 0)
