@@ -28,7 +28,8 @@ BD3-LM (blocks of 8) with its block sampler (ancestral, and Fast-dLLM v2's thres
 AR model adapted to it (attention opened to block-causal over 50 steps); uniform, d3pm, sedd and gaussian from
 scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft).
 --seed S trains another seed into <model>-seedS; --test-skip N scores the test verses from N on (a second set);
---rows keeps only some decoders.
+--rows keeps only some decoders; --semi-ar B:τ,... scores the adapted models with semi-AR decoding (dual cache) in
+blocks of B at threshold τ instead.
 --data kjv2web: the same models on King James -> World English Bible, next to copying the source (the masked models
 also refine the source itself: Mask-Predict from iteration 5 of 10 with the source as the draft).
 Goal (issue 24): the best diffusion model within 10% of the AR model's BLEU and its source use within 20% of AR's.
@@ -260,7 +261,18 @@ def main() -> None:
                                                            "speed (the prefix cache)")
     ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
                                                "comma-separated strings (e.g. 'greedy,beam,dual cache')")
+    ap.add_argument("--semi-ar", default="", help="block:threshold pairs (e.g. 4:0.9,8:0.7): score the adapted "
+                                                  "models with semi-AR decoding (stop at [EOS], dual cache) at each "
+                                                  "pair instead of their usual decoders")
+    ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     a = ap.parse_args()
+    sweep = []
+    for pair in filter(None, a.semi_ar.split(",")):
+        b, _, t = pair.partition(":")
+        sweep.append((f"semi-AR, blocks of {int(b)}, threshold {float(t or 0.9):g}, stop at [EOS], dual cache",
+                      {"sampler": "threshold", "sampler_options": {"block": int(b), "threshold": float(t or 0.9),
+                                                                   "greedy": True, "stop_at_eos": True,
+                                                                   "kv_cache": "dual"}}))
     if a.threads:
         torch.set_num_threads(a.threads)
     data = DATA / a.data
@@ -276,6 +288,8 @@ def main() -> None:
     adapt = [float(m) for m in a.adapt_at.split(",") if m]
     for name in a.models.split(","):
         preset, overrides, decoders = MODELS[name]
+        if sweep and SEMI_AR in decoders:
+            decoders = sweep
         if name.endswith("-kd"):
             # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
             overrides = [*overrides, f"data.path={distilled_data(a.out, data).resolve()}", "tokenizer.type=hf",
@@ -340,7 +354,7 @@ def main() -> None:
     if a.train_only:
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(out, indent=2))
+    (a.out / a.results).write_text(json.dumps(out, indent=2))
     plot_curves({d.name: d for d in sorted(a.out.iterdir()) if (d / "curve.json").is_file()},
                 a.png or a.out / "curve.png")
     print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {len(test)} test verses "
