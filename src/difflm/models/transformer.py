@@ -53,10 +53,10 @@ class TransformerConfig(BackboneConfig):
     patch_size: int = option(8, "captioning: the image encoder (a CNN stem, then encoder blocks) reads patches of "
                                 "patch_size × patch_size pixels (a multiple of 4)", ge=4)
     image_positions: typing.Literal["learned", "sincos2d"] = option(
-        "learned", "captioning: where each image patch sits. learned: a learned table added to the stem's features "
-        "(starts at 0.02 against features of about 1, so it is learned slowly); sincos2d: that table plus fixed 2D "
-        "sin-cos positions at the features' scale (row in half the width, column in the other; MAE's), so "
-        "'left of' and 'above' can be read from the first step")
+        "learned", "captioning: where each image patch sits. learned: a learned table added to the stem's "
+        "features (starts at RMS 0.02 against features of about 0.5, so it is learned slowly); sincos2d: that table "
+        "plus fixed 2D sin-cos positions at the features' scale (row in half the width, column in the other; "
+        "MAE's), so 'left of' and 'above' can be read from the first step")
     init: str | None = option(None, "a difflm model folder (a run folder) whose weights start this run, every tensor "
                               "of the same name (shapes must agree; the rest, e.g. time layers, start fresh): an "
                               "AR model of the same shape adapted to a diffusion family, the tokenizer its own")
