@@ -45,20 +45,17 @@ from difflm.data.scenes import (
     describe,
     load_fashion_mnist,
     parse,
+    paste_item,
     scenes_for,
 )
 
 
 def cells(images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """images (N, 28, 28) uint8, sizes (N,) 0 small / 1 large -> (N, 32, 32) uint8 cells, each item pasted as the
-    scene generator pastes it (small: 2×2 mean-pooled; jittered uniformly inside the cell; rounded)."""
+    scene generator pastes it (``paste_item``), rounded as the scenes are."""
     out = np.zeros((len(images), CELL, CELL), dtype=np.float32)
-    for i, (img, s) in enumerate(zip(images.astype(np.float32), sizes)):
-        if s == 0:
-            img = img.reshape(14, 2, 14, 2).mean(axis=(1, 3))
-        n = img.shape[0]
-        dy, dx = rng.integers(0, CELL - n + 1, size=2)
-        out[i, dy : dy + n, dx : dx + n] = img
+    for cell, img, s in zip(out, images.astype(np.float32), sizes):
+        paste_item(cell, img, SceneItem(CLASSES[0], SIZES[int(s)], 0), rng)
     return out.round().astype(np.uint8)
 
 

@@ -150,7 +150,9 @@ def class_ids(names: list[str] | None) -> list[int]:
     return [CLASSES.index(n) for n in names]
 
 
-def _paste(canvas: np.ndarray, img: np.ndarray, item: SceneItem, rng: np.random.Generator) -> None:
+def paste_item(canvas: np.ndarray, img: np.ndarray, item: SceneItem, rng: np.random.Generator) -> None:
+    """Paste a 28×28 Fashion-MNIST image (float) into ``item``'s cell of ``canvas``, as the scenes are drawn: small
+    items 2×2 mean-pooled to 14×14, jittered uniformly inside the cell (one draw of ``rng``), ink kept by maximum."""
     if item.size == "small":
         img = img.reshape(14, 2, 14, 2).mean(axis=(1, 3))
     n = img.shape[0]
@@ -168,7 +170,7 @@ def make_scene(images: np.ndarray, by_class: dict[int, np.ndarray], rng: np.rand
     canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     for it in its:
         pool = by_class[CLASSES.index(it.cls)]
-        _paste(canvas, images[int(pool[rng.integers(len(pool))])].astype(np.float32), it, rng)
+        paste_item(canvas, images[int(pool[rng.integers(len(pool))])].astype(np.float32), it, rng)
     scene = Scene(sorted(its, key=lambda i: i.cell), canvas.round().astype(np.uint8))
     caps: list[str] = []
     for _ in range(4 * references):
