@@ -72,8 +72,11 @@ def reference(tmp_path_factory, markov_corpus):
 
 # every write of a save, at its most dangerous moments: the temp file complete but not renamed, and just after
 # (benchmarks/kill_soak.py covers every point at random counts; these are the one-per-write short version)
-KILLS = ["tokenizer.json:rename:1", "checkpoint.safetensors:rename:2", "model.safetensors:done:2",
-         "config.json:done:3", "manifest.json:rename:2", "metrics.csv:row:3"]
+# (about 8 s each: the default run keeps the three writes of a save's model, the rest run in make test-slow)
+_SLOW = pytest.mark.slow
+KILLS = [pytest.param("tokenizer.json:rename:1", marks=_SLOW), "checkpoint.safetensors:rename:2",
+         "model.safetensors:done:2", pytest.param("config.json:done:3", marks=_SLOW), "manifest.json:rename:2",
+         pytest.param("metrics.csv:row:3", marks=_SLOW)]
 
 
 @pytest.mark.parametrize("kill_at", KILLS)
