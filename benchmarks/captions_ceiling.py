@@ -151,8 +151,7 @@ def main() -> None:
     crops, truth = [], []
     for sc in scenes:
         for it in sc.items:
-            r, c = it.cell // 2, it.cell % 2
-            crops.append(sc.image[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL])
+            crops.append(sc.image[it.row * CELL : (it.row + 1) * CELL, it.col * CELL : (it.col + 1) * CELL])
             truth.append((SIZES.index(it.size), CLASSES.index(it.cls)))
     with torch.no_grad():
         pred = net(to_tensor(np.stack(crops))).argmax(-1).numpy()
@@ -173,10 +172,11 @@ def main() -> None:
         oracle.append(describe(Scene(its, sc.image), np.random.default_rng([a.seed, i])))
         true_caps.append(describe(sc, np.random.default_rng([a.seed, i])))
     two = [i for i, sc in enumerate(scenes) if len(sc.items) == 2]
+    scenes_2 = [scenes[i] for i in two]
     rows = []
     for name, caps in (("true items (the pipeline's check)", true_caps), ("recognised items", oracle)):
         m = caption_metrics(caps, scenes)
-        m2 = caption_metrics([caps[i] for i in two], [scenes[i] for i in two])
+        m2 = caption_metrics([caps[i] for i in two], scenes_2)
         rows.append({"captions": name, **m, "fact_f1_2_items": m2["fact_f1"], "exact_2_items": m2["exact"]})
     # per-item accuracy on the 2-item scenes: the classifier's, and each captioner's read from its captions
     first = np.cumsum([0] + [len(sc.items) for sc in scenes])
@@ -194,14 +194,14 @@ def main() -> None:
         # every test scene captioned, as captions.py does (the counter-based RNG draws by row), then its 2-item ones
         every = [c.prediction for c in lm.caption([sc.image for sc in scenes], batch_size=64, **kw)]
         caps = [every[i] for i in two]
-        read = [r for i, c in zip(two, caps) for r in read_items(c, scenes[i])]
-        true = [it.key for i in two for it in scenes[i].items]
-        named = sum(_match_classes(parse(c), sc) for c, sc in zip(caps, [scenes[i] for i in two]))
+        read = [r for c, sc in zip(caps, scenes_2) for r in read_items(c, sc)]
+        true = [it.key for sc in scenes_2 for it in sc.items]
+        named = sum(_match_classes(parse(c), sc) for c, sc in zip(caps, scenes_2))
         per_item.append({"reader": run, "named": 100 * named / len(true),
                          "class": 100 * sum(r is not None and r[1] == t[1] for r, t in zip(read, true)) / len(true),
                          "size": 100 * sum(r is not None and r[0] == t[0] for r, t in zip(read, true)) / len(true),
                          "placed": 100 * sum(r is not None for r in read) / len(true),
-                         "fact_f1": caption_metrics(caps, [scenes[i] for i in two])["fact_f1"]})
+                         "fact_f1": caption_metrics(caps, scenes_2)["fact_f1"]})
     if rows[0]["fact_f1"] < 99.99:
         raise SystemExit(f"captions_ceiling: captions of the true scene score {rows[0]['fact_f1']:.2f} F1, not 100")
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "

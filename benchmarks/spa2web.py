@@ -266,13 +266,12 @@ def main() -> None:
                                                   "pair instead of their usual decoders")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     a = ap.parse_args()
-    sweep = []
+    sweep, dual = [], SEMI_AR_FAST[-1][1]  # the dual-cache row's decoder, at other blocks and thresholds
     for pair in filter(None, a.semi_ar.split(",")):
         b, _, t = pair.partition(":")
-        sweep.append((f"semi-AR, blocks of {int(b)}, threshold {float(t or 0.9):g}, stop at [EOS], dual cache",
-                      {"sampler": "threshold", "sampler_options": {"block": int(b), "threshold": float(t or 0.9),
-                                                                   "greedy": True, "stop_at_eos": True,
-                                                                   "kv_cache": "dual"}}))
+        b, t = int(b), float(t or 0.9)
+        sweep.append((f"semi-AR, blocks of {b}, threshold {t:g}, stop at [EOS], dual cache",
+                      {**dual, "sampler_options": {**dual["sampler_options"], "block": b, "threshold": t}}))
     if a.threads:
         torch.set_num_threads(a.threads)
     data = DATA / a.data
