@@ -106,3 +106,75 @@ def test_absorbing_steps_compute_only_the_masked_positions_and_lose_nothing(toy,
     assert calls[0] is not None and torch.equal(calls[0], free)  # the run starts with every free position masked
     assert all(torch.equal(b & a, b) for a, b in zip(calls, calls[1:]))  # once a token lands it is never recomputed
     assert int(calls[-1].sum()) < int(free.sum())
+
+
+def _written_out(g, lp, x, a_s, keep, exclude):
+    """The posterior the mixture draw stands for, over V in float64 (the route ``step_probs`` takes)."""
+    p = g.mix(lp.double().exp(), torch.tensor(a_s)) * g.kernel_into(x, keep)
+    if exclude is not None:
+        p[:, exclude] = 0.0
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("graph", ["uniform", "absorb"])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_mixture_draw_has_the_written_out_posterior_as_its_law(graph, seed):
+    """``Graph.draw_step`` maps a uniform to a token through three components (stay, from p̃, from π). Fed an even
+    grid of K uniforms, each token's share of the grid must be its posterior probability to within the grid's
+    resolution (each token's preimage is at most three intervals), at every row: the law, not a sample of it."""
+    from difflm.diffusion.graphs import Graph
+
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph(graph, V, [TOY_PAD] if graph == "absorb" else [TOY_MASK, TOY_PAD], mask_id=TOY_MASK)
+    n = 12
+    logits = 2.0 * torch.randn(n, V, generator=gen)
+    logits[:, TOY_PAD] = -float("inf")
+    if graph == "uniform":
+        logits[:, TOY_MASK] = -float("inf")
+    lp = torch.log_softmax(logits, -1)  # float32, as a network gives it
+    x = torch.randint(0, TOY_V, (n,), generator=gen)
+    if graph == "absorb":
+        x[: n // 2] = TOY_MASK
+    K = 20000
+    u = (torch.arange(K, dtype=torch.float64) + 0.5) / K
+    for a_s, keep, exclude in [(0.3, 0.8, None), (0.9, 0.1, None), (0.0, 0.5, None), (1.0, 0.6, None),
+                               (1.0, 0.4, TOY_MASK if graph == "absorb" else None)]:
+        want = _written_out(g, lp, x, a_s, keep, exclude)
+        got = g.draw_step(lp.repeat_interleave(K, 0), x.repeat_interleave(K), a_s, keep, u.repeat(n), exclude)
+        freq = torch.nn.functional.one_hot(got.view(n, K), V).double().mean(1)
+        ok = want.isfinite().all(-1)  # at α_s = 0 a token on the absorbing graph has no posterior (it cannot be)
+        assert ok.sum() >= n // 2
+        assert (freq - want)[ok].abs().max() <= 3.0 / K + 1e-9, (a_s, keep, exclude)
+        if exclude is not None:
+            assert (got != exclude).all()
+
+
+@pytest.mark.parametrize("kind", ["uniform", "d3pm-absorb", "d3pm-uniform"])
+def test_ancestral_samplers_draw_the_mixture_and_fall_back_to_the_written_out_step_under_a_temperature(kind):
+    """The samplers take the mixture draw at temperature 1 (no posterior over V is written out), and the
+    written-out route under a temperature; a temperature of 1 + 1e-12 on the written-out route gives the same
+    law, so at a large batch the two agree on each position's marginal within sampling error."""
+    from difflm.diffusion import D3PM
+
+    proc = (UniformDiffusion(V, TOY_MASK, TOY_PAD) if kind == "uniform"
+            else D3PM(V, TOY_MASK, TOY_PAD, transition=kind.split("-")[1], steps=50))
+    table = torch.randn(TOY_L, V, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t=None, select=None):
+        out = table.expand(*x.shape, V) + 0.5 * (x[..., None] == torch.arange(V)).float()
+        return out if select is None else out[select]
+
+    smp = get_sampler("ancestral", proc)
+    calls = []
+    written_out = smp.step_probs
+    smp.step_probs = lambda *a: calls.append(1) or written_out(*a)
+    n = 4000
+    cond = Conditioning.unconditional(n, TOY_L)
+    fast = smp(model, proc, cond, steps=8, seed=3).tokens
+    assert not calls  # no posterior over V at temperature 1
+    slow = smp(model, proc, cond, steps=8, seed=3, temperature=1 + 1e-12).tokens
+    assert len(calls) == 8
+    a = torch.nn.functional.one_hot(fast, V).double().mean(0)
+    b = torch.nn.functional.one_hot(slow, V).double().mean(0)
+    assert (a - b).abs().max() < 0.05
+    assert not torch.equal(fast, slow)  # different routes from the same uniforms: the test compares laws

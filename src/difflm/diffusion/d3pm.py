@@ -297,10 +297,11 @@ class D3PM(Process):
         return self.transitions.draw_prior(r)
 
     # -- network ---------------------------------------------------------------------------------
-    def log_probs(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None = None) -> Tensor:
-        """log p̃_θ(x0 | x_t) in float64: (B, L, V), or (M, V) at the positions ``select`` holds; −inf off the
+    def log_probs(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None = None,
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+        """log p̃_θ(x0 | x_t) in ``dtype``: (B, L, V), or (M, V) at the positions ``select`` holds; −inf off the
         data. k: (B,) the step of x_t (the network sees t = k/T)."""
-        return F.log_softmax(self._logits(model, xt, k, select).double(), dim=-1)
+        return F.log_softmax(self._logits(model, xt, k, select).to(dtype), dim=-1)
 
     def _logits(self, model: nn.Module, xt: Tensor, k: Tensor, select: Tensor | None) -> Tensor:
         """The network's logits in float32, −inf off the data: (B, L, V) or (M, V)."""

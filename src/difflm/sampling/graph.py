@@ -13,7 +13,10 @@ start at t = 1 − 1e-5, where the score is finite; the uniform ancestral sample
 
 Each step runs the network's output head, and computes probabilities, at the positions that can move only: the
 free ones, and on the absorbing graph the [MASK] ones among them (a held token never moves again: T(x | y) =
-β·𝟙[y = x] when π_x = 0).
+β·𝟙[y = x] when π_x = 0). The ancestral steps (uniform, and D3PM on the uniform or absorbing graph) are drawn as
+the mixture they are (stay at x_t, a token from p̃, a token from π: ``Graph.draw_step``), so at temperature 1 and
+no top-p only the positions that draw from p̃ make a float64 pass over the vocabulary; with a temperature or
+top-p the posterior is written out over V and filtered.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.base import Process
+from ..diffusion.d3pm import GraphTransitions
 from ..errors import DiffLMError
 from ..registry import register_sampler
 from ..rng import uniform
@@ -42,6 +46,13 @@ class GraphSampler(Sampler):
         """p(x_s | x_t) at the N positions where ``select`` (B, L) is True: (N, V) float64 (rows sum to 1, up
         to the clipping of negative entries)."""
         raise NotImplementedError
+
+    def kernel_step(self, model: nn.Module, process: Process, x: Tensor, t: float, s: float,
+                    select: Tensor) -> tuple[Tensor, float, float] | None:
+        """Where p(x_s | x_t) ∝ T(x_t | y)·[α_s·p̃ + (1 − α_s)·π]_y with T = keep·I + (1 − keep)·π𝟙ᵀ (the
+        x0-parameterised step on a graph): (log p̃ (N, V), α_s, keep), drawn by ``Graph.draw_step`` without
+        writing the posterior out over V; None: the step is drawn from ``step_probs``."""
+        return None
 
     @staticmethod
     def moving(process: Process, x: Tensor, free: Tensor) -> Tensor:
@@ -65,16 +76,24 @@ class GraphSampler(Sampler):
             nfe += 1  # every row spends the step, whatever else is in the batch
             sel = self.moving(process, x, free)
             if sel.any():
-                p = self.step_probs(model, process, x, t, s, sel)
-                if s == 0 and process.graph.absorb:
-                    p[..., process.mask_id] = 0.0
-                p = p.clamp_min(0.0)
-                p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-                if temperature != 1.0 or top_p < 1.0:
-                    p = probs_from_logits(torch.log(p), temperature, top_p)
                 u = uniform(seed, rows, k, L, stream=1)[sel]
+                last_mask = process.mask_id if s == 0 and process.graph.absorb else None
+                plain = temperature == 1.0 and top_p >= 1.0
+                ks = self.kernel_step(model, process, x, t, s, sel) if plain else None
+                if ks is not None:
+                    lp, a_s, keep = ks
+                    new = process.graph.draw_step(lp, x[sel], a_s, keep, u, exclude=last_mask)
+                else:
+                    p = self.step_probs(model, process, x, t, s, sel)
+                    if last_mask is not None:
+                        p[..., last_mask] = 0.0
+                    p = p.clamp_min(0.0)
+                    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+                    if not plain:
+                        p = probs_from_logits(torch.log(p), temperature, top_p)
+                    new = sample_categorical(p, u)
                 x = x.clone()
-                x[sel] = sample_categorical(p, u)
+                x[sel] = new
             if on_step is not None:
                 on_step(StepInfo(k, steps, t, s, x, nfe.clone()))
         return SampleOutput(x, nfe)
@@ -86,10 +105,14 @@ class UniformAncestral(GraphSampler):
     families = ("uniform",)
 
     def step_probs(self, model, process, x, t, s, select):
-        sch, g = process.schedule, process.graph
-        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-        p0 = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device), select).double().exp()
-        return g.mix(p0, torch.tensor(a_s)) * g.kernel_into(x[select], a_t / a_s)
+        lp, a_s, keep = self.kernel_step(model, process, x, t, s, select)
+        g = process.graph
+        return g.mix(lp.double().exp(), torch.tensor(a_s)) * g.kernel_into(x[select], keep)
+
+    def kernel_step(self, model, process, x, t, s, select):
+        a_t, a_s = (float(process.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        lp = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device), select)
+        return lp, a_s, a_t / a_s
 
 
 @register_sampler
@@ -101,12 +124,24 @@ class D3PMAncestral(GraphSampler):
     families = ("d3pm",)
 
     def step_probs(self, model, process, x, t, s, select):
+        kt, ks = self._steps(process, t, s, x.device)
+        p0 = process.log_probs(model, x, kt.expand(x.shape[0]), select).exp()
+        return process.reverse_probs(p0, x[select], ks, kt)
+
+    def kernel_step(self, model, process, x, t, s, select):
+        if not isinstance(process.transitions, GraphTransitions):
+            return None  # the gaussian matrices: written out over the data tokens
+        kt, ks = self._steps(process, t, s, x.device)
+        a_t, a_s = (float(process.transitions.alpha_bar[k]) for k in (kt, ks))
+        lp = process.log_probs(model, x, kt.expand(x.shape[0]), select, dtype=torch.float32)
+        return lp, a_s, a_t / a_s if a_s > 0 else 0.0  # Q_{t|s} keeps a token with probability ᾱ_t/ᾱ_s
+
+    @staticmethod
+    def _steps(process, t: float, s: float, device) -> tuple[Tensor, Tensor]:
         T = process.T
         if round(t * T) == round(s * T):
             raise DiffLMError(f"a D3PM model with T={T} takes at most {T} sampling steps")
-        kt, ks = (torch.tensor(round(v * T), device=x.device) for v in (t, s))
-        p0 = process.log_probs(model, x, kt.expand(x.shape[0]), select).exp()
-        return process.reverse_probs(p0, x[select], ks, kt)
+        return tuple(torch.tensor(round(v * T), device=device) for v in (t, s))
 
 
 @register_sampler
