@@ -28,7 +28,8 @@ kw = dict(num=int(sys.argv[3]), length=int(sys.argv[5]), steps=int(sys.argv[2]),
 lm.generate(**{**kw, "num": 2, "batch_size": 2})  # warm-up
 t = time.perf_counter()
 lm.generate(**kw)
-print(json.dumps({"seconds": time.perf_counter() - t, "family": lm.process.family}))
+kind = getattr(lm.process, "transition", None) or lm.process.graph.kind
+print(json.dumps({"seconds": time.perf_counter() - t, "family": f"{lm.process.family} ({kind})"}))
 """
 
 
