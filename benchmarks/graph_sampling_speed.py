@@ -2,7 +2,7 @@
 graphs) at a word-level vocabulary, this checkout against another one, interleaved in one run (ratios).
 
     python benchmarks/graph_sampling_speed.py RUN [RUN ...] [--against OLD_SRC] [--steps 32,128] [--num 16]
-                                              [--length 128] [--repeat 3] [--threads 1]
+                                              [--length 128] [--repeat 3] [--threads 1] [--sampler NAME]
 
 Each (run, steps) is timed ``--repeat`` times in a fresh process per source tree (this checkout's ``src`` and,
 with --against, e.g. a ``git worktree`` of an older commit's ``src``), alternating, and the median kept. A run
@@ -24,19 +24,21 @@ import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from difflm.pipeline import DiffusionLM
 lm = DiffusionLM.from_pretrained(sys.argv[1], device="cpu")
-kw = dict(num=int(sys.argv[3]), length=int(sys.argv[5]), steps=int(sys.argv[2]), seed=0, batch_size=int(sys.argv[3]))
+kw = dict(num=int(sys.argv[3]), length=int(sys.argv[5]), steps=int(sys.argv[2]), seed=0, batch_size=int(sys.argv[3]),
+          sampler=sys.argv[6] or None)
 lm.generate(**{**kw, "num": 2, "batch_size": 2})  # warm-up
 t = time.perf_counter()
 lm.generate(**kw)
 kind = getattr(lm.process, "transition", None) or lm.process.graph.kind
-print(json.dumps({"seconds": time.perf_counter() - t, "family": f"{lm.process.family} ({kind})"}))
+print(json.dumps({"seconds": time.perf_counter() - t, "family": f"{lm.process.family} ({kind})"
+                  + (f", {sys.argv[6]}" if sys.argv[6] else "")}))
 """
 
 
-def time_once(src: Path, run: str, steps: int, num: int, threads: int, length: int) -> dict:
+def time_once(src: Path, run: str, steps: int, num: int, threads: int, length: int, sampler: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", TIME_ONE, run, str(steps), str(num), str(threads), str(length)],
-                         env=env, capture_output=True, text=True, check=True)
+    args = [run, str(steps), str(num), str(threads), str(length), sampler]
+    out = subprocess.run([sys.executable, "-c", TIME_ONE, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampler", default="", help="default: each run's own (e.g. euler for a SEDD run)")
     a = ap.parse_args()
     here = Path(__file__).resolve().parents[1] / "src"
     trees = {"this": here} | ({"against": a.against.resolve()} if a.against else {})
@@ -61,7 +64,7 @@ def main() -> None:
             fam = ""
             for _ in range(a.repeat):
                 for k, src in trees.items():
-                    r = time_once(src, run, steps, a.num, a.threads, a.length)
+                    r = time_once(src, run, steps, a.num, a.threads, a.length, a.sampler)
                     times[k].append(r["seconds"] / a.num)
                     fam = r["family"]
             med = {k: statistics.median(v) for k, v in times.items()}

@@ -119,10 +119,11 @@ def _written_out(g, lp, x, a_s, keep, exclude):
 @pytest.mark.parametrize("graph", ["uniform", "absorb"])
 @pytest.mark.parametrize("seed", range(4))
 def test_the_mixture_draw_has_the_written_out_posterior_as_its_law(graph, seed):
-    """``Graph.draw_step`` maps a uniform to a token through three components (stay, from p̃, from π). Fed an even
+    """``draw_kernel_step`` maps a uniform to a token through three components (stay, from p̃, from π). Fed an even
     grid of K uniforms, each token's share of the grid must be its posterior probability to within the grid's
     resolution (each token's preimage is at most three intervals), at every row: the law, not a sample of it."""
     from difflm.diffusion.graphs import Graph
+    from difflm.sampling.graph import draw_kernel_step
 
     gen = torch.Generator().manual_seed(seed)
     g = Graph(graph, V, [TOY_PAD] if graph == "absorb" else [TOY_MASK, TOY_PAD], mask_id=TOY_MASK)
@@ -140,7 +141,8 @@ def test_the_mixture_draw_has_the_written_out_posterior_as_its_law(graph, seed):
     for a_s, keep, exclude in [(0.3, 0.8, None), (0.9, 0.1, None), (0.0, 0.5, None), (1.0, 0.6, None),
                                (1.0, 0.4, TOY_MASK if graph == "absorb" else None)]:
         want = _written_out(g, lp, x, a_s, keep, exclude)
-        got = g.draw_step(lp.repeat_interleave(K, 0), x.repeat_interleave(K), a_s, keep, u.repeat(n), exclude)
+        got = draw_kernel_step(g, lp.repeat_interleave(K, 0), x.repeat_interleave(K), a_s, keep, u.repeat(n),
+                               exclude)
         freq = torch.nn.functional.one_hot(got.view(n, K), V).double().mean(1)
         ok = want.isfinite().all(-1)  # at α_s = 0 a token on the absorbing graph has no posterior (it cannot be)
         assert ok.sum() >= n // 2
@@ -178,3 +180,41 @@ def test_ancestral_samplers_draw_the_mixture_and_fall_back_to_the_written_out_st
     b = torch.nn.functional.one_hot(slow, V).double().mean(0)
     assert (a - b).abs().max() < 0.05
     assert not torch.equal(fast, slow)  # different routes from the same uniforms: the test compares laws
+
+
+@pytest.mark.parametrize("sampler,s", [("analytic", 0.3), ("analytic", 0.0), ("euler", 0.3), ("euler", 0.0)])
+def test_sedd_absorbing_steps_split_into_stay_or_jump_with_the_written_out_weights(toy, sampler, s):
+    """Two routes to SEDD's step from [MASK]: the stay and jump weights (one log-sum-exp per position) against
+    the step written out over V (``step_probs``), after the sampler's clipping, [MASK] exclusion at s = 0 and
+    normalisation; then the stay-or-jump draw on an even grid of uniforms has that law."""
+    from difflm.sampling.graph import draw_jump
+
+    seqs, p, _ = toy
+    proc, form, scale = setup("sedd", "absorb")
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    smp = get_sampler(sampler, proc)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, TOY_V, (64, TOY_L), generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.6, torch.full_like(x, TOY_MASK), x)
+    sel = x == TOY_MASK
+    t = 0.6
+    want = smp.step_probs(model, proc, x, t, s, sel)
+    if s == 0:
+        want[:, TOY_MASK] = 0.0
+    want = want.clamp_min(0.0)
+    want = want / want.sum(-1, keepdim=True)
+    ls, w_stay, w_jump = smp.jump_weights(model, proc, x, t, s, sel)
+    w_stay = torch.zeros_like(w_stay) if s == 0 else w_stay.clamp_min(0.0)
+    r = ls.double().exp()
+    split = w_jump[:, None] * r / r.sum(-1, keepdim=True)
+    split[:, TOY_MASK] = w_stay
+    split = split / split.sum(-1, keepdim=True)
+    torch.testing.assert_close(split, want, rtol=1e-6, atol=1e-7)
+    if s > 0:
+        assert (w_stay > 0).any()  # the step keeps some positions masked: both components are exercised
+    K, n = 20000, 12
+    u = (torch.arange(K, dtype=torch.float64) + 0.5) / K
+    got = draw_jump(ls[:n].repeat_interleave(K, 0), x[sel][:n].repeat_interleave(K), w_stay[:n].repeat_interleave(K),
+                    w_jump[:n].repeat_interleave(K), u.repeat(n))
+    freq = torch.nn.functional.one_hot(got.view(n, K), V).double().mean(1)
+    assert (freq - want[:n]).abs().max() <= 2.0 / K + 1e-6

@@ -94,49 +94,6 @@ class Graph:
         out = ((1 - keep) * self.pi(x.device)[x])[..., None].expand(*x.shape, self.vocab_size).clone()
         return out.scatter_add_(-1, x[..., None], keep[..., None].clone())
 
-    def draw_step(self, log_p0: Tensor, x: Tensor, alpha_s: float, keep: float, u: Tensor,
-                  exclude: int | None = None) -> Tensor:
-        """One draw per row from the x0-parameterised reverse step p(y | x) ∝ T(x | y)·m_y, the posterior that
-        ``kernel_into(x, keep) * mix(p̃, alpha_s)`` writes out over V, without writing it out.
-
-        With T(x | y) = keep·𝟙[y = x] + (1 − keep)·π_x and m = α_s·p̃ + (1 − α_s)·π (p̃ normalised) it is a
-        mixture of three: stay at x (weight keep·m_x), a token from p̃ (weight (1 − keep)·π_x·α_s) and a token
-        from π (weight (1 − keep)·π_x·(1 − α_s)). One uniform per row picks the component and, rescaled into it,
-        the token (inverse CDF in float64); only the rows that draw from p̃ make a pass over V.
-        ``exclude``: an id given probability 0 (the absorbing graph's [MASK] at s = 0), the rest renormalised.
-
-        log_p0 (N, V) log p̃, normalised (a log-softmax, any float dtype); x (N,) ids; u (N,) float64 in [0, 1)
-        -> (N,) ids.
-        """
-        pi, pi_in, p0_in = self.pi(x.device), self.pi(x.device), 1.0
-        if exclude is not None:
-            pi_in[exclude] = 0.0
-            p0_in = 1 - log_p0[:, exclude].double().exp()
-        pi_x = pi[x]
-        m_x = alpha_s * log_p0.gather(-1, x[:, None]).squeeze(-1).double().exp() + (1 - alpha_s) * pi_x
-        w_stay = keep * m_x
-        if exclude is not None:
-            w_stay = torch.where(x == exclude, torch.zeros_like(w_stay), w_stay)
-        w_p0 = (1 - keep) * pi_x * alpha_s * p0_in
-        w_pi = (1 - keep) * pi_x * (1 - alpha_s) * pi_in.sum()
-        v = u.double() * (w_stay + w_p0 + w_pi)
-        out = x.clone()
-        below = 1.0 - 2.0**-53  # rescaled uniforms stay in [0, 1) whatever the rounding
-        from_p0 = (v >= w_stay) & (v < w_stay + w_p0)
-        if from_p0.any():
-            q = log_p0[from_p0].double().exp()
-            if exclude is not None:
-                q[:, exclude] = 0.0
-            r = ((v - w_stay)[from_p0] / w_p0[from_p0]).clamp(0.0, below)
-            cdf = q.cumsum(-1)
-            out[from_p0] = torch.searchsorted(cdf, (r * cdf[:, -1])[:, None], right=True).squeeze(-1)
-        from_pi = (v >= w_stay + w_p0) & (w_pi > 0)
-        if from_pi.any():
-            r = ((v - w_stay - w_p0)[from_pi] / w_pi[from_pi]).clamp(0.0, below)
-            cdf = pi_in.cumsum(0)
-            out[from_pi] = torch.searchsorted(cdf, r * cdf[-1], right=True)
-        return out.clamp_(max=self.vocab_size - 1)
-
     def pi(self, device=None) -> Tensor:
         """The limit distribution π: (V,) float64."""
         if self.absorb:
