@@ -72,17 +72,23 @@ def test_a_sampler_of_another_family_is_a_clear_error():
     assert get_sampler(None, UniformDiffusion(V, TOY_MASK, TOY_PAD)).name == "ancestral"
 
 
+def absorbing_case(toy, sampler, seed, masked):
+    """SEDD on the absorbing graph with the exact score, the named sampler, and 64 rows with a ``masked`` share of
+    [MASK] among random data tokens; the generator carries on from there."""
+    seqs, p, _ = toy
+    proc, form, scale = setup("sedd", "absorb")
+    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, TOY_V, (64, TOY_L), generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < masked, torch.full_like(x, TOY_MASK), x)
+    return proc, model, get_sampler(sampler, proc), x, g
+
+
 @pytest.mark.parametrize("sampler,s", [("analytic", 0.3), ("analytic", 0.0), ("euler", 0.3)])
 def test_absorbing_steps_compute_only_the_masked_positions_and_lose_nothing(toy, sampler, s):
     """A token on the absorbing graph never moves, so a step over the [MASK] positions alone is the same step:
     at every other position the full step is one-hot on the token held, and at [MASK] the two agree."""
-    seqs, p, _ = toy
-    proc, form, scale = setup("sedd", "absorb")
-    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
-    smp = get_sampler(sampler, proc)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, TOY_V, (64, TOY_L), generator=g)
-    x = torch.where(torch.rand(x.shape, generator=g) < 0.5, torch.full_like(x, TOY_MASK), x)
+    proc, model, smp, x, g = absorbing_case(toy, sampler, seed=0, masked=0.5)
     free = torch.rand(x.shape, generator=g) < 0.8
     moving = smp.moving(proc, x, free)
     assert torch.equal(moving, free & (x == TOY_MASK)) and moving.any() and (free & ~moving).any()
@@ -189,13 +195,7 @@ def test_sedd_absorbing_steps_split_into_stay_or_jump_with_the_written_out_weigh
     normalisation; then the stay-or-jump draw on an even grid of uniforms has that law."""
     from difflm.sampling.graph import draw_jump
 
-    seqs, p, _ = toy
-    proc, form, scale = setup("sedd", "absorb")
-    model = ExactScore(seqs, p, proc.graph, proc.schedule, form, scale)
-    smp = get_sampler(sampler, proc)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, TOY_V, (64, TOY_L), generator=g)
-    x = torch.where(torch.rand(x.shape, generator=g) < 0.6, torch.full_like(x, TOY_MASK), x)
+    proc, model, smp, x, _ = absorbing_case(toy, sampler, seed=1, masked=0.6)
     sel = x == TOY_MASK
     t = 0.6
     want = smp.step_probs(model, proc, x, t, s, sel)
