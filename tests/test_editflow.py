@@ -68,7 +68,7 @@ def test_a_tiny_model_learns_its_sentence_and_samples_batch_invariantly():
     target = tok.encode("bad cafe")
     x = p.pack([target] * 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(500):
+    for step in range(800):  # at 500 the sentence was half learned: 3 to 5 of 8 samples right, by CPU and seed
         b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(16), step=step)
         loss = p.loss(model, b).sum() / 16
         opt.zero_grad()
