@@ -41,6 +41,11 @@ T_TOP = 1 - 1e-5  # SEDD samplers start here: at t = 1 the concrete score of an 
 _BELOW_ONE = 1.0 - 2.0**-53  # a uniform rescaled into a mixture's component stays in [0, 1) whatever the rounding
 
 
+def alphas(process: Process, t: float, s: float) -> tuple[float, float]:
+    """α(t), α(s) of a continuous-time process's schedule, in float64."""
+    return tuple(float(process.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+
+
 def draw_kernel_step(graph: Graph, log_p0: Tensor, x: Tensor, alpha_s: float, keep: float, u: Tensor,
                      exclude: int | None = None) -> Tensor:
     """One draw per row from the x0-parameterised reverse step p(y | x) ∝ T(x | y)·m_y on ``graph``, the posterior
@@ -175,7 +180,7 @@ class UniformAncestral(GraphSampler):
         return g.mix(lp.double().exp(), torch.tensor(a_s)) * g.kernel_into(x[select], keep)
 
     def kernel_step(self, model, process, x, t, s, select):
-        a_t, a_s = (float(process.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        a_t, a_s = alphas(process, t, s)
         lp = process.log_probs(model, x, torch.full((x.shape[0],), t, device=x.device), select)
         return lp, a_s, a_t / a_s
 
@@ -215,16 +220,21 @@ class SEDDAnalytic(GraphSampler):
     families = ("sedd",)
     t_max = T_TOP
 
+    @staticmethod
+    def log_scores(model, process, x, t, select) -> Tensor:
+        """log s_θ(x_t)_y (N, V) in the network's precision at the positions where ``select`` is True."""
+        return process.log_score(model, x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device),
+                                 select=select)
+
     def scores(self, model, process, x, t, select) -> Tensor:
         """s_θ(x_t)_y as float64 (N, V) at the positions where ``select`` is True, with s = 1 at the token
         each position holds."""
-        tt = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-        ls = process.log_score(model, x, tt, select=select)
+        ls = self.log_scores(model, process, x, t, select)
         return ls.double().scatter(-1, x[select][..., None], 0.0).exp()
 
     def step_probs(self, model, process, x, t, s, select):
-        sch, g = process.schedule, process.graph
-        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        g = process.graph
+        a_t, a_s = alphas(process, t, s)
         beta = a_t / a_s
         sc = self.scores(model, process, x, t, select)
         stag = sc / beta - ((1 - beta) / beta) * g.pi(x.device) * sc.sum(-1, keepdim=True)
@@ -235,10 +245,9 @@ class SEDDAnalytic(GraphSampler):
         with probability ∝ s_y": (log s (N, V), −inf at [MASK]; the stay weight (N,); the jump weight (N,)), as
         ``step_probs`` has them before its clipping and normalisation. With R = Σ_{y≠[MASK]} s_y and β = α_t/α_s
         the analytic step (eq. 19) gives p_y = (1 − β)/β · s_y and p_[MASK] = (1 − (1 − β)(1 + R))/β."""
-        a_t, a_s = (float(process.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        a_t, a_s = alphas(process, t, s)
         beta = a_t / a_s
-        ls = process.log_score(model, x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device),
-                               select=select)
+        ls = self.log_scores(model, process, x, t, select)
         R = torch.logsumexp(ls, -1).double().exp()  # a V-wide pass in the network's precision, overflow-safe
         return ls, (1 - (1 - beta) * (1 + R)) / beta, (1 - beta) / beta * R
 
@@ -257,8 +266,8 @@ class SEDDEuler(SEDDAnalytic):
     def step_probs(self, model, process, x, t, s, select):
         if s == 0:  # the final denoising step is the analytic (Tweedie) one
             return super().step_probs(model, process, x, t, s, select)
-        sch, g = process.schedule, process.graph
-        a_t, a_s = (float(sch.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+        g = process.graph
+        a_t, a_s = alphas(process, t, s)
         d_sigma = math.log(a_s / a_t)
         sc = self.scores(model, process, x, t, select)
         held = x[select][..., None]
@@ -272,8 +281,7 @@ class SEDDEuler(SEDDAnalytic):
         the analytic one."""
         if s == 0:
             return super().jump_weights(model, process, x, t, s, select)
-        a_t, a_s = (float(process.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
-        ls = process.log_score(model, x, torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device),
-                               select=select)
+        a_t, a_s = alphas(process, t, s)
+        ls = self.log_scores(model, process, x, t, select)
         jump = math.log(a_s / a_t) * torch.logsumexp(ls, -1).double().exp()
         return ls, 1 - jump, jump
