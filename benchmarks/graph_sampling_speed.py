@@ -1,5 +1,5 @@
-"""Decoding speed of the graph families' ancestral samplers (uniform diffusion, D3PM on the absorbing and uniform
-graphs) at a word-level vocabulary, this checkout against another one, interleaved in one run (ratios).
+"""Decoding speed of the graph families' samplers (uniform diffusion and D3PM ancestral, SEDD analytic or Euler)
+at a word-level vocabulary, this checkout against another one, interleaved in one run (ratios).
 
     python benchmarks/graph_sampling_speed.py RUN [RUN ...] [--against OLD_SRC] [--steps 32,128] [--num 16]
                                               [--length 128] [--repeat 3] [--threads 1] [--sampler NAME]

@@ -60,8 +60,10 @@ def draw_kernel_step(graph: Graph, log_p0: Tensor, x: Tensor, alpha_s: float, ke
     log_p0 (N, V) log p̃, normalised (a log-softmax, any float dtype); x (N,) ids; u (N,) float64 in [0, 1)
     -> (N,) ids.
     """
-    pi, pi_in, p0_in = graph.pi(x.device), graph.pi(x.device), 1.0
+    pi = graph.pi(x.device)
+    pi_in, p0_in = pi, 1.0
     if exclude is not None:
+        pi_in = pi.clone()
         pi_in[exclude] = 0.0
         p0_in = 1 - log_p0[:, exclude].double().exp()
     pi_x = pi[x]
