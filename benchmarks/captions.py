@@ -54,6 +54,9 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
            "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"]),
            "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"]),  # the same, output i predicting token i
+           # the control for an adaptation: the AR captioner restarted from the same copy with a fresh optimizer and
+           # the same schedule, its objective unchanged
+           "ar-continue": ("captions-ar", []),
            # ... with the decoder's attention opened from causal over the first 1,000 steps (DiffuLLaMA's annealing)
            "masked-adapt-anneal": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
                                                      "model.anneal_steps=1000"]),
@@ -90,13 +93,15 @@ def score(lm: DiffusionLM, scenes, guidance: float, **decoder) -> dict:
 
 
 def train(preset: str, overrides: list[str], out: Path, minutes: float, name: str,
-          snapshots: tuple[float, ...] = ()) -> int:
+          snapshots: tuple[float, ...] = (), decay: float | None = None) -> int:
     """Train ``minutes`` of wall time into ``out``; at each of the ``snapshots`` minute marks on the way, pause and
-    copy the model folder to <out's parent>/ar-at-M (an exact resume carries on from there)."""
+    copy the model folder to <out's parent>/ar-at-M (an exact resume carries on from there). ``decay``: the
+    learning rate decays (cosine, to min_lr_ratio) over that many minutes of training, not over max_steps."""
     marks = sorted({*(m for m in snapshots if m < minutes), minutes})
+    sched = [f"train.decay_minutes={decay}"] if decay else []
     for k, m in enumerate(marks):
         run = load_config(preset, [f"train.max_minutes={m}", "train.max_steps=1000000", "train.eval_every=1000000",
-                                   f"name={name}", *overrides])
+                                   f"name={name}", *sched, *overrides])
         Trainer(run, out, overwrite=k == 0, resume=k > 0, progress=False, allow_changes=["train.max_minutes"]).fit()
         if m in snapshots:
             copy_model_folder(out, out.parent / f"ar-at-{m:g}")
@@ -149,6 +154,9 @@ def main() -> None:
     ap.add_argument("--adapt-at", default="", help="minute marks (e.g. 7.5,11.25) at which the AR captioner copies "
                                                    "itself (<out>/ar-at-M); a masked-adapt family starts from the one "
                                                    "it is given (<out>/<family>-from-M; default: half of --minutes)")
+    ap.add_argument("--decay", action="store_true",
+                    help="each run's learning rate decays over its own wall time (train.decay_minutes; an adapted "
+                         "run over its own minutes, after its AR copy's) instead of staying at the peak")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
@@ -172,18 +180,21 @@ def main() -> None:
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
         d, minutes, snaps = a.out / fam, a.minutes, adapt if fam == "autoregressive" else ()
-        if fam.startswith("masked-adapt"):
+        if fam.startswith("masked-adapt") or fam == "ar-continue":
             if len(adapt) != 1:
-                raise SystemExit("captions: a masked-adapt family starts from one AR mark: give one --adapt-at M")
+                raise SystemExit(f"captions: {fam} starts from one AR mark: give one --adapt-at M")
             ar_at = (a.out / f"ar-at-{adapt[0]:g}").resolve()
             if not (ar_at / "manifest.json").is_file():
-                train(*PRESETS["autoregressive"], ar_at, adapt[0], "captions-autoregressive")
+                # the AR run's copy at the mark: its schedule runs over the whole --minutes
+                train(*PRESETS["autoregressive"], ar_at, adapt[0], "captions-autoregressive",
+                      decay=a.minutes if a.decay else None)
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
             d, minutes = a.out / f"{fam}-from-{adapt[0]:g}", a.minutes - adapt[0]
         if a.reuse and (d / "model.safetensors").is_file():
             steps = json.loads((d / "manifest.json").read_text())["step"]
         else:
-            steps = train(preset, [*overrides, *a.set], d, minutes, f"captions-{fam}", snaps)
+            steps = train(preset, [*overrides, *a.set], d, minutes, f"captions-{fam}", snaps,
+                          minutes if a.decay else None)
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
@@ -210,7 +221,8 @@ def main() -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(out, indent=2))
-    diffusion = [r for r in out["rows"] if not r["model"].startswith(("autoregressive", "masked, single"))]
+    not_diffusion = ("autoregressive", "ar-continue", "masked, single")
+    diffusion = [r for r in out["rows"] if not r["model"].startswith(not_diffusion)]
     if scenes is not None and diffusion:
         best = max(diffusion, key=lambda r: r["fact_f1"])["model"]
         shown = {best: preds_by[best]}

@@ -81,6 +81,9 @@ class TrainConfig:
     lr: float = option(1e-3, gt=0)
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     warmup_steps: int = option(100, ge=0)
+    decay_minutes: float | None = option(None, "run the cosine decay over this many minutes of training time "
+                                         "instead of over max_steps (a wall-time budget: set it to max_minutes)",
+                                         gt=0)
     weight_decay: float = option(0.0, ge=0)
     beta1: float = option(0.9, ge=0, lt=1)
     beta2: float = option(0.98, ge=0, lt=1)

@@ -38,8 +38,12 @@ def init_distributed() -> DistInfo:
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``x`` over ranks, on ``x``'s device (nccl reduces only CUDA tensors, so it goes through
+    ``info.device``)."""
     if info.world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        y = x.to(info.device)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y.to(x.device)
     return x
 
 

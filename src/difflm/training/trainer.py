@@ -39,11 +39,15 @@ METRICS = runfolder.METRICS
 FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "val_nelbo", "elapsed_s"]
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at max_steps."""
+def lr_at(step: int, cfg, elapsed_s: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at max_steps, or, with
+    cfg.decay_minutes, at that much training time (``elapsed_s`` seconds so far, the clock the ranks agree on)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.decay_minutes is not None:
+        frac = elapsed_s / (60 * cfg.decay_minutes)
+    else:
+        frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
@@ -209,9 +213,11 @@ class Trainer:
         t0, win_tokens, win_t0 = time.perf_counter(), 0, time.perf_counter()
         val = None
         model.train()
+        clock = elapsed0  # training seconds so far, the same on every rank (the time-based decay reads it)
         while step < t.max_steps:
+            lr = lr_at(step, t, clock)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, t)
+                g["lr"] = lr
             model.set_step(step)  # backbones that change with training (attention annealing)
             batches = [self._batch(train, step, m) for m in range(t.grad_accum)]
             n_tok = all_reduce_sum(torch.tensor(float(sum(b.n_tokens for b in batches))), dist).item()
@@ -239,14 +245,17 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             final = step == t.max_steps
-            if t.max_minutes is not None:  # every rank stops at the same step
-                late = float(elapsed0 + time.perf_counter() - t0 >= 60 * t.max_minutes)
-                final = final or all_reduce_sum(torch.tensor(late), dist).item() > 0
+            if t.max_minutes is not None or t.decay_minutes is not None:  # every rank stops at the same step
+                mine = elapsed0 + time.perf_counter() - t0
+                late = float(t.max_minutes is not None and mine >= 60 * t.max_minutes)
+                agreed = all_reduce_sum(torch.tensor([late, mine], dtype=torch.float64), dist)
+                final = final or agreed[0].item() > 0
+                clock = agreed[1].item() / dist.world
             if dist.is_main and (step % t.log_every == 0 or final):
                 now = time.perf_counter()
                 tps = win_tokens / max(now - win_t0, 1e-9)
                 win_tokens, win_t0 = 0, now
-                row = {"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr_at(step - 1, t),
+                row = {"step": step, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
                        "grad_norm": float(gn), "tokens_per_s": tps, "val_nelbo": "",
                        "elapsed_s": elapsed0 + now - t0}
                 logger.log(row)
