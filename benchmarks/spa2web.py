@@ -26,7 +26,9 @@ from causal over 200 steps (model.anneal_steps); the adapted models also decode 
 from the target's start, argmax tokens, every token above 0.9 in a call and at least one); block,
 BD3-LM (blocks of 8) with its block sampler (ancestral, and Fast-dLLM v2's threshold decoding), and block-adapt the
 AR model adapted to it (attention opened to block-causal over 50 steps); uniform, d3pm, sedd and gaussian from
-scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft).
+scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft);
+ar-continue, the adaptations' control: the AR model restarted from the same copy with a fresh optimizer.
+--decay: each run's learning rate decays (cosine) over its own minutes instead of staying at the peak.
 --seed S trains another seed into <model>-seedS; --test-skip N scores the test verses from N on (a second set);
 --rows keeps only some decoders; --semi-ar B:τ,... scores the adapted models with semi-AR decoding (dual cache) in
 blocks of B at threshold τ instead.
@@ -91,6 +93,10 @@ ABS = ("spa2web-mdlm", ["model.absolute_positions=true"], MASKED)  # mdlm-abs an
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "ar": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
                               ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
+    # the control for an adaptation: the AR model restarted from its copy at --adapt-at with a fresh optimizer and
+    # the same schedule as the adapted models, its objective unchanged
+    "ar-continue": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
+                                       ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
     "mdlm": PLAIN,
     # the same on the AR teacher's greedy translations of the training sources (sequence-level distillation,
     # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
@@ -265,6 +271,10 @@ def main() -> None:
                                                   "models with semi-AR decoding (stop at [EOS], dual cache) at each "
                                                   "pair instead of their usual decoders")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
+    ap.add_argument("--decay", action="store_true",
+                    help="each run's learning rate decays over its own minutes (train.decay_minutes: AR over "
+                         "--minutes, an adapted model over the minutes after its AR copy's) instead of staying at "
+                         "the peak")
     a = ap.parse_args()
     sweep, dual = [], SEMI_AR_FAST[-1][1]  # the dual-cache row's decoder, at other blocks and thresholds
     for pair in filter(None, a.semi_ar.split(",")):
@@ -298,7 +308,7 @@ def main() -> None:
             overrides, run_dir = [*overrides, f"train.seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
         if name == "ar":
             own = sorted({*marks, *(m for m in adapt if m < a.minutes)})
-        if "-adapt" in name:  # the AR minutes count: it trains the rest of --minutes
+        if "-adapt" in name or name == "ar-continue":  # the AR minutes count: it trains the rest of --minutes
             if len(adapt) != 1:
                 raise SystemExit(f"spa2web: {name} starts from the AR model at --adapt-at M minutes: give one M")
             before = adapt[0]
@@ -316,8 +326,9 @@ def main() -> None:
                                      "train it again (without --reuse) for mdlm-adapt")
                 continue
             fresh = not (a.reuse or m != own[0]) or not (run_dir / "checkpoint.safetensors").is_file()
+            sched = [f"train.decay_minutes={a.minutes - before}"] if a.decay else []
             run = load_config(preset, [f"data.path={data}", f"train.max_minutes={m}", f"name={a.data}-{name}",
-                                       "train.max_steps=1000000", "train.eval_every=1000000", *overrides])
+                                       "train.max_steps=1000000", "train.eval_every=1000000", *sched, *overrides])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
             if name == "ar" and m in adapt:
