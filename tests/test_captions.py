@@ -10,8 +10,11 @@ from conftest import one_line_error
 
 from difflm import registry
 from difflm.config import RunConfig
+from difflm.data.corpora import load_lines
+from difflm.data.datasets import build_dataset, image_tensor
 from difflm.data.images import write_png
 from difflm.data.scenes import caption_metrics, load_fashion_mnist, scenes_for
+from difflm.data.tokenizers import build_tokenizer
 from difflm.errors import DiffLMError
 from difflm.pipeline import DiffusionLM
 from difflm.training.trainer import Trainer
@@ -218,3 +221,35 @@ def test_sincos2d_adds_fixed_row_and_column_positions_to_the_patches():
     torch.testing.assert_close(seen["sincos2d"] - seen["learned"], table.expand(3, -1, -1))
     with pytest.raises(DiffLMError, match="image_positions"):
         scenes_run("masked", 1, model={"image_positions": "fixed"})
+
+
+def test_the_scene_stream_draws_row_r_of_the_run_as_scene_r(tmp_path):
+    """data.scene_stream: the training batch of step s holds scenes s·B … s·B + B − 1, each with its first
+    reference caption: the same images and captions the fixed set (written to and read back from the cache) holds
+    at those indices, through the tokenizer; later steps move on to scenes no fixed set of data.scenes holds. A run
+    trains on it end to end, and the option is refused in one line off the scenes corpus."""
+    run = scenes_run("masked", 3, items="2-4", classes=("trouser", "bag", "sneaker"), cond_dropout=0.0)
+    stream = RunConfig.from_dict({**run.to_dict(), "data": {**run.to_dict()["data"], "scene_stream": True}})
+    tr = Trainer(stream, tmp_path / "s", progress=False)
+    tok = build_tokenizer(stream.tokenizer, load_lines(stream.data, "train"))
+    data = build_dataset(stream.data, tok, "train")
+    assert data.stream is not None and build_dataset(stream.data, tok, "valid").stream is None
+    B = stream.train.batch_size
+    big = RunConfig.from_dict({**run.to_dict(), "data": {**run.to_dict()["data"], "scenes": 3 * B}})
+    fixed = scenes_for(big.data, "train")
+    for step in (0, 2):
+        b = tr._batch(data, step, 0)
+        assert b.rows.tolist() == list(range(step * B, step * B + B))
+        for k, r in enumerate(b.rows.tolist()):
+            sc = fixed[r]
+            want = [tok.bos_id, *tok.encode(sc.captions[0])]
+            assert b.tokens[k, : len(want)].tolist() == want
+            assert b.tokens[k, len(want)] == tok.eos_id
+        assert torch.equal(b.images, image_tensor(np.stack([fixed[r].image for r in b.rows.tolist()])))
+    far = tr._batch(data, 10**6, 0)  # scene 32,000,000 and on: not in the 2,000-scene fixed set
+    assert far.rows[0] == 10**6 * B and far.images.shape == (B, 1, 64, 64)
+    Trainer(stream, tmp_path / "run", progress=False).fit()
+    assert DiffusionLM.from_pretrained(tmp_path / "run", device="cpu").caption([fixed[0].image])[0].prediction
+    bad = {**run.to_dict(), "data": {"corpus": "ptb", "scene_stream": True}}
+    with pytest.raises(DiffLMError, match="scene_stream"):
+        RunConfig.from_dict(bad)

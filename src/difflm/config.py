@@ -44,6 +44,9 @@ class DataConfig:
                               "captions, the sanity row)")
     scene_classes: list[str] | None = None  # scenes: the Fashion-MNIST classes drawn (default all ten)
     scene_seed: int = option(0, "scenes: the generator's seed (scene i of a split is a function of it)", ge=0)
+    scene_stream: bool = option(False, "scenes: every training row draws a fresh scene (row r of the run is scene r "
+                                "of the seeded sequence whose first data.scenes scenes are the fixed set; those still "
+                                "train the tokenizer and give the length prior)")
 
     def __post_init__(self) -> None:
         if self.corpus in ("pairs", "scenes") and self.mode == "packed":
@@ -54,6 +57,8 @@ class DataConfig:
         from .data.scenes import class_ids, parse_items
 
         parse_items(self.scene_items)  # checked whatever the corpus: a bad value is an error, never silently unused
+        if self.scene_stream and self.corpus != "scenes":
+            raise DiffLMError("data.scene_stream draws captioning scenes: it needs data.corpus scenes")
         class_ids(self.scene_classes)
         if self.target_length not in ("eos", "predicted"):
             raise DiffLMError(f"data.target_length must be eos or predicted, got {self.target_length!r}")

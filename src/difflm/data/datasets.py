@@ -69,16 +69,30 @@ class TokenDataset:
 
 class SceneDataset(TokenDataset):
     """Caption rows ([BOS], caption, [EOS]…: the pairs layout with an empty source), one per reference caption of
-    each scene, with the scene images (S, H, W) uint8 that ``image_of`` (N,) points each row at."""
+    each scene, with the scene images (S, H, W) uint8 that ``image_of`` (N,) points each row at. With a ``stream``
+    (``data.scene_stream``) training rows are drawn afresh instead (``drawn``)."""
 
     def __init__(self, tokens: np.ndarray, pad_id: int, eos_id: int, bos_id: int, images: np.ndarray,
-                 image_of: np.ndarray, fill_given: bool = False) -> None:
+                 image_of: np.ndarray, fill_given: bool = False, stream=None,
+                 tokenizer: Tokenizer | None = None) -> None:
         super().__init__(tokens, pad_id, "pairs", eos_id, bos_id, fill_given)
         self.images, self.image_of = images, image_of
+        self.stream, self.tokenizer = stream, tokenizer
 
     def batch(self, idx) -> Batch:
         b = super().batch(idx)
         b.images = image_tensor(self.images[self.image_of[np.asarray(idx)]])
+        return b
+
+    def drawn(self, rows: torch.Tensor) -> Batch:
+        """Rows (B,) of a run on the scene stream: row r is scene r with its first reference caption, drawn now
+        (a pure function of r, so resuming, batch splits and ranks need no state)."""
+        scenes = [self.stream.scene(int(r)) for r in rows]
+        x = [pair_row([], self.tokenizer.encode(sc.captions[0]), self.seq_len, self.bos_id, self.eos_id, 0)[0]
+             for sc in scenes]
+        b = make_batch(torch.tensor(x, dtype=torch.long), self.pad_id, self.eos_id, self.mode, self.bos_id,
+                       self.fill_given)
+        b.images = image_tensor(np.stack([sc.image for sc in scenes]))
         return b
 
 
@@ -88,7 +102,7 @@ def image_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def build_scene_dataset(cfg, tokenizer: Tokenizer, split: str) -> SceneDataset:
-    from .scenes import scenes_for
+    from .scenes import scene_source, scenes_for
 
     scenes = scenes_for(cfg, split)
     rows, image_of, cut = [], [], 0
@@ -100,8 +114,10 @@ def build_scene_dataset(cfg, tokenizer: Tokenizer, split: str) -> SceneDataset:
             cut += c
     if cut:
         print(f"difflm: {cut} {split} captions longer than data.seq_len={cfg.seq_len} were truncated", file=sys.stderr)
+    stream = scene_source(cfg, "train") if cfg.scene_stream and split == "train" else None
     return SceneDataset(np.asarray(rows, dtype=np.int32), tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id,
-                        np.stack([sc.image for sc in scenes]), np.asarray(image_of), cfg.target_length == "predicted")
+                        np.stack([sc.image for sc in scenes]), np.asarray(image_of), cfg.target_length == "predicted",
+                        stream, tokenizer)
 
 
 def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None,

@@ -183,17 +183,35 @@ def make_scene(images: np.ndarray, by_class: dict[int, np.ndarray], rng: np.rand
     return scene
 
 
+class SceneSource:
+    """The scenes of a split, drawn on demand: scene i is a pure function of (seed, split, i), drawn from its own
+    generator. ``make_scenes``' first ``count`` scenes are scene(0), …, scene(count − 1), so a stream of fresh scenes
+    (``data.scene_stream``) is the limit of ever larger training sets."""
+
+    def __init__(self, split: str, *, items: str | int = "2-4", classes: list[str] | None = None, seed: int = 0,
+                 path: str | None = None, references: int = 3) -> None:
+        if split not in SPLIT_SEED:
+            raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEED)}")
+        self.images, labels = load_fashion_mnist(split, path)
+        self.ids = class_ids(classes)
+        self.by_class = {c: np.flatnonzero(labels == c) for c in self.ids}
+        self.items, self.key, self.references = parse_items(items), (seed, SPLIT_SEED[split]), references
+
+    def scene(self, i: int) -> Scene:
+        return make_scene(self.images, self.by_class, np.random.default_rng([*self.key, i]), self.items, self.ids,
+                          self.references)
+
+
 def make_scenes(split: str, count: int, *, items: str | int = "2-4", classes: list[str] | None = None,
                 seed: int = 0, path: str | None = None, references: int = 3) -> list[Scene]:
     """``count`` scenes of a split, deterministic in (seed, split): scene i is drawn from its own generator."""
-    if split not in SPLIT_SEED:
-        raise DiffLMError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SEED)}")
-    images, labels = load_fashion_mnist(split, path)
-    ids = class_ids(classes)
-    by_class = {c: np.flatnonzero(labels == c) for c in ids}
-    lo_hi = parse_items(items)
-    return [make_scene(images, by_class, np.random.default_rng([seed, SPLIT_SEED[split], i]), lo_hi, ids, references)
-            for i in range(count)]
+    source = SceneSource(split, items=items, classes=classes, seed=seed, path=path, references=references)
+    return [source.scene(i) for i in range(count)]
+
+
+def scene_source(cfg, split: str) -> SceneSource:
+    """cfg: DataConfig with corpus scenes. The split's scenes on demand (what ``data.scene_stream`` trains on)."""
+    return SceneSource(split, items=cfg.scene_items, classes=cfg.scene_classes, seed=cfg.scene_seed, path=cfg.path)
 
 
 # -- captions ----------------------------------------------------------------------------------------------------

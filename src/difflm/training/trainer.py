@@ -130,22 +130,26 @@ class Trainer:
         """This rank's rows of micro-batch ``micro`` of global step ``step``: a pure function of the step,
         so resuming needs no data-loader state. Epoch e visits a fresh seeded permutation."""
         t = self.run.train
-        per_epoch = len(data) // t.batch_size
-        if per_epoch == 0:
-            raise DiffLMError(
-                f"the training set has {len(data)} sequences, fewer than train.batch_size={t.batch_size}"
-            )
-        epoch, j = divmod(step, per_epoch)
-        perm = np.random.default_rng([t.seed, epoch]).permutation(len(data))
         slot = micro * self.dist.world + self.dist.rank
-        start = j * t.batch_size + slot * self.micro
-        batch = data.batch(perm[start : start + self.micro])
+        rows = step * t.batch_size + slot * self.micro + torch.arange(self.micro)  # the rows' places in the run
+        if getattr(data, "stream", None) is not None:  # data.scene_stream: row r of the run is a fresh scene r
+            batch = data.drawn(rows)
+        else:
+            per_epoch = len(data) // t.batch_size
+            if per_epoch == 0:
+                raise DiffLMError(
+                    f"the training set has {len(data)} sequences, fewer than train.batch_size={t.batch_size}"
+                )
+            epoch, j = divmod(step, per_epoch)
+            perm = np.random.default_rng([t.seed, epoch]).permutation(len(data))
+            start = j * t.batch_size + slot * self.micro
+            batch = data.batch(perm[start : start + self.micro])
         # times stratified over the whole global batch (all ranks and micro-batches)
         u0 = float(uniform(t.seed, torch.tensor([step]), 0, 1, stream=3)[0, 0])
         batch.u = low_discrepancy_uniform(u0, self.micro, slot, self.dist.world * t.grad_accum)
         # corruption noise keyed on the row's place in the global batch: any world size and
         # accumulation split of the same global batch sees the same noise (and so the same gradient)
-        batch.rows = step * t.batch_size + slot * self.micro + torch.arange(self.micro)
+        batch.rows = rows
         batch.seed, batch.step = t.seed, step
         if t.cond_dropout > 0:
             if data.mode != "pairs":
