@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from ..errors import DiffLMError
 from . import tokenizers
 from .corpora import load_lines, load_pairs
 from .tokenizers import Tokenizer, pieces
+
+if TYPE_CHECKING:
+    from .scenes import SceneSource
 
 MODES = ("packed", "lines", "pairs")
 
@@ -73,7 +77,7 @@ class SceneDataset(TokenDataset):
     (``data.scene_stream``) training rows are drawn afresh instead (``drawn``)."""
 
     def __init__(self, tokens: np.ndarray, pad_id: int, eos_id: int, bos_id: int, images: np.ndarray,
-                 image_of: np.ndarray, fill_given: bool = False, stream=None,
+                 image_of: np.ndarray, fill_given: bool = False, stream: SceneSource | None = None,
                  tokenizer: Tokenizer | None = None) -> None:
         super().__init__(tokens, pad_id, "pairs", eos_id, bos_id, fill_given)
         self.images, self.image_of = images, image_of

@@ -128,7 +128,8 @@ class Trainer:
 
     def _batch(self, data: TokenDataset, step: int, micro: int) -> Batch:
         """This rank's rows of micro-batch ``micro`` of global step ``step``: a pure function of the step,
-        so resuming needs no data-loader state. Epoch e visits a fresh seeded permutation."""
+        so resuming needs no data-loader state. Epoch e visits a fresh seeded permutation (on the scene stream,
+        row r of the run is scene r)."""
         t = self.run.train
         slot = micro * self.dist.world + self.dist.rank
         rows = step * t.batch_size + slot * self.micro + torch.arange(self.micro)  # the rows' places in the run
