@@ -90,13 +90,12 @@ BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_
                                            "sampler_options": {"threshold": 0.9, "stop_at_eos": True}})]
 PLAIN = ("spa2web-mdlm", [], MASKED)  # mdlm and mdlm-kd: the same model and decoders, real or distilled targets
 ABS = ("spa2web-mdlm", ["model.absolute_positions=true"], MASKED)  # mdlm-abs and mdlm-abs-kd
+AR_ROWS = [("greedy", {**AR, "sampler_options": {"greedy": True}}), ("beam 4", {**AR, "sampler_options": {"beam": 4}})]
 MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
-    "ar": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
-                              ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
+    "ar": ("spa2web-ar", [], AR_ROWS),
     # the control for an adaptation: the AR model restarted from its copy at --adapt-at with a fresh optimizer and
     # the same schedule as the adapted models, its objective unchanged
-    "ar-continue": ("spa2web-ar", [], [("greedy", {**AR, "sampler_options": {"greedy": True}}),
-                                       ("beam 4", {**AR, "sampler_options": {"beam": 4}})]),
+    "ar-continue": ("spa2web-ar", [], AR_ROWS),
     "mdlm": PLAIN,
     # the same on the AR teacher's greedy translations of the training sources (sequence-level distillation,
     # Kim & Rush 2016): `difflm distill-data <out>/ar`, written once to <out>/kd-data (valid and test stay real)
@@ -319,6 +318,7 @@ def main() -> None:
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
             run_dir = a.out / f"{name}-from-{before:g}{f'-seed{a.seed}' if a.seed else ''}"
             own = [m - before for m in marks if m > before]
+        sched = [f"train.decay_minutes={a.minutes - before}"] if a.decay else []  # over this run's own minutes
         for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
                 if name == "ar" and m in adapt and not (a.out / f"ar-at-{m:g}").is_dir():
@@ -326,7 +326,6 @@ def main() -> None:
                                      "train it again (without --reuse) for mdlm-adapt")
                 continue
             fresh = not (a.reuse or m != own[0]) or not (run_dir / "checkpoint.safetensors").is_file()
-            sched = [f"train.decay_minutes={a.minutes - before}"] if a.decay else []
             run = load_config(preset, [f"data.path={data}", f"train.max_minutes={m}", f"name={a.data}-{name}",
                                        "train.max_steps=1000000", "train.eval_every=1000000", *sched, *overrides])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
