@@ -22,8 +22,10 @@ the decoder input (model.copy_source, Gu et al. 2018's uniform copy); mdlm-adapt
 the AR model as it stood at --adapt-at minutes (<out>/ar-at-M, copied when its training passes that mark) adapted to
 the masked family for the rest of the --minutes (model.init, model.shift, Mask-Predict's loss: AR→diffusion
 adaptation at equal wall time, AR minutes included), and mdlm-adapt-anneal the same with attention annealed
-from causal over 200 steps (model.anneal_steps); the adapted models also decode semi-autoregressively (blocks of 8
-from the target's start, argmax tokens, every token above 0.9 in a call and at least one); block,
+from causal over 200 steps (model.anneal_steps; -anneal50 over 50, and -anneal50-blocks with the masks laid out as
+semi-AR decoding meets the row, process.mask_layout blocks); the adapted models also decode
+semi-autoregressively (blocks of 8 from the target's start, argmax tokens, every token above 0.9 in a call and at
+least one); block,
 BD3-LM (blocks of 8) with its block sampler (ancestral, and Fast-dLLM v2's threshold decoding), and block-adapt the
 AR model adapted to it (attention opened to block-causal over 50 steps); uniform, d3pm, sedd and gaussian from
 scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft);
@@ -118,6 +120,10 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # a short adaptation (5 to 10 minutes, 90 to 180 one-thread steps) opens the attention over its first 50 steps
     "mdlm-adapt-anneal50": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=50"],
                             ADAPTED),
+    # the same, its masks laid out as semi-AR decoding meets the row (a clean prefix, one block of 8 masked at the
+    # drawn rate, everything after it masked; the loss on the block): the adaptation trains what decoding asks of it
+    "mdlm-adapt-anneal50-blocks": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=50",
+                                                    "process.mask_layout=blocks", "process.mask_block=8"], ADAPTED),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),

@@ -618,6 +618,71 @@ def tagger_inputs(model) -> list[torch.Tensor]:
     return seen
 
 
+def test_the_blocks_layout_masks_the_context_that_semi_autoregressive_decoding_reads():
+    """process.mask_layout blocks: in each row a block of mask_block free positions, drawn uniformly among those that
+    reach the text (up to its first [EOS]), has at least one [MASK] and each other position [MASK] at rate 1 − α(t);
+    everything before it is clean and everything after it [MASK]; the loss is cmlm's over the block's masks alone,
+    and the draw is keyed on (seed, row, step), so a row is masked the same in any batch."""
+    import torch.nn.functional as F
+
+    from difflm.data.datasets import make_batch
+    from difflm.diffusion.masked import MaskedDiffusion
+
+    tok, model, _, _ = random_net({"encoder_layers": 1}, {"type": "masked"}, seq_len=24)
+    pairs = [("abcd", "efgh ijklm"), ("ab", "cdefg"), ("a", "bcdefghijklmnop")]
+    x = rows(tok, pairs, L=24)[torch.arange(600) % 3]
+    batch = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    proc = MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, eos_id=tok.eos_id, loss="cmlm",
+                           mask_layout="blocks", mask_block=3)
+    batch.rows, batch.seed, batch.step = torch.arange(600), 0, 5
+    batch.u = torch.full((600,), 0.5, dtype=torch.float64)
+    t, _ = proc.times(batch.u)
+    assert torch.allclose(1 - proc.schedule.alpha(t), torch.full_like(t, 0.5), atol=1e-4)
+    xt, block = proc.block_corrupt(batch, t)
+    free, mask = batch.free, xt == tok.mask_id
+    assert torch.equal(xt[~free], x[~free]) and not (block & ~free).any()
+    counts, starts = [], {0: [], 1: [], 2: []}
+    for b in range(600):
+        f = free[b].nonzero()[:, 0]
+        text = int((x[b, f] == tok.eos_id).nonzero()[0, 0]) + 1  # the target's tokens and its first [EOS]
+        inb = block[b, f].nonzero()[:, 0]
+        s = int(inb[0])
+        assert s % 3 == 0 and s < text and inb.tolist() == list(range(s, min(s + 3, len(f))))
+        assert torch.equal(xt[b, f[:s]], x[b, f[:s]])  # the clean prefix
+        assert mask[b, f[s + 3:]].all()  # everything after the block
+        assert mask[b, f[inb]].any()  # at least one [MASK] in the block
+        starts[b % 3].append(s // 3)
+        if len(inb) == 3:
+            counts.append(int(mask[b, f[inb]].sum()))
+    # 3 positions at rate 1/2, one forced when none is drawn: 3/2 + 1/8 masks a block on average
+    assert abs(sum(counts) / len(counts) - 1.625) < 0.15
+    for k, (_, t_) in enumerate(pairs):  # the block index is uniform over the blocks that reach the text
+        n = len(tok.encode(t_)) + 1
+        seen = torch.bincount(torch.tensor(starts[k]), minlength=(n + 2) // 3)
+        assert len(seen) == (n + 2) // 3 and (seen > 200 / len(seen) * 0.5).all(), (k, seen.tolist())
+    sub = make_batch(x[7:19], tok.pad_id, tok.eos_id, "pairs", tok.bos_id)  # the same rows in a smaller batch
+    sub.rows, sub.seed, sub.step, sub.u = torch.arange(7, 19), 0, 5, batch.u[7:19]
+    assert torch.equal(proc.block_corrupt(sub, t[7:19])[0], xt[7:19])
+    net = bind_source(model, proc, x[:6])
+    small = make_batch(x[:6], tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    small.rows, small.seed, small.step, small.u = torch.arange(6), 0, 5, torch.rand(6, dtype=torch.float64)
+    with torch.no_grad():
+        terms = proc.loss(net, small)
+        ts, _ = proc.times(small.u)
+        xs, bs = proc.block_corrupt(small, ts)
+        ce = F.cross_entropy(proc.subs_logits(net, xs, ts).transpose(1, 2), x[:6], reduction="none")
+    counted = bs & (xs == tok.mask_id)
+    assert (xs == tok.mask_id).sum() > counted.sum()  # masks after the block, which carry no loss
+    assert torch.equal(terms != 0, counted)
+    for b in range(6):
+        want = int(small.loss_mask[b].sum()) * ce[b][counted[b]].mean()
+        assert torch.allclose(terms[b].sum(), want.float(), rtol=1e-4), b
+    with pytest.raises(DiffLMError, match="process.loss cmlm"):
+        MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, mask_layout="blocks")
+    with pytest.raises(DiffLMError, match="mask_layout must be random or blocks"):
+        MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="cmlm", mask_layout="prefix")
+
+
 @pytest.mark.parametrize("encoder", [True, False])
 def test_an_edit_encoder_decoder_learns_to_undo_corruption_of_the_target_not_the_path_from_the_source(encoder):
     """DiffusER with an encoder reads the source apart and is trained as the unconditional model, on corrupted

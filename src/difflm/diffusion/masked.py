@@ -38,10 +38,20 @@ class MaskedOptions:
     glance_mix: float = option(0.0, "loss glat: the share of rows masked at a random rate instead, as loss cmlm masks "
                                "them (glancing alone never trains on the all-[MASK] row that decoding starts from)",
                                ge=0, le=1)
+    mask_layout: str = option("random", "loss cmlm: where the masks fall. random: every free position at the drawn "
+                              "rate; blocks: the context semi-autoregressive decoding reads (a clean prefix, one block "
+                              "of mask_block positions masked at the drawn rate with at least one [MASK], every later "
+                              "position [MASK]), the loss on that block only")
+    mask_block: int = option(8, "mask_layout blocks: the block's length in positions (the decoder's block)", ge=1)
 
     def __post_init__(self) -> None:
         if self.loss not in ("elbo", "cmlm", "glat"):
             raise DiffLMError(f"process.loss must be elbo, cmlm or glat, got {self.loss!r}")
+        if self.mask_layout not in ("random", "blocks"):
+            raise DiffLMError(f"process.mask_layout must be random or blocks, got {self.mask_layout!r}")
+        if self.mask_layout == "blocks" and self.loss != "cmlm":
+            raise DiffLMError("process.mask_layout blocks changes the forward process, so the bound's weights no "
+                              "longer apply: set process.loss cmlm with it")
 
 
 @register_family
@@ -132,15 +142,44 @@ class MaskedDiffusion(Process):
                 xt = self.glancing_corrupt(model, batch)
             # t: the share masked (1 − α(t) = t under loglinear); read only by time-conditioned networks
             t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
+        elif self.options.mask_layout == "blocks":
+            t, _ = self.times(batch.time_uniforms())
+            xt, block = self.block_corrupt(batch, t)
         else:
             t, _ = self.times(batch.time_uniforms())
             xt = self.corrupt(batch, t)
         counted = (xt == self.mask_id) & batch.loss_mask
+        if self.options.mask_layout == "blocks":
+            counted &= block  # the positions after the block are context, as in decoding: no loss there
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         terms[counted] = nll * scale[:, None].expand_as(x0)[counted]
         return terms
+
+    def block_corrupt(self, batch: Batch, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The row as semi-autoregressive decoding meets it (LLaDA §2.4; Fast-dLLM v2 trains on the same context):
+        free positions are numbered 0..n−1 in each row; a block j of ``mask_block`` of them is drawn uniformly among
+        the blocks that reach the text (up to its first [EOS], so the [EOS] fill after it does not dilute the loss);
+        the positions before it stay clean, each of its positions is [MASK] with probability 1 − α(t) and at least
+        one is, and every position after it is [MASK]. t: (B,) -> x_t (B, L) and the block (B, L) bool."""
+        x0, free = batch.tokens, batch.free
+        size = self.options.mask_block
+        rank = free.long().cumsum(-1) - 1  # each free position's number in its row
+        n = free.sum(-1)
+        if self.eos_id is not None:  # the text and its first [EOS]: the fill after it is not drawn as a block
+            eos = free & (x0 == self.eos_id)
+            first = torch.where(eos.any(-1), torch.where(eos, rank, n[:, None]).amin(-1) + 1, n)
+            n = torch.minimum(n, first)
+        blocks = ((n + size - 1) // size).clamp_min(1)
+        start = (torch.floor(batch.rand(stream=3, width=1)[:, 0] * blocks.double()).long() * size)[:, None]
+        block = free & (rank >= start) & (rank < start + size)
+        r = batch.rand(stream=0)
+        drawn = r < (1 - self.schedule.alpha(t.double()))[:, None]
+        key = torch.where(block, r, torch.full_like(r, 2.0))
+        least = torch.zeros_like(block).scatter_(-1, key.argmin(-1, keepdim=True), True) & block  # ≥ 1 [MASK]
+        masked = (block & (drawn | least)) | (free & (rank >= start + size))
+        return torch.where(masked, torch.full_like(x0, self.mask_id), x0), block
 
     @torch.no_grad()
     def first_pass(self, model: nn.Module, batch: Batch, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
