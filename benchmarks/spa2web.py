@@ -30,7 +30,8 @@ BD3-LM (blocks of 8) with its block sampler (ancestral, and Fast-dLLM v2's thres
 AR model adapted to it (attention opened to block-causal over 50 steps); uniform, d3pm, sedd and gaussian from
 scratch with their own samplers; edit, DiffusER (from the empty sequence, and from the AR model's draft);
 ar-continue, the adaptations' control: the AR model restarted from the same copy with a fresh optimizer.
---decay: each run's learning rate decays (cosine) over its own minutes instead of staying at the peak.
+--decay: each run's learning rate decays (cosine) over its own minutes instead of staying at the peak; --set
+KEY=VALUE overrides the config of every model trained (e.g. train.warmup_steps=20 for a short adaptation).
 --seed S trains another seed into <model>-seedS; --test-skip N scores the test verses from N on (a second set);
 --rows keeps only some decoders; --semi-ar B:τ,... scores the adapted models with semi-AR decoding (dual cache) in
 blocks of B at threshold τ instead.
@@ -280,6 +281,9 @@ def main() -> None:
                     help="each run's learning rate decays over its own minutes (train.decay_minutes: AR over "
                          "--minutes, an adapted model over the minutes after its AR copy's) instead of staying at "
                          "the peak")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every model trained (repeatable), e.g. train.warmup_steps=20; "
+                         "give such runs their own --out (an adapted model finds its AR copy at <out>/ar-at-M)")
     a = ap.parse_args()
     sweep, dual = [], SEMI_AR_FAST[-1][1]  # the dual-cache row's decoder, at other blocks and thresholds
     for pair in filter(None, a.semi_ar.split(",")):
@@ -325,6 +329,7 @@ def main() -> None:
             run_dir = a.out / f"{name}-from-{before:g}{f'-seed{a.seed}' if a.seed else ''}"
             own = [m - before for m in marks if m > before]
         sched = [f"train.decay_minutes={a.minutes - before}"] if a.decay else []  # over this run's own minutes
+        sched += a.set
         for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
                 if name == "ar" and m in adapt and not (a.out / f"ar-at-{m:g}").is_dir():
