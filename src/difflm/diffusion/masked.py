@@ -133,6 +133,7 @@ class MaskedDiffusion(Process):
         if self.options.loss == "elbo":
             return self.bound_terms(model, batch)
         x0 = batch.tokens
+        scored = batch.loss_mask  # where a [MASK] carries loss: the block alone under mask_layout blocks
         if self.options.loss == "glat":
             if self.options.glance_mix > 0:  # a share of the rows masked at a random rate, as cmlm masks them
                 t_rand, _ = self.times(batch.time_uniforms())
@@ -144,13 +145,11 @@ class MaskedDiffusion(Process):
             t = ((xt == self.mask_id) & batch.loss_mask).sum(-1).double() / batch.loss_mask.sum(-1).clamp_min(1)
         elif self.options.mask_layout == "blocks":
             t, _ = self.times(batch.time_uniforms())
-            xt, block = self.block_corrupt(batch, t)
+            xt, scored = self.block_corrupt(batch, t)  # the positions after the block are context, as in decoding
         else:
             t, _ = self.times(batch.time_uniforms())
             xt = self.corrupt(batch, t)
-        counted = (xt == self.mask_id) & batch.loss_mask
-        if self.options.mask_layout == "blocks":
-            counted &= block  # the positions after the block are context, as in decoding: no loss there
+        counted = (xt == self.mask_id) & scored
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
@@ -169,8 +168,7 @@ class MaskedDiffusion(Process):
         n = free.sum(-1)
         if self.eos_id is not None:  # the text and its first [EOS]: the fill after it is not drawn as a block
             eos = free & (x0 == self.eos_id)
-            first = torch.where(eos.any(-1), torch.where(eos, rank, n[:, None]).amin(-1) + 1, n)
-            n = torch.minimum(n, first)
+            n = torch.minimum(n, torch.where(eos, rank, n[:, None]).amin(-1) + 1)  # no [EOS]: n + 1, so n stays
         blocks = ((n + size - 1) // size).clamp_min(1)
         start = (torch.floor(batch.rand(stream=3, width=1)[:, 0] * blocks.double()).long() * size)[:, None]
         block = free & (rank >= start) & (rank < start + size)
