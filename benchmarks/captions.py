@@ -189,6 +189,10 @@ def main() -> None:
                 train(*PRESETS["autoregressive"], ar_at, adapt[0], "captions-autoregressive",
                       decay=a.minutes if a.decay else None)
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
+            parent = json.loads((ar_at / "config.json").read_text())["run"]
+            if parent["data"].get("scene_stream"):  # go on along the AR run's stream, past the scenes it saw
+                seen = json.loads((ar_at / "manifest.json").read_text())["step"] * parent["train"]["batch_size"]
+                overrides.append(f"data.stream_start={parent['data'].get('stream_start', 0) + seen}")
             d, minutes = a.out / f"{fam}-from-{adapt[0]:g}", a.minutes - adapt[0]
         if a.reuse and (d / "model.safetensors").is_file():
             steps = json.loads((d / "manifest.json").read_text())["step"]

@@ -248,8 +248,16 @@ def test_the_scene_stream_draws_row_r_of_the_run_as_scene_r(tmp_path):
         assert torch.equal(b.images, image_tensor(np.stack([fixed[r].image for r in b.rows.tolist()])))
     far = tr._batch(data, 10**6, 0)  # scene 32,000,000 and on: not in the 2,000-scene fixed set
     assert far.rows[0] == 10**6 * B and far.images.shape == (B, 1, 64, 64)
+    # data.stream_start: the run's rows keep their numbers (the noise's counters), the scenes move on by B
+    on = RunConfig.from_dict({**stream.to_dict(), "data": {**stream.to_dict()["data"], "stream_start": B}})
+    later = build_dataset(on.data, tok, "train")
+    b = Trainer(on, tmp_path / "on", progress=False)._batch(later, 1, 0)
+    assert b.rows.tolist() == list(range(B, 2 * B))
+    assert torch.equal(b.images, image_tensor(np.stack([fixed[2 * B + k].image for k in range(B)])))
     Trainer(stream, tmp_path / "run", progress=False).fit()
     assert DiffusionLM.from_pretrained(tmp_path / "run", device="cpu").caption([fixed[0].image])[0].prediction
     bad = {**run.to_dict(), "data": {"corpus": "ptb", "scene_stream": True}}
     with pytest.raises(DiffLMError, match="scene_stream"):
         RunConfig.from_dict(bad)
+    with pytest.raises(DiffLMError, match="stream_start.*scene_stream true"):
+        RunConfig.from_dict({**run.to_dict(), "data": {**run.to_dict()["data"], "stream_start": 4}})

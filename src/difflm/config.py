@@ -47,6 +47,8 @@ class DataConfig:
     scene_stream: bool = option(False, "scenes: every training row draws a fresh scene (row r of the run is scene r "
                                 "of the seeded sequence whose first data.scenes scenes are the fixed set; those still "
                                 "train the tokenizer and give the length prior)")
+    stream_start: int = option(0, "scenes: with data.scene_stream, row r of the run is scene stream_start + r (a run "
+                               "adapted from another continues its stream past the scenes that one saw)", ge=0)
 
     def __post_init__(self) -> None:
         if self.corpus in ("pairs", "scenes") and self.mode == "packed":
@@ -59,6 +61,8 @@ class DataConfig:
         parse_items(self.scene_items)  # checked whatever the corpus: a bad value is an error, never silently unused
         if self.scene_stream and self.corpus != "scenes":
             raise DiffLMError("data.scene_stream draws captioning scenes: it needs data.corpus scenes")
+        if self.stream_start and not self.scene_stream:
+            raise DiffLMError("data.stream_start is where the scene stream starts: it needs data.scene_stream true")
         class_ids(self.scene_classes)
         if self.target_length not in ("eos", "predicted"):
             raise DiffLMError(f"data.target_length must be eos or predicted, got {self.target_length!r}")

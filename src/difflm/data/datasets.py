@@ -78,10 +78,10 @@ class SceneDataset(TokenDataset):
 
     def __init__(self, tokens: np.ndarray, pad_id: int, eos_id: int, bos_id: int, images: np.ndarray,
                  image_of: np.ndarray, fill_given: bool = False, stream: SceneSource | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, stream_start: int = 0) -> None:
         super().__init__(tokens, pad_id, "pairs", eos_id, bos_id, fill_given)
         self.images, self.image_of = images, image_of
-        self.stream, self.tokenizer = stream, tokenizer
+        self.stream, self.tokenizer, self.stream_start = stream, tokenizer, stream_start
 
     def batch(self, idx) -> Batch:
         b = super().batch(idx)
@@ -89,9 +89,9 @@ class SceneDataset(TokenDataset):
         return b
 
     def drawn(self, rows: torch.Tensor) -> Batch:
-        """Rows (B,) of a run on the scene stream: row r is scene r with its first reference caption, drawn now
-        (a pure function of r, so resuming, batch splits and ranks need no state)."""
-        scenes = [self.stream.scene(int(r)) for r in rows]
+        """Rows (B,) of a run on the scene stream: row r is scene stream_start + r with its first reference
+        caption, drawn now (a pure function of r, so resuming, batch splits and ranks need no state)."""
+        scenes = [self.stream.scene(self.stream_start + int(r)) for r in rows]
         x = [pair_row([], self.tokenizer.encode(sc.captions[0]), self.seq_len, self.bos_id, self.eos_id, 0)[0]
              for sc in scenes]
         b = make_batch(torch.tensor(x, dtype=torch.long), self.pad_id, self.eos_id, self.mode, self.bos_id,
@@ -121,7 +121,7 @@ def build_scene_dataset(cfg, tokenizer: Tokenizer, split: str) -> SceneDataset:
     stream = scene_source(cfg, "train") if cfg.scene_stream and split == "train" else None
     return SceneDataset(np.asarray(rows, dtype=np.int32), tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id,
                         np.stack([sc.image for sc in scenes]), np.asarray(image_of), cfg.target_length == "predicted",
-                        stream, tokenizer)
+                        stream, tokenizer, cfg.stream_start)
 
 
 def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None,
