@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--decay", action="store_true",
                     help="each run's learning rate decays over its own wall time (train.decay_minutes; an adapted "
                          "run over its own minutes, after its AR copy's) instead of staying at the peak")
+    ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
+                                               "comma-separated strings (the plain decoder's label is empty)")
+    ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
@@ -206,6 +209,7 @@ def main() -> None:
         decoders = [("", 0.0, {}), (" (CFG w=1)", 1.0, {})]
         if lm.process.family == "masked":
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
+            decoders.append((f" ({SEMI_AR[1][0]}, CFG w=1)", 1.0, SEMI_AR[1][1]))  # guidance on the best decoder
         ar_dir = a.out / "autoregressive"
         if lm.process.family in ("masked", "edit") and (ar_dir / "model.safetensors").is_file():
             # DiffusER's AR bootstrap: the AR captioner's captions (timed with it) revised or refined
@@ -214,6 +218,8 @@ def main() -> None:
                                                                              "draft_from": ar})
                             if lm.process.family == "masked" else (" (AR draft)", 0.0, {"draft_from": ar}))
         for label, w, kw in decoders:
+            if a.rows and not any(r in label for r in a.rows.split(",")):
+                continue
             r = score(lm, scenes, w, **kw)
             name = f"{d.name}{label}"
             preds_by[name] = r.pop("predictions")
@@ -224,7 +230,7 @@ def main() -> None:
     if a.train_only:
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps(out, indent=2))
+    (a.out / a.results).write_text(json.dumps(out, indent=2))
     not_diffusion = ("autoregressive", "ar-continue", "masked, single")
     diffusion = [r for r in out["rows"] if not r["model"].startswith(not_diffusion)]
     if scenes is not None and diffusion:
