@@ -276,6 +276,8 @@ def main() -> None:
     ap.add_argument("--semi-ar", default="", help="block:threshold pairs (e.g. 4:0.9,8:0.7): score the adapted "
                                                   "models with semi-AR decoding (stop at [EOS], dual cache) at each "
                                                   "pair instead of their usual decoders")
+    ap.add_argument("--score-copies", action="store_true", help="with --models ar and --adapt-at: score the AR "
+                    "run's copies at those marks too (what each adaptation starts from)")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     ap.add_argument("--decay", action="store_true",
                     help="each run's learning rate decays over its own minutes (train.decay_minutes: AR over "
@@ -349,28 +351,31 @@ def main() -> None:
         done = json.loads((run_dir / "curve.json").read_text()) if (run_dir / "curve.json").is_file() else {}
         if not any(abs(float(m) - before - trained_minutes(run_dir)) < 0.5 for m in done):  # this length: scored
             curve_point(run_dir, decoders, valid, before)
-        lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
-        with_src, without = source_use(lm)
-        steps = json.loads((run_dir / "manifest.json").read_text())["step"]
-        if a.data == "kjv2web" and lm.process.family == "masked":
+        if a.data == "kjv2web" and DiffusionLM.from_pretrained(run_dir, device="cpu").process.family == "masked":
             decoders = [*decoders, SOURCE_DRAFT]
-        for label, kw in decoders:
-            if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
-                continue
-            if a.rows and not any(r in label for r in a.rows.split(",")):
-                continue
-            if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
-                if not (a.out / "ar" / "model.safetensors").is_file():
+        # with --score-copies the AR run's copies at the --adapt-at marks too: what each adaptation starts from
+        folders = [run_dir, *(a.out / f"ar-at-{m:g}" for m in (adapt if name == "ar" and a.score_copies else ()))]
+        for folder in folders:
+            lm = DiffusionLM.from_pretrained(folder, device="cpu")
+            with_src, without = source_use(lm)
+            steps = json.loads((folder / "manifest.json").read_text())["step"]
+            for label, kw in decoders:
+                if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
                     continue
-                kw = {**kw, "draft_from": DiffusionLM.from_pretrained(a.out / "ar", device="cpu")}
-            t0 = time.perf_counter()
-            outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
-            sec = (time.perf_counter() - t0) / len(test)
-            row = {"model": f"{run_dir.name} ({label})", **scores([o.prediction for o in outs], refs),
-                   "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_sentence": sec, "train_steps": steps,
-                   "nats_with_source": with_src, "nats_without_source": without}
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
+                if a.rows and not any(r in label for r in a.rows.split(",")):
+                    continue
+                if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
+                    if not (a.out / "ar" / "model.safetensors").is_file():
+                        continue
+                    kw = {**kw, "draft_from": DiffusionLM.from_pretrained(a.out / "ar", device="cpu")}
+                t0 = time.perf_counter()
+                outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
+                sec = (time.perf_counter() - t0) / len(test)
+                row = {"model": f"{folder.name} ({label})", **scores([o.prediction for o in outs], refs),
+                       "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_sentence": sec, "train_steps": steps,
+                       "nats_with_source": with_src, "nats_without_source": without}
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
     if a.train_only:
         return
     a.out.mkdir(parents=True, exist_ok=True)
