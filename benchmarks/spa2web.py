@@ -330,7 +330,7 @@ def main() -> None:
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
             run_dir = a.out / f"{name}-from-{before:g}{f'-seed{a.seed}' if a.seed else ''}"
             own = [m - before for m in marks if m > before]
-        # the decay over this run's own minutes, then the --set overrides
+        # the decay over this run's own minutes, then the --set overrides (last: they win over the model's own)
         extra = [*([f"train.decay_minutes={a.minutes - before}"] if a.decay else []), *a.set]
         for m in own:  # train on to each mark (an exact resume: the minutes add up), then BLEU on valid there
             if m + before > a.minutes or (a.reuse and trained_minutes(run_dir) >= m - 0.05):
@@ -340,7 +340,7 @@ def main() -> None:
                 continue
             fresh = not (a.reuse or m != own[0]) or not (run_dir / "checkpoint.safetensors").is_file()
             run = load_config(preset, [f"data.path={data}", f"train.max_minutes={m}", f"name={a.data}-{name}",
-                                       "train.max_steps=1000000", "train.eval_every=1000000", *extra, *overrides])
+                                       "train.max_steps=1000000", "train.eval_every=1000000", *overrides, *extra])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
             if name == "ar" and m in adapt:
