@@ -351,15 +351,14 @@ def main() -> None:
         done = json.loads((run_dir / "curve.json").read_text()) if (run_dir / "curve.json").is_file() else {}
         if not any(abs(float(m) - before - trained_minutes(run_dir)) < 0.5 for m in done):  # this length: scored
             curve_point(run_dir, decoders, valid, before)
-        if a.data == "kjv2web" and DiffusionLM.from_pretrained(run_dir, device="cpu").process.family == "masked":
-            decoders = [*decoders, SOURCE_DRAFT]
         # with --score-copies the AR run's copies at the --adapt-at marks too: what each adaptation starts from
         folders = [run_dir, *(a.out / f"ar-at-{m:g}" for m in (adapt if name == "ar" and a.score_copies else ()))]
         for folder in folders:
             lm = DiffusionLM.from_pretrained(folder, device="cpu")
             with_src, without = source_use(lm)
             steps = json.loads((folder / "manifest.json").read_text())["step"]
-            for label, kw in decoders:
+            kjv_masked = a.data == "kjv2web" and lm.process.family == "masked"
+            for label, kw in [*decoders, SOURCE_DRAFT] if kjv_masked else decoders:
                 if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
                     continue
                 if a.rows and not any(r in label for r in a.rows.split(",")):
