@@ -9,7 +9,8 @@ then scores them.
 
 Per family: fact precision / recall / F1 (``difflm.data.scenes.caption_metrics``), exact-scene accuracy, the F1 on
 the 2-item test scenes, BLEU against the reference captions, NFE and seconds per caption, without and with
-classifier-free guidance on the image (w = 1; every model is trained with the image dropped in 10% of rows).
+classifier-free guidance on the image (w = 1, or the weights --guidance gives; every model is trained with the image
+dropped in 10% of rows).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
 the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
@@ -159,11 +160,17 @@ def main() -> None:
                          "run over its own minutes, after its AR copy's) instead of staying at the peak")
     ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
                                                "comma-separated strings (the plain decoder's label is empty)")
+    ap.add_argument("--guidance", default="1", help="comma-separated classifier-free guidance weights w, one CFG row "
+                                                    "each (on the plain decoder and the masked captioners' semi-AR "
+                                                    "threshold decoder)")
+    ap.add_argument("--semi-ar", default="", metavar="B:T,...",
+                    help="more semi-AR rows for masked captioners: blocks of B, threshold T (e.g. 1:0.9,8:0.9,4:0.5)")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
     adapt = tuple(float(m) for m in a.adapt_at.split(",") if m) or (a.minutes / 2,)
+    weights = [float(w) for w in a.guidance.split(",") if w]
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -206,10 +213,15 @@ def main() -> None:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
-        decoders = [("", 0.0, {}), (" (CFG w=1)", 1.0, {})]
+        decoders = [("", 0.0, {}), *((f" (CFG w={w:g})", w, {}) for w in weights)]
         if lm.process.family == "masked":
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
-            decoders.append((f" ({SEMI_AR[1][0]}, CFG w=1)", 1.0, SEMI_AR[1][1]))  # guidance on the best decoder
+            # guidance on the best decoder
+            decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
+            for b, t in (g.split(":") for g in a.semi_ar.split(",") if g):
+                decoders.append((f" (semi-AR, blocks of {int(b)}, threshold {float(t):g})", 0.0,
+                                 {"sampler": "threshold", "sampler_options": {"block": int(b), "greedy": True,
+                                                                              "threshold": float(t)}}))
         ar_dir = a.out / "autoregressive"
         if lm.process.family in ("masked", "edit") and (ar_dir / "model.safetensors").is_file():
             # DiffusER's AR bootstrap: the AR captioner's captions (timed with it) revised or refined
