@@ -169,10 +169,11 @@ def test_caption_cli_reads_png_and_npy_and_bad_images_are_one_line_errors(barely
 def test_masked_and_edit_captioners_start_from_the_ar_captioners_drafts(barely):
     """DiffusER's AR bootstrap for captions (``draft_from``). A masked captioner refines the AR captions by
     Mask-Predict: from iteration 99 of 100 it re-masks ⌊N/100⌋ = 0 of its N < 100 free positions, so the drafts come
-    back unchanged, in 2 calls. An edit captioner's first revision reads the drafts."""
+    back unchanged, in 2 calls. An edit captioner's first revision reads the drafts. The drafts are the AR
+    captioner's greedy captions, not samples of it."""
     ar, masked, edit = barely["autoregressive"], barely["masked"], barely["edit"]
     images = [s.image for s in scenes_for(ar.run.data, "test")[:4]]
-    drafts = [o.prediction for o in ar.caption(images, bf16=False)]
+    drafts = [o.prediction for o in ar.caption(images, bf16=False, sampler_options={"greedy": True})]
     assert all(drafts), drafts
     outs = masked.caption(images, draft_from=ar, steps=100, sampler_options={"start": 99}, bf16=False)
     assert [o.prediction for o in outs] == drafts and all(o.nfe == 2 for o in outs)

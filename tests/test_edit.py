@@ -310,7 +310,9 @@ def test_the_ar_bootstrap_revises_the_ar_models_translations(tmp_path):
         write_model_folder(tmp_path / name, model.eval(), tok, run, None)
         runs[name] = DiffusionLM.from_pretrained(tmp_path / name)
     sources = ["bad cafe", "head bed"]
-    ar_out = [o.prediction for o in runs["ar"].generate_targets(sources)]
+    ar_out = [o.prediction for o in runs["ar"].generate_targets(sources, sampler_options={"greedy": True})]
+    drawn = [o.prediction for o in runs["ar"].generate_targets(sources)]
+    assert drawn != ar_out  # so the next line tells the AR model's greedy drafts from its samples
     via_ar = runs["edit"].generate_targets(sources, draft_from=runs["ar"])
     assert [o.prediction for o in via_ar] == ar_out and [o.source for o in via_ar] == sources
     assert [o.prediction for o in runs["edit"].generate_targets(sources)] == sources

@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder-decoders: cut a source longer than the encoder reads to its first tokens (as "
                         "training did) instead of refusing it")
     g.add_argument("--bootstrap-from", default=None, metavar="RUN|source",
-                   help="start from this seq2seq model's translations (e.g. the AR model's; DiffusER's AR "
+                   help="start from this seq2seq model's translations (e.g. the AR model's greedy ones; DiffusER's AR "
                         "bootstrap), or from the source itself (source: a revision whose target keeps most of it): "
                         "an edit model revises them, a masked model refines them by Mask-Predict from iteration "
                         "--start S (default half of --steps)")
@@ -581,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guidance", type=number(), default=0.0,
                    help="classifier-free guidance weight w on the image (models trained with train.cond_dropout > 0)")
     c.add_argument("--bootstrap-from", default=None, metavar="RUN",
-                   help="start from this captioner's captions (e.g. the AR one's; DiffusER's AR bootstrap): an edit "
-                        "model revises them, a masked model refines them by Mask-Predict from iteration --start S "
-                        "(default half of --steps)")
+                   help="start from this captioner's captions (e.g. the AR one's, greedy; DiffusER's AR bootstrap): "
+                        "an edit model revises them, a masked model refines them by Mask-Predict from iteration "
+                        "--start S (default half of --steps)")
     _add_sampling(c)
     c.add_argument("--json", action="store_true", help="one JSON object per image, with all candidates")
     c.set_defaults(fn=cmd_caption)

@@ -459,10 +459,10 @@ class DiffusionLM:
         is generated and ends at its first [EOS]); with ``mbr`` the prediction is the candidate of highest
         BLEU against the others (minimum Bayes risk), else the first. ``guidance`` w ≠ 0: classifier-free
         guidance, for models trained with ``train.cond_dropout`` > 0. ``draft_from``: an edit model starts from
-        another seq2seq model's translations (DiffusER's AR bootstrap) instead of the sources; a masked model refines
-        them by Mask-Predict from iteration ``start`` (a sampler option, default half the steps; a model that
-        predicts the length keeps the draft's). ``draft_from="source"``: the draft is the source itself (a revision
-        task whose target keeps most of its source, e.g. KJV → WEB). Models that predict
+        another seq2seq model's translations (an AR model's greedy ones: DiffusER's AR bootstrap) instead of the
+        sources; a masked model refines them by Mask-Predict from iteration ``start`` (a sampler option, default half
+        the steps; a model that predicts the length keeps the draft's). ``draft_from="source"``: the draft is the
+        source itself (a revision task whose target keeps most of its source, e.g. KJV → WEB). Models that predict
         the target length (data.target_length predicted) decode the ``length_beam`` most probable lengths, each
         ``candidates`` times, and keep the row of lowest bound on −log p(target, length | source) (Mask-Predict's
         length beam, scored by the model's own bound). A source longer than an encoder-decoder reads (half of
@@ -476,8 +476,8 @@ class DiffusionLM:
                     raise DiffLMError(f"draft_from {draft_from!r}: give a seq2seq model or 'source'")
                 drafts = list(sources)
             else:
-                drafts = [o.prediction for o in draft_from.generate_targets(sources, batch_size=batch_size,
-                                                                            bf16=bf16, truncate=truncate)]
+                drafts = [o.prediction for o in draft_from.generate_targets(
+                    sources, batch_size=batch_size, bf16=bf16, truncate=truncate, **draft_from.draft_decoding())]
         if draft_from is not None and (not self.process.revises_source or reads_source(self.model)):
             # the draft in the target region: a masked model refines it by Mask-Predict, an edit encoder-decoder
             # revises it while its encoder reads the source
@@ -496,6 +496,12 @@ class DiffusionLM:
                                    temperature=temperature, top_p=top_p, sampler_options=sampler_options,
                                    guidance=guidance, length_beam=length_beam, truncate=truncate)
         return self._sample_job(job, batch_size=batch_size, bf16=bf16, on_step=on_step)
+
+    def draft_decoding(self) -> dict:
+        """How this model writes a draft for another to start from (``draft_from``): an AR model its greedy
+        decoding (DiffusER's AR bootstrap starts from the AR model's output, not a sample of it), any other family
+        its configured sampler."""
+        return {"sampler_options": {"greedy": True}} if self.process.family == "autoregressive" else {}
 
     def _draft_decoder(self, sampler: str | None, steps: int | None,
                        sampler_options: dict | None) -> tuple[str | None, int | None, dict | None]:
@@ -594,12 +600,14 @@ class DiffusionLM:
         uint8 array or a float tensor in [0, 1] — with any sampler of the family; with ``mbr`` the prediction is
         the candidate of highest BLEU against the others, else the first. ``guidance`` w ≠ 0: classifier-free
         guidance on the image (models trained with ``train.cond_dropout`` > 0; w = −1 ignores the image).
-        ``draft_from``: another captioner (the AR one) writes a draft of each caption, which an edit model revises
-        and a masked one refines by Mask-Predict from iteration ``start`` (DiffusER's AR bootstrap, §3.3)."""
+        ``draft_from``: another captioner (the AR one) writes a draft of each caption (AR: greedily), which an edit
+        model revises and a masked one refines by Mask-Predict from iteration ``start`` (DiffusER's AR bootstrap,
+        §3.3)."""
         drafts = None
         if draft_from is not None:
             sampler, steps, sampler_options = self._draft_decoder(sampler, steps, sampler_options)
-            drafts = [c.prediction for c in draft_from.caption(images, batch_size=batch_size, bf16=bf16)]
+            drafts = [c.prediction for c in draft_from.caption(images, batch_size=batch_size, bf16=bf16,
+                                                               **draft_from.draft_decoding())]
         job = self.prepare_captions(images, candidates=candidates, mbr=mbr, steps=steps, sampler=sampler, seed=seed,
                                     temperature=temperature, top_p=top_p, sampler_options=sampler_options,
                                     guidance=guidance, drafts=drafts)
