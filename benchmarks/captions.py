@@ -10,7 +10,8 @@ then scores them.
 Per family: fact precision / recall / F1 (``difflm.data.scenes.caption_metrics``), exact-scene accuracy, the F1 on
 the 2-item test scenes, BLEU against the reference captions, NFE and seconds per caption, without and with
 classifier-free guidance on the image (w = 1, or the weights --guidance gives; every model is trained with the image
-dropped in 10% of rows).
+dropped in 10% of rows). The AR captioner draws its tokens (the preset's sampler), decodes greedily (with and without
+guidance) and by beam search (4).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
 the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
@@ -164,7 +165,8 @@ def main() -> None:
                                                     "each (on the plain decoder and the masked captioners' semi-AR "
                                                     "threshold decoder)")
     ap.add_argument("--semi-ar", default="", metavar="B:T,...",
-                    help="more semi-AR rows for masked captioners: blocks of B, threshold T (e.g. 1:0.9,8:0.9,4:0.5)")
+                    help="more semi-AR rows for masked captioners: blocks of B, threshold T (e.g. 1:0.9,8:0.9,4:0.5), "
+                         "each also with the --guidance weights")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
@@ -214,14 +216,19 @@ def main() -> None:
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
         decoders = [("", 0.0, {}), *((f" (CFG w={w:g})", w, {}) for w in weights)]
+        if lm.process.family == "autoregressive":  # the presets draw each token (temperature 1); a user would decode
+            greedy = {"sampler_options": {"greedy": True}}  # greedily or by beam search
+            decoders += [(" (greedy)", 0.0, greedy), *((f" (greedy, CFG w={w:g})", w, greedy) for w in weights),
+                         (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
             # guidance on the best decoder
             decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
-            for b, t in (g.split(":") for g in a.semi_ar.split(",") if g):
-                decoders.append((f" (semi-AR, blocks of {int(b)}, threshold {float(t):g})", 0.0,
-                                 {"sampler": "threshold", "sampler_options": {"block": int(b), "greedy": True,
-                                                                              "threshold": float(t)}}))
+            for b, t in (g.split(":") for g in a.semi_ar.split(",") if g):  # each without and with guidance
+                kw = {"sampler": "threshold", "sampler_options": {"block": int(b), "greedy": True,
+                                                                  "threshold": float(t)}}
+                label = f"semi-AR, blocks of {int(b)}, threshold {float(t):g}"
+                decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
         ar_dir = a.out / "autoregressive"
         if lm.process.family in ("masked", "edit") and (ar_dir / "model.safetensors").is_file():
             # DiffusER's AR bootstrap: the AR captioner's captions (timed with it) revised or refined
