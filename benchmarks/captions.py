@@ -10,7 +10,7 @@ then scores them.
 Per family: fact precision / recall / F1 (``difflm.data.scenes.caption_metrics``), exact-scene accuracy, the F1 on
 the 2-item test scenes, BLEU against the reference captions, NFE and seconds per caption, without and with
 classifier-free guidance on the image (w = 1, or the weights --guidance gives; every model is trained with the image
-dropped in 10% of rows). The AR captioner draws its tokens (the preset's sampler), decodes greedily (with and without
+dropped in 10% of rows). The AR captioner draws its tokens (temperature 1), decodes greedily (with and without
 guidance) and by beam search (4).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
@@ -215,9 +215,12 @@ def main() -> None:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
-        decoders = [("", 0.0, {}), *((f" (CFG w={w:g})", w, {}) for w in weights)]
-        if lm.process.family == "autoregressive":  # the presets draw each token (temperature 1); a user would decode
-            greedy = {"sampler_options": {"greedy": True}}  # greedily or by beam search
+        # AR's first rows draw each token (temperature 1), as the presets did until 2026-12-05, so they mean the same
+        # in every run folder; then greedy (the preset's default since) and beam search
+        drawn = {"sampler_options": {"greedy": False}} if lm.process.family == "autoregressive" else {}
+        decoders = [("", 0.0, drawn), *((f" (CFG w={w:g})", w, drawn) for w in weights)]
+        if lm.process.family == "autoregressive":
+            greedy = {"sampler_options": {"greedy": True}}
             decoders += [(" (greedy)", 0.0, greedy), *((f" (greedy, CFG w={w:g})", w, greedy) for w in weights),
                          (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":

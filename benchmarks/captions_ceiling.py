@@ -188,9 +188,10 @@ def main() -> None:
     for run in a.captioner:
         from difflm.pipeline import DiffusionLM
         lm = DiffusionLM.from_pretrained(run, device="cpu")
-        # masked captioners decode semi-AR (threshold 0.9, blocks of 4: their best decoder in RESULTS.md)
+        # masked captioners decode semi-AR (threshold 0.9, blocks of 4: their best decoder in RESULTS.md), AR ones
+        # greedily (until 2026-12-05 they drew each token here, at temperature 1)
         kw = {"sampler": "threshold", "sampler_options": {"block": 4, "greedy": True}} \
-            if lm.process.family == "masked" else {}
+            if lm.process.family == "masked" else {"sampler_options": {"greedy": True}}
         # every test scene captioned, as captions.py does (the counter-based RNG draws by row), then its 2-item ones
         every = [c.prediction for c in lm.caption([sc.image for sc in scenes], batch_size=64, **kw)]
         caps = [every[i] for i in two]

@@ -136,3 +136,28 @@ def test_every_preset_loads_and_builds_its_model():
         assert cfg.causal == (process.family == "autoregressive"), name
         if process.family == "block":
             assert run.data.seq_len % process.block_size == 0, name
+
+
+def test_sample_options_are_the_presets_defaults_for_its_sampler(markov_models):
+    """``sample.options``: the preset's sampler options apply when a job names no sampler, under the job's own; a
+    job that names its sampler starts from that sampler's defaults; options without a sampler are refused."""
+    import copy
+    import dataclasses
+
+    import pytest
+
+    from difflm.config import SampleConfig
+    from difflm.errors import DiffLMError
+
+    models, *_ = markov_models
+    lm = copy.copy(models["ar"])  # the session's model object keeps its config
+    kw = {"num": 6, "length": 12, "seed": 3, "bf16": False}
+    drawn = lm.generate(sampler="autoregressive", **kw).texts
+    greedy = lm.generate(sampler="autoregressive", sampler_options={"greedy": True}, **kw).texts
+    assert drawn != greedy  # so the checks below can tell them apart
+    lm.run = dataclasses.replace(lm.run, sample=SampleConfig(sampler="autoregressive", options={"greedy": True}))
+    assert lm.generate(**kw).texts == greedy
+    assert lm.generate(sampler="autoregressive", **kw).texts == drawn
+    assert lm.generate(sampler_options={"greedy": False}, **kw).texts == drawn
+    with pytest.raises(DiffLMError, match="sample.sampler"):
+        SampleConfig(options={"greedy": True})

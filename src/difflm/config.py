@@ -116,6 +116,12 @@ class SampleConfig:
     steps: int = option(128, ge=1)
     temperature: float = option(1.0, gt=0)
     top_p: float = option(1.0, gt=0, le=1)
+    options: dict = option({}, "the default sampler's own options (e.g. {greedy: true} for an AR captioner), used "
+                               "when a job names no sampler; a job's own options override them")
+
+    def __post_init__(self) -> None:
+        if self.options and self.sampler is None:
+            raise DiffLMError("sample.options are a sampler's options: name the sampler too (sample.sampler)")
 
 
 @dataclass

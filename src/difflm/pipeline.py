@@ -151,7 +151,10 @@ class DiffusionLM:
         preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
         if job.sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
             preferred = None
-        smp = get_sampler(job.sampler or preferred, self.process, **(job.sampler_options or {}))
+        # the preset's options for its own sampler (sample.options), under the job's; a job that names its sampler
+        # starts from that sampler's own defaults
+        defaults = self.run.sample.options if job.sampler is None and preferred is not None else {}
+        smp = get_sampler(job.sampler or preferred, self.process, **(defaults | (job.sampler_options or {})))
         self._check_start(smp, job.cond)
         steps = self.run.sample.steps if job.steps is None else job.steps
         if steps < 1:

@@ -130,7 +130,7 @@ def model_card(name: str, lm: DiffusionLM) -> dict:
     return {"name": name, "family": fam, "tokenizer": tok,
             "context": lm.seq_len, "mode": lm.run.data.mode, "seq2seq": lm.run.data.mode == "pairs",
             "revises": fam in EDIT_FAMILIES, "default_sampler": default, "default_steps": lm.run.sample.steps,
-            "samplers": smps}
+            "default_options": lm.run.sample.options if default == lm.run.sample.sampler else {}, "samplers": smps}
 
 
 def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, bf16: bool = True) -> FastAPI:
