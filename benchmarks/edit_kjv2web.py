@@ -69,7 +69,9 @@ def main() -> None:
         [r["source"] for r in valid], batch_size=32, sampler_options={"keep_bias": b})], [r["target"] for r in valid]),
         b) for b in (0.0, 1.0, 2.0, 3.0, 5.0))[1]  # GECToR's confidence bias on KEEP, chosen on valid by BLEU
     keep = {"sampler_options": {"keep_bias": bias}}
-    for name, kw in (("ar", {}), ("masked", {}), ("edit", {}), (f"edit, keep bias {bias:g} (chosen on valid)", keep),
+    greedy = {"sampler_options": {"greedy": True}}  # AR decodes greedily (rows before 2026-12-05 drew each token)
+    for name, kw in (("ar", greedy), ("masked", {}), ("edit", {}),
+                     (f"edit, keep bias {bias:g} (chosen on valid)", keep),
                      ("edit from AR drafts", {"draft_from": lms["ar"]}),
                      (f"edit from AR drafts, keep bias {bias:g}", {"draft_from": lms["ar"], **keep})):
         t0 = time.perf_counter()

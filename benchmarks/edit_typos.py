@@ -107,7 +107,8 @@ def main() -> None:
                             str(run), "--overwrite", "--no-progress"], check=True)
         lm = DiffusionLM.from_pretrained(run)
         t0 = time.perf_counter()
-        outs = lm.generate_targets(noisy, batch_size=32)
+        outs = lm.generate_targets(noisy, batch_size=32,  # AR greedy (rows before 2026-12-05 drew each token)
+                                   **({"sampler_options": {"greedy": True}} if name == "ar" else {}))
         row = score(name, [o.prediction.strip() for o in outs], time.perf_counter() - t0,
                     sum(o.nfe for o in outs) / len(outs))
         results["rows"].append(row)
