@@ -14,7 +14,8 @@ dropped in 10% of rows). The AR captioner draws its tokens (temperature 1), deco
 guidance) and by beam search (4).
 --sanity M first trains a masked model for M minutes on single-item scenes with plain-class captions ("a bag").
 masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to the masked family for the rest of
-the wall time (AR→diffusion adaptation; the AR minutes count). Masked and edit captioners also start from the AR
+the wall time (AR→diffusion adaptation; the AR minutes count); block-adapt: the same to BD3-LM (blocks of 4, decoded
+block by block, and by Fast-dLLM v2's threshold). Masked and edit captioners also start from the AR
 captioner's captions (``caption(draft_from=)``, DiffusER's AR bootstrap) when <out>/autoregressive exists.
 masked-len: the masked captioner with Mask-Predict's predicted length; masked-glat: on GLAT's glancing masks
 (masked-glat-mix: half its rows masked at a random rate instead).
@@ -56,6 +57,10 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
            "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"]),
            "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"]),  # the same, output i predicting token i
+           # ... adapted to BD3-LM instead (Fast-dLLM v2, SDAR): blocks of 4, attention opened from causal to
+           # block-causal over the first 50 steps, BD3-LM's loss; the earlier blocks exact in the KV cache
+           "block-adapt": ("captions-mdlm", ["process={type: block, block_size: 4}", "model.shift=true",
+                                             "model.anneal_steps=50", "sample.sampler=block", "sample.steps=24"]),
            # the control for an adaptation: the AR captioner restarted from the same copy with a fresh optimizer and
            # the same schedule, its objective unchanged
            "ar-continue": ("captions-ar", []),
@@ -117,7 +122,7 @@ def grid(scenes, rows: dict[str, list[str]], png: Path, n: int = 12) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 4
+    cols, n = 4, min(n, len(scenes))
     nrows = (n + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 5.8 * nrows), gridspec_kw={"hspace": 0.75})
     for k, ax in enumerate(axes.flat):
@@ -192,7 +197,7 @@ def main() -> None:
     for fam in a.families.split(","):
         preset, overrides = PRESETS[fam]
         d, minutes, snaps = a.out / fam, a.minutes, adapt if fam == "autoregressive" else ()
-        if fam.startswith("masked-adapt") or fam == "ar-continue":
+        if fam.startswith(("masked-adapt", "block-adapt")) or fam == "ar-continue":
             if len(adapt) != 1:
                 raise SystemExit(f"captions: {fam} starts from one AR mark: give one --adapt-at M")
             ar_at = (a.out / f"ar-at-{adapt[0]:g}").resolve()
@@ -232,6 +237,11 @@ def main() -> None:
                                                                   "threshold": float(t)}}
                 label = f"semi-AR, blocks of {int(b)}, threshold {float(t):g}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
+        if lm.process.family == "block":  # argmax tokens; and Fast-dLLM v2's parallel decoding (above 0.9 in a call)
+            decoders += [(" (greedy, stop at [EOS])", 0.0,
+                          {"sampler": "block", "sampler_options": {"greedy": True, "stop_at_eos": True}}),
+                         (" (threshold 0.9, stop at [EOS])", 0.0,
+                          {"sampler": "block", "sampler_options": {"threshold": 0.9, "stop_at_eos": True}})]
         ar_dir = a.out / "autoregressive"
         if lm.process.family in ("masked", "edit") and (ar_dir / "model.safetensors").is_file():
             # DiffusER's AR bootstrap: the AR captioner's captions (timed with it) revised or refined
