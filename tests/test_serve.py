@@ -22,10 +22,10 @@ from difflm.serve.app import Limits, create_app  # noqa: E402
 from difflm.serve.engine import Pending  # noqa: E402
 
 
-def tiny(path, process: dict, data: dict, seed: int) -> DiffusionLM:
+def tiny(path, process: dict, data: dict, seed: int, sample: dict | None = None) -> DiffusionLM:
     tok = train_char(["abcdefgh ijklmnop"])
     run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32}, "process": process,
-                               "data": {"seq_len": 16, **data}, "sample": {"steps": 8}})
+                               "data": {"seq_len": 16, **data}, "sample": {"steps": 8, **(sample or {})}})
     torch.manual_seed(seed)
     model, _ = build_components(run, tok)
     with torch.no_grad():
@@ -68,6 +68,22 @@ def test_models_lists_families_context_and_sampler_options(client):
     assert {"ancestral", "confidence"} <= names, names
     conf = next(s for s in cards["mdlm"]["samplers"] if s["name"] == "confidence")
     assert conf["options"] and all({"name", "default", "type", "help"} <= set(o) for o in conf["options"])
+
+
+def test_a_models_sample_options_are_its_card_defaults_and_apply_when_no_sampler_is_named(tmp_path):
+    """An AR model whose config decodes greedily by default (``sample.options``): its card says so, a request that
+    names no sampler gets the greedy text, one that names the sampler draws."""
+    lm = tiny(tmp_path / "ar", {"type": "autoregressive"}, {"mode": "lines"}, 1,
+              sample={"sampler": "autoregressive", "options": {"greedy": True}})
+    greedy = lm.generate(3, seed=5, bf16=False, sampler_options={"greedy": True}).texts
+    drawn = lm.generate(3, seed=5, bf16=False, sampler="autoregressive").texts
+    assert greedy != drawn
+    with TestClient(create_app({"ar": lm}, bf16=False)) as c:
+        card = c.get("/v1/models").json()["models"][0]
+        assert card["default_sampler"] == "autoregressive" and card["default_options"] == {"greedy": True}
+        assert c.post("/v1/generate", json={"model": "ar", "num": 3, "seed": 5}).json()["texts"] == greedy
+        named = {"model": "ar", "num": 3, "seed": 5, "sampler": "autoregressive"}
+        assert c.post("/v1/generate", json=named).json()["texts"] == drawn
 
 
 def test_generate_matches_the_library_and_streams_its_steps_in_order(client, models):
