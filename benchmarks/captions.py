@@ -106,9 +106,11 @@ def train(preset: str, overrides: list[str], out: Path, minutes: float, name: st
     learning rate decays (cosine, to min_lr_ratio) over that many minutes of training, not over max_steps."""
     marks = sorted({*(m for m in snapshots if m < minutes), minutes})
     sched = [f"train.decay_minutes={decay}"] if decay else []
-    for k, m in enumerate(marks):
+    for k, m in enumerate(marks):  # after the first segment the run reads its own stored config, longer (a preset
+        # edited meanwhile cannot break it)
         run = load_config(preset, [f"train.max_minutes={m}", "train.max_steps=1000000", "train.eval_every=1000000",
-                                   f"name={name}", *sched, *overrides])
+                                   f"name={name}", *sched, *overrides]) if k == 0 \
+            else load_config(str(out / "config.json"), [f"train.max_minutes={m}"])
         Trainer(run, out, overwrite=k == 0, resume=k > 0, progress=False, allow_changes=["train.max_minutes"]).fit()
         if m in snapshots:
             copy_model_folder(out, out.parent / f"ar-at-{m:g}")

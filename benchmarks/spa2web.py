@@ -339,8 +339,10 @@ def main() -> None:
                                      "train it again (without --reuse) for mdlm-adapt")
                 continue
             fresh = not (a.reuse or m != own[0]) or not (run_dir / "checkpoint.safetensors").is_file()
+            # a resumed run reads its own stored config (a preset edited meanwhile cannot break it), longer
             run = load_config(preset, [f"data.path={data}", f"train.max_minutes={m}", f"name={a.data}-{name}",
-                                       "train.max_steps=1000000", "train.eval_every=1000000", *overrides, *extra])
+                                       "train.max_steps=1000000", "train.eval_every=1000000", *overrides, *extra]) \
+                if fresh else load_config(str(run_dir / "config.json"), [f"train.max_minutes={m}"])
             Trainer(run, run_dir, overwrite=fresh, resume=not fresh, progress=False,
                     allow_changes=["train.max_minutes"]).fit()
             if name == "ar" and m in adapt:
