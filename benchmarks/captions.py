@@ -179,7 +179,11 @@ def main() -> None:
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
     a = ap.parse_args()
     adapt = tuple(float(m) for m in a.adapt_at.split(",") if m) or (a.minutes / 2,)
-    weights = [float(w) for w in a.guidance.split(",") if w]
+    try:
+        weights = [float(w) for w in a.guidance.split(",") if w]
+        grid_rows = [(int(b), float(t)) for b, t in (g.split(":") for g in a.semi_ar.split(",") if g)]
+    except ValueError:
+        ap.error("--guidance takes numbers (e.g. 0.5,1) and --semi-ar block:threshold pairs (e.g. 1:0.9,8:0.9)")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -234,10 +238,9 @@ def main() -> None:
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
             # guidance on the best decoder
             decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
-            for b, t in (g.split(":") for g in a.semi_ar.split(",") if g):  # each without and with guidance
-                kw = {"sampler": "threshold", "sampler_options": {"block": int(b), "greedy": True,
-                                                                  "threshold": float(t)}}
-                label = f"semi-AR, blocks of {int(b)}, threshold {float(t):g}"
+            for b, t in grid_rows:  # each without and with guidance
+                kw = {"sampler": "threshold", "sampler_options": {"block": b, "greedy": True, "threshold": t}}
+                label = f"semi-AR, blocks of {b}, threshold {t:g}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
         if lm.process.family == "block":  # argmax tokens; and Fast-dLLM v2's parallel decoding (above 0.9 in a call)
             decoders += [(" (greedy, stop at [EOS])", 0.0,
