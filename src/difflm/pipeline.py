@@ -144,13 +144,17 @@ class DiffusionLM:
                 f"(data.seq_len={self.seq_len}); shorten it"
             )
 
+    def preferred_sampler(self) -> str | None:
+        """The config's ``sample.sampler`` when it fits this family (None when unset or the family was swapped: the
+        family's own default sampler then runs)."""
+        name = self.run.sample.sampler
+        return name if name is not None and sampler_fits(name, self.process) else None
+
     def plan(self, job: Job) -> Plan:
         """The job's sampler (the preset's when it fits the family) and settings, checked: one-line errors for
         an unknown sampler or option, steps < 1, temperature ≤ 0, top-p outside (0, 1], a start the model was
         not trained for."""
-        preferred = self.run.sample.sampler  # a preset's default; ignored when the family was swapped
-        if job.sampler is None and preferred is not None and not sampler_fits(preferred, self.process):
-            preferred = None
+        preferred = self.preferred_sampler()
         # the preset's options for its own sampler (sample.options), under the job's; a job that names its sampler
         # starts from that sampler's own defaults
         defaults = self.run.sample.options if job.sampler is None and preferred is not None else {}

@@ -124,13 +124,13 @@ def model_card(name: str, lm: DiffusionLM) -> dict:
                  "type": getattr(f.type, "__name__", str(f.type)), "help": f.metadata.get("help", "")}
                 for f in option_fields(cls.Options, cli_only=True)]
         smps.append({"name": cls.name, "options": opts})
-    default = lm.run.sample.sampler if lm.run.sample.sampler and sampler_fits(lm.run.sample.sampler, lm.process) \
-        else type(lm.process).default_sampler
+    preferred = lm.preferred_sampler()
     tok = {"kind": lm.tokenizer.kind, "vocab_size": lm.tokenizer.vocab_size}
     return {"name": name, "family": fam, "tokenizer": tok,
             "context": lm.seq_len, "mode": lm.run.data.mode, "seq2seq": lm.run.data.mode == "pairs",
-            "revises": fam in EDIT_FAMILIES, "default_sampler": default, "default_steps": lm.run.sample.steps,
-            "default_options": lm.run.sample.options if default == lm.run.sample.sampler else {}, "samplers": smps}
+            "revises": fam in EDIT_FAMILIES, "default_sampler": preferred or type(lm.process).default_sampler,
+            "default_steps": lm.run.sample.steps, "default_options": lm.run.sample.options if preferred else {},
+            "samplers": smps}
 
 
 def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, bf16: bool = True) -> FastAPI:
