@@ -1,7 +1,11 @@
 """Spelling and typo correction on PTB sentences: the edit family (DiffusER, x_0 target, bootstrapped from the
 noisy text) against the masked and AR seq2seq models trained for the same wall time, next to doing nothing.
 
-    python benchmarks/edit_typos.py --minutes 20 [--test 500]
+    python benchmarks/edit_typos.py --minutes 20 [--test 500] [--threads N] [--models edit,masked,ar] [--skip-train]
+
+Two models can train at once on one core each: ``--threads 1 --train-only --models edit`` and the same with
+``--models ar`` in two processes into one ``--out``, then one ``--skip-train`` run scores them. Rows of models a run
+does not name keep their earlier values (and their budget, machine and date).
 
 Data: ``python -m difflm.data.typos --corpus ptb`` (codespell misspellings for 10% of the words it knows, a
 keyboard typo for 5% of the words), written to <out>/data. Every model reads byte-level BPE (2,048 tokens, so a
@@ -66,7 +70,12 @@ def main() -> None:
     ap.add_argument("--models", default="edit,masked,ar")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/edit-typos"))
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--train-only", action="store_true", help="train the named models and score nothing")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training and scoring "
+                    "(default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     data = a.out / "data"
     if not (data / "test.jsonl").is_file():
         from difflm.data.typos import main as make
@@ -101,34 +110,43 @@ def main() -> None:
         run = a.out / name
         if not a.skip_train:
             cfg = merge(merge(BASE, MODELS[name]), {"name": f"typos-{name}", "data": {"path": str(data)},
-                                                    "train": {"max_minutes": a.minutes}})
+                                                    "train": {"max_minutes": a.minutes,
+                                                              **({"threads": a.threads} if a.threads else {})}})
             (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(a.out / f"{name}.yaml"), "--out",
                             str(run), "--overwrite", "--no-progress"], check=True)
+        if a.train_only:
+            continue
         lm = DiffusionLM.from_pretrained(run)
         t0 = time.perf_counter()
         outs = lm.generate_targets(noisy, batch_size=32,  # AR greedy (rows before 2026-12-05 drew each token)
                                    **({"sampler_options": {"greedy": True}} if name == "ar" else {}))
         row = score(name, [o.prediction.strip() for o in outs], time.perf_counter() - t0,
                     sum(o.nfe for o in outs) / len(outs))
+        steps = json.loads((run / "manifest.json").read_text())["step"]
+        row["train_steps"] = steps
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         if name == "edit":  # GECToR's confidence bias on KEEP, chosen on 200 validation pairs by WER
             best = min((score("v", [o.prediction.strip() for o in lm.generate_targets(
                 [r["source"] for r in valid], batch_size=32, sampler_options={"keep_bias": b})], 0, 0, valid)["wer"],
-                b) for b in (0.0, 1.0, 2.0, 3.0, 5.0))
+                b) for b in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0))
             t0 = time.perf_counter()
             outs = lm.generate_targets(noisy, batch_size=32, sampler_options={"keep_bias": best[1]})
             row = score(f"edit (keep bias {best[1]:g}, chosen on valid)", [o.prediction.strip() for o in outs],
                         time.perf_counter() - t0, sum(o.nfe for o in outs) / len(outs))
+            row["train_steps"] = steps
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if a.train_only:
+        return
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['date']}, {results['machine']}, {len(rows)} test pairs\n")
-    print("| model | trained (min) | WER | exact | correct words broken | NFE | s / sentence |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | trained (min) | train steps | WER | exact | correct words broken | NFE | s / sentence |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
-        print(f"| {r['model']} | {r.get('trained_minutes', 0) if r['nfe'] else 0:g} | {r['wer']:.3f} | "
+        print(f"| {r['model']} | {r.get('trained_minutes', 0) if r['nfe'] else 0:g} | "
+              f"{r.get('train_steps', '')} | {r['wer']:.3f} | "
               f"{r['exact']:.1%} | {r['broken']:.2%} | {r['nfe']:.1f} | {r['seconds_per_sentence']:.3f} |")
 
 
