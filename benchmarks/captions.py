@@ -57,6 +57,13 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            # model.init, model.shift; Mask-Predict's loss) for the rest of --minutes
            "masked-adapt": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true"]),
            "masked-adapt-noshift": ("captions-mdlm", ["process.loss=cmlm"]),  # the same, output i predicting token i
+           # ... trained on the context semi-AR decoding reads (process.mask_layout blocks: a clean prefix, one block
+           # masked at the drawn rate, every later position [MASK]; the loss on the block), blocks of 4 or of 1 (the
+           # AR parent's own context, read with bidirectional attention)
+           "masked-adapt-blocks4": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                      "process.mask_layout=blocks", "process.mask_block=4"]),
+           "masked-adapt-blocks1": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                      "process.mask_layout=blocks", "process.mask_block=1"]),
            # ... adapted to BD3-LM instead (Fast-dLLM v2, SDAR): blocks of 4, attention opened from causal to
            # block-causal over the first 50 steps, BD3-LM's loss; the earlier blocks exact in the KV cache
            "block-adapt": ("captions-mdlm", ["process={type: block, block_size: 4}", "model.shift=true",
