@@ -42,6 +42,12 @@ MODELS = {
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
 }
+# each model's decoders (label, sampler options): the edit and masked models drawn (their samplers' default, the
+# only rows before 2026-12-05) and by argmax; the edit model also by 2D beam search (DiffusER §3.4) and, drawn and
+# greedy, with GECToR's keep bias chosen on valid; AR greedy (rows before 2026-12-05 drew each token)
+DECODERS = {"edit": [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})],
+            "masked": [("", {}), (" (greedy)", {"greedy": True})],
+            "ar": [(" (greedy)", {"greedy": True})]}
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -118,26 +124,27 @@ def main() -> None:
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(run)
-        t0 = time.perf_counter()
-        outs = lm.generate_targets(noisy, batch_size=32,  # AR greedy (rows before 2026-12-05 drew each token)
-                                   **({"sampler_options": {"greedy": True}} if name == "ar" else {}))
-        row = score(name, [o.prediction.strip() for o in outs], time.perf_counter() - t0,
-                    sum(o.nfe for o in outs) / len(outs))
         steps = json.loads((run / "manifest.json").read_text())["step"]
-        row["train_steps"] = steps
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        if name == "edit":  # GECToR's confidence bias on KEEP, chosen on 200 validation pairs by WER
-            best = min((score("v", [o.prediction.strip() for o in lm.generate_targets(
-                [r["source"] for r in valid], batch_size=32, sampler_options={"keep_bias": b})], 0, 0, valid)["wer"],
-                b) for b in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0))
+        for label, opts in DECODERS[name]:
             t0 = time.perf_counter()
-            outs = lm.generate_targets(noisy, batch_size=32, sampler_options={"keep_bias": best[1]})
-            row = score(f"edit (keep bias {best[1]:g}, chosen on valid)", [o.prediction.strip() for o in outs],
+            outs = lm.generate_targets(noisy, batch_size=32, sampler_options=opts)
+            row = score(f"{name}{label}", [o.prediction.strip() for o in outs], time.perf_counter() - t0,
+                        sum(o.nfe for o in outs) / len(outs))
+            results["rows"].append(row | {"train_steps": steps})
+            print(json.dumps(results["rows"][-1]), flush=True)
+            if name != "edit" or "beam_b" in opts:
+                continue
+            # GECToR's confidence bias on KEEP, chosen on 200 validation pairs by WER
+            best = min((score("v", [o.prediction.strip() for o in lm.generate_targets(
+                [r["source"] for r in valid], batch_size=32, sampler_options=opts | {"keep_bias": b})], 0, 0,
+                valid)["wer"], b) for b in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0))
+            t0 = time.perf_counter()
+            outs = lm.generate_targets(noisy, batch_size=32, sampler_options=opts | {"keep_bias": best[1]})
+            inner = label.strip(" ()") + ", " if label else ""
+            row = score(f"edit ({inner}keep bias {best[1]:g}, chosen on valid)", [o.prediction.strip() for o in outs],
                         time.perf_counter() - t0, sum(o.nfe for o in outs) / len(outs))
-            row["train_steps"] = steps
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            results["rows"].append(row | {"train_steps": steps})
+            print(json.dumps(results["rows"][-1]), flush=True)
     if a.train_only:
         return
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
