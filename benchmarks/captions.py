@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from datetime import date
 from pathlib import Path
@@ -174,7 +175,8 @@ def main() -> None:
                     help="each run's learning rate decays over its own wall time (train.decay_minutes; an adapted "
                          "run over its own minutes, after its AR copy's) instead of staying at the peak")
     ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
-                                               "comma-separated strings (the plain decoder's label is empty)")
+                                               "comma-separated strings (the plain decoder's label is empty);"
+                                               " a comma and a space belong to the string ('semi-AR, blocks of 4')")
     ap.add_argument("--guidance", default="1", help="comma-separated classifier-free guidance weights w, one CFG row "
                                                     "each (on the plain decoder and the masked captioners' semi-AR "
                                                     "threshold decoder)")
@@ -262,7 +264,7 @@ def main() -> None:
                                                                              "draft_from": ar})
                             if lm.process.family == "masked" else (" (AR draft)", 0.0, {"draft_from": ar}))
         for label, w, kw in decoders:
-            if a.rows and not any(r in label for r in a.rows.split(",")):
+            if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                 continue
             r = score(lm, scenes, w, **kw)
             name = f"{d.name}{label}"

@@ -46,6 +46,7 @@ import argparse
 import csv
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -272,7 +273,8 @@ def main() -> None:
                                                            "no other text (plain: as stopping at [EOS]) or only "
                                                            "speed (the prefix cache)")
     ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
-                                               "comma-separated strings (e.g. 'greedy,beam,dual cache')")
+                                               "comma-separated strings (e.g. 'greedy,beam,dual cache');"
+                                               " a comma and a space belong to the string ('semi-AR, blocks of 4')")
     ap.add_argument("--semi-ar", default="", help="block:threshold pairs (e.g. 4:0.9,8:0.7): score the adapted "
                                                   "models with semi-AR decoding (stop at [EOS], dual cache) at each "
                                                   "pair instead of their usual decoders")
@@ -363,7 +365,7 @@ def main() -> None:
             for label, kw in [*decoders, SOURCE_DRAFT] if kjv_masked else decoders:
                 if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
                     continue
-                if a.rows and not any(r in label for r in a.rows.split(",")):
+                if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                     continue
                 if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
                     if not (a.out / "ar" / "model.safetensors").is_file():

@@ -127,6 +127,25 @@ def test_bad_config_keys(capsys, tmp_path):
     assert code == 2 and one_line_error(err) and "not found" in err
 
 
+def test_bad_sample_options_fail_when_the_config_is_read(capsys):
+    """A typo in ``sample.sampler`` or ``sample.options`` is a one-line error when the config is read (before hours
+    of training), checked against the options of the sampler that the config's own family would run."""
+    from difflm.errors import DiffLMError
+
+    with pytest.raises(DiffLMError, match="sample.options of sampler 'autoregressive' has no option grredy"):
+        load_config("captions-ar", ["sample.options={grredy: true}"])
+    with pytest.raises(DiffLMError, match="sample.sampler 'autoregresive' is not a sampler"):
+        load_config("captions-ar", ["sample.sampler=autoregresive"])
+    # one name, different samplers per family: DDIM's eta is an option of the Gaussian family's ddim only
+    assert load_config("captions-gaussian", ["sample.sampler=ddim", "sample.options={eta: 0.5}"]).sample.options
+    with pytest.raises(DiffLMError, match="eta must be"):
+        load_config("captions-gaussian", ["sample.sampler=ddim", "sample.options={eta: -1}"])
+    # a swapped family runs its own default sampler and ignores the preset's
+    assert load_config("captions-ar", ["process.type=masked"]).sample.options == {"greedy": True}
+    code, err = run_cli(capsys, "train", "captions-ar", "--set", "sample.options={grredy: true}")
+    assert code == 2 and one_line_error(err) and "grredy" in err
+
+
 def test_no_traceback_through_the_real_entry_point(tmp_path):
     p = subprocess.run([sys.executable, "-m", "difflm.cli", "eval", str(tmp_path / "missing")],
                        capture_output=True, text=True)

@@ -141,8 +141,27 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None or isinstance(self.model, dict):
             self.model = model_config(self.model or {})
+        given = self.process is not None  # from_dict sets the real process after construction, then checks
         if self.process is None or isinstance(self.process, dict):
             self.process = process_options(self.process or {})
+        if given:
+            self._check_sample()
+
+    def _check_sample(self) -> None:
+        """sample.sampler must name a sampler, and sample.options must be that sampler's options when it fits the
+        family (a swapped family runs its own default sampler and ignores both): a typo fails when the config is
+        read, not at the first ``sample`` after training."""
+        from . import registry
+
+        name = self.sample.sampler
+        if name is None:
+            return
+        if name not in registry.sampler_names():
+            raise DiffLMError(f"sample.sampler {name!r} is not a sampler; choose one of "
+                              f"{', '.join(registry.sampler_names())}")
+        fits = [c for c in registry.samplers(self.family) if c.name == name]
+        if fits:
+            registry.make_options(fits[0].Options, self.sample.options, f"sample.options of sampler {name!r}")
 
     @property
     def family(self) -> str:
@@ -165,6 +184,7 @@ class RunConfig:
         run = _build(cls, d, "")
         run.model = model_config({} if model is None else model)
         run.process = process_options({} if process is None else process)
+        run._check_sample()
         return run
 
 
