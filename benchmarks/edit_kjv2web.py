@@ -2,7 +2,8 @@
 copying the source (40.6 BLEU on test) and the masked and AR seq2seq models trained for the same wall time; the
 edit model also from the AR model's output (DiffusER's AR bootstrap).
 
-    python benchmarks/edit_kjv2web.py --minutes 60 [--test 1141]
+    python benchmarks/edit_kjv2web.py --minutes 60 [--test 1141] [--threads N] [--models ar,masked,edit]
+        [--train-only | --skip-train]
 
 Metrics on the first --test test verses: BLEU (sacrebleu), ROUGE-L, self-BLEU over the model's first 200 outputs
 (all ordered pairs; over all 1,141 it is 1.3 million pairs and 15 GB), the
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/edit-kjv2web"))
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--models", default="ar,masked,edit", help="the models to train (all three are scored)")
+    ap.add_argument("--train-only", action="store_true", help="train the named models and score nothing (two "
+                    "processes with --threads 1 train two models at once; one --skip-train run scores them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training and scoring "
                     "(default: torch's)")
     a = ap.parse_args()
@@ -60,7 +64,7 @@ def main() -> None:
     lms = {}
     for name in ("ar", "masked", "edit"):
         run = a.out / name
-        if not a.skip_train:
+        if not a.skip_train and name in a.models.split(","):
             cfg = merge(merge(BASE, MODELS[name]), {"name": f"kjv2web-{name}", "data": {"path": str(a.data)},
                                                     "train": {"max_minutes": a.minutes,
                                                               **({"threads": a.threads} if a.threads else {})}})
@@ -68,7 +72,10 @@ def main() -> None:
             (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(a.out / f"{name}.yaml"), "--out",
                             str(run), "--overwrite", "--no-progress"], check=True)
-        lms[name] = DiffusionLM.from_pretrained(run)
+        if not a.train_only:
+            lms[name] = DiffusionLM.from_pretrained(run)
+    if a.train_only:
+        return
     valid = [json.loads(x) for x in (a.data / "valid.jsonl").read_text().splitlines()][:200]
 
     def keep_bias(opts: dict) -> float:
