@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
-from edit_typos import BASE, MODELS, merge  # noqa: E402 (benchmarks/ is the script's folder)
+from edit_typos import train_model  # noqa: E402 (benchmarks/ is the script's folder)
 
 from difflm.diffusion.edits import levenshtein
 from difflm.evaluation.text_metrics import bleu, rouge_l, self_bleu
@@ -48,7 +46,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    import yaml
 
     rows = [json.loads(x) for x in (a.data / "test.jsonl").read_text().splitlines()][: a.test]
     src, ref = [r["source"] for r in rows], [r["target"] for r in rows]
@@ -65,13 +62,7 @@ def main() -> None:
     for name in ("ar", "masked", "edit"):
         run = a.out / name
         if not a.skip_train and name in a.models.split(","):
-            cfg = merge(merge(BASE, MODELS[name]), {"name": f"kjv2web-{name}", "data": {"path": str(a.data)},
-                                                    "train": {"max_minutes": a.minutes,
-                                                              **({"threads": a.threads} if a.threads else {})}})
-            (a.out / f"{name}.yaml").parent.mkdir(parents=True, exist_ok=True)
-            (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-            subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(a.out / f"{name}.yaml"), "--out",
-                            str(run), "--overwrite", "--no-progress"], check=True)
+            train_model(name, a.data, a.out, a.minutes, a.threads, "kjv2web")
         if not a.train_only:
             lms[name] = DiffusionLM.from_pretrained(run)
     if a.train_only:

@@ -57,6 +57,20 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+def train_model(name: str, data: Path, out: Path, minutes: float, threads: int | None, prefix: str) -> Path:
+    """Train MODELS[name] (BASE's shape) on the pairs in ``data`` for ``minutes`` of wall time into <out>/<name>,
+    its config written beside it as <out>/<name>.yaml; returns the run folder."""
+    import yaml
+
+    train = {"max_minutes": minutes, **({"threads": threads} if threads else {})}
+    cfg = merge(merge(BASE, MODELS[name]), {"name": f"{prefix}-{name}", "data": {"path": str(data)}, "train": train})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(out / f"{name}.yaml"), "--out", str(out / name),
+                    "--overwrite", "--no-progress"], check=True)
+    return out / name
+
+
 def broken_rate(noisy: str, clean: str, out: str) -> tuple[int, int]:
     """(clean words the input had right, of those the ones the output got wrong), by word alignments."""
     c = clean.split()
@@ -88,7 +102,6 @@ def main() -> None:
 
         make(["--corpus", "ptb", "--out", str(data)])
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: a.test]
-    import yaml
 
     valid = [json.loads(x) for x in (data / "valid.jsonl").read_text().splitlines()][:200]
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -115,12 +128,7 @@ def main() -> None:
     for name in a.models.split(","):
         run = a.out / name
         if not a.skip_train:
-            cfg = merge(merge(BASE, MODELS[name]), {"name": f"typos-{name}", "data": {"path": str(data)},
-                                                    "train": {"max_minutes": a.minutes,
-                                                              **({"threads": a.threads} if a.threads else {})}})
-            (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-            subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(a.out / f"{name}.yaml"), "--out",
-                            str(run), "--overwrite", "--no-progress"], check=True)
+            train_model(name, data, a.out, a.minutes, a.threads, "typos")
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(run)
