@@ -17,12 +17,20 @@ from difflm.diffusion.base import Batch
 from difflm.diffusion.edits import edit_script
 
 
-def make(**proc):
+def make(seq_len: int = 32, **proc):
     tok = train_char(["abcdefghijklmnopqrstuvwxyz "])
     run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32},
-                               "process": {"type": "edit", **proc}, "data": {"mode": "lines", "seq_len": 32}})
+                               "process": {"type": "edit", **proc}, "data": {"mode": "lines", "seq_len": seq_len}})
     model, process = build_components(run, tok)
     return model, process, tok
+
+
+def jitter(model) -> None:
+    """Move the weights away from the initialisation (where the attention output is zero), seeded."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.3 * torch.randn_like(q))
 
 
 def chi2_sf(stat: float, dof: int) -> float:
@@ -86,16 +94,69 @@ def test_loss_is_finite_differentiable_and_batch_invariant():
     assert torch.allclose(p.loss(model, one)[0], terms[1].detach(), atol=1e-5)
 
 
+def test_masked_padding_makes_outputs_independent_of_the_row_width():
+    """``padding: masked``: the tagger's and generator's outputs at a row's tokens are the same whether the row is
+    packed to 32 or cut to the batch's longest sequence (``net_input``), which is what lets training and sampling
+    skip the [PAD] columns; with ``padding: attended`` (runs saved before it) they are not."""
+    seqs = [list(range(4, 14)), [12, 13] * 3, [4]]
+    for padding in ("masked", "attended"):
+        model, p, _ = make(steps=4, padding=padding, time_conditioning=False)
+        jitter(model)
+        model.eval()
+        wide, cut = p.pack(seqs, 32), p.net_input(seqs, 32)
+        assert cut.shape[1] == (11 if padding == "masked" else 32)
+        with torch.no_grad():
+            ops_w, ins_w = p.tag_logits(model, wide)
+            ops_c, ins_c = p.tag_logits(model, p.pack(seqs, 11))
+            gen_w, gen_c = p.gen_logits(model, wide), p.gen_logits(model, p.pack(seqs, 11))
+        real = p.pack(seqs, 11) != p.pad_id
+        same = [torch.allclose(a[:, :11][real], b[real], atol=1e-5)
+                for a, b in ((ops_w, ops_c), (ins_w, ins_c), (gen_w, gen_c))]
+        assert all(same) if padding == "masked" else not any(same)
+
+
+def test_a_saved_edit_run_without_the_padding_key_keeps_attending_to_padding(tmp_path):
+    import json
+
+    from difflm.config import load_config
+
+    saved = {"name": "old", "process": {"type": "edit", "steps": 4}, "data": {"mode": "lines", "seq_len": 32}}
+    assert RunConfig.from_dict(saved).process.padding == "masked"  # today's default for new runs
+    assert RunConfig.from_saved(saved).process.padding == "attended"  # how the run was trained
+    assert RunConfig.from_saved({**saved, "process": {"type": "edit", "padding": "masked"}}).process.padding \
+        == "masked"
+    (tmp_path / "config.json").write_text(json.dumps({"difflm_version": "0.1.0", "run": saved}))
+    assert load_config(str(tmp_path)).process.padding == "attended"  # `difflm train RUN_FOLDER` reads it so too
+    assert load_config(str(tmp_path), ["process.padding=masked"]).process.padding == "masked"
+
+
+@pytest.mark.parametrize("padding", ["masked", "attended"])
+def test_training_loss_is_the_same_at_any_row_width(padding):
+    """The loss of rows packed to 40 and to 64 columns: equal when the padding is masked (the network runs on the
+    same cut rows); with attended padding the extra [PAD] keys change it."""
+    model, p, _ = make(64, steps=4, padding=padding)
+    jitter(model)
+    model.eval()
+    seqs = [list(range(4, 28)), [12, 13] * 10, [4] * 15]
+
+    def loss(L):
+        x = p.pack(seqs, L)
+        b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(3), seed=3, step=7)
+        b.u = torch.tensor([0.8, 0.9, 0.99], dtype=torch.float64)
+        return p.loss(model, b).sum(1)
+
+    with torch.no_grad():
+        a, b = loss(40), loss(64)
+    assert torch.allclose(a, b, atol=1e-5) == (padding == "masked")
+
+
 @pytest.mark.parametrize("bootstrap", ["empty", "random"])
 def test_sampling_is_batch_invariant_and_lengths_vary(bootstrap):
     from difflm.sampling import get_sampler
     from difflm.sampling.conditioning import Conditioning
 
     model, p, _ = make(steps=4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(0.3 * torch.randn_like(q))
+    jitter(model)
     model.eval()
     s = get_sampler("diffuser", p, bootstrap=bootstrap)
     full = s(model, p, Conditioning.unconditional(8, 32), steps=4, seed=5).tokens

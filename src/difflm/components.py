@@ -122,7 +122,7 @@ def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunCon
     cfg = read_json(path / "config.json")
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{path / 'config.json'} is not a difflm model config")
-    run = RunConfig.from_dict(cfg["run"])
+    run = RunConfig.from_saved(cfg["run"])
     tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"))
     if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
         raise DiffLMError(

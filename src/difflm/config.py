@@ -176,6 +176,12 @@ class RunConfig:
         return out
 
     @classmethod
+    def from_saved(cls, d: dict) -> RunConfig:
+        """A run folder's config (config.json's ``run``): ``from_dict``, where a section that predates an option
+        (``EARLIER``) gets the value the run was trained and sampled with, not today's default."""
+        return cls.from_dict(with_earlier(d))
+
+    @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         if not isinstance(d, dict):
             raise DiffLMError(f"a config must be a mapping of sections, got {type(d).__name__}")
@@ -186,6 +192,23 @@ class RunConfig:
         run.process = process_options({} if process is None else process)
         run._check_sample()
         return run
+
+
+# options added after run folders had been saved: (section, type) -> the value that a saved run lacking the key
+# behaved as (``RunConfig.from_saved``)
+EARLIER: dict[tuple[str, str], dict[str, Any]] = {("process", "edit"): {"padding": "attended"}}
+
+
+def with_earlier(run: Any) -> Any:
+    """A saved run's config (a mapping) with the ``EARLIER`` value of every option its sections predate."""
+    if not isinstance(run, dict):
+        return run
+    run = dict(run)
+    for (section, kind), opts in EARLIER.items():
+        sec = run.get(section)
+        if isinstance(sec, dict) and sec.get("type") == kind:
+            run[section] = {**opts, **sec}
+    return run
 
 
 def process_options(d: Any) -> Any:
@@ -359,7 +382,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DiffLMError(f"{path} is not valid YAML: {_one_line(e)}") from None
     if isinstance(raw, dict) and "difflm_version" in raw and isinstance(raw.get("run"), dict):
-        raw, stem = raw["run"], raw["run"].get("name", p.stem)  # a run's config.json
+        raw, stem = with_earlier(raw["run"]), raw["run"].get("name", p.stem)  # a run's config.json
     else:
         stem = path.stem
     raw = {} if raw is None else raw

@@ -66,6 +66,10 @@ class EditOptions:
     replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
                                                      "token it replaces (a misspelling stays readable; that token is "
                                                      "then banned there) or [MASK] (it is gone)")
+    padding: Literal["masked", "attended"] = option("masked", "the [PAD] keys after a row's [EOS]: masked (no position "
+                                                    "reads them, so the network runs on rows cut to the batch's "
+                                                    "longest sequence, and a row's output does not depend on the "
+                                                    "row length) or attended (runs saved before 2026-12-05)")
 
 
 def poisson(lam: float, u: float) -> int:
@@ -221,6 +225,18 @@ class EditDiffusion(Process):
             x[r, len(s)] = self.eos_id
         return x.to(device)
 
+    def net_input(self, seqs: list[list[int]], L: int, device=None) -> Tensor:
+        """The network's input rows for ``seqs``: ``pack`` at width L, or (``padding: masked``) only as wide as the
+        longest sequence and its [EOS] — the [PAD] columns past it would be masked keys, so cutting them changes
+        no output and saves their compute (B, ≤ L)."""
+        if self.options.padding == "masked":
+            L = min(L, max((len(s) for s in seqs), default=0) + 1)
+        return self.pack(seqs, L, device)
+
+    def _keys(self, x: Tensor) -> Tensor | None:
+        """The attention mask (B, 1, 1, L) that hides [PAD] keys (``padding: masked``), else None."""
+        return (x != self.pad_id)[:, None, None, :] if self.options.padding == "masked" else None
+
     def _rngs(self, batch: Batch, generator) -> list[random.Random]:
         """One Python RNG per row, seeded from the row's counter-based uniform (batch-invariant)."""
         u = batch.rand(generator, stream=7, width=2)
@@ -229,14 +245,14 @@ class EditDiffusion(Process):
     # -- the two predictions -------------------------------------------------------------------------
     def tag_logits(self, model: nn.Module, xt: Tensor, t: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
         """(op logits (B, L, 3), insert-count logits (B, L, K + 1)) in float32; t: the step as t/T (B,)."""
-        aux = model(xt, self._t(t, xt.shape[0], xt.device), head="aux").float()
+        aux = model(xt, self._t(t, xt.shape[0], xt.device), attn_mask=self._keys(xt), head="aux").float()
         return aux[..., :N_OPS], aux[..., N_OPS:]
 
     def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None,
                    slots: Tensor | None = None) -> Tensor:
         """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf; with ``slots`` (B, L)
         a REPLACE slot that shows its old token (``replace_input: token``) bans that token (no edit)."""
-        logits = model(y, self._t(t, y.shape[0], y.device)).float()
+        logits = model(y, self._t(t, y.shape[0], y.device), attn_mask=self._keys(y)).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
         if slots is not None:
@@ -280,10 +296,10 @@ class EditDiffusion(Process):
                 chain = (data[j], chain[1])
             x_t, o, n, y, g = self.training_pair(*chain, L)
             xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
-        xt = self.pack(xts, L, dev)
-        op_t = torch.full((B, L), -100, dtype=torch.long)
-        ins_t = torch.full((B, L), -100, dtype=torch.long)
-        gen_t = torch.full((B, L), -100, dtype=torch.long)
+        xt, y = self.net_input(xts, L, dev), self.net_input(ys, L, dev)
+        op_t = torch.full(xt.shape, -100, dtype=torch.long)
+        ins_t = torch.full(xt.shape, -100, dtype=torch.long)
+        gen_t = torch.full(y.shape, -100, dtype=torch.long)
         for r in range(B):
             n = len(xts[r])
             op_t[r, :n] = torch.tensor(ops[r], dtype=torch.long)
@@ -295,8 +311,7 @@ class EditDiffusion(Process):
         op_l, ins_l = self.tag_logits(model, xt, tt)
         tag = F.cross_entropy(op_l.transpose(1, 2), op_t, reduction="none", ignore_index=-100) \
             + F.cross_entropy(ins_l.transpose(1, 2), ins_t, reduction="none", ignore_index=-100)
-        y = self.pack(ys, L, dev)
-        gen = torch.zeros(B, L, device=dev)
+        gen = torch.zeros(y.shape, device=dev)
         sel = gen_t >= 0
         if sel.any():
             gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt, sel)[sel], gen_t[sel], reduction="none")

@@ -117,15 +117,16 @@ class DiffuserSampler(Sampler):
             idx = live.nonzero().squeeze(-1)
             if len(idx) == 0:
                 break
-            xt = process.pack([seqs[i] for i in idx.tolist()], L, dev)
+            xt = process.net_input([seqs[i] for i in idx.tolist()], L, dev)
+            W = xt.shape[1]  # the network's width (≤ L: cut to the longest row when padding is masked)
             t = process.step_time(k, steps)
             op_l, ins_l = process.tag_logits(on_rows(model, idx), xt, t)
             if self.options.keep_bias:
                 op_l[..., KEEP] += self.options.keep_bias
                 ins_l[..., 0] += self.options.keep_bias
             r = rows[idx]
-            ops = self._draw(op_l, uniform(seed, r, k, L, stream=42), temperature, 1.0)
-            ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43), temperature, 1.0)
+            ops = self._draw(op_l, uniform(seed, r, k, L, stream=42)[:, :W], temperature, 1.0)
+            ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43)[:, :W], temperature, 1.0)
             nfe[idx] += 1
             ys, slots, gen_rows = [], [], []
             for j, i in enumerate(idx.tolist()):
@@ -139,9 +140,10 @@ class DiffuserSampler(Sampler):
                 ys.append(y), slots.append(slot), gen_rows.append((j, i))
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
-                y = process.pack(ys, L, dev)
-                logits = process.gen_logits(on_rows(model, gi), y, t, self._slots(slots, L, dev))
-                toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44), temperature, top_p)
+                y = process.net_input(ys, L, dev)
+                logits = process.gen_logits(on_rows(model, gi), y, t, self._slots(slots, y.shape[1], dev))
+                toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44)[:, : y.shape[1]], temperature,
+                                  top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
                     filled = [int(toks[g, p]) if s else t for p, (t, s) in enumerate(zip(ys[g], slots[g]))]
@@ -162,7 +164,7 @@ class DiffuserSampler(Sampler):
         for i, x in enumerate(seqs):
             beams = [(0.0, x, [])]
             for k in range(steps, 0, -1):
-                xt = process.pack([b[1] for b in beams], L, dev)
+                xt = process.net_input([b[1] for b in beams], L, dev)
                 t = process.step_time(k, steps)
                 op_l, ins_l = process.tag_logits(on_rows(model, torch.full((len(beams),), i, device=dev)), xt, t)
                 op_l, ins_l = op_l.log_softmax(-1), ins_l.log_softmax(-1)
@@ -172,9 +174,9 @@ class DiffuserSampler(Sampler):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
                         cands.append((score, seq, o, c, lp, hist))
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
-                logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)),
-                                            process.pack([y for y, _ in ys], L, dev), t,
-                                            self._slots([sl for _, sl in ys], L, dev)).log_softmax(-1)
+                y_in = process.net_input([y for y, _ in ys], L, dev)
+                logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)), y_in, t,
+                                            self._slots([sl for _, sl in ys], y_in.shape[1], dev)).log_softmax(-1)
                 nfe[i] += 1
                 scored = []
                 for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):

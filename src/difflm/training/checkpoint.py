@@ -71,7 +71,7 @@ def export_from_checkpoint(run_dir: Path) -> int:
     cfg = read_json(run_dir / "config.json")
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{run_dir / 'config.json'} is not a difflm run config; the run cannot be exported")
-    run = RunConfig.from_dict(cfg["run"])
+    run = RunConfig.from_saved(cfg["run"])
     tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"))
     model, _ = build_components(run, tok, cfg.get("length_prior"), cfg.get("backbone"))
     try:

@@ -99,7 +99,7 @@ class Trainer:
         one-line error naming every differing key."""
         saved = read_json(self.out / "config.json")
         try:
-            saved_run = RunConfig.from_dict(saved["run"]).to_dict()
+            saved_run = RunConfig.from_saved(saved["run"]).to_dict()
         except (KeyError, TypeError):
             raise DiffLMError(f"{self.out / 'config.json'} is not a difflm run config; cannot resume") from None
         changes = runfolder.config_changes(saved_run, self.run.to_dict())
