@@ -51,3 +51,18 @@ def test_cli_writes_jsonl(tmp_path):
     assert main(["--corpus", "text", "--path", str(text), "--out", str(tmp_path / "o")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "o" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and set(rows[0]) == {"source", "target"}
+
+
+def test_copies_keep_copy_0_and_draw_fresh_typos(tmp_path):
+    from difflm.data.typos import main, make_pairs
+
+    lines = [f"the company will receive the money from {w} in the quarter" for w in ("banks", "funds", "traders")]
+    one, three = make_pairs(lines, 5), make_pairs(lines, 5, 0.3, 0.3, copies=3)
+    assert make_pairs(lines, 5, copies=3)[:3] == one  # copy 0 is the one-copy output
+    assert [p["target"] for p in three] == lines * 3
+    assert len({p["source"] for p in three}) > 3  # later copies draw other typos
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"line number {i} says hello to the world" for i in range(50)))
+    assert main(["--corpus", "text", "--path", str(text), "--out", str(tmp_path / "o"), "--copies", "2"]) == 0
+    lengths = {s: len((tmp_path / "o" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")}
+    assert lengths == {"train": 80, "valid": 5, "test": 5}

@@ -9,6 +9,7 @@ Noise, per word of a clean sentence, seeded and deterministic:
 Words of one character and PTB's ``<unk>`` are left alone.
 
     python -m difflm.data.typos --corpus ptb --out data/typos-ptb     # train/valid/test.jsonl
+    python -m difflm.data.typos --corpus ptb --copies 4 --out data/typos-ptb4   # 4 noisy versions per train line
     python -m difflm.data.typos --corpus text --path ../shared/data/tinyshakespeare.txt --out data/typos-shakespeare
 """
 
@@ -100,16 +101,19 @@ def add_typos(sentence: str, rng: random.Random, real: float = 0.1, char: float 
     return " ".join(words), changed
 
 
-def make_pairs(lines: list[str], seed: int, real: float = 0.1, char: float = 0.05) -> list[dict]:
+def make_pairs(lines: list[str], seed: int, real: float = 0.1, char: float = 0.05, copies: int = 1) -> list[dict]:
     """{"source": noisy, "target": clean} for each non-empty line, seeded per line index (a line's noise does not
-    depend on the others)."""
+    depend on the others); ``copies`` > 1 writes that many noisy versions of every line, copy by copy (copy 0 is
+    the one-copy output; copy c draws from its own seed), so that training meets fresh typos in each epoch."""
     out = []
-    for i, line in enumerate(lines):
-        line = " ".join(line.split())
-        if not line:
-            continue
-        noisy, _ = add_typos(line, random.Random(seed * 1_000_003 + i), real, char)
-        out.append({"source": noisy, "target": line})
+    for c in range(copies):
+        for i, line in enumerate(lines):
+            line = " ".join(line.split())
+            if not line:
+                continue
+            rng = random.Random(seed * 1_000_003 + i + c * 7_919_000_011)
+            noisy, _ = add_typos(line, rng, real, char)
+            out.append({"source": noisy, "target": line})
     return out
 
 
@@ -123,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--real", type=float, default=0.1, help="share of words given a real misspelling when known")
     ap.add_argument("--char", type=float, default=0.05, help="share of words given a keyboard typo")
+    ap.add_argument("--copies", type=int, default=1, help="noisy versions of each training line (valid and test "
+                    "keep one)")
     a = ap.parse_args(argv)
+    if a.copies < 1:
+        raise SystemExit("difflm: error: --copies must be at least 1")
     if a.corpus == "ptb":
         splits = {s: ptb_lines(s) for s in ("train", "valid", "test")}
     else:
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, lines) in enumerate(splits.items()):
-        rows = make_pairs(lines, a.seed * 3 + k, a.real, a.char)
+        rows = make_pairs(lines, a.seed * 3 + k, a.real, a.char, a.copies if name == "train" else 1)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} pairs -> {out / f'{name}.jsonl'}")
     return 0
