@@ -7,7 +7,7 @@ number, so noisy and clean words pair up by position. A noisy word that codespel
 clean word is a misspelling, any other changed word a keyboard typo. It counts as fixed when a shortest word
 alignment of the output to the clean sentence keeps its clean word (``edit_typos._kept``). Each model is decoded
 as its best row in RESULTS.md: the edit model greedily with the keep bias given, the masked and AR models
-greedily.
+greedily, a long sentence in windows as ``edit_typos.correct`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from edit_typos import _kept  # noqa: E402 (benchmarks/ is the script's folder)
+from edit_typos import _kept, correct  # noqa: E402 (benchmarks/ is the script's folder)
 
 from difflm.data.typos import misspellings
 from difflm.pipeline import DiffusionLM
@@ -47,7 +47,7 @@ def main() -> None:
     for name in a.models.split(","):
         opts = {"greedy": True} | ({"keep_bias": a.keep_bias} if name == "edit" else {})
         lm = DiffusionLM.from_pretrained(a.out / name)
-        outs = [o.prediction.strip() for o in lm.generate_targets(noisy, batch_size=32, sampler_options=opts)]
+        outs = correct(lm, noisy, opts)[0]
         seen = {"codespell": 0, "keyboard": 0}
         fixed = dict(seen)
         for n, c, o in zip(noisy, clean, outs):
