@@ -214,6 +214,9 @@ def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
     greedy = lm.revise("hello world", greedy=True, bf16=False)
     beam = lm.revise("hello world", beam=(1, 1), bf16=False)
     assert beam["text"] == greedy["text"]
+    assert lm.revise("hello world", bf16=False) == greedy  # DiffusER revises by argmax unless told to draw
+    drawn = [lm.revise("hello world", greedy=False, seed=s, bf16=False)["text"] for s in range(4)]
+    assert any(d != greedy["text"] for d in drawn)
     wide = lm.revise("hello world", beam=(3, 2), bf16=False)
     # recompute the winning trajectory's score from its history: Σ log p_tag(tags) + log p_gen(tokens)
     p, m = lm.process, lm.model
@@ -255,6 +258,9 @@ def test_revise_cli_json_and_bad_input(tmp_path):
     r = cli("--text", "the cat", "--json", "--steps", "2", "--greedy")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert json.loads(cli("--text", "the cat", "--json", "--steps", "2").stdout) == out  # greedy is the default
+    assert cli("--text", "the cat", "--json", "--steps", "2", "--sample").returncode == 0
+    assert cli("--text", "the cat", "--greedy", "--sample").returncode == 2
     assert set(out) == {"text", "revisions", "nfe"} and len(out["revisions"]) <= 2
     for rev in out["revisions"]:
         assert all(o["op"] in ("DELETE", "REPLACE", "INSERT") and o["at"] >= 0 for o in rev["ops"])

@@ -641,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=count(1), default=None, help="revisions (default: the model's sample.steps)")
     v.add_argument("--beam", default=None, metavar="B,R", help="DiffusER's 2D beam search: B tag hypotheses per "
                                                                  "revision, R trajectories (1,1 = greedy)")
-    v.add_argument("--greedy", action="store_true", help="most probable tags and tokens instead of sampling")
+    draw = v.add_mutually_exclusive_group()
+    draw.add_argument("--greedy", action="store_true", default=None, help="most probable tags and tokens (DiffusER's "
+                      "default)")
+    draw.add_argument("--sample", dest="greedy", action="store_false", help="DiffusER: draw tags and tokens instead")
     v.add_argument("--seed", type=count(0), default=0)
     v.add_argument("--fp32", action="store_true")
     v.add_argument("--json", action="store_true")

@@ -348,10 +348,12 @@ class DiffusionLM:
         return Job(cond, finish, sampler, sampler_options, steps, seed, temperature, top_p)
 
     def revise(self, text: str, *, steps: int | None = None, beam: tuple[int, int] | None = None, seed: int = 0,
-               greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
+               greedy: bool | None = None, temperature: float | None = None, top_p: float | None = None,
                bf16: bool = True) -> dict:
-        """Edit ``text`` with an edit-family model: ``steps`` revisions from the text as draft — DiffusER sampled,
-        greedy, or by 2D beam search (``beam`` = (b, r)); Edit Flows by τ-leaping from the text as x_0. Returns
+        """Edit ``text`` with an edit-family model: ``steps`` revisions from the text as draft — DiffusER greedy
+        (the default: on typo correction drawn tags and tokens broke 8% of the correct words, argmax 1%), sampled
+        (``greedy=False``) or by 2D beam search (``beam`` = (b, r)); Edit Flows by τ-leaping from the text as x_0
+        (``greedy`` must stay unset). Returns
         {"text", "revisions": [{"step", "ops": [{"op", "at", "token" | "count"}], "text"}], "nfe"} — every
         revision's operations at their positions in the sequence it edited."""
         from .sampling.edit import DiffuserSampler
@@ -370,11 +372,11 @@ class DiffusionLM:
         self._check_length(len(ids) + 1, self.seq_len, "text")
         if beam is not None and (len(beam) != 2 or min(beam) < 1):
             raise DiffLMError(f"--beam takes b,r with both at least 1, got {','.join(map(str, beam))}")
-        if family == "editflow" and (beam is not None or greedy):
+        if family == "editflow" and (beam is not None or greedy is not None):
             raise DiffLMError("--beam and --greedy are DiffusER's; an Edit Flows model revises by τ-leaping "
                               "(drop them, or use --seed)")
         if family == "edit":
-            opts = {"bootstrap": "draft", "greedy": greedy}
+            opts = {"bootstrap": "draft", "greedy": greedy is not False}
             if beam is not None:
                 opts |= {"beam_b": beam[0], "beam_r": beam[1]}
             smp = DiffuserSampler(**opts)

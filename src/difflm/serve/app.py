@@ -84,7 +84,7 @@ class ReviseBody(BaseModel):
     text: str
     steps: int | None = Field(None, ge=1)
     beam: list[int] | None = None
-    greedy: bool = False
+    greedy: bool | None = None  # DiffusER: argmax unless false
     seed: int = Field(0, ge=0, lt=2**63)
 
 
