@@ -65,6 +65,15 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
                                                       "process.mask_layout=blocks", "process.mask_block=4"]),
            "masked-adapt-blocks1": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
                                                       "process.mask_layout=blocks", "process.mask_block=1"]),
+           # ... with clean-causal attention (process.attention): clean positions read only the clean positions up to
+           # them, as in the AR parent, and each [MASK] reads those and itself, so at the switch semi-AR decoding's
+           # first [MASK] after the prefix is predicted exactly as the parent predicts its next token; random masks,
+           # or the blocks-of-4 layout
+           "masked-adapt-cc": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                 "process.attention=clean-causal"]),
+           "masked-adapt-blocks4-cc": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                         "process.attention=clean-causal",
+                                                         "process.mask_layout=blocks", "process.mask_block=4"]),
            # ... adapted to BD3-LM instead (Fast-dLLM v2, SDAR): blocks of 4, attention opened from causal to
            # block-causal over the first 50 steps, BD3-LM's loss; the earlier blocks exact in the KV cache
            "block-adapt": ("captions-mdlm", ["process={type: block, block_size: 4}", "model.shift=true",
@@ -244,7 +253,9 @@ def main() -> None:
             decoders += [(" (greedy)", 0.0, greedy), *((f" (greedy, CFG w={w:g})", w, greedy) for w in weights),
                          (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":
-            decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR]
+            cached = getattr(lm.process.options, "attention", "full") != "full"  # no KV cache under clean-causal
+            decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR
+                         if not (cached and "kv_cache" in kw.get("sampler_options", {}))]
             # guidance on the best decoder
             decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
             for b, t in grid_rows:  # each without and with guidance

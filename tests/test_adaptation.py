@@ -198,3 +198,42 @@ def test_every_sampler_infill_and_eval_run_on_an_adapted_model(tmp_path, family,
         assert lm.infill("the ___ fox", span_tokens=3)[0].startswith("the ")
     else:
         assert lm.generate(1, 16, prompt="the quick", steps=8).texts[0].startswith("the quick")
+
+
+def test_clean_causal_mask_by_hand():
+    p = process("masked", attention="clean-causal")
+    xt = torch.tensor([[3, MASK, 5, MASK]])
+    want = torch.tensor([[1, 0, 0, 0],   # clean 0 reads itself
+                         [1, 1, 0, 0],   # [MASK] 1 reads clean 0 and itself
+                         [1, 0, 1, 0],   # clean 2 reads clean 0 and itself, never the [MASK] at 1
+                         [1, 0, 1, 1]],  # [MASK] 3 reads the clean positions before it and itself
+                        dtype=torch.bool)
+    assert torch.equal(p.clean_causal_mask(xt)[0, 0], want)
+
+
+@pytest.mark.parametrize("attention", ["clean-causal", "full"])
+def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_parent(attention):
+    """A causal (AR) transformer and the same weights as a shifted bidirectional masked denoiser: on a clean prefix
+    followed by [MASK]s, clean-causal attention predicts the first [MASK] as the parent predicts the next token
+    (and reads the prefix as it does); full attention lets the prefix read the [MASK]s, and the prediction moves."""
+    from difflm.models import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layer=2, n_head=2, d_model=32)
+    parent = Transformer(cfg.with_needs(BackboneNeeds(attention="causal"), V, 64))
+    with torch.no_grad():
+        for q in parent.parameters():
+            q.add_(0.1 * torch.randn_like(q))
+    child = Transformer(TransformerConfig(n_layer=2, n_head=2, d_model=32, shift=True).with_needs(
+        BackboneNeeds(attention="bidirectional"), V, 64))
+    child.load_state_dict(parent.state_dict())
+    parent.eval(), child.eval()
+    p = process("masked", attention=attention)
+    x0 = cyclic(3, 12, 2)
+    xt = torch.cat([x0[:, :5], torch.full((3, 7), MASK)], 1)  # a clean prefix of 5, then [MASK]s
+    with torch.no_grad():
+        want = torch.log_softmax(parent(x0[:, :5])[:, 4].float(), -1)  # the parent's next token after the prefix
+        got = p.log_probs(child, xt, None)[:, 5]
+    finite = torch.isfinite(got[0])  # the SUBS log-probs put -inf on [MASK] and [PAD]
+    same = torch.allclose(torch.log_softmax(want[:, finite], -1), got[:, finite], atol=1e-5)
+    assert same == (attention == "clean-causal")

@@ -43,12 +43,18 @@ class MaskedOptions:
                               "of mask_block positions masked at the drawn rate with at least one [MASK], every later "
                               "position [MASK]), the loss on that block only")
     mask_block: int = option(8, "mask_layout blocks: the block's length in positions (the decoder's block)", ge=1)
+    attention: str = option("full", "full: every position reads every other (MDLM); clean-causal: a clean position "
+                            "reads the clean positions up to itself and a [MASK] those before it and itself, so a "
+                            "clean prefix is read as an AR model reads it (XLNet's two streams in one pass): an AR "
+                            "parent adapted with model.shift predicts the first [MASK] after a clean prefix as it did")
 
     def __post_init__(self) -> None:
         if self.loss not in ("elbo", "cmlm", "glat"):
             raise DiffLMError(f"process.loss must be elbo, cmlm or glat, got {self.loss!r}")
         if self.mask_layout not in ("random", "blocks"):
             raise DiffLMError(f"process.mask_layout must be random or blocks, got {self.mask_layout!r}")
+        if self.attention not in ("full", "clean-causal"):
+            raise DiffLMError(f"process.attention must be full or clean-causal, got {self.attention!r}")
         if self.mask_layout == "blocks" and self.loss != "cmlm":
             raise DiffLMError("process.mask_layout blocks changes the forward process, so the bound's weights no "
                               "longer apply: set process.loss cmlm with it")
@@ -98,9 +104,24 @@ class MaskedDiffusion(Process):
         """Network logits in float32 with zero mass on the ids that are never data: (B, L, V), or (N, V)
         at the N positions where ``select`` (B, L) is True; ``net``: more keywords for the network (a KV cache)."""
         tc = t.float() if (self.time_conditioning and t is not None) else None
+        if self.options.attention == "clean-causal":
+            if net.get("cache") is not None:
+                raise DiffLMError("a KV cache keeps keys computed under full attention; this model reads with "
+                                  "process.attention clean-causal: decode without --kv-cache")
+            net = {**net, "attn_mask": self.clean_causal_mask(xt)}
         logits = (model(xt, tc, **net) if select is None else model(xt, tc, select=select, **net)).float()
         logits[..., self.never] = -math.inf
         return logits
+
+    def clean_causal_mask(self, xt: Tensor) -> Tensor:
+        """``attention: clean-causal``'s mask (B, 1, L, L), True = may attend: query i reads key j ≤ i when j is clean
+        (not [MASK]), and itself. Clean positions thus never read a [MASK], and with every [MASK] after a clean
+        prefix the prefix is computed exactly as by a causal network."""
+        L = xt.shape[1]
+        i = torch.arange(L, device=xt.device)
+        before = i[None, :] <= i[:, None]  # (L, L): key j at or before query i
+        own = torch.eye(L, dtype=torch.bool, device=xt.device)
+        return (((xt != self.mask_id)[:, None, :] & before[None]) | own[None])[:, None]
 
     def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None,
                   **net) -> Tensor:
