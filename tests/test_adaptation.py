@@ -237,3 +237,11 @@ def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_pa
     finite = torch.isfinite(got[0])  # the SUBS log-probs put -inf on [MASK] and [PAD]
     same = torch.allclose(torch.log_softmax(want[:, finite], -1), got[:, finite], atol=1e-5)
     assert same == (attention == "clean-causal")
+
+
+def test_a_kv_cache_under_clean_causal_attention_is_a_one_line_error():
+    from difflm.models.transformer import KVCache
+
+    p = process("masked", attention="clean-causal")
+    with pytest.raises(DiffLMError, match="decode without --kv-cache"):
+        p.subs_logits(random_llama(True), torch.full((1, 4), MASK), None, cache=KVCache(2))
