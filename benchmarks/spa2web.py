@@ -87,6 +87,8 @@ SEMI_AR_FAST = [(f"{SEMI_AR[0]}, stop at [EOS]{f', {c} cache' if c else ''}",
                                                     **({"kv_cache": c} if c else {})}})
                 for c in ("", "prefix", "dual")]
 ADAPTED = [MASKED[0], SEMI_AR, *SEMI_AR_FAST, MASKED[2]]
+# clean-causal attention refuses the samplers' KV caches: the same decoders without them
+ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2]]
 # BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
 # tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
 BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),
@@ -126,6 +128,14 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     # drawn rate, everything after it masked; the loss on the block): the adaptation trains what decoding asks of it
     "mdlm-adapt-anneal50-blocks": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "model.anneal_steps=50",
                                                     "process.mask_layout=blocks", "process.mask_block=8"], ADAPTED),
+    # clean-causal attention (process.attention): clean positions read only the clean positions up to them, as in
+    # the AR parent, and each [MASK] those and itself, so a clean prefix keeps the parent's reading of it and the first
+    # [MASK] after it is the parent's next token; random masks, or the blocks layout of semi-AR decoding
+    "mdlm-adapt-cc": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true", "process.attention=clean-causal"],
+                      ADAPTED_CC),
+    "mdlm-adapt-blocks-cc": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                              "process.attention=clean-causal", "process.mask_layout=blocks",
+                                              "process.mask_block=8"], ADAPTED_CC),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
@@ -205,7 +215,9 @@ def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]], bef
     minutes = round(trained_minutes(run_dir) + before, 1)
     point = {"step": json.loads((run_dir / "manifest.json").read_text())["step"]}
     for label, kw in decoders:
-        if "draft_from" not in kw and (label, kw) not in (SEMI_AR, *SEMI_AR_FAST[:2]):  # the cached one: fast
+        # the cached semi-AR row is the fast one; without it (clean-causal models) the uncached one, ended at [EOS]
+        slow = (SEMI_AR, *SEMI_AR_FAST[:2]) if SEMI_AR_FAST[2] in decoders else (SEMI_AR,)
+        if "draft_from" not in kw and (label, kw) not in slow:
             outs = lm.generate_targets([s for s, _ in valid], batch_size=32, truncate=True, **kw)
             point[label] = sacrebleu.corpus_bleu([o.prediction for o in outs], [[t for _, t in valid]]).score
     path = run_dir / "curve.json"
