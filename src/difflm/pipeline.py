@@ -353,7 +353,7 @@ class DiffusionLM:
         """Edit ``text`` with an edit-family model: ``steps`` revisions from the text as draft — DiffusER greedy
         (the default: on typo correction drawn tags and tokens broke 8% of the correct words, argmax 1%), sampled
         (``greedy=False``) or by 2D beam search (``beam`` = (b, r)); Edit Flows by τ-leaping from the text as x_0
-        (``greedy`` must stay unset). Returns
+        (``greedy=True`` is refused). Returns
         {"text", "revisions": [{"step", "ops": [{"op", "at", "token" | "count"}], "text"}], "nfe"} — every
         revision's operations at their positions in the sequence it edited."""
         from .sampling.edit import DiffuserSampler
@@ -372,7 +372,7 @@ class DiffusionLM:
         self._check_length(len(ids) + 1, self.seq_len, "text")
         if beam is not None and (len(beam) != 2 or min(beam) < 1):
             raise DiffLMError(f"--beam takes b,r with both at least 1, got {','.join(map(str, beam))}")
-        if family == "editflow" and (beam is not None or greedy is not None):
+        if family == "editflow" and (beam is not None or greedy):
             raise DiffLMError("--beam and --greedy are DiffusER's; an Edit Flows model revises by τ-leaping "
                               "(drop them, or use --seed)")
         if family == "edit":
