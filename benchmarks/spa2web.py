@@ -87,8 +87,11 @@ SEMI_AR_FAST = [(f"{SEMI_AR[0]}, stop at [EOS]{f', {c} cache' if c else ''}",
                                                     **({"kv_cache": c} if c else {})}})
                 for c in ("", "prefix", "dual")]
 ADAPTED = [MASKED[0], SEMI_AR, *SEMI_AR_FAST, MASKED[2]]
-# clean-causal attention refuses the samplers' KV caches: the same decoders without them
-ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2]]
+# clean-causal attention refuses the samplers' KV caches: the same decoders without them, and blocks of 1 (one token
+# a call, left to right: the decoding in which the first [MASK] after the clean prefix is always the one predicted)
+ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2],
+              ("semi-AR, blocks of 1, stop at [EOS]", {"sampler": "threshold", "sampler_options": {
+                  "block": 1, "greedy": True, "stop_at_eos": True}})]
 # BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
 # tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
 BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),
