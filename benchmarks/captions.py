@@ -253,9 +253,9 @@ def main() -> None:
             decoders += [(" (greedy)", 0.0, greedy), *((f" (greedy, CFG w={w:g})", w, greedy) for w in weights),
                          (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":
-            cached = getattr(lm.process.options, "attention", "full") != "full"  # no KV cache under clean-causal
+            uncached = getattr(lm.process.options, "attention", "full") != "full"  # clean-causal refuses KV caches
             decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR
-                         if not (cached and "kv_cache" in kw.get("sampler_options", {}))]
+                         if not (uncached and "kv_cache" in kw.get("sampler_options", {}))]
             # guidance on the best decoder
             decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
             for b, t in grid_rows:  # each without and with guidance
