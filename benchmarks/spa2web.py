@@ -217,9 +217,9 @@ def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]], bef
     lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
     minutes = round(trained_minutes(run_dir) + before, 1)
     point = {"step": json.loads((run_dir / "manifest.json").read_text())["step"]}
+    # the cached semi-AR row is the fast one; without it (clean-causal models) the uncached one, ended at [EOS]
+    slow = (SEMI_AR, *SEMI_AR_FAST[:2]) if SEMI_AR_FAST[2] in decoders else (SEMI_AR,)
     for label, kw in decoders:
-        # the cached semi-AR row is the fast one; without it (clean-causal models) the uncached one, ended at [EOS]
-        slow = (SEMI_AR, *SEMI_AR_FAST[:2]) if SEMI_AR_FAST[2] in decoders else (SEMI_AR,)
         if "draft_from" not in kw and (label, kw) not in slow:
             outs = lm.generate_targets([s for s, _ in valid], batch_size=32, truncate=True, **kw)
             point[label] = sacrebleu.corpus_bleu([o.prediction for o in outs], [[t for _, t in valid]]).score
