@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from difflm.config import DataConfig, TokenizerConfig
 from difflm.data import build_dataset, build_tokenizer, load_lines
@@ -35,6 +37,19 @@ def test_word_tokenizer_and_specials():
     ids = tok.encode("the cat sat")
     assert tok.decode(ids) == "the [UNK] sat"
     assert tok.decode([*ids, tok.eos_id, tok.mask_id, tok.pad_id]) == "the [UNK] sat\n_"
+
+
+def test_word_starts_of_every_tokenizer_kind():
+    lines = ["the weekend big fund is here", "mr phelan said the fund"] * 20
+    text = "the weekend bg fund"
+    for tok, want in ((train_bpe(lines, 300), [" weekend", " ", " fund"]), (train_char(lines), [" "] * 3),
+                      (train_word(lines), ["the", "weekend", "fund"])):  # BPE: " " "b" "g"; words: "bg" is [UNK]
+        starts = tok.word_starts()
+        assert not starts & set(tok.special.values())
+        assert [tok.decode([i]) for i in tok.encode(text) if i in starts] == want
+    wordpiece = Tokenizer(HFTokenizer(models.WordPiece({"[UNK]": 0, "the": 1, "b": 2, "##g": 3}, unk_token="[UNK]")),
+                          "hf")
+    assert {wordpiece.hf.id_to_token(i) for i in wordpiece.word_starts()} == {"the", "b"}
 
 
 def test_hf_tokenizer_by_path_gets_difflm_specials(tmp_path):

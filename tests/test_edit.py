@@ -128,6 +128,22 @@ def test_a_saved_edit_run_without_the_padding_key_keeps_attending_to_padding(tmp
     (tmp_path / "config.json").write_text(json.dumps({"difflm_version": "0.1.0", "run": saved}))
     assert load_config(str(tmp_path)).process.padding == "attended"  # `difflm train RUN_FOLDER` reads it so too
     assert load_config(str(tmp_path), ["process.padding=masked"]).process.padding == "masked"
+    assert RunConfig.from_dict(saved).process.align == "words"  # and the alignment it trained on
+    assert RunConfig.from_saved(saved).process.align == "tokens" == load_config(str(tmp_path)).process.align
+    old_flow = {**saved, "process": {"type": "editflow"}}
+    assert RunConfig.from_saved(old_flow).process.align == "tokens" != RunConfig.from_dict(old_flow).process.align
+
+
+@pytest.mark.parametrize("family", ["edit", "editflow"])
+def test_training_aligns_by_the_tokenizers_word_starts(family):
+    """``align: words`` hands the tokenizer's word starts (a character tokenizer's space) to the alignment that
+    training reads; ``align: tokens`` hands none."""
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz "])
+    for align, starts in (("words", {tok.encode(" ")[0]}), ("tokens", set())):
+        run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32},
+                                   "process": {"type": family, "align": align},
+                                   "data": {"mode": "lines", "seq_len": 32}})
+        assert build_components(run, tok)[1].aligned_by == starts
 
 
 @pytest.mark.parametrize("padding", ["masked", "attended"])

@@ -53,6 +53,57 @@ def test_script_rebuilds_the_target_at_the_levenshtein_cost(a, b):
     assert edit_script(a, b) == s  # deterministic
 
 
+def shortest_scripts(a, b):
+    """Every shortest alignment of a and b as its list of (a token, b token) replacements, by recursion (no DP
+    table, no tie rule)."""
+    best = naive_distance(tuple(a), tuple(b))
+
+    @functools.cache
+    def walk(i, j, left):  # alignments of a[:i], b[:j] with ``left`` edits
+        if i == 0 and j == 0:
+            return [()] if left == 0 else []
+        out = []
+        if i and j:
+            same = a[i - 1] == b[j - 1]
+            out += [r + (() if same else ((a[i - 1], b[j - 1]),)) for r in walk(i - 1, j - 1, left - (not same))]
+        if i and left:
+            out += walk(i - 1, j, left - 1)
+        if j and left:
+            out += walk(i, j - 1, left - 1)
+        return out
+
+    return walk(len(a), len(b), best)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=7), st.lists(st.integers(0, 5), max_size=7))
+def test_a_word_aware_script_is_shortest_and_crosses_word_starts_least(a, b):
+    starts = {0, 1, 2}  # the ids that begin a word
+    s = edit_script(a, b, starts)
+    assert apply_script(a, s) == b and s.cost == levenshtein(a, b)
+    new = iter(s.new)
+    crossed = 0
+    for i in range(len(a) + 1):
+        for _ in range(s.ins[i]):
+            next(new)
+        if i < len(a) and s.ops[i] == REPLACE:
+            crossed += (a[i] in starts) != (next(new) in starts)
+    least = min(sum((x in starts) != (y in starts) for x, y in r) for r in shortest_scripts(a, b))
+    assert crossed == least
+    assert edit_script(a, b, set()) == edit_script(a, b)  # no word starts known: the token alignment
+
+
+def test_a_misspelt_word_is_replaced_from_its_start_not_merged_into_its_neighbour():
+    weekend, b_, g, big, fund = "Ġweekend", "Ġb", "g", "Ġbig", "Ġfund"
+    ids = {t: i for i, t in enumerate((weekend, b_, g, big, fund))}
+    a, b = [ids[t] for t in (weekend, b_, g, fund)], [ids[t] for t in (weekend, big, fund)]
+    starts = {ids[t] for t in (weekend, b_, big, fund)}
+    # by tokens alone the first shortest script deletes "Ġb" and writes "Ġbig" over "g": made halfway (the
+    # delete alone), it joins "g" onto "weekend"
+    assert edit_script(a, b).ops == [KEEP, DELETE, REPLACE, KEEP]
+    assert edit_script(a, b, starts).ops == [KEEP, REPLACE, DELETE, KEEP]
+
+
 def test_a_worked_example():
     x, y, z, u, v, w = range(6)
     s = EditScript([KEEP, REPLACE, DELETE], [1, 0, 0, 1], [u, v, w])

@@ -65,6 +65,26 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    def word_starts(self) -> frozenset[int]:
+        """The ids of tokens that begin a word: a byte-level BPE token after a space (``Ġ``), a SentencePiece one
+        (``▁``), a character tokenizer's space, every WordPiece token but a ``##`` continuation, every token of a
+        word vocabulary; special tokens are none of them. The edit family's alignment keeps them apart
+        (``process.align: words``)."""
+        import json
+
+        model = json.loads(self.hf.to_str()).get("model", {})
+        cont = model.get("continuing_subword_prefix") or "##"
+        special = set(self.special.values())
+        out = set()
+        for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                continue
+            if self.kind == "word" or (model.get("type") == "WordPiece" and not tok.startswith(cont)):
+                out.add(i)
+            elif tok[:1] in ("Ġ", "▁") or (tok[:1].isspace() and self.kind != "word"):
+                out.add(i)
+        return frozenset(out)
+
     def encode(self, text: str) -> list[int]:
         """Text of one line (no line breaks) -> ids, no special tokens added."""
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -3,6 +3,8 @@ selects one by the config's ``process.type``."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 # isort: off
 # each module registers its family on import; this order is the order families are listed in
 from .masked import MaskedDiffusion
@@ -24,11 +26,12 @@ __all__ = ["Autoregressive", "Batch", "BlockDiffusion", "D3PM", "EditDiffusion",
            "build_process", "low_discrepancy_uniform"]
 
 
-def build_process(cfg, *, vocab_size: int, special: dict[str, int], length_prior=None) -> Process:
+def build_process(cfg, *, vocab_size: int, special: dict[str, int], length_prior=None,
+                  word_starts: Collection[int] = ()) -> Process:
     """cfg: the config's ``process`` section (a mapping with ``type``, or a family's Options instance);
-    special: token ids of pad/mask/bos/eos."""
+    special: token ids of pad/mask/bos/eos; word_starts: the ids that begin a word (``Tokenizer.word_starts``)."""
     from ..config import process_options
 
     options = process_options(cfg)
     return registry.family(options.family).from_options(options, vocab_size=vocab_size, special=special,
-                                                        length_prior=length_prior)
+                                                        length_prior=length_prior, word_starts=word_starts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -123,8 +124,12 @@ class Process(nn.Module):
     discrete_time: ClassVar[bool] = False
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, *,
-                 eos_id: int | None = None, length_prior: list[float] | None = None, **options) -> None:
+                 eos_id: int | None = None, length_prior: list[float] | None = None,
+                 word_starts: Collection[int] = (), **options) -> None:
+        """word_starts: the tokenizer's ids that begin a word (``Tokenizer.word_starts``; the edit families align
+        with them)."""
         super().__init__()
+        self.word_starts = frozenset(word_starts)
         self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
         self.bos_id, self.eos_id = bos_id, eos_id
         self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
@@ -133,10 +138,11 @@ class Process(nn.Module):
 
     @classmethod
     def from_options(cls, options, *, vocab_size: int, special: dict[str, int],
-                     length_prior: list[float] | None = None) -> Process:
+                     length_prior: list[float] | None = None, word_starts: Collection[int] = ()) -> Process:
         """The process for a tokenizer's vocabulary and special ids, from an ``Options`` instance."""
         return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), eos_id=special.get("eos"),
-                   length_prior=length_prior, **{f.name: getattr(options, f.name) for f in fields(options)})
+                   length_prior=length_prior, word_starts=word_starts,
+                   **{f.name: getattr(options, f.name) for f in fields(options)})
 
     def backbone_needs(self) -> BackboneNeeds:
         """The network this family needs (default: bidirectional and time-free)."""

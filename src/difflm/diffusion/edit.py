@@ -66,6 +66,11 @@ class EditOptions:
     replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
                                                      "token it replaces (a misspelling stays readable; that token is "
                                                      "then banned there) or [MASK] (it is gone)")
+    align: Literal["words", "tokens"] = option("words", "which shortest Levenshtein script training aligns by: words "
+                                               "(fewest replacements that turn a word-start token into a "
+                                               "word-inner one or back, so the model learns edits that never join "
+                                               "or split words) or tokens (the first found; runs saved before "
+                                               "2026-12-05)")
     padding: Literal["masked", "attended"] = option("masked", "the [PAD] keys after a row's [EOS]: masked (no position "
                                                     "reads them, so the network runs on rows cut to the batch's "
                                                     "longest sequence, and a row's output does not depend on the "
@@ -105,6 +110,11 @@ class EditDiffusion(Process):
         self.T, self.K = int(o.steps), int(o.max_insert)
         self.E = (o.keep, o.replace, o.delete, o.insert)
         self.data_ids = [i for i in range(vocab_size) if i not in set(self.never) | {self.eos_id}]
+
+    @property
+    def aligned_by(self) -> frozenset[int]:
+        """The word-start ids the training alignment keeps apart (``align: words``), else none."""
+        return self.word_starts if self.options.align == "words" else frozenset()
 
     def backbone_needs(self) -> BackboneNeeds:
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
@@ -178,7 +188,7 @@ class EditDiffusion(Process):
         """Seq2seq (DiffusER bootstrapped from the source, §3.3): (x_{t−1}, x_t) on the edit path from x_T = the
         source to x_0 = the target — the Levenshtein script's single edits in a random order, a share (T − t)/T
         of them made at step t."""
-        edits = atomic_edits(edit_script(src, tgt))
+        edits = atomic_edits(edit_script(src, tgt, self.aligned_by))
         rank = list(range(len(edits)))
         rng.shuffle(rank)
         made = [len(edits) * (self.T - s) // self.T for s in (t - 1, t)]
@@ -265,7 +275,7 @@ class EditDiffusion(Process):
         """The targets for one (x_{t−1}, x_t): x_t and its ops / insert counts (insertions past max_insert and
         tokens past the row dropped), the generator's input with [MASK] slots, and its targets (−1 elsewhere)."""
         x_t = x_t[: L - 1]
-        s = edit_script(x_t, x_prev)
+        s = edit_script(x_t, x_prev, self.aligned_by)
         ins = [min(c, self.K) for c in s.ins]
         new, it = [], iter(s.new)
         for i in range(len(x_t) + 1):  # keep the new tokens of the capped script, in order

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,11 @@ TAU_MAX = 1 - 1e-3  # κ̇/(1 − κ) = 1/(1 − τ) is cut here
 class EditFlowOptions:
     kappa: Literal["linear", "cubic"] = option("linear", "κ(τ): linear τ, or cubic 1 − (1 − τ)³ (columns switch "
                                                "early)")
+    align: Literal["words", "tokens"] = option("words", "which shortest Levenshtein script training aligns by: words "
+                                               "(fewest replacements that turn a word-start token into a "
+                                               "word-inner one or back, so the model learns edits that never join "
+                                               "or split words) or tokens (the first found; runs saved before "
+                                               "2026-12-05)")
     source: Literal["empty", "random"] = option("empty", "x_0 for unconditional models: the empty sequence or "
                                                 "random tokens of a random length (seq2seq: the source)")
 
@@ -111,10 +117,16 @@ class EditFlow(Process):
         return lam, q_ins.log_softmax(-1), q_sub.log_softmax(-1)
 
     # -- alignment and the mixture path --------------------------------------------------------------
+    @property
+    def aligned_by(self) -> frozenset[int]:
+        """The word-start ids the training alignment keeps apart (``align: words``), else none."""
+        return self.word_starts if self.options.align == "words" else frozenset()
+
     @staticmethod
-    def columns(src: list[int], tgt: list[int]) -> list[tuple[int, int]]:
-        """The Levenshtein alignment of source and target as (z_0, z_1) columns, ε = −1."""
-        s = edit_script(src, tgt)
+    def columns(src: list[int], tgt: list[int], starts: Collection[int] = ()) -> list[tuple[int, int]]:
+        """The Levenshtein alignment of source and target as (z_0, z_1) columns, ε = −1; ``starts``: the word-start
+        ids whose substitutions it avoids among the shortest (``edit_script``)."""
+        s = edit_script(src, tgt, starts)
         cols, new = [], iter(s.new)
         for i in range(len(src) + 1):
             cols.extend((EPS, next(new)) for _ in range(s.ins[i]))
@@ -165,7 +177,7 @@ class EditFlow(Process):
             if src is None:
                 src = self.source_of(tgt, r, L)
             kap, w = self.kappa(tau)
-            x, todo = self.mix(self.columns(src[: L - 1], tgt[: L - 1]), kap, r)
+            x, todo = self.mix(self.columns(src[: L - 1], tgt[: L - 1], self.aligned_by), kap, r)
             x = x[: L - 1]
             xs.append(x), todos.append([e for e in todo if e[1] <= len(x)]), ws.append(w)
         xt = self.pack(xs, L, dev)
@@ -202,5 +214,5 @@ class EditFlow(Process):
         for j, (tt, r) in enumerate(zip(t.tolist(), rngs)):
             src, tgt = pairs[j] if pairs else (None, self.sequences(batch.tokens[j : j + 1])[0])
             src = self.source_of(tgt, r, L) if src is None else src
-            rows.append(self.mix(self.columns(src, tgt), self.kappa(min(1 - tt, TAU_MAX))[0], r)[0])
+            rows.append(self.mix(self.columns(src, tgt, self.aligned_by), self.kappa(min(1 - tt, TAU_MAX))[0], r)[0])
         return self.pack(rows, L, batch.tokens.device)

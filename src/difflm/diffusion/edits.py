@@ -12,6 +12,7 @@ Levenshtein distance (unit costs), so the script is a shortest edit path.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 KEEP, DELETE, REPLACE = 0, 1, 2
@@ -43,30 +44,43 @@ def levenshtein(a: list[int], b: list[int]) -> int:
     return prev[-1]
 
 
-def edit_script(a: list[int], b: list[int]) -> EditScript:
-    """A shortest script turning ``a`` into ``b``. Ties are broken the same way every time (keep/replace before
-    delete before insert, scanning from the end), so a pair always gets the same script."""
+def edit_script(a: list[int], b: list[int], starts: Collection[int] = ()) -> EditScript:
+    """A shortest script turning ``a`` into ``b``. With ``starts`` (the token ids that begin a word), among the
+    shortest scripts the one with the fewest REPLACEs that turn a word-start token into a word-inner one or back:
+    ``Ġb g -> Ġbig`` replaces ``Ġb`` and deletes ``g`` rather than deleting ``Ġb`` and writing ``Ġbig`` over ``g``,
+    so no part of the script joins or splits words. Ties left are broken the same way every time (keep/replace
+    before delete before insert, scanning from the end), so a pair always gets the same script."""
     n, m = len(a), len(b)
+    # costs as one integer, unit edits weighing W and a word-class-crossing replacement 1 more: min over these is
+    # the lexicographic (edits, crossings) order, since a script has fewer than W crossings
+    W = n + m + 1 if starts else 1
+    cross_a = [x in starts for x in a] if starts else [False] * n
+    cross_b = [y in starts for y in b] if starts else [False] * m
     D = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n + 1):
-        D[i][0] = i
+        D[i][0] = i * W
     for j in range(m + 1):
-        D[0][j] = j
+        D[0][j] = j * W
+
+    def sub(i: int, j: int) -> int:
+        return 0 if a[i] == b[j] else W + (cross_a[i] != cross_b[j])
+
     for i in range(1, n + 1):
-        x, row, up = a[i - 1], D[i], D[i - 1]
+        x, cx, row, up = a[i - 1], cross_a[i - 1], D[i], D[i - 1]
         for j in range(1, m + 1):
-            row[j] = min(up[j] + 1, row[j - 1] + 1, up[j - 1] + (x != b[j - 1]))
+            d = up[j - 1] if x == b[j - 1] else up[j - 1] + W + (cx != cross_b[j - 1])
+            row[j] = min(up[j] + W, row[j - 1] + W, d)
     ops = [KEEP] * n
     ins = [0] * (n + 1)
     out: list[int | None] = [None] * m  # which output positions are new (their token), None: a kept token
     i, j = n, m
     while i > 0 or j > 0:
-        if i > 0 and j > 0 and D[i][j] == D[i - 1][j - 1] + (a[i - 1] != b[j - 1]):
+        if i > 0 and j > 0 and D[i][j] == D[i - 1][j - 1] + sub(i - 1, j - 1):
             if a[i - 1] != b[j - 1]:
                 ops[i - 1] = REPLACE
                 out[j - 1] = b[j - 1]
             i, j = i - 1, j - 1
-        elif i > 0 and D[i][j] == D[i - 1][j] + 1:
+        elif i > 0 and D[i][j] == D[i - 1][j] + W:
             ops[i - 1] = DELETE
             i -= 1
         else:  # an insertion into gap i (before source token i)
