@@ -243,5 +243,5 @@ def test_a_kv_cache_under_clean_causal_attention_is_a_one_line_error():
     from difflm.models.transformer import KVCache
 
     p = process("masked", attention="clean-causal")
-    with pytest.raises(DiffLMError, match="decode without --kv-cache"):
+    with pytest.raises(DiffLMError, match="decode with --kv-cache causal"):
         p.subs_logits(random_llama(True), torch.full((1, 4), MASK), None, cache=KVCache(2))

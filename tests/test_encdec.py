@@ -869,10 +869,11 @@ def test_annealing_starts_the_adapted_encoder_decoder_as_the_ar_model_and_ends_a
                                                                                         want[tgt][real], atol=1e-3)
 
 
-def cache_model(n_layer: int, shift: bool, encoder: bool, llama: bool = False):
+def cache_model(n_layer: int, shift: bool, encoder: bool, llama: bool = False, attention: str = "full"):
     model = {"n_layer": n_layer, "shift": shift}
     model |= {"type": "llama", "n_kv_head": 1} if llama else {"encoder_layers": int(encoder)}
-    return random_net(model, {"type": "masked"}, seq_len=20, seed=1, train={"cond_dropout": 0.1})  # guidance too
+    return random_net(model, {"type": "masked", "attention": attention}, seq_len=20, seed=1,
+                      train={"cond_dropout": 0.1})  # guidance too
 
 
 @pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
@@ -939,6 +940,40 @@ def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_
                 assert cached == plain, (w, cached, plain)
     with pytest.raises(DiffLMError, match="--block > 0"):
         lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})
+
+
+@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_the_causal_cache_of_a_clean_causal_model_decodes_exactly_as_without_it(net, shift):
+    """``kv_cache: causal`` on a clean-causal model with two layers (where Fast-dLLM's cache is only approximate):
+    the same text and calls as decoding without a cache, at blocks of 1 and 3, with and without guidance and
+    stopping at [EOS], at any batch size; and a call's window spans only the last stored position through the
+    block, never the whole row."""
+    srcs = ["abcd", "ab", "abcdefg", "hgf"]
+    tok, backbone, process, run = cache_model(2, shift, net == "encoder-decoder", llama=net.startswith("llama"),
+                                              attention="clean-causal")
+    lm = DiffusionLM(backbone, process, tok, run, device="cpu")
+    widths: list[int] = []
+    hook = backbone.blocks[0].register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    for block, w, stop in ((1, 0.0, True), (3, 1.0, False), (3, 0.0, True)):
+        kw = {"sampler": "threshold", "seed": 2, "bf16": False, "guidance": w,
+              "sampler_options": {"block": block, "greedy": True, "threshold": 0.3, "stop_at_eos": stop}}
+        plain = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+        kw["sampler_options"]["kv_cache"] = "causal"
+        widths.clear()
+        cached = [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=4, **kw)]
+        assert cached == plain, (block, w, cached, plain)
+        # the first call runs through the longest source, its [BOS] and the first block; later ones from the last
+        # stored position through the tokens the last call decided (at most a block) and the block now
+        assert widths[0] == len("abcdefg") + 1 + block and max(widths[2 if w else 1:]) <= 2 * block + 1
+        assert cached == [(o.prediction, o.nfe) for o in lm.generate_targets(srcs, batch_size=1, **kw)]
+    hook.remove()
+    for mode in ("prefix", "dual"):
+        with pytest.raises(DiffLMError, match="use --kv-cache causal"):
+            lm.generate_targets(srcs, sampler="threshold", sampler_options={"block": 2, "kv_cache": mode})
+    full = DiffusionLM(*cache_model(2, shift, False)[1:3], tok, run, device="cpu")
+    with pytest.raises(DiffLMError, match="exact only for a model with process.attention clean-causal"):
+        full.generate_targets(srcs, sampler="threshold", sampler_options={"block": 2, "kv_cache": "causal"})
 
 
 def test_stopping_at_eos_keeps_every_translation_and_saves_calls():

@@ -105,23 +105,30 @@ class MaskedDiffusion(Process):
         at the N positions where ``select`` (B, L) is True; ``net``: more keywords for the network (a KV cache)."""
         tc = t.float() if (self.time_conditioning and t is not None) else None
         if self.options.attention == "clean-causal":
-            if net.get("cache") is not None:
-                raise DiffLMError("a KV cache keeps keys computed under full attention; this model reads with "
-                                  "process.attention clean-causal: decode without --kv-cache")
-            net = {**net, "attn_mask": self.clean_causal_mask(xt)}
+            if net.get("cache") is not None and net.get("attn_mask") is None:
+                # the mask over (stored, new) keys is the caller's: only the exact prefix cache builds it
+                raise DiffLMError("this model reads with process.attention clean-causal, where only the exact prefix "
+                                  "cache applies: decode with --kv-cache causal (and --block), or without a cache")
+            if net.get("cache") is None:
+                net = {**net, "attn_mask": self.clean_causal_mask(xt)}
         logits = (model(xt, tc, **net) if select is None else model(xt, tc, select=select, **net)).float()
         logits[..., self.never] = -math.inf
         return logits
 
-    def clean_causal_mask(self, xt: Tensor) -> Tensor:
+    def clean_causal_mask(self, xt: Tensor, stored: Tensor | None = None) -> Tensor:
         """``attention: clean-causal``'s mask (B, 1, L, L), True = may attend: query i reads key j ≤ i when j is clean
         (not [MASK]), and itself. Clean positions thus never read a [MASK], and with every [MASK] after a clean
-        prefix the prefix is computed exactly as by a causal network."""
+        prefix the prefix is computed exactly as by a causal network. With a KV cache, ``stored`` (B, S) says which
+        stored keys each row's queries may read (a clean prefix before them); the mask is then (B, 1, L, S + L),
+        the stored keys first, as ``attend`` lays them out."""
         L = xt.shape[1]
         i = torch.arange(L, device=xt.device)
         before = i[None, :] <= i[:, None]  # (L, L): key j at or before query i
         own = torch.eye(L, dtype=torch.bool, device=xt.device)
-        return (((xt != self.mask_id)[:, None, :] & before[None]) | own[None])[:, None]
+        mask = ((xt != self.mask_id)[:, None, :] & before[None]) | own[None]
+        if stored is not None:
+            mask = torch.cat([stored[:, None, :].expand(-1, L, -1), mask], -1)
+        return mask[:, None]
 
     def log_probs(self, model: nn.Module, xt: Tensor, t: Tensor | None, select: Tensor | None = None,
                   **net) -> Tensor:

@@ -13,8 +13,10 @@ position (after its prompt or source, as LLaDA splits the generation length); wi
 steps are split evenly across its blocks. ``greedy`` takes each candidate's argmax (LLaDA's temperature 0)
 instead of drawing it. ``stop_at_eos`` ends a row once it has an [EOS] with nothing masked before it (its
 text can no longer change), and ``kv_cache`` reuses keys and values across a block's calls (Fast-dLLM §3.2,
-``BlockCache``: an approximation, exact only where no stored key depends on what changed). Draws are keyed
-on (seed, row, call), so a row's text does not depend on the batch.
+``BlockCache``: an approximation, exact only where no stored key depends on what changed); for a model with
+``process.attention: clean-causal`` the cache ``causal`` is exact (``CausalCache``: a finished clean prefix's keys
+never change, so each call computes only the positions from the last stored one through the block, as AR decoding
+with a KV cache does). Draws are keyed on (seed, row, call), so a row's text does not depend on the batch.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .conditioning import Conditioning
 from .guidance import ClassifierFreeGuidance
 
 SCORES = ("confidence", "margin", "entropy")
-CACHES = ("none", "prefix", "dual")
+CACHES = ("none", "prefix", "dual", "causal")
 
 
 def ranks(score: Tensor, *, descending: bool) -> Tensor:
@@ -54,9 +56,10 @@ class ConfidenceOptions:
     block: int = option(0, "semi-autoregressive block length (0 = the whole sequence)", ge=0)
     greedy: bool = option(False, "take each candidate's most probable token instead of drawing one (temperature 0; "
                                  "the score is still the model's probability)")
-    kv_cache: Literal["none", "prefix", "dual"] = option(
+    kv_cache: Literal["none", "prefix", "dual", "causal"] = option(
         "none", "Fast-dLLM's approximate KV cache (with --block): keys/values computed when a row enters a block and "
-                "reused within it; prefix: those before the block, dual: those after it too")
+                "reused within it; prefix: those before the block, dual: those after it too; causal: the exact cache "
+                "of a process.attention clean-causal model (the finished prefix's keys, computed once)")
     stop_at_eos: bool = option(False, "end a row once it has an [EOS] with nothing masked before it: the masks after "
                                       "it become [PAD] (the text up to the [EOS] is what it would have been)")
 
@@ -67,7 +70,7 @@ class ConfidenceOptions:
             raise DiffLMError("--block must be ≥ 0 (0 = the whole sequence)")
         if self.kv_cache not in CACHES:
             raise DiffLMError(f"unknown --kv-cache {self.kv_cache!r}; choose one of {', '.join(CACHES)}")
-        if self.kv_cache != "none" and not self.block:
+        if self.kv_cache in ("prefix", "dual") and not self.block:
             raise DiffLMError("--kv-cache caches the positions outside the current block: give --block > 0")
 
 
@@ -139,6 +142,55 @@ class BlockCache:
                                  positions=pos, attn_mask=keys[:, None, None, :].expand(-1, 1, W, -1))
 
 
+class CausalCache(BlockCache):
+    """The exact KV cache of a ``process.attention: clean-causal`` model. A clean position whose every predecessor
+    is clean reads only them and itself, so once a row's prefix is settled its keys and values are final: each is
+    computed once, stored, and read by every later call. A call runs on a window from the last stored position
+    (its fresh state predicts the next token in a shifted backbone, as ``BlockCache.window``'s dual window does)
+    through the candidates, under the clean-causal mask over the stored prefix and the window; the window's
+    positions that were clean with a clean prefix at the call are then stored. Decoding token by token (blocks of
+    1) thus costs what AR decoding with a KV cache costs: a few positions a call, not the whole row."""
+
+    def __init__(self, n_layer: int, rows: int, device: torch.device) -> None:
+        super().__init__("causal", n_layer, 0, rows)
+        self.done = torch.zeros(rows, dtype=torch.long, device=device)  # per row: positions stored (a clean prefix)
+
+    def call(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor,
+             select: Tensor) -> Tensor:
+        """log p_θ(x0 | x_t) at ``select`` (n, L) of rows ``idx`` (x: their (n, L) tokens): (N, V); the keys of the
+        window's settled prefix positions are stored for the next calls."""
+        n, L = x.shape
+        pos_l = torch.arange(L, device=x.device)
+        masked = x == process.mask_id
+        settled = torch.where(masked.any(-1), masked.long().argmax(-1), L)  # the clean prefix's length now
+        end = torch.where(select.any(-1), (select * pos_l).amax(-1) + 1, settled)  # past the last candidate
+        ws = (self.done[idx] - 1).clamp_min(0)
+        W = max(int((end - ws).max()), 1)
+        ws = ws.clamp(max=L - W)
+        pos = ws[:, None] + torch.arange(W, device=x.device)  # (n, W) each row's window
+        sel = select.gather(1, pos)
+        assert int(sel.sum()) == int(select.sum()), "a selected position lies outside its row's window"
+        stored = self.kv.k[0] is not None
+        keys = (pos_l[None] < ws[:, None]) if stored else None  # stored keys before the window: a clean prefix
+        view, uview = self._views(model, idx if stored else None)
+        logp = process.log_probs(model, x.gather(1, pos), t, select=sel, cache=view, positions=pos,
+                                 attn_mask=process.clean_causal_mask(x.gather(1, pos), keys))
+        keep = pos < settled[:, None]  # (n, W): window positions now part of the settled prefix
+        r, c = idx[:, None].expand(n, W)[keep], pos[keep]
+        for new, store in ((view, self.kv), (uview, self.ukv)):
+            if new is None:
+                continue
+            for i, (k, v) in enumerate(zip(new.k, new.v)):
+                k, v = k[..., -W:, :], v[..., -W:, :]  # this call's keys (after the stored ones)
+                if store.k[i] is None:
+                    store.k[i] = k.new_zeros((self.rows, k.shape[1], L, k.shape[-1]))
+                    store.v[i] = v.new_zeros((self.rows, v.shape[1], L, v.shape[-1]))
+                store.k[i][r, :, c] = k.transpose(1, 2)[keep]
+                store.v[i][r, :, c] = v.transpose(1, 2)[keep]
+        self.done[idx] = torch.maximum(self.done[idx], settled)
+        return logp
+
+
 @register_sampler
 class ConfidenceDecoding(Sampler):
     name = "confidence"
@@ -163,16 +215,27 @@ class ConfidenceDecoding(Sampler):
         first = torch.where(masked, blk, torch.full_like(blk, 1 << 30)).amin(-1)  # (B,)
         return masked & (blk == first[:, None]), first
 
-    def _block_cache(self, model: nn.Module, process: MaskedDiffusion, B: int) -> BlockCache | None:
+    def _block_cache(self, model: nn.Module, process: MaskedDiffusion, B: int,
+                     device: torch.device) -> BlockCache | None:
         """The approximate KV cache ``kv_cache`` asks for (None: every call over the whole rows), after checking the
         options against the network and the process."""
         if self.options.stop_at_eos and process.eos_id is None:
             raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
-        if self.options.kv_cache == "none":
+        mode = self.options.kv_cache
+        if mode == "none":
             return None
         if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
             raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): drop --kv-cache")
-        return BlockCache(self.options.kv_cache, len(model.blocks), self.block, B)
+        causal = getattr(process.options, "attention", "full") == "clean-causal"
+        if causal and mode != "causal":
+            raise DiffLMError(f"--kv-cache {mode} keeps keys computed under full attention; this model reads with "
+                              "process.attention clean-causal: use --kv-cache causal (exact)")
+        if mode == "causal":
+            if not causal:
+                raise DiffLMError("--kv-cache causal is exact only for a model with process.attention clean-causal; "
+                                  "this one attends fully: use --kv-cache prefix or dual (approximate)")
+            return CausalCache(len(model.blocks), B, device)
+        return BlockCache(mode, len(model.blocks), self.block, B)
 
     @staticmethod
     def _end_rows(x: Tensor, fixed: Tensor, process: MaskedDiffusion) -> Tensor:
@@ -219,7 +282,7 @@ class ConfidenceDecoding(Sampler):
         per_block = torch.div(steps, n_blocks, rounding_mode="floor").clamp_min(1)  # (B,) calls per block
         cur_block = torch.full((B,), -1, dtype=torch.long, device=x.device)
         spent = torch.zeros(B, dtype=torch.long, device=x.device)  # calls spent on the current block
-        kv = self._block_cache(model, process, B)
+        kv = self._block_cache(model, process, B, x.device)
         call = 0
         while (x == m).any():
             masked = x == m
@@ -232,6 +295,8 @@ class ConfidenceDecoding(Sampler):
             t = (masked[idx].sum(-1).double() / free0[idx].clamp_min(1).double()).float()  # masked fraction
             if kv is None:
                 logp = process.log_probs(on_rows(model, idx), x[idx], t, select=cand)  # x̂0 at the candidates: (N, V)
+            elif isinstance(kv, CausalCache):
+                logp = kv.call(on_rows(model, idx), process, x[idx], t, idx, cand)
             else:  # rows entering a block refresh their cache, the others read it
                 logp = torch.empty(int(cand.sum()), process.vocab_size, device=x.device)
                 owner = torch.repeat_interleave(moved, cand.sum(-1))  # (N,) each candidate's row entered a block
