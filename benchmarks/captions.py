@@ -253,14 +253,19 @@ def main() -> None:
             decoders += [(" (greedy)", 0.0, greedy), *((f" (greedy, CFG w={w:g})", w, greedy) for w in weights),
                          (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":
-            uncached = getattr(lm.process.options, "attention", "full") != "full"  # clean-causal refuses KV caches
-            decoders += [(f" ({label})", 0.0, kw) for label, kw in SEMI_AR
-                         if not (uncached and "kv_cache" in kw.get("sampler_options", {}))]
+            # clean-causal attention refuses Fast-dLLM's approximate cache and has an exact one (the same text)
+            causal = getattr(lm.process.options, "attention", "full") == "clean-causal"
+            for label, kw in SEMI_AR:
+                if causal and "kv_cache" in kw["sampler_options"]:
+                    label = label.replace("dual cache", "causal cache")
+                    kw = {**kw, "sampler_options": {**kw["sampler_options"], "kv_cache": "causal"}}
+                decoders.append((f" ({label})", 0.0, kw))
             # guidance on the best decoder
             decoders += [(f" ({SEMI_AR[1][0]}, CFG w={w:g})", w, SEMI_AR[1][1]) for w in weights]
             for b, t in grid_rows:  # each without and with guidance
-                kw = {"sampler": "threshold", "sampler_options": {"block": b, "greedy": True, "threshold": t}}
-                label = f"semi-AR, blocks of {b}, threshold {t:g}"
+                kw = {"sampler": "threshold", "sampler_options": {"block": b, "greedy": True, "threshold": t,
+                                                                   **({"kv_cache": "causal"} if causal else {})}}
+                label = f"semi-AR, blocks of {b}, threshold {t:g}{', causal cache' if causal else ''}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
         if lm.process.family == "block":  # argmax tokens; and Fast-dLLM v2's parallel decoding (above 0.9 in a call)
             decoders += [(" (greedy, stop at [EOS])", 0.0,

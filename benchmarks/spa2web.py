@@ -87,11 +87,14 @@ SEMI_AR_FAST = [(f"{SEMI_AR[0]}, stop at [EOS]{f', {c} cache' if c else ''}",
                                                     **({"kv_cache": c} if c else {})}})
                 for c in ("", "prefix", "dual")]
 ADAPTED = [MASKED[0], SEMI_AR, *SEMI_AR_FAST, MASKED[2]]
-# clean-causal attention refuses the samplers' KV caches: the same decoders without them, and blocks of 1 (one token
-# a call, left to right: the decoding in which the first [MASK] after the clean prefix is always the one predicted)
-ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2],
-              ("semi-AR, blocks of 1, stop at [EOS]", {"sampler": "threshold", "sampler_options": {
-                  "block": 1, "greedy": True, "stop_at_eos": True}})]
+# clean-causal attention refuses Fast-dLLM's approximate caches: the same decoders without them, and blocks of 1 (one
+# token a call, left to right: the decoding in which the first [MASK] after the clean prefix is always the one
+# predicted); both also with the exact cache of this attention (kv_cache causal: the same text, fewer positions a call)
+ONE = ("semi-AR, blocks of 1, stop at [EOS]", {"sampler": "threshold", "sampler_options": {
+    "block": 1, "greedy": True, "stop_at_eos": True}})
+ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2], ONE,
+              *((f"{label}, causal cache", {**kw, "sampler_options": {**kw["sampler_options"], "kv_cache": "causal"}})
+                for label, kw in (SEMI_AR_FAST[0], ONE))]
 # BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
 # tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
 BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),
@@ -211,14 +214,21 @@ def trained_minutes(run_dir: Path) -> float:
     return float(rows[-1]["elapsed_s"]) / 60 if rows else 0.0
 
 
+def slow_rows(decoders: list) -> tuple:
+    """The decoders of ``decoders`` whose text another, faster one of them writes too: the semi-AR rows without
+    the dual cache (or, for a clean-causal model, without its exact causal cache)."""
+    if SEMI_AR_FAST[2] in decoders:
+        return (SEMI_AR, *SEMI_AR_FAST[:2])
+    return (SEMI_AR, SEMI_AR_FAST[0], ONE) if ADAPTED_CC[-1] in decoders else (SEMI_AR,)
+
+
 def curve_point(run_dir: Path, decoders: list, valid: list[tuple[str, str]], before: float = 0.0) -> None:
     """BLEU on the valid verses with each of the model's own decoders (not the AR-bootstrap rows), recorded in
     run_dir/curve.json under the minutes trained (plus ``before``: an adapted model's AR minutes)."""
     lm = DiffusionLM.from_pretrained(run_dir, device="cpu")
     minutes = round(trained_minutes(run_dir) + before, 1)
     point = {"step": json.loads((run_dir / "manifest.json").read_text())["step"]}
-    # the cached semi-AR row is the fast one; without it (clean-causal models) the uncached one, ended at [EOS]
-    slow = (SEMI_AR, *SEMI_AR_FAST[:2]) if SEMI_AR_FAST[2] in decoders else (SEMI_AR,)
+    slow = slow_rows(decoders)
     for label, kw in decoders:
         if "draft_from" not in kw and (label, kw) not in slow:
             outs = lm.generate_targets([s for s, _ in valid], batch_size=32, truncate=True, **kw)
@@ -286,7 +296,8 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train (and score the curve marks), skip the test")
     ap.add_argument("--no-slow", action="store_true", help="skip the semi-AR rows without the dual cache that give "
                                                            "no other text (plain: as stopping at [EOS]) or only "
-                                                           "speed (the prefix cache)")
+                                                           "speed (the prefix cache); for a clean-causal model the "
+                                                           "rows without its causal cache (the same text)")
     ap.add_argument("--rows", default="", help="score only the decoders whose label holds one of these "
                                                "comma-separated strings (e.g. 'greedy,beam,dual cache');"
                                                " a comma and a space belong to the string ('semi-AR, blocks of 4')")
@@ -378,7 +389,8 @@ def main() -> None:
             steps = json.loads((folder / "manifest.json").read_text())["step"]
             kjv_masked = a.data == "kjv2web" and lm.process.family == "masked"
             for label, kw in [*decoders, SOURCE_DRAFT] if kjv_masked else decoders:
-                if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1]):
+                twins = (SEMI_AR_FAST[0], ONE) if ADAPTED_CC[-1] in decoders else ()  # their causal-cache twins
+                if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1], *twins):
                     continue
                 if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                     continue
