@@ -74,6 +74,12 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
            "masked-adapt-blocks4-cc": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
                                                          "process.attention=clean-causal",
                                                          "process.mask_layout=blocks", "process.mask_block=4"]),
+           # ... scoring the clean positions up to the block too (process.clean_targets: a shifted prediction never
+           # reads its own position, so each is scored as if masked; the clean prefix by the parent's AR loss)
+           "masked-adapt-blocks4-cc-ct": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                            "process.attention=clean-causal",
+                                                            "process.mask_layout=blocks", "process.mask_block=4",
+                                                            "process.clean_targets=true"]),
            # ... adapted to BD3-LM instead (Fast-dLLM v2, SDAR): blocks of 4, attention opened from causal to
            # block-causal over the first 50 steps, BD3-LM's loss; the earlier blocks exact in the KV cache
            "block-adapt": ("captions-mdlm", ["process={type: block, block_size: 4}", "model.shift=true",

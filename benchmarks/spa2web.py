@@ -142,6 +142,11 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-adapt-blocks-cc": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true",
                                               "process.attention=clean-causal", "process.mask_layout=blocks",
                                               "process.mask_block=8"], ADAPTED_CC),
+    # ... scoring the clean positions up to the block too (process.clean_targets: a shifted prediction never reads
+    # its own position, so each is scored as if masked; the clean prefix by the parent's own AR loss)
+    "mdlm-adapt-blocks-cc-ct": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                 "process.attention=clean-causal", "process.mask_layout=blocks",
+                                                 "process.mask_block=8", "process.clean_targets=true"], ADAPTED_CC),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),

@@ -683,6 +683,52 @@ def test_the_blocks_layout_masks_the_context_that_semi_autoregressive_decoding_r
         MaskedDiffusion(tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, loss="cmlm", mask_layout="prefix")
 
 
+@pytest.mark.parametrize("layout", ["blocks", "random"])
+def test_clean_targets_score_every_position_up_to_the_block_blind_to_its_own_token(layout):
+    """Under clean-causal attention a shifted network reads a position's prediction off the state before it, which
+    never reads that position: changing a clean target token changes no prediction at its own position (it does
+    without the shift). So process.clean_targets scores the clean positions too, as if masked: the loss is each
+    row's n × mean cross-entropy over every position up to the block's end (all target positions with random
+    masks); and it is refused where a prediction could read its own token."""
+    import torch.nn.functional as F
+
+    from difflm.data.datasets import make_batch
+
+    opts = {"type": "masked", "loss": "cmlm", "attention": "clean-causal", "mask_layout": layout, "mask_block": 3,
+            "clean_targets": True}
+    tok, model, proc, _ = random_net({"encoder_layers": 1, "shift": True}, opts, seq_len=24)
+    x = rows(tok, [("abcd", "efgh ijklm"), ("ab", "cdefg"), ("a", "bcdefghijklmnop")], L=24)
+    batch = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    batch.rows, batch.seed, batch.step, batch.u = torch.arange(3), 0, 5, torch.rand(3, dtype=torch.float64)
+    net = bind_source(model, proc, x)
+    with torch.no_grad():
+        terms = proc.loss(net, batch)
+        t, _ = proc.times(batch.u)
+        xt, scored = proc.block_corrupt(batch, t) if layout == "blocks" else (proc.corrupt(batch, t), batch.loss_mask)
+        logits = proc.subs_logits(net, xt, t)
+        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+        clean = (xt != tok.mask_id) & batch.free
+        b, i = clean[:, :-1].nonzero()[-1].tolist()  # a clean target position (not the last): another token
+        other = xt.clone()
+        other[b, i] = tok.encode("z")[0]
+        assert torch.allclose(proc.subs_logits(net, other, t)[b, i], logits[b, i], atol=1e-5)
+        assert not torch.allclose(proc.subs_logits(net, other, t)[b, i + 1], logits[b, i + 1], atol=1e-4)
+    counted = batch.loss_mask & ~((xt == tok.mask_id) & ~scored)
+    assert torch.equal(terms != 0, counted) and (counted & clean).any()
+    for r in range(3):
+        want = int(batch.loss_mask[r].sum()) * ce[r][counted[r]].mean()
+        assert torch.allclose(terms[r].sum(), want.float(), rtol=1e-4), r
+    _, unshifted, unproc, _ = random_net({"encoder_layers": 1}, {**opts, "clean_targets": False}, seq_len=24)
+    with torch.no_grad():
+        un = bind_source(unshifted, unproc, x)
+        assert not torch.allclose(unproc.subs_logits(un, other, t)[b, i], unproc.subs_logits(un, xt, t)[b, i],
+                                  atol=1e-4)
+    with pytest.raises(DiffLMError, match="needs model.shift"):
+        random_net({"encoder_layers": 1}, opts)
+    with pytest.raises(DiffLMError, match="process.attention clean-causal"):
+        random_net({"encoder_layers": 1, "shift": True}, {**opts, "attention": "full"})
+
+
 @pytest.mark.parametrize("encoder", [True, False])
 def test_an_edit_encoder_decoder_learns_to_undo_corruption_of_the_target_not_the_path_from_the_source(encoder):
     """DiffusER with an encoder reads the source apart and is trained as the unconditional model, on corrupted

@@ -55,6 +55,9 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
             model = registry.backbone(registry.backbone_kind(run.model))(cfg)
     except (ValueError, TypeError) as e:
         raise DiffLMError(f"bad model config: {e}") from None
+    if getattr(process.options, "clean_targets", False) and not getattr(model.cfg, "shift", False):
+        raise DiffLMError("process.clean_targets needs model.shift: true (a position's prediction read off the state "
+                          "before it, which clean-causal attention keeps from reading that position)")
     if getattr(model.cfg, "encoder_layers", 0):
         if run.data.mode != "pairs":
             raise DiffLMError("model.encoder_layers reads a seq2seq source: it needs data.corpus pairs")

@@ -47,8 +47,16 @@ class MaskedOptions:
                             "reads the clean positions up to itself and a [MASK] those before it and itself, so a "
                             "clean prefix is read as an AR model reads it (XLNet's two streams in one pass): an AR "
                             "parent adapted with model.shift predicts the first [MASK] after a clean prefix as it did")
+    clean_targets: bool = option(False, "loss cmlm under attention clean-causal with model.shift: also score the clean "
+                                 "positions (up to the block's end under mask_layout blocks). There a position's "
+                                 "prediction is read off the state before it, which never reads that position, so a "
+                                 "clean position is predicted as if it were masked: every target token trains, the "
+                                 "clean prefix by the AR parent's own next-token loss")
 
     def __post_init__(self) -> None:
+        if self.clean_targets and (self.loss != "cmlm" or self.attention != "clean-causal"):
+            raise DiffLMError("process.clean_targets scores clean positions, whose predictions must not read their own "
+                              "token: set process.loss cmlm and process.attention clean-causal (and model.shift true)")
         if self.loss not in ("elbo", "cmlm", "glat"):
             raise DiffLMError(f"process.loss must be elbo, cmlm or glat, got {self.loss!r}")
         if self.mask_layout not in ("random", "blocks"):
@@ -178,6 +186,8 @@ class MaskedDiffusion(Process):
             t, _ = self.times(batch.time_uniforms())
             xt = self.corrupt(batch, t)
         counted = (xt == self.mask_id) & scored
+        if self.options.clean_targets:  # every position up to the block's end (the positions after it are [MASK])
+            counted = batch.loss_mask & ~((xt == self.mask_id) & ~scored)
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
