@@ -217,8 +217,8 @@ class ConfidenceDecoding(Sampler):
 
     def _block_cache(self, model: nn.Module, process: MaskedDiffusion, B: int,
                      device: torch.device) -> BlockCache | None:
-        """The approximate KV cache ``kv_cache`` asks for (None: every call over the whole rows), after checking the
-        options against the network and the process."""
+        """The KV cache ``kv_cache`` asks for (None: every call over the whole rows): Fast-dLLM's approximate one,
+        or a clean-causal model's exact one, after checking the options against the network and the process."""
         if self.options.stop_at_eos and process.eos_id is None:
             raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
         mode = self.options.kv_cache
