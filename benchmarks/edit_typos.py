@@ -46,7 +46,8 @@ MODELS = {
 }
 # each model's decoders (label, sampler options): the edit and masked models drawn (their samplers' default, the
 # only rows before 2026-12-05) and by argmax; the edit model also by 2D beam search (DiffusER §3.4) and, drawn and
-# greedy, with GECToR's keep bias chosen on valid; AR greedy (rows before 2026-12-05 drew each token)
+# greedy, with GECToR's keep bias chosen on valid (greedy also over the AR model's draft: the AR bootstrap); AR greedy
+# (rows before 2026-12-05 drew each token)
 DECODERS = {"edit": [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})],
             "masked": [("", {}), (" (greedy)", {"greedy": True})],
             "ar": [(" (greedy)", {"greedy": True})]}
@@ -178,6 +179,17 @@ def main() -> None:
             row = score(f"edit ({inner}keep bias {best[1]:g}, chosen on valid)", outs, time.perf_counter() - t0, nfe)
             results["rows"].append(row | {"train_steps": steps})
             print(json.dumps(results["rows"][-1]), flush=True)
+            if label and (a.out / "ar" / "model.safetensors").is_file():
+                # DiffusER's AR bootstrap (§3.3): the edit model revises the AR model's greedy correction, timed
+                # with it (two models, each trained its minutes on its own core)
+                ar = DiffusionLM.from_pretrained(a.out / "ar")
+                t0 = time.perf_counter()
+                drafts, ar_nfe = correct(ar, noisy, {"greedy": True})
+                outs, nfe = correct(lm, drafts, opts | {"keep_bias": best[1]})
+                row = score(f"edit ({inner}keep bias {best[1]:g}) over the AR model's greedy draft (AR bootstrap)",
+                            outs, time.perf_counter() - t0, ar_nfe + nfe)
+                results["rows"].append(row | {"train_steps": steps})
+                print(json.dumps(results["rows"][-1]), flush=True)
     if a.train_only:
         return
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
