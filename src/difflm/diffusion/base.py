@@ -136,6 +136,12 @@ class Process(nn.Module):
         self.options = make_options(self.Options, options, f"process.type {self.family}")
         self.set_length_prior(length_prior, pad_id)
 
+    @property
+    def aligned_by(self) -> frozenset[int]:
+        """The word-start ids an edit family's training alignment keeps apart (``process.align: words``, the
+        tie-break of ``edits.edit_script``), else none."""
+        return self.word_starts if getattr(self.options, "align", "tokens") == "words" else frozenset()
+
     @classmethod
     def from_options(cls, options, *, vocab_size: int, special: dict[str, int],
                      length_prior: list[float] | None = None, word_starts: Collection[int] = ()) -> Process:

@@ -39,7 +39,17 @@ from torch import Tensor, nn
 from ..errors import DiffLMError
 from ..registry import BackboneNeeds, option, register_family
 from .base import Batch, Process
-from .edits import DELETE, KEEP, REPLACE, apply_script, atomic_edits, edit_script, partial_script, with_placeholders
+from .edits import (
+    ALIGN_HELP,
+    DELETE,
+    KEEP,
+    REPLACE,
+    apply_script,
+    atomic_edits,
+    edit_script,
+    partial_script,
+    with_placeholders,
+)
 
 N_OPS = 3  # KEEP, DELETE, REPLACE
 
@@ -66,11 +76,7 @@ class EditOptions:
     replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
                                                      "token it replaces (a misspelling stays readable; that token is "
                                                      "then banned there) or [MASK] (it is gone)")
-    align: Literal["words", "tokens"] = option("words", "which shortest Levenshtein script training aligns by: words "
-                                               "(fewest replacements that turn a word-start token into a "
-                                               "word-inner one or back, so the model learns edits that never join "
-                                               "or split words) or tokens (the first found; runs saved before "
-                                               "2026-12-05)")
+    align: Literal["words", "tokens"] = option("words", ALIGN_HELP)
     padding: Literal["masked", "attended"] = option("masked", "the [PAD] keys after a row's [EOS]: masked (no position "
                                                     "reads them, so the network runs on rows cut to the batch's "
                                                     "longest sequence, and a row's output does not depend on the "
@@ -110,11 +116,6 @@ class EditDiffusion(Process):
         self.T, self.K = int(o.steps), int(o.max_insert)
         self.E = (o.keep, o.replace, o.delete, o.insert)
         self.data_ids = [i for i in range(vocab_size) if i not in set(self.never) | {self.eos_id}]
-
-    @property
-    def aligned_by(self) -> frozenset[int]:
-        """The word-start ids the training alignment keeps apart (``align: words``), else none."""
-        return self.word_starts if self.options.align == "words" else frozenset()
 
     def backbone_needs(self) -> BackboneNeeds:
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))

@@ -43,7 +43,7 @@ from ..errors import DiffLMError
 from ..registry import BackboneNeeds, option, register_family
 from .base import Batch, Process
 from .edit import EditDiffusion
-from .edits import DELETE, KEEP, REPLACE, edit_script
+from .edits import ALIGN_HELP, DELETE, KEEP, REPLACE, edit_script
 
 EPS = -1  # the blank symbol ε of an alignment column
 TAU_MAX = 1 - 1e-3  # κ̇/(1 − κ) = 1/(1 − τ) is cut here
@@ -53,11 +53,7 @@ TAU_MAX = 1 - 1e-3  # κ̇/(1 − κ) = 1/(1 − τ) is cut here
 class EditFlowOptions:
     kappa: Literal["linear", "cubic"] = option("linear", "κ(τ): linear τ, or cubic 1 − (1 − τ)³ (columns switch "
                                                "early)")
-    align: Literal["words", "tokens"] = option("words", "which shortest Levenshtein script training aligns by: words "
-                                               "(fewest replacements that turn a word-start token into a "
-                                               "word-inner one or back, so the model learns edits that never join "
-                                               "or split words) or tokens (the first found; runs saved before "
-                                               "2026-12-05)")
+    align: Literal["words", "tokens"] = option("words", ALIGN_HELP)
     source: Literal["empty", "random"] = option("empty", "x_0 for unconditional models: the empty sequence or "
                                                 "random tokens of a random length (seq2seq: the source)")
 
@@ -117,11 +113,6 @@ class EditFlow(Process):
         return lam, q_ins.log_softmax(-1), q_sub.log_softmax(-1)
 
     # -- alignment and the mixture path --------------------------------------------------------------
-    @property
-    def aligned_by(self) -> frozenset[int]:
-        """The word-start ids the training alignment keeps apart (``align: words``), else none."""
-        return self.word_starts if self.options.align == "words" else frozenset()
-
     @staticmethod
     def columns(src: list[int], tgt: list[int], starts: Collection[int] = ()) -> list[tuple[int, int]]:
         """The Levenshtein alignment of source and target as (z_0, z_1) columns, ε = −1; ``starts``: the word-start

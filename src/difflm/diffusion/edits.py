@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 KEEP, DELETE, REPLACE = 0, 1, 2
 OPS = ("KEEP", "DELETE", "REPLACE")
+# the edit families' ``process.align`` (both read ``Process.aligned_by``)
+ALIGN_HELP = ("which shortest Levenshtein script training aligns by: words (fewest replacements that turn a word-start "
+              "token into a word-inner one or back, so the model learns edits that never join or split words) or "
+              "tokens (the first found; runs saved before 2026-12-05)")
 
 
 @dataclass
