@@ -388,14 +388,15 @@ def main() -> None:
             curve_point(run_dir, decoders, valid, before)
         # with --score-copies the AR run's copies at the --adapt-at marks too: what each adaptation starts from
         folders = [run_dir, *(a.out / f"ar-at-{m:g}" for m in (adapt if name == "ar" and a.score_copies else ()))]
+        # --no-slow: the plain semi-AR row and the prefix cache's; a clean-causal model's rows without its cache
+        skip = (SEMI_AR, SEMI_AR_FAST[1], *((SEMI_AR_FAST[0], ONE) if ADAPTED_CC[-1] in decoders else ()))
         for folder in folders:
             lm = DiffusionLM.from_pretrained(folder, device="cpu")
             with_src, without = source_use(lm)
             steps = json.loads((folder / "manifest.json").read_text())["step"]
             kjv_masked = a.data == "kjv2web" and lm.process.family == "masked"
             for label, kw in [*decoders, SOURCE_DRAFT] if kjv_masked else decoders:
-                twins = (SEMI_AR_FAST[0], ONE) if ADAPTED_CC[-1] in decoders else ()  # their causal-cache twins
-                if a.no_slow and (label, kw) in (SEMI_AR, SEMI_AR_FAST[1], *twins):
+                if a.no_slow and (label, kw) in skip:
                     continue
                 if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                     continue
