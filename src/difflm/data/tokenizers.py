@@ -81,7 +81,7 @@ class Tokenizer:
                 continue
             if self.kind == "word" or (model.get("type") == "WordPiece" and not tok.startswith(cont)):
                 out.add(i)
-            elif tok[:1] in ("Ġ", "▁") or (tok[:1].isspace() and self.kind != "word"):
+            elif tok[:1] in ("Ġ", "▁") or tok[:1].isspace():
                 out.add(i)
         return frozenset(out)
 

@@ -58,8 +58,7 @@ def edit_script(a: list[int], b: list[int], starts: Collection[int] = ()) -> Edi
     # costs as one integer, unit edits weighing W and a word-class-crossing replacement 1 more: min over these is
     # the lexicographic (edits, crossings) order, since a script has fewer than W crossings
     W = n + m + 1 if starts else 1
-    cross_a = [x in starts for x in a] if starts else [False] * n
-    cross_b = [y in starts for y in b] if starts else [False] * m
+    cross_a, cross_b = [x in starts for x in a], [y in starts for y in b]
     D = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n + 1):
         D[i][0] = i * W
