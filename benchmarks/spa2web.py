@@ -147,6 +147,11 @@ MODELS = {  # name: (preset, overrides, [(label, generate_targets keywords)])
     "mdlm-adapt-blocks-cc-ct": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true",
                                                  "process.attention=clean-causal", "process.mask_layout=blocks",
                                                  "process.mask_block=8", "process.clean_targets=true"], ADAPTED_CC),
+    # ... adapted on the AR teacher's greedy translations (the -kd data above): the parent learns to write its own
+    # greedy output, which the blocks' parallel predictions of later tokens find easier to agree with
+    "mdlm-adapt-blocks-cc-ct-kd": ("spa2web-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                    "process.attention=clean-causal", "process.mask_layout=blocks",
+                                                    "process.mask_block=8", "process.clean_targets=true"], ADAPTED_CC),
     "mdlm-len": ("spa2web-mdlm", ["data.target_length=predicted"],
                  [("length beam 3, mask-predict T=10", {"sampler": "mask-predict", "steps": 10, "length_beam": 3}),
                   ("AR draft, mask-predict from 5 of 10", BOOT)]),
@@ -192,16 +197,16 @@ def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def distilled_data(out: Path, data: Path) -> Path:
-    """<out>/kd-data: train.jsonl with the AR teacher's (<out>/ar) greedy translations as targets, written once by
-    `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
-    kd = out / "kd-data"
+def distilled_data(out: Path, data: Path, teacher: str = "ar") -> Path:
+    """<out>/kd-data (kd-data-seedS for the AR run <out>/ar-seedS): train.jsonl with the AR teacher's greedy
+    translations as targets, written once by `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
+    kd = out / f"kd-data{teacher[2:]}"
     if not (kd / "train.jsonl").is_file():
-        if not (out / "ar" / "model.safetensors").is_file():
-            raise SystemExit(f"spa2web: the -kd models need the AR teacher {out / 'ar'}: train --models ar first")
+        if not (out / teacher / "model.safetensors").is_file():
+            raise SystemExit(f"spa2web: the -kd models need the AR teacher {out / teacher}: train --models ar first")
         kd.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("difflm")), "distill-data", str(out / "ar"),
+        subprocess.run([str(Path(sys.executable).with_name("difflm")), "distill-data", str(out / teacher),
                         str(data / "train.jsonl"), str(kd / "train.jsonl"), "--truncate"], check=True)
         (kd / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     for split in ("valid", "test"):
@@ -345,8 +350,9 @@ def main() -> None:
             decoders = sweep
         if name.endswith("-kd"):
             # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
-            overrides = [*overrides, f"data.path={distilled_data(a.out, data).resolve()}", "tokenizer.type=hf",
-                         f"tokenizer.path={(a.out / 'ar' / 'tokenizer.json').resolve()}"]
+            teacher = f"ar{f'-seed{a.seed}' if a.seed else ''}"  # the AR run of the same seed
+            overrides = [*overrides, f"data.path={distilled_data(a.out, data, teacher).resolve()}",
+                         "tokenizer.type=hf", f"tokenizer.path={(a.out / teacher / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
         if a.seed:  # the same model from another seed: its own folder
             overrides, run_dir = [*overrides, f"train.seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
@@ -401,9 +407,10 @@ def main() -> None:
                 if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                     continue
                 if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
-                    if not (a.out / "ar" / "model.safetensors").is_file():
+                    ar_run = a.out / f"ar{f'-seed{a.seed}' if a.seed else ''}"
+                    if not (ar_run / "model.safetensors").is_file():
                         continue
-                    kw = {**kw, "draft_from": DiffusionLM.from_pretrained(a.out / "ar", device="cpu")}
+                    kw = {**kw, "draft_from": DiffusionLM.from_pretrained(ar_run, device="cpu")}
                 t0 = time.perf_counter()
                 outs = lm.generate_targets([s for s, _ in test], batch_size=32, truncate=True, **kw)
                 sec = (time.perf_counter() - t0) / len(test)
