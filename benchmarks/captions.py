@@ -198,6 +198,9 @@ def main() -> None:
     ap.add_argument("--semi-ar", default="", metavar="B:T,...",
                     help="more semi-AR rows for masked captioners: blocks of B, threshold T (e.g. 1:0.9,8:0.9,4:0.5), "
                          "each also with the --guidance weights")
+    ap.add_argument("--speculative", default="", metavar="K,...",
+                    help="for clean-causal shifted masked captioners: a self-speculative row per draft length K "
+                         "(e.g. 2,4; the text of blocks of 1 in fewer calls), and blocks of 1 stopping at [EOS]")
     ap.add_argument("--results", default="results.json", help="the file under --out the scores go to")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every family (repeatable), e.g. model.absolute_scale=1.0")
@@ -206,8 +209,10 @@ def main() -> None:
     try:
         weights = [float(w) for w in a.guidance.split(",") if w]
         grid_rows = [(int(b), float(t)) for b, t in (g.split(":") for g in a.semi_ar.split(",") if g)]
+        drafts = [int(k) for k in a.speculative.split(",") if k]
     except ValueError:
-        ap.error("--guidance takes numbers (e.g. 0.5,1) and --semi-ar block:threshold pairs (e.g. 1:0.9,8:0.9)")
+        ap.error("--guidance takes numbers (e.g. 0.5,1), --semi-ar block:threshold pairs (e.g. 1:0.9,8:0.9) and "
+                 "--speculative draft lengths (e.g. 2,4)")
     if a.threads:
         torch.set_num_threads(a.threads)
     out = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
@@ -273,6 +278,12 @@ def main() -> None:
                                                                    **({"kv_cache": "causal"} if causal else {})}}
                 label = f"semi-AR, blocks of {b}, threshold {t:g}{', causal cache' if causal else ''}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
+            if causal and drafts and getattr(lm.model.cfg, "shift", False):
+                stop = {"stop_at_eos": True, "kv_cache": "causal"}
+                decoders += [(" (semi-AR, blocks of 1, stop at [EOS], causal cache)", 0.0,
+                              {"sampler": "threshold", "sampler_options": {"block": 1, "greedy": True, **stop}}),
+                             *((f" (speculative, draft {k}, stop at [EOS], causal cache)", 0.0,
+                                {"sampler": "speculative", "sampler_options": {"draft": k, **stop}}) for k in drafts)]
         if lm.process.family == "block":  # argmax tokens; and Fast-dLLM v2's parallel decoding (above 0.9 in a call)
             decoders += [(" (greedy, stop at [EOS])", 0.0,
                           {"sampler": "block", "sampler_options": {"greedy": True, "stop_at_eos": True}}),

@@ -92,9 +92,15 @@ ADAPTED = [MASKED[0], SEMI_AR, *SEMI_AR_FAST, MASKED[2]]
 # predicted); both also with the exact cache of this attention (kv_cache causal: the same text, fewer positions a call)
 ONE = ("semi-AR, blocks of 1, stop at [EOS]", {"sampler": "threshold", "sampler_options": {
     "block": 1, "greedy": True, "stop_at_eos": True}})
+# ... and self-speculative decoding (blockwise parallel decoding, Stern et al. 2018): the [MASK]s after the prefix
+# propose K tokens at once, the next call's exact next-token predictions keep those they agree with (the text of
+# blocks of 1, in fewer calls)
+SPECULATIVE = [(f"speculative, draft {k}, stop at [EOS], causal cache",
+                {"sampler": "speculative", "sampler_options": {"draft": k, "stop_at_eos": True, "kv_cache": "causal"}})
+               for k in (2, 4, 8)]
 ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2], ONE,
               *((f"{label}, causal cache", {**kw, "sampler_options": {**kw["sampler_options"], "kv_cache": "causal"}})
-                for label, kw in (SEMI_AR_FAST[0], ONE))]
+                for label, kw in (SEMI_AR_FAST[0], ONE)), *SPECULATIVE]
 # BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
 # tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
 BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),

@@ -156,13 +156,16 @@ class CausalCache(BlockCache):
         self.done = torch.zeros(rows, dtype=torch.long, device=device)  # per row: positions stored (a clean prefix)
 
     def call(self, model: nn.Module, process: MaskedDiffusion, x: Tensor, t: Tensor, idx: Tensor,
-             select: Tensor) -> Tensor:
+             select: Tensor, settled: Tensor | None = None, raw: bool = False) -> Tensor:
         """log p_θ(x0 | x_t) at ``select`` (n, L) of rows ``idx`` (x: their (n, L) tokens): (N, V); the keys of the
-        window's settled prefix positions are stored for the next calls."""
+        window's settled prefix positions are stored for the next calls. ``settled`` (n,): how much of each row's
+        clean prefix is final (default: all of it; less where clean tokens are only proposals); ``raw``: the
+        network's SUBS logits, also at clean positions (no carry-over), instead of log-probabilities."""
         n, L = x.shape
         pos_l = torch.arange(L, device=x.device)
         masked = x == process.mask_id
-        settled = torch.where(masked.any(-1), masked.long().argmax(-1), L)  # the clean prefix's length now
+        if settled is None:
+            settled = torch.where(masked.any(-1), masked.long().argmax(-1), L)  # the clean prefix's length now
         end = torch.where(select.any(-1), (select * pos_l).amax(-1) + 1, settled)  # past the last candidate
         ws = (self.done[idx] - 1).clamp_min(0)
         W = max(int((end - ws).max()), 1)
@@ -173,8 +176,9 @@ class CausalCache(BlockCache):
         stored = self.kv.k[0] is not None
         keys = (pos_l[None] < ws[:, None]) if stored else None  # stored keys before the window: a clean prefix
         view, uview = self._views(model, idx if stored else None)
-        logp = process.log_probs(model, x.gather(1, pos), t, select=sel, cache=view, positions=pos,
-                                 attn_mask=process.clean_causal_mask(x.gather(1, pos), keys))
+        logp = (process.subs_logits if raw else process.log_probs)(
+            model, x.gather(1, pos), t, select=sel, cache=view, positions=pos,
+            attn_mask=process.clean_causal_mask(x.gather(1, pos), keys))
         keep = pos < settled[:, None]  # (n, W): window positions now part of the settled prefix
         r, c = idx[:, None].expand(n, W)[keep], pos[keep]
         for new, store in ((view, self.kv), (uview, self.ukv)):

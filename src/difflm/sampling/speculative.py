@@ -1,0 +1,135 @@
+"""Self-speculative decoding for clean-causal masked models: parallel proposals, exact verification.
+
+A masked model adapted from an AR parent with ``model.shift`` and ``process.attention: clean-causal`` is two models
+in one network. The state at a clean position whose predecessors are all clean reads only them, so the prediction
+it makes for the next position is the AR parent's kind: p(x_{i+1} | x_≤i), exactly what blocks-of-1 decoding reads.
+The [MASK]s after the clean prefix predict the positions further on in parallel, each from the prefix alone: the
+diffusion model's proposals. Blockwise parallel decoding (Stern et al. 2018, §3) uses both in one call:
+
+  row     = committed prefix x_<c, drafts d_0 … d_{k−1} placed as clean tokens at c … c+k−1, then [MASK]s
+  verify  a_j = argmax p(x_{c+j} | x_<c, d_<j) for j = 0 … k: the exact next-token predictions after each draft
+  accept  the longest run d_<n with d_j = a_j, and a_n after it: n + 1 tokens, every one the token greedy
+          blocks-of-1 decoding would write there
+  propose when every draft held (n = k): the [MASK]s at c+k+1 … c+k+K predict the next drafts (K = ``draft``);
+          after a rejection they were read off a wrong draft, so the next call proposes afresh from its own [MASK]s
+
+So the text is that of ``threshold --block 1 --greedy`` (argmax, left to right; the same up to float rounding
+in calls of other shapes, and for time-free networks, whose prediction does not read the share still masked),
+in at most as many calls, usually fewer: each call writes one token for certain and every draft that agreed.
+``kv_cache: causal`` keeps the committed prefix's keys (``CausalCache``; the drafts' keys are stored only once they
+are accepted). Argmax only: no draws, so the result does not depend on the seed or the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.masked import MaskedDiffusion
+from ..errors import DiffLMError
+from ..registry import option, register_sampler
+from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
+from .conditioning import Conditioning
+from .confidence import CausalCache
+
+
+@dataclass
+class SpeculativeOptions:
+    draft: int = option(4, "how many tokens past the certain next one each call proposes (the [MASK]s after the "
+                           "drafts predict them at once); the next call keeps those its exact predictions agree with",
+                        ge=1)
+    kv_cache: Literal["none", "causal"] = option(
+        "none", "causal: keep the committed prefix's keys and values (exact under clean-causal attention), so a call "
+                "computes only the last committed position, the drafts and the proposing [MASK]s")
+    stop_at_eos: bool = option(False, "end a row at its first generated [EOS]: the rest of it becomes [PAD]")
+
+    def __post_init__(self) -> None:
+        if self.draft < 1:
+            raise DiffLMError("--draft must be at least 1 (tokens each call proposes past the next one)")
+        if self.kv_cache not in ("none", "causal"):
+            raise DiffLMError(f"speculative decoding keeps only the exact cache: --kv-cache none or causal, "
+                              f"not {self.kv_cache!r}")
+
+
+@register_sampler
+class SelfSpeculativeDecoding(Sampler):
+    name = "speculative"
+    families = ("masked",)
+    Options = SpeculativeOptions
+    bench = ()  # only for clean-causal shifted models; bench-sampling's rows are per family
+    step_free = True
+
+    @staticmethod
+    def check(model: nn.Module, process: MaskedDiffusion) -> None:
+        """A one-line error unless the network's clean positions predict the next token from a clean prefix."""
+        if getattr(process.options, "attention", "full") != "clean-causal" or not getattr(model.cfg, "shift", False):
+            raise DiffLMError("speculative decoding verifies drafts with the next-token predictions of a clean prefix: "
+                              "it needs a masked model with process.attention clean-causal and model.shift true "
+                              "(an AR parent adapted that way); decode this one with --sampler threshold")
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, process: MaskedDiffusion, cond: Conditioning, *, steps: int, seed: int = 0,
+        rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+        on_step: OnStep | None = None,
+    ) -> SampleOutput:
+        self.default_rows(cond, rows, steps)
+        self.check(model, process)
+        if self.options.stop_at_eos and process.eos_id is None:
+            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+        B, L = cond.shape
+        m, K, dev = process.mask_id, int(self.options.draft), cond.tokens.device
+        x = cond.initial(m)
+        pos = torch.arange(L, device=dev)
+        nfe = torch.zeros(B, dtype=torch.long, device=dev)
+        free0 = (~cond.fixed).sum(-1).clamp_min(1).double()
+        drafts = torch.full((B, L), -1, dtype=torch.long, device=dev)  # proposed tokens at masked positions (−1: none)
+        kv = None
+        if self.options.kv_cache == "causal":
+            if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
+                raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): "
+                                  "drop --kv-cache")
+            kv = CausalCache(len(model.blocks), B, dev)
+        call = 0
+        while (x == m).any():
+            masked = x == m
+            idx = masked.any(-1).nonzero().squeeze(-1)
+            xm, dm = x[idx], drafts[idx]
+            c = masked[idx].long().argmax(-1)  # (n,) each row's committed length: its first [MASK]
+            # each row's drafts: a run of proposals from c on (they are only ever laid down as one)
+            k = ((dm >= 0) & (pos[None] >= c[:, None])).sum(-1)
+            proposed = (pos[None] >= c[:, None]) & (pos[None] < (c + k)[:, None])  # (n, L)
+            xin = torch.where(proposed, dm, xm)
+            # verify at c … c+k (the exact predictions), propose at c+k+1 … c+k+K (the [MASK]s' predictions)
+            select = (pos[None] >= c[:, None]) & (pos[None] <= (c + k + K)[:, None])
+            t = (masked[idx].sum(-1).double() / free0[idx]).float()
+            if kv is None:
+                logits = process.subs_logits(on_rows(model, idx), xin, t, select=select)
+            else:
+                logits = kv.call(on_rows(model, idx), process, xin, t, idx, select, settled=c, raw=True)
+            nfe[idx] += 1
+            pred = torch.full_like(xm, -1)
+            pred[select] = logits.argmax(-1)
+            agree = proposed & (pred == dm)
+            # n: the drafts accepted, the first disagreement (or the first position past the drafts) after them
+            n = torch.where(proposed & ~agree, pos[None], torch.full_like(xm, L)).amin(-1).clamp(max=c + k) - c
+            nxt = c + n  # the position whose exact prediction is committed after the accepted drafts
+            commit = (pos[None] >= c[:, None]) & (pos[None] <= nxt[:, None])
+            new = torch.where(commit, torch.where(proposed & (pos[None] < nxt[:, None]), dm, pred), xm)
+            if self.options.stop_at_eos:  # the row ends at its first generated [EOS]
+                eos = commit & (new == process.eos_id)
+                first = torch.where(eos.any(-1), eos.long().argmax(-1), L)
+                new = torch.where((pos[None] > first[:, None]) & ((new == m) | commit),
+                                  torch.full_like(new, process.pad_id), new)
+            held = n == k  # every draft held: the [MASK]s' predictions past them are the next drafts
+            ahead = held[:, None] & (pos[None] > nxt[:, None]) & select & (new == m)
+            drafts[idx] = torch.where(ahead, pred, torch.full_like(dm, -1))
+            x = x.clone()
+            x[idx] = new
+            call += 1
+            if on_step is not None:
+                on_step(StepInfo(max(steps - call, 0), steps, 1.0, 0.0, x, nfe.clone()))
+        return SampleOutput(x, nfe)
