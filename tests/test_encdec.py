@@ -134,7 +134,7 @@ def test_block_encoder_decoder_translates_batch_invariantly_with_or_without_the_
     assert all(o.nfe > 0 for o in lm.generate_targets(srcs, **kw))
 
 
-@pytest.mark.parametrize("sampler", [c.name for c in registry.samplers("masked")])
+@pytest.mark.parametrize("sampler", [c.name for c in registry.samplers("masked") if c.fits(tiny("masked")[2])])
 def test_every_masked_sampler_translates_batch_invariantly(sampler):
     """Rows finish at different calls; a sampler that calls the network on the rows still running must hand it
     those rows' sources (confidence and first-hitting once read the whole batch's and crashed)."""

@@ -13,7 +13,7 @@ from torch import nn
 from difflm.diffusion import build_process
 from difflm.errors import DiffLMError
 from difflm.pipeline import DiffusionLM
-from difflm.sampling import Conditioning, get_sampler
+from difflm.sampling import Conditioning, get_sampler, sampler_fits
 
 V, MASK, PAD = 12, 10, 11
 
@@ -103,6 +103,10 @@ def test_speculative_decoding_refuses_a_network_whose_clean_positions_do_not_pre
     with pytest.raises(DiffLMError, match="clean-causal and model.shift"):
         decode(unshifted, 8, 2)
     process = build_process({"type": "masked"}, vocab_size=V, special={"mask": MASK, "pad": PAD})
+    assert not sampler_fits("speculative", process)  # bench lists, the server's model card and its 400 leave it out
+    process = build_process({"type": "masked", "attention": "clean-causal"}, vocab_size=V,
+                            special={"mask": MASK, "pad": PAD})
+    assert sampler_fits("speculative", process)
     with pytest.raises(DiffLMError, match="--draft must be at least 1"):
         get_sampler("speculative", process, draft=0)
     with pytest.raises(DiffLMError, match="--kv-cache none or causal"):

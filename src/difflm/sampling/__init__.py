@@ -9,6 +9,7 @@ from . import masked, confidence, speculative, graph, gaussian, block, edit, edi
 # isort: on
 from .. import registry
 from ..diffusion.base import Process
+from ..errors import DiffLMError
 from .base import SampleOutput, Sampler, StepInfo
 from .conditioning import Conditioning
 
@@ -18,12 +19,14 @@ sampler_names = registry.sampler_names
 
 
 def sampler_fits(name: str, process: Process) -> bool:
-    """Whether a sampler called ``name`` exists for the process's family."""
-    return any(c.name == name for c in registry.samplers(process.family))
+    """Whether a sampler called ``name`` exists for the process's family and can decode its models."""
+    return any(c.name == name and c.fits(process) for c in registry.samplers(process.family))
 
 
 def get_sampler(name: str | None, process: Process, **options) -> Sampler:
     """The sampler called ``name`` (None: the family's default), or a one-line error if it does not fit;
     ``options`` are its declared options (e.g. ``eta``, ``clamp`` for the Gaussian samplers)."""
     cls = registry.sampler_class(name or type(process).default_sampler, process.family)
+    if not cls.fits(process):
+        raise DiffLMError(cls.unfit)
     return cls(**options)

@@ -128,6 +128,14 @@ class Sampler:
         self.options = make_options(self.Options, options, f"sampler {self.name!r}")
 
     @classmethod
+    def fits(cls, process: Process) -> bool:
+        """Whether this sampler can decode a model of this process (beyond its family: e.g. one that needs a
+        process option); where it cannot, ``unfit`` says why and what to use instead."""
+        return True
+
+    unfit: ClassVar[str] = ""
+
+    @classmethod
     def free_of_steps(cls, options: dict) -> bool:
         """Whether, with these options, cost and output do not depend on ``steps`` (default: ``step_free``)."""
         return cls.step_free

@@ -62,13 +62,19 @@ class SelfSpeculativeDecoding(Sampler):
     bench = ()  # only for clean-causal shifted models; bench-sampling's rows are per family
     step_free = True
 
-    @staticmethod
-    def check(model: nn.Module, process: MaskedDiffusion) -> None:
+    unfit = ("speculative decoding verifies drafts with the next-token predictions of a clean prefix: it needs a "
+             "masked model with process.attention clean-causal and model.shift true (an AR parent adapted that way); "
+             "decode this one with --sampler threshold")
+
+    @classmethod
+    def fits(cls, process: MaskedDiffusion) -> bool:
+        return getattr(process.options, "attention", "full") == "clean-causal"
+
+    @classmethod
+    def check(cls, model: nn.Module, process: MaskedDiffusion) -> None:
         """A one-line error unless the network's clean positions predict the next token from a clean prefix."""
-        if getattr(process.options, "attention", "full") != "clean-causal" or not getattr(model.cfg, "shift", False):
-            raise DiffLMError("speculative decoding verifies drafts with the next-token predictions of a clean prefix: "
-                              "it needs a masked model with process.attention clean-causal and model.shift true "
-                              "(an AR parent adapted that way); decode this one with --sampler threshold")
+        if not cls.fits(process) or not getattr(model.cfg, "shift", False):
+            raise DiffLMError(cls.unfit)
 
     @torch.no_grad()
     def __call__(

@@ -119,7 +119,7 @@ def model_card(name: str, lm: DiffusionLM) -> dict:
     """What a client needs to build a request for this model."""
     fam = lm.process.family
     smps = []
-    for cls in samplers(fam):
+    for cls in (c for c in samplers(fam) if c.fits(lm.process)):
         opts = [{"name": f.name, "default": f.default if not callable(f.default) else None,
                  "type": getattr(f.type, "__name__", str(f.type)), "help": f.metadata.get("help", "")}
                 for f in option_fields(cls.Options, cli_only=True)]
@@ -178,8 +178,8 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
         if num > lim.max_num:
             raise ServeError(400, f"num is {num}; this server allows at most {lim.max_num} per request", "num")
         if body.sampler is not None and not sampler_fits(body.sampler, lm.process):
-            names = ", ".join(c.name for c in samplers(lm.process.family))
-            raise ServeError(400, f"no sampler {body.sampler!r} for the {lm.process.family} family; its samplers: "
+            names = ", ".join(c.name for c in samplers(lm.process.family) if c.fits(lm.process))
+            raise ServeError(400, f"no sampler {body.sampler!r} for this {lm.process.family} model; its samplers: "
                              f"{names}", "sampler")
 
     def prepare(lm: DiffusionLM, make, field: str | None) -> tuple[Job, tuple]:
