@@ -36,10 +36,10 @@ class PositionNet(nn.Module):
         return logits if select is None else logits[select]
 
 
-def decode(net: nn.Module, L: int, draft: int, rows: int = 2, attention: str = "clean-causal"):
+def decode(net: nn.Module, L: int, draft: int, rows: int = 2, attention: str = "clean-causal", stale: bool = False):
     process = build_process({"type": "masked", "attention": attention}, vocab_size=V,
                             special={"mask": MASK, "pad": PAD, "bos": None, "eos": None})
-    sampler = get_sampler("speculative", process, draft=draft)
+    sampler = get_sampler("speculative", process, draft=draft, stale=stale)
     return sampler(net, process, Conditioning.unconditional(rows, L), steps=L)
 
 
@@ -66,6 +66,10 @@ def test_a_rejected_draft_costs_nothing_but_its_call_and_never_reaches_the_text(
     half = [f[p] if p % 3 else wrong[p] for p in range(L)]  # every third proposal wrong
     out = decode(PositionNet(f, half), L, 3)
     assert out.tokens.tolist() == [f, f] and (out.nfe < L).all()
+    # ``stale``: after a rejection, the exact predictions this call made past it (here right, as they read a clean
+    # position before them whatever it holds) are the next drafts: fewer calls, the same text
+    stale = decode(PositionNet(f, wrong), L, 3, stale=True)
+    assert stale.tokens.tolist() == [f, f] and (stale.nfe < L).all()
 
 
 @pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
@@ -83,7 +87,7 @@ def test_speculative_decoding_writes_the_text_of_token_by_token_decoding_in_fewe
         one = lm.generate_targets(srcs, sampler="threshold", batch_size=6,
                                   sampler_options={"block": 1, "greedy": True, "stop_at_eos": stop}, **kw)
         for cache in ("none", "causal"):
-            opts = {"draft": 3, "stop_at_eos": stop, "kv_cache": cache}
+            opts = {"draft": 3, "stop_at_eos": stop, "kv_cache": cache, "stale": cache == "causal"}
             spec = lm.generate_targets(srcs, sampler="speculative", batch_size=6, sampler_options=opts, **kw)
             assert [o.prediction for o in spec] == [o.prediction for o in one], (w, stop, cache)
             assert all(s.nfe <= o.nfe for s, o in zip(spec, one))

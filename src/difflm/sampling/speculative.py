@@ -45,6 +45,7 @@ class SpeculativeOptions:
         "none", "causal: keep the committed prefix's keys and values (exact under clean-causal attention), so a call "
                 "computes only the last committed position, the drafts and the proposing [MASK]s")
     stop_at_eos: bool = option(False, "end a row at its first generated [EOS]: the rest of it becomes [PAD]")
+    stale: bool = option(False, "after a rejected draft, propose the predictions this call made past it anyway")
 
     def __post_init__(self) -> None:
         if self.draft < 1:
@@ -130,8 +131,10 @@ class SelfSpeculativeDecoding(Sampler):
                 first = torch.where(eos.any(-1), eos.long().argmax(-1), L)
                 new = torch.where((pos[None] > first[:, None]) & ((new == m) | commit),
                                   torch.full_like(new, process.pad_id), new)
-            held = n == k  # every draft held: the [MASK]s' predictions past them are the next drafts
-            ahead = held[:, None] & (pos[None] > nxt[:, None]) & select & (new == m)
+            # the next drafts: the predictions past the committed position, at most K of them (when a draft was
+            # rejected, they were made with it in place: stale, still worth checking, as they cost no call)
+            held = (n == k) | self.options.stale
+            ahead = held[:, None] & (pos[None] > nxt[:, None]) & (pos[None] <= (nxt + K)[:, None]) & select & (new == m)
             drafts[idx] = torch.where(ahead, pred, torch.full_like(dm, -1))
             x = x.clone()
             x[idx] = new
