@@ -79,6 +79,12 @@ class ThresholdOptions(ConfidenceOptions):
     threshold: float = option(0.9, "unmask every candidate whose score exceeds τ (and at least the best one)")
 
 
+def check_kv_cache(model: nn.Module) -> None:
+    """A one-line error unless the network keeps difflm's KV cache (its ``blocks`` read and write one)."""
+    if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
+        raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): drop --kv-cache")
+
+
 class BlockCache:
     """Fast-dLLM's approximate KV cache for blockwise decoding (arXiv 2505.22618, §3.2: prefix cache and
     DualCache). When a row enters a new block, one call over the whole row computes its predictions and stores
@@ -228,8 +234,7 @@ class ConfidenceDecoding(Sampler):
         mode = self.options.kv_cache
         if mode == "none":
             return None
-        if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
-            raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): drop --kv-cache")
+        check_kv_cache(model)
         causal = getattr(process.options, "attention", "full") == "clean-causal"
         if causal and mode != "causal":
             raise DiffLMError(f"--kv-cache {mode} keeps keys computed under full attention; this model reads with "

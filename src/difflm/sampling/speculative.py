@@ -33,7 +33,7 @@ from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .conditioning import Conditioning
-from .confidence import CausalCache
+from .confidence import CausalCache, check_kv_cache
 
 
 @dataclass
@@ -96,9 +96,7 @@ class SelfSpeculativeDecoding(Sampler):
         drafts = torch.full((B, L), -1, dtype=torch.long, device=dev)  # proposed tokens at masked positions (−1: none)
         kv = None
         if self.options.kv_cache == "causal":
-            if not getattr(model, "kv_cache", True) or not hasattr(model, "blocks"):
-                raise DiffLMError("this network keeps no difflm KV cache (a wrapped Hugging Face model?): "
-                                  "drop --kv-cache")
+            check_kv_cache(model)
             kv = CausalCache(len(model.blocks), B, dev)
         call = 0
         while (x == m).any():
