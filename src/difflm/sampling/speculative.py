@@ -7,6 +7,7 @@ The [MASK]s after the clean prefix predict the positions further on in parallel,
 diffusion model's proposals. Blockwise parallel decoding (Stern et al. 2018, §3) uses both in one call:
 
   row     = committed prefix x_<c, drafts d_0 … d_{k−1} placed as clean tokens at c … c+k−1, then [MASK]s
+            (with given tokens among the masked ones, as in an infill, "position c+j" reads "the j-th masked one")
   verify  a_j = argmax p(x_{c+j} | x_<c, d_<j) for j = 0 … k: the exact next-token predictions after each draft
   accept  the longest run d_<n with d_j = a_j, and a_n after it: n + 1 tokens, every one the token greedy
           blocks-of-1 decoding would write there
@@ -104,12 +105,14 @@ class SelfSpeculativeDecoding(Sampler):
             idx = masked.any(-1).nonzero().squeeze(-1)
             xm, dm = x[idx], drafts[idx]
             c = masked[idx].long().argmax(-1)  # (n,) each row's committed length: its first [MASK]
-            # each row's drafts: a run of proposals from c on (they are only ever laid down as one)
-            k = ((dm >= 0) & (pos[None] >= c[:, None])).sum(-1)
-            proposed = (pos[None] >= c[:, None]) & (pos[None] < (c + k)[:, None])  # (n, L)
+            # the masked positions in order (1, 2, … from c; a given token between them, as in an infill, is clean)
+            order = masked[idx].long().cumsum(-1) * masked[idx]
+            proposed = dm >= 0  # this call's drafts: on the first k masked positions
+            k = proposed.sum(-1)
             xin = torch.where(proposed, dm, xm)
-            # verify at c … c+k (the exact predictions), propose at c+k+1 … c+k+K (the [MASK]s' predictions)
-            select = (pos[None] >= c[:, None]) & (pos[None] <= (c + k + K)[:, None])
+            # verify at the drafts and the masked position after them (exact predictions: everything before them is
+            # clean), propose at the K masked positions after that
+            select = (order > 0) & (order <= (k + 1 + K)[:, None])
             t = (masked[idx].sum(-1).double() / free0[idx]).float()
             if kv is None:
                 logits = process.subs_logits(on_rows(model, idx), xin, t, select=select)
@@ -118,21 +121,21 @@ class SelfSpeculativeDecoding(Sampler):
             nfe[idx] += 1
             pred = torch.full_like(xm, -1)
             pred[select] = logits.argmax(-1)
-            agree = proposed & (pred == dm)
-            # n: the drafts accepted, the first disagreement (or the first position past the drafts) after them
-            n = torch.where(proposed & ~agree, pos[None], torch.full_like(xm, L)).amin(-1).clamp(max=c + k) - c
-            nxt = c + n  # the position whose exact prediction is committed after the accepted drafts
-            commit = (pos[None] >= c[:, None]) & (pos[None] <= nxt[:, None])
-            new = torch.where(commit, torch.where(proposed & (pos[None] < nxt[:, None]), dm, pred), xm)
+            # n: the drafts accepted (those before the first disagreement); the masked position n + 1 then takes
+            # its exact prediction
+            bad = proposed & (pred != dm)
+            n = torch.where(bad, order - 1, k[:, None]).amin(-1)
+            commit = (order > 0) & (order <= (n + 1)[:, None])
+            new = torch.where(commit, pred, xm)  # an accepted draft is its prediction
             if self.options.stop_at_eos:  # the row ends at its first generated [EOS]
                 eos = commit & (new == process.eos_id)
                 first = torch.where(eos.any(-1), eos.long().argmax(-1), L)
                 new = torch.where((pos[None] > first[:, None]) & ((new == m) | commit),
                                   torch.full_like(new, process.pad_id), new)
-            # the next drafts: the predictions past the committed position, at most K of them (when a draft was
+            # the next drafts: the predictions at the K masked positions after the committed ones (when a draft was
             # rejected, they were made with it in place: stale, still worth checking, as they cost no call)
             held = (n == k) | self.options.stale
-            ahead = held[:, None] & (pos[None] > nxt[:, None]) & (pos[None] <= (nxt + K)[:, None]) & select & (new == m)
+            ahead = held[:, None] & select & (new == m) & (order > (n + 1)[:, None]) & (order <= (n + 1 + K)[:, None])
             drafts[idx] = torch.where(ahead, pred, torch.full_like(dm, -1))
             x = x.clone()
             x[idx] = new
