@@ -80,6 +80,12 @@ PRESETS = {"masked": ("captions-mdlm", []), "autoregressive": ("captions-ar", []
                                                             "process.attention=clean-causal",
                                                             "process.mask_layout=blocks", "process.mask_block=4",
                                                             "process.clean_targets=true"]),
+           # ... with each [MASK] also reading the [MASK]s before it (process.attention clean-causal-masks), so the
+           # masks of a block can agree; clean positions read as before
+           "masked-adapt-blocks4-ccm-ct": ("captions-mdlm", ["process.loss=cmlm", "model.shift=true",
+                                                             "process.attention=clean-causal-masks",
+                                                             "process.mask_layout=blocks", "process.mask_block=4",
+                                                             "process.clean_targets=true"]),
            # ... adapted to BD3-LM instead (Fast-dLLM v2, SDAR): blocks of 4, attention opened from causal to
            # block-causal over the first 50 steps, BD3-LM's loss; the earlier blocks exact in the KV cache
            "block-adapt": ("captions-mdlm", ["process={type: block, block_size: 4}", "model.shift=true",
@@ -265,7 +271,7 @@ def main() -> None:
                          (" (beam 4)", 0.0, {"sampler_options": {"beam": 4}})]
         if lm.process.family == "masked":
             # clean-causal attention refuses Fast-dLLM's approximate cache and has an exact one (the same text)
-            causal = getattr(lm.process.options, "attention", "full") == "clean-causal"
+            causal = getattr(lm.process.options, "clean_causal", False)  # either clean-causal attention
             for label, kw in SEMI_AR:
                 if causal and "kv_cache" in kw["sampler_options"]:
                     label = label.replace("dual cache", "causal cache")

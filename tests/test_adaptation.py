@@ -209,9 +209,12 @@ def test_clean_causal_mask_by_hand():
                          [1, 0, 1, 1]],  # [MASK] 3 reads the clean positions before it and itself
                         dtype=torch.bool)
     assert torch.equal(p.clean_causal_mask(xt)[0, 0], want)
+    # clean-causal-masks: a [MASK] also reads the [MASK]s before it (3 reads 1); the clean rows stay as they were
+    want[3, 1] = True
+    assert torch.equal(process("masked", attention="clean-causal-masks").clean_causal_mask(xt)[0, 0], want)
 
 
-@pytest.mark.parametrize("attention", ["clean-causal", "full"])
+@pytest.mark.parametrize("attention", ["clean-causal", "clean-causal-masks", "full"])
 def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_parent(attention):
     """A causal (AR) transformer and the same weights as a shifted bidirectional masked denoiser: on a clean prefix
     followed by [MASK]s, clean-causal attention predicts the first [MASK] as the parent predicts the next token
@@ -236,7 +239,7 @@ def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_pa
         got = p.log_probs(child, xt, None)[:, 5]
     finite = torch.isfinite(got[0])  # the SUBS log-probs put -inf on [MASK] and [PAD]
     same = torch.allclose(torch.log_softmax(want[:, finite], -1), got[:, finite], atol=1e-5)
-    assert same == (attention == "clean-causal")
+    assert same == (attention != "full")
 
 
 def test_a_kv_cache_under_clean_causal_attention_is_a_one_line_error():

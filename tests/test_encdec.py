@@ -988,16 +988,18 @@ def test_semi_ar_decoding_with_the_block_cache_is_exact_for_one_layer_and_batch_
         lm.generate_targets(srcs, sampler="threshold", sampler_options={"kv_cache": "dual"})
 
 
-@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
+@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query",
+                                 "encoder-decoder, masks read masks"])
 @pytest.mark.parametrize("shift", [True, False])
 def test_the_causal_cache_of_a_clean_causal_model_decodes_exactly_as_without_it(net, shift):
     """``kv_cache: causal`` on a clean-causal model with two layers (where Fast-dLLM's cache is only approximate):
     the same text and calls as decoding without a cache, at blocks of 1 and 3, with and without guidance and
     stopping at [EOS], at any batch size; and a call's window spans only the last stored position through the
-    block, never the whole row."""
+    block, never the whole row. Also under ``clean-causal-masks``, where a [MASK] reads the [MASK]s before it."""
     srcs = ["abcd", "ab", "abcdefg", "hgf"]
-    tok, backbone, process, run = cache_model(2, shift, net == "encoder-decoder", llama=net.startswith("llama"),
-                                              attention="clean-causal")
+    tok, backbone, process, run = cache_model(2, shift, net.startswith("encoder-decoder"),
+                                              llama=net.startswith("llama"),
+                                              attention="clean-causal-masks" if "masks" in net else "clean-causal")
     lm = DiffusionLM(backbone, process, tok, run, device="cpu")
     widths: list[int] = []
     hook = backbone.blocks[0].register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))

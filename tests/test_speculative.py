@@ -72,14 +72,15 @@ def test_a_rejected_draft_costs_nothing_but_its_call_and_never_reaches_the_text(
     assert stale.tokens.tolist() == [f, f] and (stale.nfe < L).all()
 
 
-@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query"])
+@pytest.mark.parametrize("net", ["encoder-decoder", "single stream", "llama, grouped-query",
+                                 "single stream, masks read masks"])
 def test_speculative_decoding_writes_the_text_of_token_by_token_decoding_in_fewer_calls(net):
     """On random clean-causal shifted networks: the same translations as greedy blocks-of-1 decoding (without
     guidance stopping at [EOS], with guidance decoding every position), with and without the causal KV cache;
     never more calls, fewer somewhere; the same text and calls at batch size 1."""
     srcs = ["abcd", "ab", "abcdefg", "hgf", "a", "dcba"]
     tok, backbone, process, run = cache_model(2, True, net == "encoder-decoder", llama=net.startswith("llama"),
-                                              attention="clean-causal")
+                                              attention="clean-causal-masks" if "masks" in net else "clean-causal")
     lm = DiffusionLM(backbone, process, tok, run, device="cpu")
     fewer = 0
     for w, stop in ((0.0, True), (1.0, False)):

@@ -22,6 +22,8 @@ from ..registry import BackboneNeeds, option, register_family
 from ..schedules import Schedule, build_schedule
 from .base import T_MIN, Batch, Process
 
+ATTENTION = ("full", "clean-causal", "clean-causal-masks")
+
 
 @dataclass
 class MaskedOptions:
@@ -46,23 +48,30 @@ class MaskedOptions:
     attention: str = option("full", "full: every position reads every other (MDLM); clean-causal: a clean position "
                             "reads the clean positions up to itself and a [MASK] those before it and itself, so a "
                             "clean prefix is read as an AR model reads it (XLNet's two streams in one pass): an AR "
-                            "parent adapted with model.shift predicts the first [MASK] after a clean prefix as it did")
+                            "parent adapted with model.shift predicts the first [MASK] after a clean prefix as it did; "
+                            "clean-causal-masks: the same, and a [MASK] also reads the [MASK]s before it (the masks of "
+                            "a block can agree on what they predict; clean positions still never read a [MASK])")
     clean_targets: bool = option(False, "loss cmlm under attention clean-causal with model.shift: also score the clean "
                                  "positions (up to the block's end under mask_layout blocks). There a position's "
                                  "prediction is read off the state before it, which never reads that position, so a "
                                  "clean position is predicted as if it were masked: every target token trains, the "
                                  "clean prefix by the AR parent's own next-token loss")
 
+    @property
+    def clean_causal(self) -> bool:
+        """Whether a clean position reads only the clean positions up to it (both clean-causal attentions)."""
+        return self.attention.startswith("clean-causal")
+
     def __post_init__(self) -> None:
-        if self.clean_targets and (self.loss != "cmlm" or self.attention != "clean-causal"):
+        if self.clean_targets and (self.loss != "cmlm" or not self.clean_causal):
             raise DiffLMError("process.clean_targets scores clean positions, whose predictions must not read their own "
                               "token: set process.loss cmlm and process.attention clean-causal (and model.shift true)")
         if self.loss not in ("elbo", "cmlm", "glat"):
             raise DiffLMError(f"process.loss must be elbo, cmlm or glat, got {self.loss!r}")
         if self.mask_layout not in ("random", "blocks"):
             raise DiffLMError(f"process.mask_layout must be random or blocks, got {self.mask_layout!r}")
-        if self.attention not in ("full", "clean-causal"):
-            raise DiffLMError(f"process.attention must be full or clean-causal, got {self.attention!r}")
+        if self.attention not in ATTENTION:
+            raise DiffLMError(f"process.attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.mask_layout == "blocks" and self.loss != "cmlm":
             raise DiffLMError("process.mask_layout blocks changes the forward process, so the bound's weights no "
                               "longer apply: set process.loss cmlm with it")
@@ -112,7 +121,7 @@ class MaskedDiffusion(Process):
         """Network logits in float32 with zero mass on the ids that are never data: (B, L, V), or (N, V)
         at the N positions where ``select`` (B, L) is True; ``net``: more keywords for the network (a KV cache)."""
         tc = t.float() if (self.time_conditioning and t is not None) else None
-        if self.options.attention == "clean-causal":
+        if self.options.clean_causal:
             if net.get("cache") is not None and net.get("attn_mask") is None:
                 # the mask over (stored, new) keys is the caller's: only the exact prefix cache builds it
                 raise DiffLMError("this model reads with process.attention clean-causal, where only the exact prefix "
@@ -126,7 +135,8 @@ class MaskedDiffusion(Process):
     def clean_causal_mask(self, xt: Tensor, stored: Tensor | None = None) -> Tensor:
         """``attention: clean-causal``'s mask (B, 1, L, L), True = may attend: query i reads key j ≤ i when j is clean
         (not [MASK]), and itself. Clean positions thus never read a [MASK], and with every [MASK] after a clean
-        prefix the prefix is computed exactly as by a causal network. With a KV cache, ``stored`` (B, S) says which
+        prefix the prefix is computed exactly as by a causal network; under ``clean-causal-masks`` a [MASK] query also
+        reads every [MASK] before it. With a KV cache, ``stored`` (B, S) says which
         stored keys each row's queries may read (a clean prefix before them); the mask is then (B, 1, L, S + L),
         the stored keys first, as ``attend`` lays them out."""
         L = xt.shape[1]
@@ -134,6 +144,8 @@ class MaskedDiffusion(Process):
         before = i[None, :] <= i[:, None]  # (L, L): key j at or before query i
         own = torch.eye(L, dtype=torch.bool, device=xt.device)
         mask = ((xt != self.mask_id)[:, None, :] & before[None]) | own[None]
+        if self.options.attention == "clean-causal-masks":  # a [MASK] query reads every key up to it
+            mask |= (xt == self.mask_id)[:, :, None] & before[None]
         if stored is not None:
             mask = torch.cat([stored[:, None, :].expand(-1, L, -1), mask], -1)
         return mask[:, None]

@@ -235,7 +235,7 @@ class ConfidenceDecoding(Sampler):
         if mode == "none":
             return None
         check_kv_cache(model)
-        causal = getattr(process.options, "attention", "full") == "clean-causal"
+        causal = getattr(process.options, "clean_causal", False)
         if causal and mode != "causal":
             raise DiffLMError(f"--kv-cache {mode} keeps keys computed under full attention; this model reads with "
                               "process.attention clean-causal: use --kv-cache causal (exact)")

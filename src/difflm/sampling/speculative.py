@@ -70,7 +70,7 @@ class SelfSpeculativeDecoding(Sampler):
 
     @classmethod
     def fits(cls, process: MaskedDiffusion) -> bool:
-        return getattr(process.options, "attention", "full") == "clean-causal"
+        return getattr(process.options, "clean_causal", False)
 
     @classmethod
     def check(cls, model: nn.Module, process: MaskedDiffusion) -> None:
