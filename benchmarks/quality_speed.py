@@ -127,9 +127,9 @@ def main() -> None:
     steps = tuple(int(s) for s in a.steps.split(","))
     rows: list[dict] = []
     checks: list[dict] = []
-    for model_name, samplers in (("ar", bench_samplers("autoregressive")), (a.block, bench_samplers("block")),
-                                    ("mdlm", bench_samplers("masked"))):
+    for model_name, family in (("ar", "autoregressive"), (a.block, "block"), ("mdlm", "masked")):
         lm = ar if model_name == "ar" else DiffusionLM.from_pretrained(need[model_name])
+        samplers = bench_samplers(family, lm.process)  # those that can decode this model
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps, num=a.num,
                                 on_row=lambda r: print(r, flush=True), scorer=scorer):
             rows.append({"model": model_name, **r})

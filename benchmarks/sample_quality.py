@@ -59,7 +59,7 @@ def main() -> None:
             print(f"skipping {fam}: no run at {run_dir}", file=sys.stderr)
             continue
         lm = DiffusionLM.from_pretrained(run_dir)
-        samplers = [(n, o) for n, o in bench_samplers(lm.process.family)
+        samplers = [(n, o) for n, o in bench_samplers(lm.process.family, lm.process)
                     if a.samplers is None or n in a.samplers.split(",")]
         for r in bench_sampling(lm, ar, samplers=samplers, steps_list=steps_list, num=a.num, seed=0):
             if "error" in r:

@@ -68,17 +68,19 @@ def test_a_tiny_model_learns_its_sentence_and_samples_batch_invariantly():
     target = tok.encode("bad cafe")
     x = p.pack([target] * 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(800):  # at 500 the sentence was half learned: 3 to 5 of 8 samples right, by CPU and seed
+    # at 500 steps the sentence was half learned (3 to 5 of 8 samples right, by CPU and seed); at 800, on an AVX2-only
+    # CPU, 2 of 8 at temperature 0.5; at 1,200 there, 5 at 0.5 and 7 at 0.25
+    for step in range(1200):
         b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(16), step=step)
         loss = p.loss(model, b).sum() / 16
         opt.zero_grad()
         loss.backward()
         opt.step()
     s = get_sampler("tau-leaping", p)
-    out = s(model.eval(), p, Conditioning.unconditional(8, 16), steps=64, seed=1, temperature=0.5).tokens
+    out = s(model.eval(), p, Conditioning.unconditional(8, 16), steps=64, seed=1, temperature=0.25).tokens
     got = p.sequences(out)
     assert sum(g == target for g in got) >= 4, [tok.decode(g) for g in got]
-    parts = [s(model, p, Conditioning.unconditional(len(r), 16), steps=64, seed=1, rows=r, temperature=0.5).tokens
+    parts = [s(model, p, Conditioning.unconditional(len(r), 16), steps=64, seed=1, rows=r, temperature=0.25).tokens
              for r in torch.arange(8).split(3)]
     assert torch.equal(torch.cat(parts), out)
 

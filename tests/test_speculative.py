@@ -12,6 +12,7 @@ from torch import nn
 
 from difflm.diffusion import build_process
 from difflm.errors import DiffLMError
+from difflm.evaluation.generative import bench_samplers
 from difflm.pipeline import DiffusionLM
 from difflm.sampling import Conditioning, get_sampler, sampler_fits
 
@@ -112,6 +113,10 @@ def test_speculative_decoding_refuses_a_network_whose_clean_positions_do_not_pre
     process = build_process({"type": "masked", "attention": "clean-causal"}, vocab_size=V,
                             special={"mask": MASK, "pad": PAD})
     assert sampler_fits("speculative", process)
+    # bench-sampling runs it on a clean-causal model, not on others
+    assert ("speculative", {"draft": 2, "kv_cache": "causal"}) in bench_samplers("masked", process)
+    assert "speculative" not in {n for n, _ in bench_samplers("masked", build_process(
+        {"type": "masked"}, vocab_size=V, special={"mask": MASK, "pad": PAD}))}
     with pytest.raises(DiffLMError, match="--draft must be at least 1"):
         get_sampler("speculative", process, draft=0)
     with pytest.raises(DiffLMError, match="--kv-cache none or causal"):

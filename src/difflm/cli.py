@@ -456,7 +456,7 @@ def cmd_bench_sampling(a) -> int:
         from .evaluation.external import load_scorer
 
         scorer = load_scorer(a.scorer)
-    samplers = bench_samplers(lm.process.family)
+    samplers = bench_samplers(lm.process.family, lm.process)
     if a.samplers:
         names = a.samplers.split(",")
         samplers = [(n, dict(o)) for n, o in samplers if n in names] + [

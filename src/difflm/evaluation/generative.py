@@ -19,10 +19,12 @@ from ..errors import DiffLMError
 from ..precision import autocast
 
 
-def bench_samplers(family: str) -> list[tuple[str, dict]]:
+def bench_samplers(family: str, process=None) -> list[tuple[str, dict]]:
     """The (sampler, options) settings ``bench-sampling`` runs for a family: each registered sampler that fits
-    it, with every setting in its ``bench`` declaration, in registration order."""
-    return [(c.name, dict(opts)) for c in registry.samplers(family) for opts in c.bench]
+    it (and, given a model's ``process``, can decode that model: ``Sampler.fits``), with every setting in its
+    ``bench`` declaration, in registration order."""
+    return [(c.name, dict(opts)) for c in registry.samplers(family) if process is None or c.fits(process)
+            for opts in c.bench]
 
 
 def step_free(name: str, family: str, options: dict | None = None) -> bool:
@@ -84,7 +86,7 @@ def bench_sampling(lm, ar=None, *, samplers: list[tuple[str, dict]] | None = Non
         check_evaluator(lm, ar)
     special = special_ids(lm.tokenizer)
     family = lm.process.family
-    samplers = samplers or bench_samplers(family)
+    samplers = samplers or bench_samplers(family, lm.process)
     length = length or lm.seq_len
     rows = []
     for name, opts in samplers:

@@ -61,7 +61,7 @@ class SelfSpeculativeDecoding(Sampler):
     name = "speculative"
     families = ("masked",)
     Options = SpeculativeOptions
-    bench = ()  # only for clean-causal shifted models; bench-sampling's rows are per family
+    bench = ({"draft": 2, "kv_cache": "causal"},)  # bench-sampling runs it on the models it fits
     step_free = True
 
     unfit = ("speculative decoding verifies drafts with the next-token predictions of a clean prefix: it needs a "
