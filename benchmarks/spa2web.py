@@ -203,10 +203,15 @@ def source_use(lm: DiffusionLM, rows: int = 64) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def distilled_data(out: Path, data: Path, teacher: str = "ar") -> Path:
+def seeded(name: str, seed: int) -> str:
+    """A run folder's name: ``name``, or ``name-seedS`` for a training seed S other than 0."""
+    return f"{name}-seed{seed}" if seed else name
+
+
+def distilled_data(out: Path, data: Path, seed: int = 0) -> Path:
     """<out>/kd-data (kd-data-seedS for the AR run <out>/ar-seedS): train.jsonl with the AR teacher's greedy
     translations as targets, written once by `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
-    kd = out / f"kd-data{teacher[2:]}"
+    kd, teacher = out / seeded("kd-data", seed), seeded("ar", seed)
     if not (kd / "train.jsonl").is_file():
         if not (out / teacher / "model.safetensors").is_file():
             raise SystemExit(f"spa2web: the -kd models need the AR teacher {out / teacher}: train --models ar first")
@@ -356,12 +361,12 @@ def main() -> None:
             decoders = sweep
         if name.endswith("-kd"):
             # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
-            teacher = f"ar{f'-seed{a.seed}' if a.seed else ''}"  # the AR run of the same seed
-            overrides = [*overrides, f"data.path={distilled_data(a.out, data, teacher).resolve()}",
-                         "tokenizer.type=hf", f"tokenizer.path={(a.out / teacher / 'tokenizer.json').resolve()}"]
+            teacher = a.out / seeded("ar", a.seed)  # the AR run of the same seed
+            overrides = [*overrides, f"data.path={distilled_data(a.out, data, a.seed).resolve()}",
+                         "tokenizer.type=hf", f"tokenizer.path={(teacher / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
         if a.seed:  # the same model from another seed: its own folder
-            overrides, run_dir = [*overrides, f"train.seed={a.seed}"], a.out / f"{name}-seed{a.seed}"
+            overrides, run_dir = [*overrides, f"train.seed={a.seed}"], a.out / seeded(name, a.seed)
         if name == "ar":
             own = sorted({*marks, *(m for m in adapt if m < a.minutes)})
         if "-adapt" in name or name == "ar-continue":  # the AR minutes count: it trains the rest of --minutes
@@ -373,7 +378,7 @@ def main() -> None:
                 raise SystemExit(f"spa2web: {name} starts from {ar_at}: train --models ar --adapt-at {before:g} "
                                  "past that mark first")
             overrides = [*overrides, f"model.init={ar_at}", "tokenizer.type=hf", f"tokenizer.path={ar_at}"]
-            run_dir = a.out / f"{name}-from-{before:g}{f'-seed{a.seed}' if a.seed else ''}"
+            run_dir = a.out / seeded(f"{name}-from-{before:g}", a.seed)
             own = [m - before for m in marks if m > before]
         # the decay over this run's own minutes, then the --set overrides (last: they win over the model's own)
         extra = [*([f"train.decay_minutes={a.minutes - before}"] if a.decay else []), *a.set]
@@ -413,7 +418,7 @@ def main() -> None:
                 if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                     continue
                 if kw.get("draft_from") == "ar":  # the AR model trained beside it writes the drafts (timed with it)
-                    ar_run = a.out / f"ar{f'-seed{a.seed}' if a.seed else ''}"
+                    ar_run = a.out / seeded("ar", a.seed)
                     if not (ar_run / "model.safetensors").is_file():
                         continue
                     kw = {**kw, "draft_from": DiffusionLM.from_pretrained(ar_run, device="cpu")}
