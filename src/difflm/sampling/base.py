@@ -123,6 +123,7 @@ class Sampler:
     bench: ClassVar[tuple[dict, ...]] = ({},)
     step_free: ClassVar[bool] = False
     stepwise: ClassVar[bool] = False
+    unfit: ClassVar[str] = ""  # why ``fits`` refuses a model, and what to use instead
 
     def __init__(self, **options) -> None:
         self.options = make_options(self.Options, options, f"sampler {self.name!r}")
@@ -132,8 +133,6 @@ class Sampler:
         """Whether this sampler can decode a model of this process (beyond its family: e.g. one that needs a
         process option); where it cannot, ``unfit`` says why and what to use instead."""
         return True
-
-    unfit: ClassVar[str] = ""
 
     @classmethod
     def free_of_steps(cls, options: dict) -> bool:
