@@ -284,6 +284,9 @@ def main() -> None:
                                                                    **({"kv_cache": "causal"} if causal else {})}}
                 label = f"semi-AR, blocks of {b}, threshold {t:g}{', causal cache' if causal else ''}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
+            if causal and getattr(lm.model.cfg, "shift", False):  # AR's beam search on the adapted model
+                decoders.append((" (beam 4, causal cache)", 0.0,
+                                 {"sampler": "beam", "sampler_options": {"beam": 4, "kv_cache": "causal"}}))
             if causal and drafts and getattr(lm.model.cfg, "shift", False):
                 stop = {"stop_at_eos": True, "kv_cache": "causal"}
                 decoders += [(" (semi-AR, blocks of 1, stop at [EOS], causal cache)", 0.0,

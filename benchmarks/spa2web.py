@@ -98,9 +98,12 @@ ONE = ("semi-AR, blocks of 1, stop at [EOS]", {"sampler": "threshold", "sampler_
 SPECULATIVE = [(f"speculative, draft {k}, stop at [EOS], causal cache",
                 {"sampler": "speculative", "sampler_options": {"draft": k, "stop_at_eos": True, "kv_cache": "causal"}})
                for k in (2, 4, 8)]
+# ... and beam search over the same next-token predictions (AR's beam 4, on the adapted model)
+BEAM = ("beam 4 over the next-token predictions, causal cache", {"sampler": "beam", "sampler_options": {
+    "beam": 4, "kv_cache": "causal"}})
 ADAPTED_CC = [MASKED[0], SEMI_AR_FAST[0], MASKED[2], ONE,
               *((f"{label}, causal cache", {**kw, "sampler_options": {**kw["sampler_options"], "kv_cache": "causal"}})
-                for label, kw in (SEMI_AR_FAST[0], ONE)), *SPECULATIVE]
+                for label, kw in (SEMI_AR_FAST[0], ONE)), *SPECULATIVE, BEAM]
 # BD3-LM's sampler: ancestral steps inside each block of 8 (4 each), or Fast-dLLM v2's parallel decoding (argmax
 # tokens, every one above 0.9 in a call and at least one), both with the earlier blocks in the exact KV cache
 BLOCK = [("block sampler, 64 steps", {"sampler": "block", "steps": 64, "sampler_options": {"stop_at_eos": True}}),

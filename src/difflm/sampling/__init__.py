@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # isort: off
 # the sampler modules register their classes on import; this order is bench-sampling's row order
-from . import masked, confidence, speculative, graph, gaussian, block, edit, editflow, autoregressive  # noqa: F401
+from . import masked, confidence, speculative, beam, graph, gaussian, block, edit, editflow, autoregressive  # noqa: F401
 # isort: on
 from .. import registry
 from ..diffusion.base import Process

@@ -200,6 +200,14 @@ class CausalCache(BlockCache):
         self.done[idx] = torch.maximum(self.done[idx], settled)
         return logp
 
+    def reorder(self, origin: Tensor) -> None:
+        """Row r now holds what row ``origin[r]`` held (B,): beam search's surviving hypotheses take their stored
+        prefixes with them."""
+        for store in (self.kv, self.ukv):
+            store.k = [None if k is None else k[origin] for k in store.k]
+            store.v = [None if v is None else v[origin] for v in store.v]
+        self.done = self.done[origin]
+
 
 @register_sampler
 class ConfidenceDecoding(Sampler):

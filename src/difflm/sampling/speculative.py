@@ -56,17 +56,11 @@ class SpeculativeOptions:
                               f"not {self.kv_cache!r}")
 
 
-@register_sampler
-class SelfSpeculativeDecoding(Sampler):
-    name = "speculative"
-    families = ("masked",)
-    Options = SpeculativeOptions
-    bench = ({"draft": 2, "kv_cache": "causal"},)  # bench-sampling runs it on the models it fits
-    step_free = True
+class NextTokenSampler(Sampler):
+    """A masked-family sampler that reads a clean prefix's next-token predictions: it decodes only a model with
+    clean-causal attention and ``model.shift`` (an AR parent adapted that way)."""
 
-    unfit = ("speculative decoding verifies drafts with the next-token predictions of a clean prefix: it needs a "
-             "masked model with process.attention clean-causal and model.shift true (an AR parent adapted that way); "
-             "decode this one with --sampler threshold")
+    families = ("masked",)
 
     @classmethod
     def fits(cls, process: MaskedDiffusion) -> bool:
@@ -77,6 +71,18 @@ class SelfSpeculativeDecoding(Sampler):
         """A one-line error unless the network's clean positions predict the next token from a clean prefix."""
         if not cls.fits(process) or not getattr(model.cfg, "shift", False):
             raise DiffLMError(cls.unfit)
+
+
+@register_sampler
+class SelfSpeculativeDecoding(NextTokenSampler):
+    name = "speculative"
+    Options = SpeculativeOptions
+    bench = ({"draft": 2, "kv_cache": "causal"},)  # bench-sampling runs it on the models it fits
+    step_free = True
+
+    unfit = ("speculative decoding verifies drafts with the next-token predictions of a clean prefix: it needs a "
+             "masked model with process.attention clean-causal and model.shift true (an AR parent adapted that way); "
+             "decode this one with --sampler threshold")
 
     @torch.no_grad()
     def __call__(
