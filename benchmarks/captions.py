@@ -200,7 +200,7 @@ def main() -> None:
                                                " a comma and a space belong to the string ('semi-AR, blocks of 4')")
     ap.add_argument("--guidance", default="1", help="comma-separated classifier-free guidance weights w, one CFG row "
                                                     "each (on the plain decoder and the masked captioners' semi-AR "
-                                                    "threshold decoder)")
+                                                    "threshold decoder; 0 or '': no CFG rows)")
     ap.add_argument("--semi-ar", default="", metavar="B:T,...",
                     help="more semi-AR rows for masked captioners: blocks of B, threshold T (e.g. 1:0.9,8:0.9,4:0.5), "
                          "each also with the --guidance weights")
@@ -213,7 +213,7 @@ def main() -> None:
     a = ap.parse_args()
     adapt = tuple(float(m) for m in a.adapt_at.split(",") if m) or (a.minutes / 2,)
     try:
-        weights = [float(w) for w in a.guidance.split(",") if w]
+        weights = [w for w in (float(w) for w in a.guidance.split(",") if w) if w]  # w = 0 is the plain rows
         grid_rows = [(int(b), float(t)) for b, t in (g.split(":") for g in a.semi_ar.split(",") if g)]
         drafts = [int(k) for k in a.speculative.split(",") if k]
     except ValueError:
