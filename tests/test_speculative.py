@@ -141,3 +141,14 @@ def test_speculative_infilling_around_a_given_span_writes_the_text_of_token_by_t
         assert torch.equal(out.tokens, one), (cache, stale)
         alone = torch.cat([smp(backbone, process, cond.rows(slice(i, i + 1)), steps=L).tokens for i in range(3)])
         assert torch.equal(alone, one)
+
+
+@pytest.mark.parametrize("sampler", ["speculative", "threshold"])
+def test_stop_at_eos_without_an_eos_token_is_a_one_line_error(sampler):
+    """``--stop-at-eos`` on a model whose tokenizer has no [EOS]: the error names the option and the need."""
+    f = list(range(8))
+    process = build_process({"type": "masked", "attention": "clean-causal"}, vocab_size=V,
+                            special={"mask": MASK, "pad": PAD, "bos": None, "eos": None})
+    smp = get_sampler(sampler, process, stop_at_eos=True)
+    with pytest.raises(DiffLMError, match=r"--stop-at-eos needs a tokenizer with an \[EOS\] token"):
+        smp(PositionNet(f, f), process, Conditioning.unconditional(1, 8), steps=8)

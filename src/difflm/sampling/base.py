@@ -82,6 +82,12 @@ def on_rows(model: nn.Module, idx: Tensor) -> nn.Module:
     return rows(idx) if callable(rows) else model
 
 
+def check_stop_at_eos(stop: bool, process) -> None:
+    """A one-line error when ``--stop-at-eos`` is asked of a model whose tokenizer has no [EOS] to stop at."""
+    if stop and process.eos_id is None:
+        raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+
+
 def _take(v, idx: Tensor):
     if isinstance(v, Conditioning):
         return v.rows(idx)

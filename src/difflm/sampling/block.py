@@ -34,7 +34,7 @@ from ..errors import DiffLMError
 from ..models.transformer import KVCache
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
+from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
@@ -108,8 +108,7 @@ class BlockSampler(Sampler):
                 "block diffusion generates left to right: it can continue a prompt but not fill gaps; "
                 "use a masked-diffusion model to infill"
             )
-        if self.stop_at_eos and process.eos_id is None:
-            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+        check_stop_at_eos(self.stop_at_eos, process)
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape
         S, m = process.block_size, process.mask_id

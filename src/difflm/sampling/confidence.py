@@ -33,7 +33,7 @@ from ..errors import DiffLMError
 from ..models.transformer import KVCache
 from ..registry import option, register_sampler
 from ..rng import uniform
-from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
+from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 from .guidance import ClassifierFreeGuidance
@@ -237,8 +237,7 @@ class ConfidenceDecoding(Sampler):
                      device: torch.device) -> BlockCache | None:
         """The KV cache ``kv_cache`` asks for (None: every call over the whole rows): Fast-dLLM's approximate one,
         or a clean-causal model's exact one, after checking the options against the network and the process."""
-        if self.options.stop_at_eos and process.eos_id is None:
-            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+        check_stop_at_eos(self.options.stop_at_eos, process)
         mode = self.options.kv_cache
         if mode == "none":
             return None

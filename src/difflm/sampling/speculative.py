@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
 from ..registry import option, register_sampler
-from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
+from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on_rows
 from .conditioning import Conditioning
 from .confidence import CausalCache, check_kv_cache
 
@@ -92,8 +92,7 @@ class SelfSpeculativeDecoding(NextTokenSampler):
     ) -> SampleOutput:
         self.default_rows(cond, rows, steps)
         self.check(model, process)
-        if self.options.stop_at_eos and process.eos_id is None:
-            raise DiffLMError("--stop-at-eos needs a tokenizer with an [EOS] token")
+        check_stop_at_eos(self.options.stop_at_eos, process)
         B, L = cond.shape
         m, K, dev = process.mask_id, int(self.options.draft), cond.tokens.device
         x = cond.initial(m)
