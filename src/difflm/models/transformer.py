@@ -145,11 +145,13 @@ class KVCache:
             return self._length
         return 0 if self.k[0] is None else self.k[0].shape[-2]
 
-    def rows(self, idx: Tensor) -> KVCache:
-        """A read-only copy holding the rows ``idx`` (for calls on a subset of the batch, ``store=0``)."""
+    def rows(self, idx: Tensor | slice, length: int | None = None) -> KVCache:
+        """A read-only copy holding the rows ``idx`` (for calls on a subset of the batch, ``store=0``; a slice
+        gives views, not copies); with ``length``, only their first ``length`` positions (those the call reads)."""
         sub = KVCache(len(self.k), self.capacity)
-        sub.k = [None if k is None else k[idx] for k in self.k]
-        sub.v = [None if v is None else v[idx] for v in self.v]
+        cut = slice(None) if length is None else slice(0, length)
+        sub.k = [None if k is None else k[idx, :, cut] for k in self.k]
+        sub.v = [None if v is None else v[idx, :, cut] for v in self.v]
         sub._length = self._length
         sub.last = None if self.last is None else self.last[idx]
         return sub

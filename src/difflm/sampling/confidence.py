@@ -99,14 +99,16 @@ class BlockCache:
         self.kv = KVCache(n_layer)  # (B, H, L, Dh) per layer, every row's whole row
         self.ukv = KVCache(n_layer)  # the same for guidance's unconditional stream
 
-    def _views(self, model: nn.Module, idx: Tensor | None) -> tuple[KVCache, KVCache | None]:
-        """The caches a call reads and writes: rows ``idx`` of the stored ones (None: fresh ones), the first the
-        network's, the second (under guidance, paired with the first; else None) the unconditional stream's."""
+    def _views(self, model: nn.Module, idx: Tensor | slice | None,
+               length: int | None = None) -> tuple[KVCache, KVCache | None]:
+        """The caches a call reads and writes: rows ``idx`` of the stored ones (None: fresh ones; ``length``: their
+        first positions only), the first the network's, the second (under guidance, paired with the first; else
+        None) the unconditional stream's."""
         n = len(self.kv.k)
-        view = KVCache(n) if idx is None else self.kv.rows(idx)
+        view = KVCache(n) if idx is None else self.kv.rows(idx, length)
         if not isinstance(model, ClassifierFreeGuidance):
             return view, None
-        uncond = KVCache(n) if idx is None else self.ukv.rows(idx)
+        uncond = KVCache(n) if idx is None else self.ukv.rows(idx, length)
         model.pair(view, uncond)
         return view, uncond
 
@@ -180,8 +182,10 @@ class CausalCache(BlockCache):
         sel = select.gather(1, pos)
         assert int(sel.sum()) == int(select.sum()), "a selected position lies outside its row's window"
         stored = self.kv.k[0] is not None
-        keys = (pos_l[None] < ws[:, None]) if stored else None  # stored keys before the window: a clean prefix
-        view, uview = self._views(model, idx if stored else None)
+        S = int(ws.max())  # the stored keys read: each row's before its window (a clean prefix), none past them
+        keys = (pos_l[None, :S] < ws[:, None]) if stored else None
+        every = len(idx) == self.rows and bool((idx == torch.arange(self.rows, device=idx.device)).all())
+        view, uview = self._views(model, (slice(None) if every else idx) if stored else None, S)  # all: no copy
         logp = (process.subs_logits if raw else process.log_probs)(
             model, x.gather(1, pos), t, select=sel, cache=view, positions=pos,
             attn_mask=process.clean_causal_mask(x.gather(1, pos), keys))
@@ -203,9 +207,12 @@ class CausalCache(BlockCache):
     def reorder(self, origin: Tensor) -> None:
         """Row r now holds what row ``origin[r]`` held (B,): beam search's surviving hypotheses take their stored
         prefixes with them."""
+        S = int(self.done.max())  # past every row's stored prefix nothing is read: it need not move
         for store in (self.kv, self.ukv):
-            store.k = [None if k is None else k[origin] for k in store.k]
-            store.v = [None if v is None else v[origin] for v in store.v]
+            for kv in (store.k, store.v):
+                for t in kv:
+                    if t is not None:
+                        t[:, :, :S] = t[origin, :, :S]
         self.done = self.done[origin]
 
 
