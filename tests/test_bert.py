@@ -64,6 +64,20 @@ def test_time_conditioning_and_added_tokens_start_as_pretrained(hf_dir):
         assert torch.allclose(timed(x, torch.tensor([0.2, 0.8]))[..., :V], plain(x), atol=1e-5)
 
 
+def test_the_edit_taggers_head_reads_the_encoders_last_states(hf_dir):
+    """The edit family's tagger (``BackboneNeeds.aux_outputs``) on a pretrained encoder, as GECToR places it: a
+    fresh linear layer on the encoder's last hidden states; the token output keeps the pretrained logits."""
+    d, hf, _ = hf_dir
+    m = Bert(BertConfig(init=str(d)).with_needs(BackboneNeeds(aux_outputs=7), V, 64))
+    assert m.pretrained_init() and m.aux_head.out_features == 7
+    m.eval()
+    x = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(m(x), ours(d)(x), atol=1e-5)
+        h = (hf.bert if hasattr(hf, "bert") else hf)(x).last_hidden_state
+        assert torch.allclose(m(x, head="aux"), m.aux_head(h), atol=1e-4)
+
+
 def test_wrong_architecture_is_a_one_line_error(tmp_path, hf_dir):
     gpt = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V))
     gpt.save_pretrained(tmp_path / "gpt2", safe_serialization=True)

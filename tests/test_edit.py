@@ -94,6 +94,41 @@ def test_loss_is_finite_differentiable_and_batch_invariant():
     assert torch.allclose(p.loss(model, one)[0], terms[1].detach(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_the_edit_family_trains_and_revises_on_the_pretrained_backbones(kind):
+    """The tagger's head on the Llama and BERT backbones (fresh on pretrained weights: ``test_llama.py``,
+    ``test_bert.py``): the loss trains both heads, is batch-invariant, and greedy revision runs and is
+    batch-invariant too."""
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz "])
+    model_cfg = {"type": kind, "n_layer": 1, "n_head": 2, "d_model": 32, "d_ff": 48}
+    if kind == "llama":
+        model_cfg["n_kv_head"] = 1
+    run = RunConfig.from_dict({"model": model_cfg, "process": {"type": "edit", "steps": 4},
+                               "data": {"mode": "lines", "seq_len": 32}})
+    torch.manual_seed(0)
+    model, p = build_components(run, tok)
+    jitter(model)
+    x = p.pack([list(range(4, 28)), [12, 13] * 10, [4] * 15], 32)
+    b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(3), seed=3, step=7)
+    b.u = torch.tensor([0.8, 0.9, 0.99], dtype=torch.float64)
+    terms = p.loss(model, b)
+    assert torch.isfinite(terms).all() and terms.sum() > 0
+    terms.sum().backward()
+    assert model.aux_head.weight.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
+    one = Batch(x[1:2], b.loss_mask[1:2], b.fixed[1:2], u=b.u[1:2], rows=torch.tensor([1]), seed=3, step=7)
+    assert torch.allclose(p.loss(model, one)[0], terms[1].detach(), atol=1e-5)
+    model.eval()
+    cond = Conditioning.prefix([tok.encode(s) for s in ("a cat", "the dog ran", "xyz")], 32)
+    revise = get_sampler("diffuser", p, greedy=True)
+    out = revise(model, p, cond, steps=4, seed=1).tokens
+    alone = torch.cat([revise(model, p, cond.rows(slice(i, i + 1)), steps=4, seed=1, rows=torch.tensor([i])).tokens
+                       for i in range(3)])
+    assert torch.equal(out, alone)
+
+
 def test_masked_padding_makes_outputs_independent_of_the_row_width():
     """``padding: masked``: the tagger's and generator's outputs at a row's tokens are the same whether the row is
     packed to 32 or cut to the batch's longest sequence (``net_input``), which is what lets training and sampling

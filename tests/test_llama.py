@@ -75,6 +75,25 @@ def test_added_special_tokens_and_time_conditioning_leave_the_pretrained_predict
         assert torch.allclose(m.embed.weight[V:], m.embed.weight[:V].mean(0).expand(4, -1))
 
 
+def test_the_edit_taggers_head_starts_fresh_on_the_pretrained_states(hf_dir):
+    """The edit family's tagger (``BackboneNeeds.aux_outputs``): a fresh linear head on the final normalised states
+    of the pretrained network; the token head keeps the pretrained logits."""
+    d, hf = hf_dir
+    cfg = LlamaConfig(init=str(d)).with_needs(BackboneNeeds(attention="bidirectional", aux_outputs=8), V, 64)
+    m = Llama(cfg)
+    assert m.pretrained_init() and m.aux_head.out_features == 8
+    m.eval()
+    x = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(m(x), ours(d, attention="bidirectional")(x), atol=1e-5)
+        h = hf.model(x).last_hidden_state  # causal there: compared with the causal network on the same weights
+        causal = Llama(LlamaConfig(init=str(d)).with_needs(BackboneNeeds(attention="causal", aux_outputs=8), V, 64))
+        causal.pretrained_init()
+        causal.aux_head.load_state_dict(m.aux_head.state_dict())
+        assert torch.allclose(causal.eval()(x, head="aux"), m.aux_head(h), atol=1e-4)
+        assert m(x, head="aux", select=x > 5).shape == (int((x > 5).sum()), 8)
+
+
 def test_wrong_architecture_and_vocabulary_are_one_line_errors(hf_dir, tmp_path):
     d, _ = hf_dir
     with pytest.raises(DiffLMError, match="tokenizer has 10 tokens"):

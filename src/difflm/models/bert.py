@@ -50,7 +50,7 @@ class BertConfig(BackboneConfig):
         cfg = replace(self, **bert_architecture(self.init)) if self.init else self
         if max_len > cfg.max_positions:
             raise ValueError(f"data.seq_len {max_len} exceeds the encoder's {cfg.max_positions} positions")
-        return cfg.derive(needs, vocab_size, max_len)
+        return cfg.derive(needs, vocab_size, max_len, aux=True)
 
 
 def _read_config(spec: str) -> tuple[dict, object]:
@@ -120,6 +120,8 @@ class Bert(Backbone):
             self.transform = nn.Linear(cfg.d_model, cfg.d_model)
             self.transform_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        # the edit family's tagger (GECToR's place for it: a linear layer on the encoder's last states), fresh
+        self.aux_head = nn.Linear(cfg.d_model, cfg.aux_outputs) if cfg.aux_outputs else None
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(nn.Linear(cfg.d_time, cfg.d_model), nn.SiLU(),
                                           nn.Linear(cfg.d_model, cfg.d_model))
@@ -146,9 +148,10 @@ class Bert(Backbone):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
-        store: int | None = None, prev: Tensor | None = None,
+        store: int | None = None, prev: Tensor | None = None, head: str = "token",
     ) -> Tensor:
-        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``."""
+        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``; head
+        "aux": the auxiliary head's outputs instead (B, L, aux_outputs)."""
         B, L = x.shape
         offset = sequence_offset(self.cfg.max_len, L, cache, positions)
         pos = torch.arange(offset, offset + L, device=x.device) if positions is None else positions
@@ -162,6 +165,8 @@ class Bert(Backbone):
             h = blk(h, attn_mask, self.cfg.causal, cache, i, offset, store)
         if select is not None:
             h = h[select]
+        if head == "aux":
+            return self.aux_head(h)
         if self.cfg.mlm_transform:
             h = self.transform_norm(F.gelu(self.transform(h)))
         return h @ self.embed.weight.T + self.head_bias
@@ -207,7 +212,7 @@ def load_bert(model: Bert, spec: str) -> None:
         b = state["head_bias"]
         state["head_bias"] = grow_rows(b, V, 0.0)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.startswith("time_mlp.") or k == "head_bias")]
+    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.")) or k == "head_bias")]
     if missing or unexpected:
         raise DiffLMError(f"{spec} does not fit the bert backbone (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")

@@ -53,7 +53,7 @@ class LlamaConfig(BackboneConfig):
             from .weights import pretrained_architecture
 
             cfg = replace(self, **pretrained_architecture(self.init))
-        return cfg.derive(needs, vocab_size, max_len)
+        return cfg.derive(needs, vocab_size, max_len, aux=True)
 
 
 class RMSNorm(nn.Module):
@@ -131,6 +131,8 @@ class Llama(Backbone):
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # a second prediction per position (the edit family's tagger), fresh on pretrained weights
+        self.aux_head = nn.Linear(cfg.d_model, cfg.aux_outputs) if cfg.aux_outputs else None
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(),
                                           nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU())
@@ -163,9 +165,10 @@ class Llama(Backbone):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
-        store: int | None = None, prev: Tensor | None = None,
+        store: int | None = None, prev: Tensor | None = None, head: str = "token",
     ) -> Tensor:
-        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``.
+        """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``
+        (head "aux": the auxiliary head's outputs instead, ``cfg.aux_outputs`` wide).
         prev: (L,) long, for each position the index in this call of the position holding the token before it
         (default i − 1; −1: the cache's last stored position, or the position itself when there is none) — used
         with ``shift``, where the prediction for token i is read off the hidden state of token i − 1."""
@@ -182,4 +185,6 @@ class Llama(Backbone):
             h = shift_states(h, prev, cache, store)
         if select is not None:
             h = h[select]
+        if head == "aux":
+            return self.aux_head(h)
         return h @ self.embed.weight.T if self.head is None else self.head(h)

@@ -88,7 +88,8 @@ def load_pretrained(model: nn.Module, spec: str) -> None:
     if model.head is None:
         state.pop("head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.startswith("time_mlp.") or ".ada." in k)]  # new: time conditioning
+    # new: time conditioning, the edit family's tagger
+    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.")) or ".ada." in k)]
     if missing or unexpected:
         raise DiffLMError(f"{spec} does not fit the llama backbone (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
