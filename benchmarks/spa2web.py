@@ -211,18 +211,30 @@ def seeded(name: str, seed: int) -> str:
     return f"{name}-seed{seed}" if seed else name
 
 
-def distilled_data(out: Path, data: Path, seed: int = 0) -> Path:
+def distilled_data(out: Path, data: Path, seed: int = 0, every: int = 1) -> Path:
     """<out>/kd-data (kd-data-seedS for the AR run <out>/ar-seedS): train.jsonl with the AR teacher's greedy
-    translations as targets, written once by `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
+    translations as targets of every ``every``-th training pair (the 1st, the every+1-th, ...; a short adaptation
+    reads few pairs), written once by `difflm distill-data`; valid.jsonl and test.jsonl link to the real ones."""
     kd, teacher = out / seeded("kd-data", seed), seeded("ar", seed)
-    if not (kd / "train.jsonl").is_file():
+    if (kd / "train.jsonl").is_file():
+        made = int((kd / "every.txt").read_text()) if (kd / "every.txt").is_file() else 1
+        if made != every:
+            raise SystemExit(f"spa2web: {kd} holds every {made}th pair distilled, not every {every}th: give "
+                             f"--distill-every {made} or remove the folder")
+    else:
         if not (out / teacher / "model.safetensors").is_file():
             raise SystemExit(f"spa2web: the -kd models need the AR teacher {out / teacher}: train --models ar first")
         kd.mkdir(parents=True, exist_ok=True)
+        pairs = data / "train.jsonl"
+        if every > 1:
+            lines = pairs.read_text().splitlines(keepends=True)[::every]
+            pairs = kd / f"train-every{every}.jsonl"
+            pairs.write_text("".join(lines))
         t0 = time.perf_counter()
         subprocess.run([str(Path(sys.executable).with_name("difflm")), "distill-data", str(out / teacher),
-                        str(data / "train.jsonl"), str(kd / "train.jsonl"), "--truncate"], check=True)
+                        str(pairs), str(kd / "train.jsonl"), "--truncate"], check=True)
         (kd / "seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        (kd / "every.txt").write_text(f"{every}\n")
     for split in ("valid", "test"):
         if not (kd / f"{split}.jsonl").exists():
             (kd / f"{split}.jsonl").symlink_to((data / f"{split}.jsonl").resolve())
@@ -305,6 +317,8 @@ def main() -> None:
     ap.add_argument("--test-skip", type=int, default=0, help="score test verses from this one on (a second set: "
                                                              "--test-skip 500 after --test 500)")
     ap.add_argument("--seed", type=int, default=0, help="the training seed (not 0: run folders <model>-seedS)")
+    ap.add_argument("--distill-every", type=int, default=1, metavar="N",
+                    help="the -kd models: distil every N-th training pair (a short adaptation reads few of them)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/spa2web"))
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training them "
@@ -339,6 +353,8 @@ def main() -> None:
                     help="a config override for every model trained (repeatable), e.g. train.warmup_steps=20; "
                          "give such runs their own --out (an adapted model finds its AR copy at <out>/ar-at-M)")
     a = ap.parse_args()
+    if a.distill_every < 1:
+        ap.error("--distill-every takes a count of at least 1 (1: every training pair)")
     sweep, dual = [], SEMI_AR_FAST[-1][1]  # the dual-cache row's decoder, at other blocks and thresholds
     for pair in filter(None, a.semi_ar.split(",")):
         b, _, t = pair.partition(":")
@@ -365,7 +381,7 @@ def main() -> None:
         if name.endswith("-kd"):
             # the teacher's tokenizer, so the bounds (nats per token on the real valid targets) compare with its
             teacher = a.out / seeded("ar", a.seed)  # the AR run of the same seed
-            overrides = [*overrides, f"data.path={distilled_data(a.out, data, a.seed).resolve()}",
+            overrides = [*overrides, f"data.path={distilled_data(a.out, data, a.seed, a.distill_every).resolve()}",
                          "tokenizer.type=hf", f"tokenizer.path={(teacher / 'tokenizer.json').resolve()}"]
         run_dir, before, own = a.out / name, 0.0, marks
         if a.seed:  # the same model from another seed: its own folder
