@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_encdec import cache_model
+from test_speculative import infill_rows
 from torch import nn
 
 from difflm.diffusion import build_process
@@ -120,13 +121,8 @@ def test_beam_one_is_token_by_token_decoding_and_beams_are_batch_invariant_with_
 def test_beam_search_keeps_an_infills_given_tokens_and_beam_one_fills_as_blocks_of_one():
     """A single-stream model filling the gaps around given tokens: beam 1 equals blocks of 1 that stop at [EOS]
     with and without the cache; a beam of 3 keeps every given token and fills every gap before its [EOS]."""
-    tok, backbone, process, _ = cache_model(2, True, False, attention="clean-causal")
-    L = 20
-    cond = Conditioning.unconditional(3, L, fill=process.mask_id)
-    for r, (a, span) in enumerate(((2, 7), (1, 9), (4, 5))):
-        ids = tok.encode("abcdefgh")
-        cond.tokens[r, :a], cond.fixed[r, :a] = torch.tensor(ids[:a]), True
-        cond.tokens[r, span:span + 3], cond.fixed[r, span:span + 3] = torch.tensor(ids[5:8]), True
+    _, backbone, process, cond = infill_rows()
+    L = cond.shape[1]
     one = get_sampler("threshold", process, block=1, greedy=True, stop_at_eos=True)(backbone, process, cond,
                                                                                   steps=L).tokens
     for cache in ("none", "causal"):

@@ -123,17 +123,24 @@ def test_speculative_decoding_refuses_a_network_whose_clean_positions_do_not_pre
         get_sampler("speculative", process, kv_cache="dual")
 
 
-def test_speculative_infilling_around_a_given_span_writes_the_text_of_token_by_token_decoding():
-    """A single-stream clean-causal model filling the gaps around given tokens (a prompt, a span in the middle):
-    drafts lie only on masked positions and skip the given ones; the same tokens as blocks of 1, with and without
-    the cache and stale drafts, at batch sizes 3 and 1."""
+def infill_rows(L: int = 20):
+    """A single-stream clean-causal shifted random network and three infill rows: a prompt, then a given span of 3
+    tokens amid the gaps: (tokenizer, network, process, Conditioning)."""
     tok, backbone, process, _ = cache_model(2, True, False, attention="clean-causal")
-    L = 20
     cond = Conditioning.unconditional(3, L, fill=process.mask_id)
     for r, (a, span) in enumerate(((2, 7), (1, 9), (4, 5))):
         ids = tok.encode("abcdefgh")
         cond.tokens[r, :a], cond.fixed[r, :a] = torch.tensor(ids[:a]), True
         cond.tokens[r, span:span + 3], cond.fixed[r, span:span + 3] = torch.tensor(ids[5:8]), True
+    return tok, backbone, process, cond
+
+
+def test_speculative_infilling_around_a_given_span_writes_the_text_of_token_by_token_decoding():
+    """A single-stream clean-causal model filling the gaps around given tokens (a prompt, a span in the middle):
+    drafts lie only on masked positions and skip the given ones; the same tokens as blocks of 1, with and without
+    the cache and stale drafts, at batch sizes 3 and 1."""
+    tok, backbone, process, cond = infill_rows()
+    L = cond.shape[1]
     one = get_sampler("threshold", process, block=1, greedy=True)(backbone, process, cond, steps=L).tokens
     for cache, stale in (("none", False), ("causal", True)):
         smp = get_sampler("speculative", process, draft=3, kv_cache=cache, stale=stale)
