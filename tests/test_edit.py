@@ -99,6 +99,24 @@ def test_loss_is_finite_differentiable_and_batch_invariant(kind):
     assert torch.allclose(p.loss(model, one)[0], terms[1].detach(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_the_generators_head_at_its_slots_alone_gives_the_full_heads_logits_there(kind):
+    """Training reads the generator only at its slots (``gen_logits(select=...)``: the output head runs there
+    alone); its logits, the banned old tokens of REPLACE slots included, equal the full head's at those slots."""
+    model, p, _ = make(steps=4, model=BACKBONES[kind], time_conditioning=False)
+    jitter(model)
+    model.eval()
+    y = p.pack([[4, p.mask_id, 7, 9, 11], [p.mask_id, 5, 5, 6], [8]], 32)[:, :7]
+    slots = torch.zeros_like(y, dtype=torch.bool)
+    slots[0, 1:3] = slots[1, 0] = slots[1, 2] = True  # [MASK] slots and slots that show the token they replace
+    with torch.no_grad():
+        full = p.gen_logits(model, y, None, slots)
+        part = p.gen_logits(model, y, None, slots, select=slots)
+    assert part.shape == (4, full.shape[-1])
+    assert torch.allclose(part, full[slots], atol=1e-5)
+    assert part[1, 7] == -math.inf and part[3, 5] == -math.inf  # the old tokens of the REPLACE slots are banned
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_greedy_revision_is_batch_invariant_on_the_pretrained_backbones(kind):
     """Greedy DiffusER revision on the Llama and BERT backbones (the tagger's head fresh on pretrained weights:
@@ -362,7 +380,8 @@ def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
         w[k] = char_typo(w[k], rng) if rng.random() < 0.8 else w[k]
         return " ".join(w)
 
-    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 600)
+    # 800 steps: at 600 the count sat at the threshold, 7 of 12 or 6 by float rounding alone
+    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 800)
     tests = [noisy(c, rng) for c in clean * 3]
     fixed = fix(tests)
     right = sum(f == c for f, c in zip(fixed, clean * 3))

@@ -260,15 +260,22 @@ class EditDiffusion(Process):
         return aux[..., :N_OPS], aux[..., N_OPS:]
 
     def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None,
-                   slots: Tensor | None = None) -> Tensor:
-        """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf; with ``slots`` (B, L)
-        a REPLACE slot that shows its old token (``replace_input: token``) bans that token (no edit)."""
-        logits = model(y, self._t(t, y.shape[0], y.device), attn_mask=self._keys(y)).float()
+                   slots: Tensor | None = None, select: Tensor | None = None) -> Tensor:
+        """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf, or (N, V) at the N
+        positions where ``select`` (B, L) is True (the output head runs only there); with ``slots`` (B, L) a REPLACE
+        slot that shows its old token (``replace_input: token``) bans that token (no edit)."""
+        kw = {} if select is None else {"select": select}
+        logits = model(y, self._t(t, y.shape[0], y.device), attn_mask=self._keys(y), **kw).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
         if slots is not None:
-            b, i = (slots & (y != self.mask_id)).nonzero(as_tuple=True)
-            logits[b, i, y[b, i]] = -math.inf
+            shown = slots & (y != self.mask_id)
+            if select is None:
+                b, i = shown.nonzero(as_tuple=True)
+                logits[b, i, y[b, i]] = -math.inf
+            else:
+                n = shown[select].nonzero().squeeze(-1)
+                logits[n, y[select][n]] = -math.inf
         return logits
 
     def training_pair(self, x_prev: list[int], x_t: list[int], L: int) -> tuple[list[int], list[int], list[int],
@@ -325,7 +332,7 @@ class EditDiffusion(Process):
         gen = torch.zeros(y.shape, device=dev)
         sel = gen_t >= 0
         if sel.any():
-            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt, sel)[sel], gen_t[sel], reduction="none")
+            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt, sel, select=sel), gen_t[sel], reduction="none")
         terms = torch.zeros(B, L, device=dev)
         terms[:, 0] = tag.sum(1) + gen.sum(1)
         return terms
