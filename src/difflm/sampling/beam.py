@@ -58,9 +58,7 @@ class CleanCausalBeamSearch(NextTokenSampler):
     bench = ({"beam": 4, "kv_cache": "causal"},)
     step_free = True
 
-    unfit = ("beam search follows the next-token predictions of a clean prefix: it needs a masked model with "
-             "process.attention clean-causal and model.shift true (an AR parent adapted that way); decode this one "
-             "with --sampler threshold")
+    unfit = "beam search follows the next-token predictions of a clean prefix: " + NextTokenSampler.NEEDS
 
     @torch.no_grad()
     def __call__(

@@ -61,6 +61,9 @@ class NextTokenSampler(Sampler):
     clean-causal attention and ``model.shift`` (an AR parent adapted that way)."""
 
     families = ("masked",)
+    # each subclass's ``unfit`` names what it reads the predictions for, then this
+    NEEDS = ("it needs a masked model with process.attention clean-causal and model.shift true (an AR parent adapted "
+             "that way); decode this one with --sampler threshold")
 
     @classmethod
     def fits(cls, process: MaskedDiffusion) -> bool:
@@ -80,9 +83,8 @@ class SelfSpeculativeDecoding(NextTokenSampler):
     bench = ({"draft": 2, "kv_cache": "causal"},)  # bench-sampling runs it on the models it fits
     step_free = True
 
-    unfit = ("speculative decoding verifies drafts with the next-token predictions of a clean prefix: it needs a "
-             "masked model with process.attention clean-causal and model.shift true (an AR parent adapted that way); "
-             "decode this one with --sampler threshold")
+    unfit = "speculative decoding verifies drafts with the next-token predictions of a clean prefix: " \
+        + NextTokenSampler.NEEDS
 
     @torch.no_grad()
     def __call__(
