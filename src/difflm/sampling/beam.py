@@ -31,8 +31,7 @@ from ..errors import DiffLMError
 from ..registry import option, register_sampler
 from .base import OnStep, SampleOutput, StepInfo, on_rows
 from .conditioning import Conditioning
-from .confidence import CausalCache, check_kv_cache
-from .speculative import NextTokenSampler
+from .speculative import NextTokenSampler, exact_cache_only
 
 
 @dataclass
@@ -46,9 +45,7 @@ class BeamOptions:
     def __post_init__(self) -> None:
         if self.beam < 1:
             raise DiffLMError("--beam must be at least 1 (1 = no beam search)")
-        if self.kv_cache not in ("none", "causal"):
-            raise DiffLMError(f"beam search keeps only the exact cache: --kv-cache none or causal, "
-                              f"not {self.kv_cache!r}")
+        exact_cache_only(self.kv_cache, "beam search")
 
 
 @register_sampler
@@ -82,10 +79,7 @@ class CleanCausalBeamSearch(NextTokenSampler):
         length = torch.zeros(B * k, dtype=torch.long, device=dev)
         done = torch.zeros(B * k, dtype=torch.bool, device=dev)
         nfe = torch.zeros(B, dtype=torch.long, device=dev)
-        kv = None
-        if self.options.kv_cache == "causal":
-            check_kv_cache(model)
-            kv = CausalCache(len(model.blocks), B * k, dev)
+        kv = self.causal_cache(model, B * k, dev)
         arange = torch.arange(B, device=dev)
         step = 0
         while True:

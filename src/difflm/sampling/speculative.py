@@ -37,6 +37,12 @@ from .conditioning import Conditioning
 from .confidence import CausalCache, check_kv_cache
 
 
+def exact_cache_only(kv_cache: str, what: str) -> None:
+    """A one-line error unless ``kv_cache`` names the exact cache of a clean-causal model, or none."""
+    if kv_cache not in ("none", "causal"):
+        raise DiffLMError(f"{what} keeps only the exact cache: --kv-cache none or causal, not {kv_cache!r}")
+
+
 @dataclass
 class SpeculativeOptions:
     draft: int = option(4, "how many tokens past the certain next one each call proposes (the [MASK]s after the "
@@ -51,9 +57,7 @@ class SpeculativeOptions:
     def __post_init__(self) -> None:
         if self.draft < 1:
             raise DiffLMError("--draft must be at least 1 (tokens each call proposes past the next one)")
-        if self.kv_cache not in ("none", "causal"):
-            raise DiffLMError(f"speculative decoding keeps only the exact cache: --kv-cache none or causal, "
-                              f"not {self.kv_cache!r}")
+        exact_cache_only(self.kv_cache, "speculative decoding")
 
 
 class NextTokenSampler(Sampler):
@@ -74,6 +78,14 @@ class NextTokenSampler(Sampler):
         """A one-line error unless the network's clean positions predict the next token from a clean prefix."""
         if not cls.fits(process) or not getattr(model.cfg, "shift", False):
             raise DiffLMError(cls.unfit)
+
+    def causal_cache(self, model: nn.Module, rows: int, device: torch.device) -> CausalCache | None:
+        """The exact cache ``kv_cache: causal`` asks for, for ``rows`` rows, once the network is checked to keep
+        one; None without it."""
+        if self.options.kv_cache != "causal":
+            return None
+        check_kv_cache(model)
+        return CausalCache(len(model.blocks), rows, device)
 
 
 @register_sampler
@@ -102,10 +114,7 @@ class SelfSpeculativeDecoding(NextTokenSampler):
         nfe = torch.zeros(B, dtype=torch.long, device=dev)
         free0 = (~cond.fixed).sum(-1).clamp_min(1).double()
         drafts = torch.full((B, L), -1, dtype=torch.long, device=dev)  # proposed tokens at masked positions (−1: none)
-        kv = None
-        if self.options.kv_cache == "causal":
-            check_kv_cache(model)
-            kv = CausalCache(len(model.blocks), B, dev)
+        kv = self.causal_cache(model, B, dev)
         call = 0
         while (x == m).any():
             masked = x == m
