@@ -284,15 +284,16 @@ def main() -> None:
                                                                    **({"kv_cache": "causal"} if causal else {})}}
                 label = f"semi-AR, blocks of {b}, threshold {t:g}{', causal cache' if causal else ''}"
                 decoders += [(f" ({label}{f', CFG w={w:g}' if w else ''})", w, kw) for w in (0.0, *weights)]
-            if causal and getattr(lm.model.cfg, "shift", False):  # AR's beam search on the adapted model
-                decoders.append((" (beam 4, causal cache)", 0.0,
+            if causal and getattr(lm.model.cfg, "shift", False):  # decoders of the exact next-token predictions
+                decoders.append((" (beam 4, causal cache)", 0.0,  # AR's beam search on the adapted model
                                  {"sampler": "beam", "sampler_options": {"beam": 4, "kv_cache": "causal"}}))
-            if causal and drafts and getattr(lm.model.cfg, "shift", False):
-                stop = {"stop_at_eos": True, "kv_cache": "causal"}
-                decoders += [(" (semi-AR, blocks of 1, stop at [EOS], causal cache)", 0.0,
-                              {"sampler": "threshold", "sampler_options": {"block": 1, "greedy": True, **stop}}),
-                             *((f" (speculative, draft {k}, stop at [EOS], causal cache)", 0.0,
-                                {"sampler": "speculative", "sampler_options": {"draft": k, **stop}}) for k in drafts)]
+                if drafts:
+                    stop = {"stop_at_eos": True, "kv_cache": "causal"}
+                    decoders += [(" (semi-AR, blocks of 1, stop at [EOS], causal cache)", 0.0,
+                                  {"sampler": "threshold", "sampler_options": {"block": 1, "greedy": True, **stop}}),
+                                 *((f" (speculative, draft {k}, stop at [EOS], causal cache)", 0.0,
+                                    {"sampler": "speculative", "sampler_options": {"draft": k, **stop}})
+                                   for k in drafts)]
         if lm.process.family == "block":  # argmax tokens; and Fast-dLLM v2's parallel decoding (above 0.9 in a call)
             decoders += [(" (greedy, stop at [EOS])", 0.0,
                           {"sampler": "block", "sampler_options": {"greedy": True, "stop_at_eos": True}}),

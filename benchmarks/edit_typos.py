@@ -42,12 +42,12 @@ BASE = {"data": {"corpus": "pairs", "seq_len": 128}, "tokenizer": {"type": "bpe"
 # with its WordPiece tokenizer, at fine-tuning's rate: its model and tokenizer sections replace BASE's
 MINILM = {"model": {"type": "bert", "init": "all-minilm-l6-v2"},
           "tokenizer": {"type": "hf", "path": "all-minilm-l6-v2", "eos_token": "[SEP]"}, "train": {"lr": 2e-4}}
+EDIT = {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
+        "sample": {"sampler": "diffuser", "steps": 4}}
 MODELS = {
-    "edit": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
-             "sample": {"sampler": "diffuser", "steps": 4}},
+    "edit": EDIT,
     # the same edit model on a pretrained encoder (GECToR's setup: a BERT-family tagger), the tagger's head fresh
-    "edit-minilm": {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
-                    "sample": {"sampler": "diffuser", "steps": 4}, **MINILM},
+    "edit-minilm": {**EDIT, **MINILM},
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
     # the baselines from the same weights: MiniLM as a masked denoiser (DiffusionBERT) and, under a causal mask, as an
