@@ -228,6 +228,38 @@ def test_sampling_is_batch_invariant_and_lengths_vary(bootstrap):
         assert torch.equal(torch.cat(parts), full)
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_revision_runs_the_generators_head_at_its_slots_and_writes_what_the_full_head_would(greedy):
+    """The sampler asks the generator only for its slots (``gen_logits(select=...)``); with a generator that runs
+    the full head and then picks the slots, drawn and greedy revisions and 2D beam search give the same rows."""
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    model, p, tok = make(steps=4)
+    jitter(model)
+    model.eval()
+    with torch.no_grad():
+        model.aux_head.bias[0] -= 1.0  # KEEP less likely: the tagger replaces and inserts
+    cond = Conditioning.prefix([tok.encode(s) for s in ("a cat", "the dog ran", "xyz", "")], 32)
+    slots_only = p.gen_logits
+
+    def whole(model, y, t=None, slots=None, select=None):
+        logits = slots_only(model, y, t, slots)
+        return logits if select is None else logits[select]
+
+    outs = []
+    for full in (False, True):
+        if full:
+            p.gen_logits = whole
+        rows = [get_sampler("diffuser", p, greedy=greedy)(model, p, cond, steps=4, seed=3)]
+        if greedy:
+            rows.append(get_sampler("diffuser", p, beam_b=2, beam_r=2)(model, p, cond, steps=4, seed=3))
+        outs.append([(r.tokens, r.nfe) for r in rows])
+    assert any(not torch.equal(o, cond.tokens) for o, _ in outs[0])
+    for (a, na), (b, nb) in zip(*outs):
+        assert torch.equal(a, b) and torch.equal(na, nb)
+
+
 def test_rows_grow_and_shrink_in_one_batch():
     """A tagger that deletes token A and inserts one token before token B (its blocks write nothing, its tag head
     reads the token's own embedding): a draft full of A shrinks while one full of B grows, in one batch."""

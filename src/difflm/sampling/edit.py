@@ -141,9 +141,11 @@ class DiffuserSampler(Sampler):
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
                 y = process.net_input(ys, L, dev)
-                logits = process.gen_logits(on_rows(model, gi), y, t, self._slots(slots, y.shape[1], dev))
-                toks = self._draw(logits, uniform(seed, rows[gi], k, L, stream=44)[:, : y.shape[1]], temperature,
-                                  top_p)
+                sel = self._slots(slots, y.shape[1], dev)
+                logits = process.gen_logits(on_rows(model, gi), y, t, sel, select=sel)  # (N slots, V)
+                u = uniform(seed, rows[gi], k, L, stream=44)[:, : y.shape[1]].to(dev)
+                toks = y.clone()
+                toks[sel] = self._draw(logits, u[sel], temperature, top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
                     filled = [int(toks[g, p]) if s else t for p, (t, s) in enumerate(zip(ys[g], slots[g]))]
@@ -175,13 +177,15 @@ class DiffuserSampler(Sampler):
                         cands.append((score, seq, o, c, lp, hist))
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
                 y_in = process.net_input([y for y, _ in ys], L, dev)
-                logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)), y_in, t,
-                                            self._slots([sl for _, sl in ys], y_in.shape[1], dev)).log_softmax(-1)
+                sel = self._slots([sl for _, sl in ys], y_in.shape[1], dev)
+                logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)), y_in, t, sel,
+                                            select=sel).log_softmax(-1)  # (N slots, V), row-major over candidates
+                per_cand = logits.split(sel.sum(1).tolist())
                 nfe[i] += 1
                 scored = []
                 for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):
                     pos = [p for p, sl in enumerate(slot) if sl]
-                    best = logits[g, pos].max(-1) if pos else None
+                    best = per_cand[g].max(-1) if pos else None
                     new = list(y)
                     gen_lp = 0.0
                     if pos:
