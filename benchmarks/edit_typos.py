@@ -80,12 +80,13 @@ DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS, "edit-t1": EDIT
             "ar": [(" (greedy)", {"greedy": True})], "ar-minilm": [(" (greedy)", {"greedy": True})]}
 
 
-def train_model(name: str, data: Path, out: Path, minutes: float, threads: int | None, prefix: str) -> Path:
+def train_model(name: str, data: Path, out: Path, minutes: float, threads: int | None, prefix: str,
+                seed: int = 0) -> Path:
     """Train MODELS[name] (BASE's shape) on the pairs in ``data`` for ``minutes`` of wall time into <out>/<name>,
     its config written beside it as <out>/<name>.yaml; returns the run folder."""
     import yaml
 
-    train = {"max_minutes": minutes, **({"threads": threads} if threads else {})}
+    train = {"max_minutes": minutes, "seed": seed, **({"threads": threads} if threads else {})}
     base = {k: v for k, v in BASE.items() if k not in ("model", "tokenizer") or k not in MODELS[name]}
     cfg = merge(merge(base, MODELS[name]), {"name": f"{prefix}-{name}", "data": {"path": str(data)}, "train": train})
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train the named models and score nothing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training and scoring "
                     "(default: torch's)")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of the models it trains")
     ap.add_argument("--copies", type=int, default=1, help="noisy versions of each training sentence, when the data "
                     "is written (python -m difflm.data.typos --copies)")
     a = ap.parse_args()
@@ -178,7 +180,7 @@ def main() -> None:
     for name in a.models.split(","):
         run = a.out / name
         if not a.skip_train:
-            train_model(name, data, a.out, a.minutes, a.threads, "typos")
+            train_model(name, data, a.out, a.minutes, a.threads, "typos", a.seed)
         if a.train_only:
             continue
         lm = DiffusionLM.from_pretrained(run)
