@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/edit-typos-60"))
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--models", default="edit,ar,masked")
-    ap.add_argument("--keep-bias", type=float, default=1.0, help="the edit model's keep bias (chosen on valid)")
+    ap.add_argument("--keep-bias", type=float, default=1.0, help="the edit models' keep bias (chosen on valid)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -45,7 +45,7 @@ def main() -> None:
     print("| model | codespell misspellings fixed | keyboard typos fixed | outputs with another word count |\n"
           "|---|---:|---:|---:|")
     for name in a.models.split(","):
-        opts = {"greedy": True} | ({"keep_bias": a.keep_bias} if name == "edit" else {})
+        opts = {"greedy": True} | ({"keep_bias": a.keep_bias} if name.startswith("edit") else {})
         lm = DiffusionLM.from_pretrained(a.out / name)
         outs = correct(lm, noisy, opts)[0]
         seen = {"codespell": 0, "keyboard": 0}
