@@ -68,12 +68,12 @@ MODELS = {
     "ar-minilm": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1},
                   **MINILM},
 }
+# GECToR's keep bias, chosen on valid: > 0 edits less (precision), < 0 edits more (recall)
+KEEP_BIASES = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0)
 # each model's decoders (label, sampler options): the edit and masked models drawn (their samplers' default, the
 # only rows before 2026-12-05) and by argmax; the edit model also by 2D beam search (DiffusER §3.4) and, drawn and
 # greedy, with GECToR's keep bias chosen on valid (greedy also over the AR model's draft: the AR bootstrap); AR greedy
 # (rows before 2026-12-05 drew each token)
-# GECToR's keep bias, chosen on valid: > 0 edits less (precision), < 0 edits more (recall)
-KEEP_BIASES = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0)
 EDIT_DECODERS = [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})]
 DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS, "edit-t1": EDIT_DECODERS,
             "masked": [("", {}), (" (greedy)", {"greedy": True})], "masked-minilm": [(" (greedy)", {"greedy": True})],
