@@ -148,7 +148,7 @@ class DiffuserSampler(Sampler):
                 toks[sel] = self._draw(logits, u[sel], temperature, top_p)
                 nfe[gi] += 1
                 for g, (_, i) in enumerate(gen_rows):
-                    filled = [int(toks[g, p]) if s else t for p, (t, s) in enumerate(zip(ys[g], slots[g]))]
+                    filled = toks[g, : len(ys[g])].tolist()  # y with its slots filled
                     seqs[i] = filled
                     self.history[i][-1].text_ids = filled
             if on_step is not None:
