@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="train.seed of the models it trains")
     ap.add_argument("--copies", type=int, default=1, help="noisy versions of each training sentence, when the data "
                     "is written (python -m difflm.data.typos --copies)")
+    ap.add_argument("--train-noise", type=float, default=1.0, help="typo rates of the training pairs, as a multiple "
+                    "of the task's (codespell 0.1, keyboard 0.05; valid and test keep them), when the data is written")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -152,7 +154,8 @@ def main() -> None:
     if not (data / "test.jsonl").is_file():
         from difflm.data.typos import main as make
 
-        make(["--corpus", "ptb", "--out", str(data), "--copies", str(a.copies)])
+        make(["--corpus", "ptb", "--out", str(data), "--copies", str(a.copies),
+              "--train-real", str(0.1 * a.train_noise), "--train-char", str(0.05 * a.train_noise)])
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: a.test]
 
     valid = [json.loads(x) for x in (data / "valid.jsonl").read_text().splitlines()][:200]

@@ -66,3 +66,34 @@ def test_copies_keep_copy_0_and_draw_fresh_typos(tmp_path):
     assert main(["--corpus", "text", "--path", str(text), "--out", str(tmp_path / "o"), "--copies", "2"]) == 0
     lengths = {s: len((tmp_path / "o" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")}
     assert lengths == {"train": 80, "valid": 5, "test": 5}
+
+
+def test_train_rates_change_the_training_pairs_only(tmp_path):
+    from difflm.data.typos import main
+    from difflm.diffusion.edits import levenshtein
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"the company will receive the money from the banks in quarter {i}" for i in range(400)))
+    base, dense = tmp_path / "base", tmp_path / "dense"
+    assert main(["--corpus", "text", "--path", str(text), "--out", str(base)]) == 0
+    assert main(["--corpus", "text", "--path", str(text), "--out", str(dense), "--train-real", "0.3",
+                 "--train-char", "0.15"]) == 0
+
+    def read(folder, split):
+        return [json.loads(x) for x in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+    assert read(base, "valid") == read(dense, "valid") and read(base, "test") == read(dense, "test")
+
+    def changed(rows):
+        return sum(levenshtein(r["source"].split(), r["target"].split()) for r in rows)
+
+    # the same seeded uniforms per word: a word changed at (0.1, 0.05) is changed at (0.3, 0.15) too, and more are
+    assert changed(read(dense, "train")) > 2 * changed(read(base, "train")) > 0
+
+
+def test_rates_outside_0_1_are_refused(tmp_path, capsys):
+    from difflm.data.typos import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--corpus", "ptb", "--out", str(tmp_path / "o"), "--train-real", "2"])
+    assert "--train-real is a share of words" in str(e.value)

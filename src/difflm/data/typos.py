@@ -10,6 +10,8 @@ Words of one character and PTB's ``<unk>`` are left alone.
 
     python -m difflm.data.typos --corpus ptb --out data/typos-ptb     # train/valid/test.jsonl
     python -m difflm.data.typos --corpus ptb --copies 4 --out data/typos-ptb4   # 4 noisy versions per train line
+    python -m difflm.data.typos --corpus ptb --train-real 0.2 --train-char 0.1 --out data/typos-ptb-dense
+        # denser typos in the training pairs only (valid and test keep --real / --char: the task's rates)
     python -m difflm.data.typos --corpus text --path ../shared/data/tinyshakespeare.txt --out data/typos-shakespeare
 """
 
@@ -129,9 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--char", type=float, default=0.05, help="share of words given a keyboard typo")
     ap.add_argument("--copies", type=int, default=1, help="noisy versions of each training line (valid and test "
                     "keep one)")
+    ap.add_argument("--train-real", type=float, default=None, help="--real for the training pairs only (default: "
+                    "--real); valid and test keep the task's rate")
+    ap.add_argument("--train-char", type=float, default=None, help="--char for the training pairs only (default: "
+                    "--char)")
     a = ap.parse_args(argv)
     if a.copies < 1:
         raise SystemExit("difflm: error: --copies must be at least 1")
+    for flag, v in (("--real", a.real), ("--char", a.char), ("--train-real", a.train_real),
+                    ("--train-char", a.train_char)):
+        if v is not None and not 0 <= v <= 1:
+            raise SystemExit(f"difflm: error: {flag} is a share of words: give a number from 0 to 1, not {v:g}")
     if a.corpus == "ptb":
         splits = {s: ptb_lines(s) for s in ("train", "valid", "test")}
     else:
@@ -144,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, lines) in enumerate(splits.items()):
-        rows = make_pairs(lines, a.seed * 3 + k, a.real, a.char, a.copies if name == "train" else 1)
+        train = name == "train"
+        real = a.train_real if train and a.train_real is not None else a.real
+        char = a.train_char if train and a.train_char is not None else a.char
+        rows = make_pairs(lines, a.seed * 3 + k, real, char, a.copies if train else 1)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} pairs -> {out / f'{name}.jsonl'}")
     return 0
