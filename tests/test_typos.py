@@ -91,9 +91,15 @@ def test_train_rates_change_the_training_pairs_only(tmp_path):
     assert changed(read(dense, "train")) > 2 * changed(read(base, "train")) > 0
 
 
-def test_rates_outside_0_1_are_refused(tmp_path, capsys):
-    from difflm.data.typos import main
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
 
-    with pytest.raises(SystemExit) as e:
-        main(["--corpus", "ptb", "--out", str(tmp_path / "o"), "--train-real", "2"])
-    assert "--train-real is a share of words" in str(e.value)
+    for args, words in ((["--train-real", "2"], "--train-real is a share of words"),
+                        (["--copies", "0"], "--copies must be at least 1"),
+                        (["--corpus", "text"], "--corpus text needs --path")):
+        r = subprocess.run([sys.executable, "-m", "difflm.data.typos", "--out", str(tmp_path / "o"), *args],
+                           capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("difflm: error: ") and words in lines[0]
+    assert not (tmp_path / "o").exists()

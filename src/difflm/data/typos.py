@@ -137,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
                     "--char)")
     a = ap.parse_args(argv)
     if a.copies < 1:
-        raise SystemExit("difflm: error: --copies must be at least 1")
+        raise DiffLMError("--copies must be at least 1")
     for flag, v in (("--real", a.real), ("--char", a.char), ("--train-real", a.train_real),
                     ("--train-char", a.train_char)):
         if v is not None and not 0 <= v <= 1:
-            raise SystemExit(f"difflm: error: {flag} is a share of words: give a number from 0 to 1, not {v:g}")
+            raise DiffLMError(f"{flag} is a share of words: give a number from 0 to 1, not {v:g}")
     if a.corpus == "ptb":
         splits = {s: ptb_lines(s) for s in ("train", "valid", "test")}
     else:
         if not a.path:
-            raise SystemExit("difflm: error: --corpus text needs --path")
+            raise DiffLMError("--corpus text needs --path (a text file, one sentence a line)")
         lines = [x for x in Path(a.path).read_text(encoding="utf-8").splitlines() if x.strip()]
         n = len(lines)
         splits = {"train": lines[: int(0.8 * n)], "valid": lines[int(0.8 * n) : int(0.9 * n)],
@@ -163,5 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cli() -> int:
+    """``main`` with the command line's error rule: a user's mistake is one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        return main()
+    except DiffLMError as e:
+        print(f"difflm: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_cli())
