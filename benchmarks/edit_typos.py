@@ -9,8 +9,9 @@ does not name keep their earlier values (and their budget, machine and date).
 
 Data: ``python -m difflm.data.typos --corpus ptb`` (codespell misspellings for 10% of the words it knows, a
 keyboard typo for 5% of the words), written to <out>/data; ``--copies N`` noisy versions of each training sentence,
-``--train-noise K`` K times those rates in the training pairs only (valid and test keep the task's). Every model reads byte-level BPE (2,048 tokens, so a
-misspelt word is not one [UNK]), rows of 128 tokens (the source keeps up to 64). Metrics on the first --test test
+``--train-noise K`` K times those rates in the training pairs only (valid and test keep the task's). Every model
+reads byte-level BPE (2,048 tokens, so a misspelt word is not one [UNK]), rows of 128 tokens (the source keeps up to
+64). Metrics on the first --test test
 pairs: word error rate against the clean sentence (word-level Levenshtein / clean words), sentence exact match,
 and the share of words that were already correct in the input and are wrong in the output (both by word-level
 alignment). A sentence longer than a model's source (half the row: 64 tokens) is corrected in windows of whole words

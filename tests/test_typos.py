@@ -91,15 +91,20 @@ def test_train_rates_change_the_training_pairs_only(tmp_path):
     assert changed(read(dense, "train")) > 2 * changed(read(base, "train")) > 0
 
 
-def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys):
     import subprocess
     import sys
+
+    from difflm.data.typos import _cli
 
     for args, words in ((["--train-real", "2"], "--train-real is a share of words"),
                         (["--copies", "0"], "--copies must be at least 1"),
                         (["--corpus", "text"], "--corpus text needs --path")):
-        r = subprocess.run([sys.executable, "-m", "difflm.data.typos", "--out", str(tmp_path / "o"), *args],
-                           capture_output=True, text=True)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("difflm: error: ") and words in lines[0]
+        assert _cli(["--out", str(tmp_path / "o"), *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("difflm: error: ") and words in lines[0]
+    r = subprocess.run([sys.executable, "-m", "difflm.data.typos", "--out", str(tmp_path / "o"), "--real", "-1"],
+                       capture_output=True, text=True)  # the module's entry point exits with _cli's code
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "difflm: error: --real is a share of words: give a number from 0 to 1, not -1"]
     assert not (tmp_path / "o").exists()

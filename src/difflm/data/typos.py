@@ -163,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cli() -> int:
+def _cli(argv: list[str] | None = None) -> int:
     """``main`` with the command line's error rule: a user's mistake is one line on stderr and exit code 2."""
     import sys
 
     try:
-        return main()
+        return main(argv)
     except DiffLMError as e:
         print(f"difflm: error: {e}", file=sys.stderr)
         return 2
