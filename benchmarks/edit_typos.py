@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from difflm.data.typos import SETTINGS
 from difflm.diffusion.edits import KEEP, edit_script, levenshtein
 from difflm.pipeline import DiffusionLM
 
@@ -153,11 +154,18 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     data = a.out / "data"
+    want = {"copies": a.copies, "train_real": 0.1 * a.train_noise, "train_char": 0.05 * a.train_noise}
     if not (data / "test.jsonl").is_file():
         from difflm.data.typos import main as make
 
         make(["--corpus", "ptb", "--out", str(data), "--copies", str(a.copies),
-              "--train-real", str(0.1 * a.train_noise), "--train-char", str(0.05 * a.train_noise)])
+              "--train-real", str(want["train_real"]), "--train-char", str(want["train_char"])])
+    elif (data / SETTINGS).is_file():  # folders written before 2026-12-06 have no record and are taken as they are
+        have = json.loads((data / SETTINGS).read_text())
+        if any(abs(have[k] - v) > 1e-9 for k, v in want.items()):
+            ap.error(f"{data} holds data written with --copies {have['copies']} and training rates "
+                     f"{have['train_real']:g} / {have['train_char']:g}, not the --copies {a.copies} and "
+                     f"--train-noise {a.train_noise:g} asked for; give those flags, or another --out")
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: a.test]
 
     valid = [json.loads(x) for x in (data / "valid.jsonl").read_text().splitlines()][:200]

@@ -83,6 +83,9 @@ def test_train_rates_change_the_training_pairs_only(tmp_path):
         return [json.loads(x) for x in (folder / f"{split}.jsonl").read_text().splitlines()]
 
     assert read(base, "valid") == read(dense, "valid") and read(base, "test") == read(dense, "test")
+    settings = json.loads((dense / "typos.json").read_text())
+    assert [settings[k] for k in ("real", "char", "train_real", "train_char")] == [0.1, 0.05, 0.3, 0.15]
+    assert json.loads((base / "typos.json").read_text())["train_real"] == 0.1
 
     def changed(rows):
         return sum(levenshtein(r["source"].split(), r["target"].split()) for r in rows)

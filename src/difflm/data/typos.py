@@ -29,6 +29,7 @@ from ..errors import DiffLMError
 INSTALL = "pip install codespell"
 DEBIAN = Path("/usr/lib/python3/dist-packages/codespell_lib/data/dictionary.txt")
 ROWS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
+SETTINGS = "typos.json"  # the arguments a data folder was written with
 
 
 def _neighbours() -> dict[str, str]:
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = make_pairs(lines, a.seed * 3 + k, real, char, a.copies if train else 1)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} pairs -> {out / f'{name}.jsonl'}")
+    # how the pairs were made, so that a later reader of the folder can check it holds the data it expects
+    settings = {"corpus": a.corpus, "path": a.path, "seed": a.seed, "real": a.real, "char": a.char, "copies": a.copies,
+                "train_real": a.real if a.train_real is None else a.train_real,
+                "train_char": a.char if a.train_char is None else a.train_char}
+    (out / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
