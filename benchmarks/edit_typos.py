@@ -7,16 +7,15 @@ Two models can train at once on one core each: ``--threads 1 --train-only --mode
 ``--models ar`` in two processes into one ``--out``, then one ``--skip-train`` run scores them. Rows of models a run
 does not name keep their earlier values (and their budget, machine and date).
 
-Data: ``python -m difflm.data.typos --corpus ptb`` (codespell misspellings for 10% of the words it knows, a
-keyboard typo for 5% of the words), written to <out>/data; ``--copies N`` noisy versions of each training sentence,
+Data: ``python -m difflm.data.typos --corpus ptb`` (codespell misspellings for 10% of the words it knows, a keyboard
+typo for 5% of the words), written to <out>/data; ``--copies N`` noisy versions of each training sentence,
 ``--train-noise K`` K times those rates in the training pairs only (valid and test keep the task's). Every model
 reads byte-level BPE (2,048 tokens, so a misspelt word is not one [UNK]), rows of 128 tokens (the source keeps up to
-64). Metrics on the first --test test
-pairs: word error rate against the clean sentence (word-level Levenshtein / clean words), sentence exact match,
-and the share of words that were already correct in the input and are wrong in the output (both by word-level
-alignment). A sentence longer than a model's source (half the row: 64 tokens) is corrected in windows of whole words
-that fit, and the pieces joined (``windows``; rows before 2026-12-05 cut it, so its tail was lost). Goal (issue 22):
-WER at most half the noisy input's, with at most 1% of correct words broken.
+64). Metrics on the first --test test pairs: word error rate against the clean sentence (word-level Levenshtein /
+clean words), sentence exact match, and the share of words that were already correct in the input and are wrong in
+the output (both by word-level alignment). A sentence longer than a model's source (half the row: 64 tokens) is
+corrected in windows of whole words that fit, and the pieces joined (``windows``; rows before 2026-12-05 cut it, so
+its tail was lost). Goal (issue 22): WER at most half the noisy input's, with at most 1% of correct words broken.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from difflm.data.typos import SETTINGS
+from difflm.data.typos import CHAR, REAL, SETTINGS
 from difflm.diffusion.edits import KEEP, edit_script, levenshtein
 from difflm.pipeline import DiffusionLM
 
@@ -154,7 +153,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     data = a.out / "data"
-    want = {"copies": a.copies, "train_real": 0.1 * a.train_noise, "train_char": 0.05 * a.train_noise}
+    want = {"copies": a.copies, "train_real": REAL * a.train_noise, "train_char": CHAR * a.train_noise}
     if not (data / "test.jsonl").is_file():
         from difflm.data.typos import main as make
 

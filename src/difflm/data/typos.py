@@ -30,6 +30,7 @@ INSTALL = "pip install codespell"
 DEBIAN = Path("/usr/lib/python3/dist-packages/codespell_lib/data/dictionary.txt")
 ROWS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
 SETTINGS = "typos.json"  # the arguments a data folder was written with
+REAL, CHAR = 0.1, 0.05  # the task's rates: share of known words misspelt, share of words with a keyboard typo
 
 
 def _neighbours() -> dict[str, str]:
@@ -85,7 +86,7 @@ def char_typo(word: str, rng: random.Random) -> str:
     return word[:i] + word[i + 1 :]
 
 
-def add_typos(sentence: str, rng: random.Random, real: float = 0.1, char: float = 0.05) -> tuple[str, int]:
+def add_typos(sentence: str, rng: random.Random, real: float = REAL, char: float = CHAR) -> tuple[str, int]:
     """The sentence with typos; returns (noisy, number of words changed)."""
     table = misspellings()
     words, changed = sentence.split(" "), 0
@@ -104,7 +105,7 @@ def add_typos(sentence: str, rng: random.Random, real: float = 0.1, char: float 
     return " ".join(words), changed
 
 
-def make_pairs(lines: list[str], seed: int, real: float = 0.1, char: float = 0.05, copies: int = 1) -> list[dict]:
+def make_pairs(lines: list[str], seed: int, real: float = REAL, char: float = CHAR, copies: int = 1) -> list[dict]:
     """{"source": noisy, "target": clean} for each non-empty line, seeded per line index (a line's noise does not
     depend on the others); ``copies`` > 1 writes that many noisy versions of every line, copy by copy (copy 0 is
     the one-copy output; copy c draws from its own seed), so that training meets fresh typos in each epoch."""
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--path", default=None, help="corpus text: a text file (lines; 10%% valid, 10%% test at the end)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--real", type=float, default=0.1, help="share of words given a real misspelling when known")
-    ap.add_argument("--char", type=float, default=0.05, help="share of words given a keyboard typo")
+    ap.add_argument("--real", type=float, default=REAL, help="share of words given a real misspelling when known")
+    ap.add_argument("--char", type=float, default=CHAR, help="share of words given a keyboard typo")
     ap.add_argument("--copies", type=int, default=1, help="noisy versions of each training line (valid and test "
                     "keep one)")
     ap.add_argument("--train-real", type=float, default=None, help="--real for the training pairs only (default: "
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("--train-char", a.train_char)):
         if v is not None and not 0 <= v <= 1:
             raise DiffLMError(f"{flag} is a share of words: give a number from 0 to 1, not {v:g}")
+    train_real = a.real if a.train_real is None else a.train_real
+    train_char = a.char if a.train_char is None else a.train_char
     if a.corpus == "ptb":
         splits = {s: ptb_lines(s) for s in ("train", "valid", "test")}
     else:
@@ -156,15 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for k, (name, lines) in enumerate(splits.items()):
         train = name == "train"
-        real = a.train_real if train and a.train_real is not None else a.real
-        char = a.train_char if train and a.train_char is not None else a.char
-        rows = make_pairs(lines, a.seed * 3 + k, real, char, a.copies if train else 1)
+        rows = make_pairs(lines, a.seed * 3 + k, train_real if train else a.real, train_char if train else a.char,
+                          a.copies if train else 1)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} pairs -> {out / f'{name}.jsonl'}")
     # how the pairs were made, so that a later reader of the folder can check it holds the data it expects
     settings = {"corpus": a.corpus, "path": a.path, "seed": a.seed, "real": a.real, "char": a.char, "copies": a.copies,
-                "train_real": a.real if a.train_real is None else a.train_real,
-                "train_char": a.char if a.train_char is None else a.train_char}
+                "train_real": train_real, "train_char": train_char}
     (out / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     return 0
 
