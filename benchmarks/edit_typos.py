@@ -61,6 +61,9 @@ MODELS = {
     # one forward step: every training pair is (source, target) itself, with all its typos, none of the Levenshtein
     # path's half-corrected states (revision still repeats until the tagger keeps every token)
     "edit-t1": merge(EDIT, {"process": {"steps": 1}}),
+    # edit-t1 trained on whole-word scripts (process.align: whole-words): a changed word is tagged at its first token
+    # and rewritten whole, instead of keeping whichever BPE pieces its two spellings share
+    "edit-t1-ww": merge(EDIT, {"process": {"steps": 1, "align": "whole-words"}}),
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
     # the baselines from the same weights: MiniLM as a masked denoiser (DiffusionBERT) and, under a causal mask, as an
@@ -77,7 +80,7 @@ KEEP_BIASES = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0)
 # greedy, with GECToR's keep bias chosen on valid (greedy also over the AR model's draft: the AR bootstrap); AR greedy
 # (rows before 2026-12-05 drew each token)
 EDIT_DECODERS = [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})]
-DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS, "edit-t1": EDIT_DECODERS,
+DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS, "edit-t1": EDIT_DECODERS, "edit-t1-ww": EDIT_DECODERS,
             "masked": [("", {}), (" (greedy)", {"greedy": True})], "masked-minilm": [(" (greedy)", {"greedy": True})],
             "ar": [(" (greedy)", {"greedy": True})], "ar-minilm": [(" (greedy)", {"greedy": True})]}
 

@@ -192,6 +192,33 @@ def test_training_aligns_by_the_tokenizers_word_starts(family):
         assert build_components(run, tok)[1].aligned_by == starts
 
 
+def test_whole_words_training_rewrites_each_changed_word_and_a_replace_may_write_its_old_token():
+    """``align: whole-words``: training's script is ``word_script`` over the tokenizer's word starts (the misspelt
+    word's first token REPLACEd, the rest DELETEd, the new word's head inserted before it), and the generator may
+    write the token a REPLACE slot shows; under ``align: words`` that token is banned."""
+    from difflm.diffusion.edits import DELETE, KEEP, REPLACE, word_script
+
+    for align in ("whole-words", "words"):
+        model, p, tok = make(32, align=align, target="clean", steps=1, time_conditioning=False)
+        jitter(model)
+        noisy, clean = tok.encode("ab cx e"), tok.encode("ab cd e")
+        x_t, ops, ins, y, gen_target = p.training_pair(clean, noisy, 32)
+        if align == "whole-words":
+            assert ops == word_script(noisy, clean, p.word_starts).ops
+            assert ops == [KEEP] * 2 + [REPLACE] + [DELETE] * 2 + [KEEP] * 2
+            assert ins[2] == 2 and [t for t in gen_target if t >= 0] == tok.encode(" cd")
+        else:
+            assert ops == [KEEP] * 4 + [REPLACE] + [KEEP] * 2  # the token script replaces the x alone
+        yy = torch.tensor([y])
+        slots = torch.tensor([[t >= 0 for t in gen_target]])
+        with torch.no_grad():
+            logits = p.gen_logits(model, yy, None, slots)
+        shown = [(i, t) for i, (t, g) in enumerate(zip(y, gen_target)) if g >= 0 and t != p.mask_id]
+        assert len(shown) == 1
+        for i, t in shown:
+            assert math.isfinite(logits[0, i, t].item()) == (align == "whole-words")
+
+
 @pytest.mark.parametrize("padding", ["masked", "attended"])
 def test_training_loss_is_the_same_at_any_row_width(padding):
     """The loss of rows packed to 40 and to 64 columns: equal when the padding is masked (the network runs on the
@@ -365,9 +392,10 @@ def test_revise_cli_json_and_bad_input(tmp_path):
 
 
 
-def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int = 24, seed: int = 0, T: int = 3):
-    """A tiny seq2seq DiffusER (T steps, x_0 target, time-free) trained on pairs from ``make_pair(rng)`` ->
-    (source, target); returns (fix: list of sources -> T greedy revisions, rng)."""
+def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int = 24, seed: int = 0, T: int = 3,
+                align: str = "words"):
+    """A tiny seq2seq DiffusER (T steps, x_0 target, time-free, aligned by ``align``) trained on pairs from
+    ``make_pair(rng)`` -> (source, target); returns (fix: list of sources -> T greedy revisions, rng)."""
     from difflm.data.datasets import make_batch, pair_row
     from difflm.sampling import get_sampler
     from difflm.sampling.conditioning import Conditioning
@@ -375,7 +403,8 @@ def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int
     torch.manual_seed(seed)
     tok = train_char([chars])
     run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 48},
-                               "process": {"type": "edit", "steps": T, "target": "clean", "time_conditioning": False},
+                               "process": {"type": "edit", "steps": T, "target": "clean", "time_conditioning": False,
+                                           "align": align},
                                "data": {"corpus": "pairs", "seq_len": seq_len}})
     model, p = build_components(run, tok)
     rng = random.Random(seed)
@@ -399,9 +428,11 @@ def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int
     return fix, rng
 
 
-def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
+@pytest.mark.parametrize("align", ["words", "whole-words"])
+def test_a_tiny_model_learns_to_fix_a_fixed_typo_set(align):
     """Seq2seq DiffusER (noisy → clean pairs, x_0 target) on four short sentences with one keyboard typo each:
-    greedy revision of fresh typos gets most sentences exactly right and leaves correct ones alone."""
+    greedy revision of fresh typos gets most sentences exactly right and leaves correct ones alone, aligned by
+    tokens within words or rewriting whole words."""
     from difflm.data.typos import char_typo
 
     clean = ["bad cafe", "head bed", "fade ace", "a beef"]
@@ -413,7 +444,7 @@ def test_a_tiny_model_learns_to_fix_a_fixed_typo_set():
         return " ".join(w)
 
     # 800 steps: at 600 the count sat at the threshold, 7 of 12 or 6 by float rounding alone
-    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 800)
+    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 800, align=align)
     tests = [noisy(c, rng) for c in clean * 3]
     fixed = fix(tests)
     right = sum(f == c for f, c in zip(fixed, clean * 3))

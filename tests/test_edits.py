@@ -17,6 +17,8 @@ from difflm.diffusion.edits import (
     edit_script,
     levenshtein,
     with_placeholders,
+    word_script,
+    word_spans,
 )
 
 seqs = st.lists(st.integers(0, 5), max_size=14)
@@ -134,3 +136,37 @@ def test_the_edit_path_runs_from_source_to_target(src, tgt, T, seed):
             assert prev == tgt
         # one step makes its share of the edits: the states are that far apart at most
         assert levenshtein(cur, prev) <= len(edits) * 1 // T + len(edits) % T + 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(seqs, seqs)
+def test_a_whole_word_script_rewrites_each_changed_word_whole(a, b):
+    """``align: whole-words``: the script rebuilds the target, changes exactly the word Levenshtein distance's number
+    of words, and tags every changed word one way: its first token REPLACE (or DELETE, a deleted word), its other
+    tokens DELETE; tokens are inserted only before a word or at the end."""
+    starts = {0, 1, 2}
+    s = word_script(a, b, starts)
+    assert apply_script(a, s) == b
+    spans = word_spans(a, starts)
+    words = lambda x: [tuple(x[i:j]) for i, j in word_spans(x, starts)]  # noqa: E731
+    changed = [(i, j) for i, j in spans if any(o != KEEP for o in s.ops[i:j])]
+    inserted_words = len(words(b)) - (len(spans) - sum(s.ops[i] == DELETE for i, _ in changed))
+    assert len(changed) + inserted_words == naive_distance(tuple(words(a)), tuple(words(b)))
+    for i, j in changed:
+        assert s.ops[i] in (REPLACE, DELETE) and all(o == DELETE for o in s.ops[i + 1 : j])
+    assert all(s.ins[g] == 0 for g in range(len(a)) if g not in {i for i, _ in spans})
+    assert word_script(a, b, ()) == edit_script(a, b)  # no word starts: every token a word, the token script
+
+
+def test_a_misspelt_word_is_rewritten_from_its_first_token():
+    """Ġsto pp p ed -> Ġsto pped: the token script keeps Ġsto and writes "pped" over the last piece; the whole-word
+    script replaces Ġsto (by the word's last token, its first inserted before it) and deletes the rest, and a
+    REPLACE may write the token it replaces (Ġthe e -> Ġthe)."""
+    the, e, sto, pp, p, ed, pped, dog = range(8)
+    starts = {the, sto, dog}
+    a, b = [the, sto, pp, p, ed, dog], [the, sto, pped, dog]
+    assert edit_script(a, b, starts).ops == [KEEP, KEEP, DELETE, DELETE, REPLACE, KEEP]
+    s = word_script(a, b, starts)
+    assert (s.ops, s.ins, s.new) == ([KEEP, REPLACE, DELETE, DELETE, DELETE, KEEP], [0, 1, 0, 0, 0, 0, 0], [sto, pped])
+    s = word_script([the, e, dog], [the, dog], starts)
+    assert (s.ops, s.new) == ([REPLACE, DELETE, KEEP], [the])

@@ -28,7 +28,7 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
     (``model.type``) with what the family needs filled in (``Process.backbone_needs``) — or, from a model
     folder, the backbone config it recorded (``backbone``: its type and every field; no pretrained checkpoint
     is read again)."""
-    starts = tokenizer.word_starts() if getattr(run.process, "align", None) == "words" else ()
+    starts = tokenizer.word_starts() if getattr(run.process, "align", None) in ("words", "whole-words") else ()
     process = build_process(run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
                             length_prior=length_prior, word_starts=starts)
     try:

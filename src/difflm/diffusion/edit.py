@@ -44,11 +44,14 @@ from .edits import (
     DELETE,
     KEEP,
     REPLACE,
+    WHOLE_WORDS_HELP,
+    EditScript,
     apply_script,
     atomic_edits,
     edit_script,
     partial_script,
     with_placeholders,
+    word_script,
 )
 
 N_OPS = 3  # KEEP, DELETE, REPLACE
@@ -75,8 +78,9 @@ class EditOptions:
                                                              "the empty sequence (never seen in training), or a draft")
     replace_input: Literal["token", "mask"] = option("token", "what the generator reads at a REPLACE slot: the "
                                                      "token it replaces (a misspelling stays readable; that token is "
-                                                     "then banned there) or [MASK] (it is gone)")
-    align: Literal["words", "tokens"] = option("words", ALIGN_HELP)
+                                                     "then banned there, but for align: whole-words) or [MASK] (it is "
+                                                     "gone)")
+    align: Literal["words", "tokens", "whole-words"] = option("words", ALIGN_HELP + WHOLE_WORDS_HELP)
     padding: Literal["masked", "attended"] = option("masked", "the [PAD] keys after a row's [EOS]: masked (no position "
                                                     "reads them, so the network runs on rows cut to the batch's "
                                                     "longest sequence, and a row's output does not depend on the "
@@ -189,13 +193,19 @@ class EditDiffusion(Process):
         """Seq2seq (DiffusER bootstrapped from the source, §3.3): (x_{t−1}, x_t) on the edit path from x_T = the
         source to x_0 = the target — the Levenshtein script's single edits in a random order, a share (T − t)/T
         of them made at step t."""
-        edits = atomic_edits(edit_script(src, tgt, self.aligned_by))
+        edits = atomic_edits(self.script(src, tgt))
         rank = list(range(len(edits)))
         rng.shuffle(rank)
         made = [len(edits) * (self.T - s) // self.T for s in (t - 1, t)]
         prev, cur = ([r < m for r in rank] for m in made)
         return (apply_script(src, partial_script(len(src), edits, prev)),
                 apply_script(src, partial_script(len(src), edits, cur)))
+
+    def script(self, a: list[int], b: list[int]) -> EditScript:
+        """The edit script training aligns ``a`` to ``b`` by (``process.align``)."""
+        if self.options.align == "whole-words":
+            return word_script(a, b, self.word_starts)
+        return edit_script(a, b, self.aligned_by)
 
     def pairs_of(self, batch: Batch) -> list[tuple[list[int], list[int]]] | None:
         """(source, target) per row of a seq2seq batch (source, [BOS], target, [EOS]…), else None."""
@@ -263,12 +273,13 @@ class EditDiffusion(Process):
                    slots: Tensor | None = None, select: Tensor | None = None) -> Tensor:
         """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf, or (N, V) at the N
         positions where ``select`` (B, L) is True (the output head runs only there); with ``slots`` (B, L) a REPLACE
-        slot that shows its old token (``replace_input: token``) bans that token (no edit)."""
+        slot that shows its old token (``replace_input: token``) bans that token (no edit), but for ``align:
+        whole-words``, where a rewritten word may end in the token its first one was."""
         kw = {} if select is None else {"select": select}
         logits = model(y, self._t(t, y.shape[0], y.device), attn_mask=self._keys(y), **kw).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
-        if slots is not None:
+        if slots is not None and self.options.align != "whole-words":  # a rewritten word may end in its old token
             shown = slots & (y != self.mask_id)
             if select is None:
                 b, i = shown.nonzero(as_tuple=True)
@@ -283,7 +294,7 @@ class EditDiffusion(Process):
         """The targets for one (x_{t−1}, x_t): x_t and its ops / insert counts (insertions past max_insert and
         tokens past the row dropped), the generator's input with [MASK] slots, and its targets (−1 elsewhere)."""
         x_t = x_t[: L - 1]
-        s = edit_script(x_t, x_prev, self.aligned_by)
+        s = self.script(x_t, x_prev)
         ins = [min(c, self.K) for c in s.ins]
         new, it = [], iter(s.new)
         for i in range(len(x_t) + 1):  # keep the new tokens of the capped script, in order

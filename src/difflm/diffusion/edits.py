@@ -21,6 +21,9 @@ OPS = ("KEEP", "DELETE", "REPLACE")
 ALIGN_HELP = ("which shortest Levenshtein script training aligns by: words (fewest replacements that turn a word-start "
               "token into a word-inner one or back, so the model learns edits that never join or split words) or "
               "tokens (the first found; runs saved before 2026-12-05)")
+# the edit family's third choice (``word_script``)
+WHOLE_WORDS_HELP = ("; or whole-words (the shortest script over whole words, a changed word rewritten whole: its first "
+                    "token replaced and the rest deleted, its new tokens written there, GECToR's word-level tags)")
 
 
 @dataclass
@@ -152,3 +155,55 @@ def partial_script(n: int, edits: list[tuple], applied: list[bool]) -> EditScrip
             ops[e[1]] = REPLACE
             new.append(e[2])
     return EditScript(ops, ins, new)
+
+
+def word_spans(a: list[int], starts: Collection[int]) -> list[tuple[int, int]]:
+    """(start, end) of each word of ``a``: a word begins at a token in ``starts`` (and at the first token); with no
+    ``starts`` every token is a word."""
+    spans: list[list[int]] = []
+    for i, x in enumerate(a):
+        if not spans or not starts or x in starts:
+            spans.append([i, i + 1])
+        else:
+            spans[-1][1] = i + 1
+    return [(s, e) for s, e in spans]
+
+
+def word_script(a: list[int], b: list[int], starts: Collection[int]) -> EditScript:
+    """A script turning ``a`` into ``b`` with whole words as its units (``process.align: whole-words``): the
+    shortest script over the words (``word_spans``; ``edit_script``'s tie rule), each changed word rewritten whole.
+    A replaced word's first token is REPLACEd by the new word's last token, its other tokens are DELETEd, and the
+    new word's other tokens are inserted in the gap before it, so the tagger decides a word at its first token (op
+    and insert count) and the DELETEs of the rest; a deleted word is deleted, an inserted word inserted. Tagging each
+    word at its first subword is GECToR's (Omelianchuk et al. 2020, §3): a misspelt word split into odd pieces gets
+    one pattern, where a token alignment keeps whichever pieces the two spellings share and edits the rest. The
+    script rebuilds ``b``; its cost counts tokens, so it is not the token Levenshtein distance, but it changes
+    exactly the word Levenshtein distance's number of words. A REPLACE may write the token it replaces (``Ġthe e``
+    -> ``Ġthe``: the word's last token is its old first one)."""
+    sa, sb = word_spans(a, starts), word_spans(b, starts)
+    ids: dict[tuple[int, ...], int] = {}
+    wa = [ids.setdefault(tuple(a[s:e]), len(ids)) for s, e in sa]
+    wb = [ids.setdefault(tuple(b[s:e]), len(ids)) for s, e in sb]
+    words = {i: list(w) for w, i in ids.items()}
+    ws = edit_script(wa, wb)
+    n = len(a)
+    ops, gaps, last = [KEEP] * n, [[] for _ in range(n + 1)], {}
+    new = iter(ws.new)
+    for w in range(len(wa) + 1):
+        g = sa[w][0] if w < len(wa) else n
+        for _ in range(ws.ins[w]):
+            gaps[g].extend(words[next(new)])
+        if w == len(wa) or ws.ops[w] == KEEP:
+            continue
+        s, e = sa[w]
+        ops[s:e] = [DELETE] * (e - s)
+        if ws.ops[w] == REPLACE:
+            *head, last[s] = words[next(new)]
+            gaps[s].extend(head)
+            ops[s] = REPLACE
+    out: list[int] = []
+    for i in range(n + 1):
+        out.extend(gaps[i])
+        if i < n and ops[i] == REPLACE:
+            out.append(last[i])
+    return EditScript(ops, [len(g) for g in gaps], out)
