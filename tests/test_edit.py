@@ -312,6 +312,33 @@ def test_rows_grow_and_shrink_in_one_batch():
     assert lengths[0] < 7 < 12 == lengths[1]
 
 
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_greedy_revision_stops_at_a_fixed_point_of_a_time_free_network(time_conditioning, monkeypatch):
+    """A tagger that always REPLACEs the first token and a generator that writes back the token it shows (a
+    whole-words model may): the text never changes, so greedy revision of a time-free network stops after one
+    revision (2 calls), where a time-conditioned one, whose next revision reads another t, runs every step."""
+    from difflm.diffusion.edits import KEEP, REPLACE
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    model, p, tok = make(align="whole-words", time_conditioning=time_conditioning)
+
+    def tags(model, xt, t=None):
+        op, ins = torch.zeros(*xt.shape, 3), torch.zeros(*xt.shape, p.K + 1)
+        op[..., KEEP], op[:, 0, KEEP], op[:, 0, REPLACE], ins[..., 0] = 1.0, 0.0, 2.0, 1.0
+        return op, ins
+
+    def gen(model, y, t=None, slots=None, select=None):
+        return 5.0 * torch.nn.functional.one_hot(y[select], p.vocab_size).float()
+
+    monkeypatch.setattr(p, "tag_logits", tags)
+    monkeypatch.setattr(p, "gen_logits", gen)
+    draft = tok.encode("abc de")
+    out = get_sampler("diffuser", p, greedy=True)(model.eval(), p, Conditioning.prefix([draft], 32), steps=4, seed=0)
+    assert p.sequences(out.tokens) == [draft]
+    assert out.nfe.tolist() == [8 if time_conditioning else 2]
+
+
 def random_edit_model(tmp_path):
     from difflm.components import write_model_folder
 

@@ -147,8 +147,11 @@ class DiffuserSampler(Sampler):
                 toks = y.clone()
                 toks[sel] = self._draw(logits, u[sel], temperature, top_p)
                 nfe[gi] += 1
+                fixed = self.options.greedy and not process.options.time_conditioning
                 for g, (_, i) in enumerate(gen_rows):
                     filled = toks[g, : len(ys[g])].tolist()  # y with its slots filled
+                    if fixed and filled == seqs[i]:  # argmax of a time-free network repeats this revision
+                        live[i] = False  # (a REPLACE writing its old token, align: whole-words): a fixed point
                     seqs[i] = filled
                     self.history[i][-1].text_ids = filled
             if on_step is not None:
