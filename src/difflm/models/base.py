@@ -26,15 +26,16 @@ class BackboneConfig:
     d_embed: int = derived(0)  # > 0: embedding diffusion: input z_t (B, L, d_embed), output x̂0 (B, L, d_embed)
     self_conditioning: bool = derived(False)  # embedding diffusion: the previous x̂0 is concatenated to the input
     aux_outputs: int = derived(0)  # width of a second output head (model(x, head="aux")), 0: none
+    input_marks: int = derived(0)  # > 0: a learned embedding of per-position marks is added to the input
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def derive(self: C, needs: BackboneNeeds, vocab_size: int, max_len: int, *, embeddings: bool = False,
-               aux: bool = False) -> C:
+               aux: bool = False, marks: bool = False) -> C:
         """This config with the derived fields set for a family's needs (block-causal masks come per call);
         ``embeddings`` / ``aux``: the backbone can run Gaussian embedding diffusion / has an auxiliary head, else
-        a family needing it is refused."""
+        a family needing it is refused; ``marks``: the backbone reads per-position input marks."""
         name = type(self).__name__.removesuffix("Config").lower()
         if needs.d_embed and not embeddings:
             raise ValueError(f"the {name} backbone maps tokens to logits; Gaussian embedding diffusion needs "
@@ -42,10 +43,13 @@ class BackboneConfig:
         if needs.aux_outputs and not aux:
             raise ValueError(f"the {name} backbone has no auxiliary head (the edit family's tagger): use "
                              "model.type transformer")
+        if needs.input_marks and not marks:
+            raise ValueError(f"the {name} backbone reads no per-position marks (process.generator_input: marked): "
+                             "use model.type transformer or generator_input: edited")
         return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
                        time_conditioning=needs.time_conditioning, d_embed=needs.d_embed if embeddings else 0,
                        self_conditioning=needs.self_conditioning if embeddings else False,
-                       aux_outputs=needs.aux_outputs if aux else 0)
+                       aux_outputs=needs.aux_outputs if aux else 0, input_marks=needs.input_marks if marks else 0)
 
 
 class Backbone(nn.Module):

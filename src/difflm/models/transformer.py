@@ -74,7 +74,7 @@ class TransformerConfig(BackboneConfig):
         if self.copy_source and not self.encoder_layers:
             raise ValueError("model.copy_source copies an encoder-decoder's source into its decoder input: set "
                              "model.encoder_layers (or remove model.copy_source)")
-        return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True)
+        return self.derive(needs, vocab_size, max_len, embeddings=True, aux=True, marks=True)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -369,6 +369,8 @@ class Transformer(Backbone):
         self.cfg = cfg
         emb = cfg.d_embed or cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, emb)
+        if cfg.input_marks:  # a learned embedding per input mark (the edit generator's kept / deleted / slot)
+            self.mark_embed = nn.Embedding(cfg.input_marks, emb)
         if cfg.d_embed:
             self.in_proj = nn.Linear(emb * (2 if cfg.self_conditioning else 1), cfg.d_model)
         patches = (cfg.image_size // cfg.patch_size) ** 2 if cfg.image_size else 0
@@ -441,7 +443,7 @@ class Transformer(Backbone):
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
         cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
         positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None,
-        head: str = "token", memory: Memory | None = None,
+        head: str = "token", memory: Memory | None = None, marks: Tensor | None = None,
     ) -> Tensor:
         """x: (B, L) token ids; t: (B,) times in [0, 1] (used only with time_conditioning);
         attn_mask: bool, broadcastable to (B, H, L, L_total), True = may attend;
@@ -450,7 +452,8 @@ class Transformer(Backbone):
         [x_t, x0] both at 0..L−1); store: with ``cache``, how many leading new positions to keep in it;
         prev: (L,) where each position's preceding token sits (read only with ``cfg.shift``: ``shift_states``);
         head: "token" (logits) or "aux" (the auxiliary head, ``cfg.aux_outputs`` wide);
-        memory: the encoded source (``encode``), required when ``cfg.encoder_layers`` > 0.
+        memory: the encoded source (``encode``), required when ``cfg.encoder_layers`` > 0;
+        marks: optional (B, L) long in 0..cfg.input_marks−1, embedded and added to the tokens' (None: all 0).
         Returns logits (B, L, V), or (N, V) for the N selected positions in row-major order.
         Embedding diffusion (d_embed > 0): x is z_t (B, L, d_embed) float, x0_prev the self-conditioning input
         (zeros when None); returns x̂0 (B, L, d_embed)."""
@@ -468,6 +471,8 @@ class Transformer(Backbone):
             h = self.in_proj(x)
         else:
             h = self.embed(x)
+            if self.cfg.input_marks:
+                h = h + (self.mark_embed.weight[0] if marks is None else self.mark_embed(marks))
         if self.cfg.absolute_positions:  # Vaswani et al. 2017 §3.5 on top of rotary: where a query is, not only how far
             pos = positions if positions is not None else torch.arange(offset, offset + L, device=h.device)[None]
             h = h + (self.cfg.absolute_scale * sinusoid(pos, h.shape[-1])).to(h.dtype)

@@ -128,28 +128,29 @@ class DiffuserSampler(Sampler):
             ops = self._draw(op_l, uniform(seed, r, k, L, stream=42)[:, :W], temperature, 1.0)
             ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43)[:, :W], temperature, 1.0)
             nfe[idx] += 1
-            ys, slots, gen_rows = [], [], []
+            ys, slots, marks, gen_rows = [], [], [], []
             for j, i in enumerate(idx.tolist()):
                 n = len(seqs[i])
                 o, c = ops[j, :n].tolist(), ins[j, : n + 1].tolist()
                 if all(x == KEEP for x in o) and not any(c):
                     live[i] = False  # nothing to change: this row is done
                     continue
-                y, slot = process.apply_tags(seqs[i], o, c, L)
+                y, slot, mk = process.apply_tags(seqs[i], o, c, L)
                 self.history[i].append(self._revision(k, seqs[i], o, c))
-                ys.append(y), slots.append(slot), gen_rows.append((j, i))
+                ys.append(y), slots.append(slot), marks.append(mk), gen_rows.append((j, i))
             if gen_rows:
                 gi = torch.tensor([i for _, i in gen_rows], device=dev)
                 y = process.net_input(ys, L, dev)
                 sel = self._slots(slots, y.shape[1], dev)
-                logits = process.gen_logits(on_rows(model, gi), y, t, sel, select=sel)  # (N slots, V)
+                mk = process.pack_marks(marks, y.shape[1], dev)
+                logits = process.gen_logits(on_rows(model, gi), y, t, sel, select=sel, marks=mk)  # (N slots, V)
                 u = uniform(seed, rows[gi], k, L, stream=44)[:, : y.shape[1]].to(dev)
                 toks = y.clone()
                 toks[sel] = self._draw(logits, u[sel], temperature, top_p)
                 nfe[gi] += 1
                 fixed = self.options.greedy and not process.options.time_conditioning
                 for g, (_, i) in enumerate(gen_rows):
-                    filled = toks[g, : len(ys[g])].tolist()  # y with its slots filled
+                    filled = process.revised(toks[g, : len(ys[g])].tolist(), marks[g])  # y with its slots filled
                     if fixed and filled == seqs[i]:  # argmax of a time-free network repeats this revision
                         live[i] = False  # (a REPLACE writing its old token, align: whole-words): a fixed point
                     seqs[i] = filled
@@ -163,30 +164,43 @@ class DiffuserSampler(Sampler):
               on_step: OnStep | None) -> SampleOutput:
         """Per row, beam r over revision trajectories and, inside each revision, beam b over tag assignments,
         every hypothesis scored by log p_tag + log p_gen of its greedy tokens, summed over revisions; the best
-        trajectory wins. b = r = 1 is greedy decoding."""
+        trajectory wins. A trajectory whose revision changes nothing (every tag KEEP, no insertion) is finished, as a
+        greedy row stops: it is carried on at its score without more calls. b = r = 1 is greedy decoding."""
         out, nfe, self.scores = [], torch.zeros(len(seqs), dtype=torch.long, device=dev), []
         self.history = []
         for i, x in enumerate(seqs):
-            beams = [(0.0, x, [])]
+            beams, done = [(0.0, x, [])], []  # done: finished trajectories (score, sequence, history)
             for k in range(steps, 0, -1):
+                if not beams:
+                    break
                 xt = process.net_input([b[1] for b in beams], L, dev)
                 t = process.step_time(k, steps)
                 op_l, ins_l = process.tag_logits(on_rows(model, torch.full((len(beams),), i, device=dev)), xt, t)
                 op_l, ins_l = op_l.log_softmax(-1), ins_l.log_softmax(-1)
                 nfe[i] += 1
                 cands = []  # (score, x_t, ops, ins, tag log-prob, trajectory)
+                finished = []
                 for j, (score, seq, hist) in enumerate(beams):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
-                        cands.append((score, seq, o, c, lp, hist))
+                        if all(v == KEEP for v in o) and not any(c):  # no change: this trajectory ends here
+                            finished.append((score + lp, seq, [*hist, self._revision(k, seq, o, c)]))
+                            finished[-1][2][-1].text_ids = list(seq)
+                        else:
+                            cands.append((score, seq, o, c, lp, hist))
+                if not cands:
+                    done = sorted(done + finished, key=lambda z: -z[0])[: self.options.beam_r]
+                    beams = []
+                    break
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
-                y_in = process.net_input([y for y, _ in ys], L, dev)
-                sel = self._slots([sl for _, sl in ys], y_in.shape[1], dev)
+                y_in = process.net_input([y for y, _, _ in ys], L, dev)
+                sel = self._slots([sl for _, sl, _ in ys], y_in.shape[1], dev)
+                mk = process.pack_marks([m for _, _, m in ys], y_in.shape[1], dev)
                 logits = process.gen_logits(on_rows(model, torch.full((len(ys),), i, device=dev)), y_in, t, sel,
-                                            select=sel).log_softmax(-1)  # (N slots, V), row-major over candidates
+                                            select=sel, marks=mk).log_softmax(-1)  # (N slots, V), by candidate
                 per_cand = logits.split(sel.sum(1).tolist())
                 nfe[i] += 1
                 scored = []
-                for g, ((score, seq, o, c, lp, hist), (y, slot)) in enumerate(zip(cands, ys)):
+                for g, ((score, seq, o, c, lp, hist), (y, slot, m)) in enumerate(zip(cands, ys)):
                     pos = [p for p, sl in enumerate(slot) if sl]
                     best = per_cand[g].max(-1) if pos else None
                     new = list(y)
@@ -195,12 +209,17 @@ class DiffuserSampler(Sampler):
                         for p, t in zip(pos, best.indices.tolist()):
                             new[p] = t
                         gen_lp = float(best.values.double().sum())
+                    new = process.revised(new, m)
                     rev = self._revision(k, seq, o, c)
                     rev.text_ids = new
                     scored.append((score + lp + gen_lp, new, [*hist, rev]))
-                scored.sort(key=lambda z: -z[0])  # stable: ties keep the order of generation
-                beams = scored[: self.options.beam_r]
-            best_score, best_seq, best_hist = beams[0]
+                # stable sorts: ties keep the order of generation; a trajectory kept r-best among the live and the
+                # finished ones stays in its kind
+                pool = sorted([(z, True) for z in scored] + [(z, False) for z in done + finished],
+                              key=lambda q: -q[0][0])[: self.options.beam_r]
+                beams = [z for z, live in pool if live]
+                done = [z for z, live in pool if not live]
+            best_score, best_seq, best_hist = sorted(beams + done, key=lambda z: -z[0])[0]
             out.append(best_seq)
             self.scores.append(best_score)
             self.history.append(best_hist)
