@@ -415,6 +415,30 @@ def test_greedy_revision_stops_at_a_fixed_point_of_a_time_free_network(time_cond
     assert out.nfe.tolist() == [8 if time_conditioning else 2]
 
 
+def test_a_beam_trajectory_that_changes_nothing_ends_and_is_scored_once(monkeypatch):
+    """2D beam search: a revision whose tags change nothing ends its trajectory (as a greedy row stops), so it is
+    neither called again nor charged its tags' log-probability at every later step."""
+    from difflm.diffusion.edits import KEEP
+    from difflm.sampling import get_sampler
+    from difflm.sampling.conditioning import Conditioning
+
+    model, p, tok = make(time_conditioning=False)
+
+    def tags(model, xt, t=None):
+        op, ins = torch.zeros(*xt.shape, 3), torch.zeros(*xt.shape, p.K + 1)
+        op[..., KEEP], ins[..., 0] = 3.0, 3.0
+        return op, ins
+
+    monkeypatch.setattr(p, "tag_logits", tags)
+    draft = tok.encode("abc de")
+    s = get_sampler("diffuser", p, beam_b=1, beam_r=1)
+    out = s(model.eval(), p, Conditioning.prefix([draft], 32), steps=4, seed=0)
+    assert p.sequences(out.tokens) == [draft] and out.nfe.tolist() == [1]
+    op, ins = tags(None, torch.zeros(1, len(draft) + 1))
+    once = len(draft) * float(op[0, 0].log_softmax(-1)[KEEP]) + (len(draft) + 1) * float(ins[0, 0].log_softmax(-1)[0])
+    assert s.scores[0] == pytest.approx(once)
+
+
 def random_edit_model(tmp_path, generator_input: str = "edited"):
     from difflm.components import write_model_folder
 
