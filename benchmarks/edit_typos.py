@@ -157,6 +157,8 @@ def main() -> None:
                     "is written (python -m difflm.data.typos --copies)")
     ap.add_argument("--train-noise", type=float, default=1.0, help="typo rates of the training pairs, as a multiple "
                     "of the task's (codespell 0.1, keyboard 0.05; valid and test keep them), when the data is written")
+    ap.add_argument("--decoders", default=None, help="score only the decoders whose label holds this text (e.g. "
+                    "beam); the models' other rows in results.json stay as they are")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -183,7 +185,8 @@ def main() -> None:
         r.setdefault("machine", old.get("machine"))
         r.setdefault("date", old.get("date"))
     results = {"date": str(date.today()), "machine": machine, "minutes": a.minutes,
-               "rows": [r for r in old["rows"] if r["model"].split(" ")[0] not in a.models.split(",")]}
+               "rows": [r for r in old["rows"] if r["model"].split(" ")[0] not in a.models.split(",")
+                        or (a.decoders is not None and a.decoders not in r["model"])]}
     noisy = [r["source"] for r in rows]
     clean = [r["target"] for r in rows]
 
@@ -206,6 +209,8 @@ def main() -> None:
         lm = DiffusionLM.from_pretrained(run)
         steps = json.loads((run / "manifest.json").read_text())["step"]
         for label, opts in DECODERS[name]:
+            if a.decoders is not None and a.decoders not in label:
+                continue
             t0 = time.perf_counter()
             outs, nfe = correct(lm, noisy, opts)
             row = score(f"{name}{label}", outs, time.perf_counter() - t0, nfe)
