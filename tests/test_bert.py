@@ -76,6 +76,11 @@ def test_the_edit_taggers_head_reads_the_encoders_last_states(hf_dir):
         assert torch.allclose(m(x), ours(d)(x), atol=1e-5)
         h = (hf.bert if hasattr(hf, "bert") else hf)(x).last_hidden_state
         assert torch.allclose(m(x, head="aux"), m.aux_head(h), atol=1e-4)
+    # the edit generator's input marks (generator_input: marked) load fresh, at zero: any marks, pretrained logits
+    marked = Bert(BertConfig(init=str(d)).with_needs(BackboneNeeds(aux_outputs=7, input_marks=4), V, 64))
+    assert marked.pretrained_init()
+    with torch.no_grad():
+        assert torch.allclose(marked.eval()(x, marks=torch.randint(0, 4, x.shape)), m(x), atol=1e-5)
 
 
 def test_wrong_architecture_is_a_one_line_error(tmp_path, hf_dir):

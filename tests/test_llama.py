@@ -92,6 +92,12 @@ def test_the_edit_taggers_head_starts_fresh_on_the_pretrained_states(hf_dir):
         causal.aux_head.load_state_dict(m.aux_head.state_dict())
         assert torch.allclose(causal.eval()(x, head="aux"), m.aux_head(h), atol=1e-4)
         assert m(x, head="aux", select=x > 5).shape == (int((x > 5).sum()), 8)
+    # the edit generator's input marks (generator_input: marked) load fresh, at zero: any marks, pretrained logits
+    marked = Llama(LlamaConfig(init=str(d)).with_needs(BackboneNeeds(attention="bidirectional", aux_outputs=8,
+                                                                     input_marks=4), V, 64))
+    assert marked.pretrained_init()
+    with torch.no_grad():
+        assert torch.allclose(marked.eval()(x, marks=torch.randint(0, 4, x.shape)), m(x), atol=1e-5)
 
 
 def test_wrong_architecture_and_vocabulary_are_one_line_errors(hf_dir, tmp_path):

@@ -50,7 +50,7 @@ class BertConfig(BackboneConfig):
         cfg = replace(self, **bert_architecture(self.init)) if self.init else self
         if max_len > cfg.max_positions:
             raise ValueError(f"data.seq_len {max_len} exceeds the encoder's {cfg.max_positions} positions")
-        return cfg.derive(needs, vocab_size, max_len, aux=True)
+        return cfg.derive(needs, vocab_size, max_len, aux=True, marks=True)
 
 
 def _read_config(spec: str) -> tuple[dict, object]:
@@ -122,6 +122,9 @@ class Bert(Backbone):
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         # the edit family's tagger (GECToR's place for it: a linear layer on the encoder's last states), fresh
         self.aux_head = nn.Linear(cfg.d_model, cfg.aux_outputs) if cfg.aux_outputs else None
+        # the edit generator's input marks, added as BERT adds token types; zero-initialised (the encoder starts
+        # unchanged)
+        self.mark_embed = nn.Embedding(cfg.input_marks, cfg.d_model) if cfg.input_marks else None
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(nn.Linear(cfg.d_time, cfg.d_model), nn.SiLU(),
                                           nn.Linear(cfg.d_model, cfg.d_model))
@@ -137,6 +140,8 @@ class Bert(Backbone):
                 nn.init.zeros_(p)
         if self.cfg.time_conditioning:  # zero-initialised: a pretrained encoder starts unchanged
             nn.init.zeros_(self.time_mlp[2].weight)
+        if self.mark_embed is not None:
+            nn.init.zeros_(self.mark_embed.weight)
 
     def pretrained_init(self) -> bool:
         """Load ``cfg.init``'s weights (a fresh training run starts from them); False when there is none."""
@@ -148,14 +153,17 @@ class Bert(Backbone):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
-        store: int | None = None, prev: Tensor | None = None, head: str = "token",
+        store: int | None = None, prev: Tensor | None = None, head: str = "token", marks: Tensor | None = None,
     ) -> Tensor:
         """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``; head
-        "aux": the auxiliary head's outputs instead (B, L, aux_outputs)."""
+        "aux": the auxiliary head's outputs instead (B, L, aux_outputs); marks (B, L): the input marks
+        (``cfg.input_marks``; None: all 0)."""
         B, L = x.shape
         offset = sequence_offset(self.cfg.max_len, L, cache, positions)
         pos = torch.arange(offset, offset + L, device=x.device) if positions is None else positions
         h = self.embed(x) + self.pos(pos)[None] + self.type0
+        if self.mark_embed is not None:
+            h = h + (self.mark_embed.weight[0] if marks is None else self.mark_embed(marks))
         if self.cfg.time_conditioning:
             if t is None:
                 raise ValueError("this model is time-conditioned: pass t")
@@ -212,7 +220,7 @@ def load_bert(model: Bert, spec: str) -> None:
         b = state["head_bias"]
         state["head_bias"] = grow_rows(b, V, 0.0)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.")) or k == "head_bias")]
+    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.", "mark_embed.")) or k == "head_bias")]
     if missing or unexpected:
         raise DiffLMError(f"{spec} does not fit the bert backbone (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")

@@ -53,7 +53,7 @@ class LlamaConfig(BackboneConfig):
             from .weights import pretrained_architecture
 
             cfg = replace(self, **pretrained_architecture(self.init))
-        return cfg.derive(needs, vocab_size, max_len, aux=True)
+        return cfg.derive(needs, vocab_size, max_len, aux=True, marks=True)
 
 
 class RMSNorm(nn.Module):
@@ -133,6 +133,8 @@ class Llama(Backbone):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # a second prediction per position (the edit family's tagger), fresh on pretrained weights
         self.aux_head = nn.Linear(cfg.d_model, cfg.aux_outputs) if cfg.aux_outputs else None
+        # the edit generator's input marks, zero-initialised: pretrained weights start unchanged
+        self.mark_embed = nn.Embedding(cfg.input_marks, cfg.d_model) if cfg.input_marks else None
         if cfg.time_conditioning:
             self.time_mlp = nn.Sequential(nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU(),
                                           nn.Linear(cfg.d_time, cfg.d_time), nn.SiLU())
@@ -152,6 +154,8 @@ class Llama(Backbone):
             if blk.ada is not None:
                 nn.init.zeros_(blk.ada.weight)
                 nn.init.zeros_(blk.ada.bias)
+        if self.mark_embed is not None:
+            nn.init.zeros_(self.mark_embed.weight)
 
     def pretrained_init(self) -> bool:
         """Load ``cfg.init``'s weights (a fresh training run starts from them); False when there is none."""
@@ -165,10 +169,11 @@ class Llama(Backbone):
     def forward(
         self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None, cache: KVCache | None = None,
         select: Tensor | None = None, x0_prev: Tensor | None = None, positions: Tensor | None = None,
-        store: int | None = None, prev: Tensor | None = None, head: str = "token",
+        store: int | None = None, prev: Tensor | None = None, head: str = "token", marks: Tensor | None = None,
     ) -> Tensor:
         """As ``Transformer.forward``: x (B, L) ids; returns logits (B, L, V), or (N, V) where ``select``
-        (head "aux": the auxiliary head's outputs instead, ``cfg.aux_outputs`` wide).
+        (head "aux": the auxiliary head's outputs instead, ``cfg.aux_outputs`` wide); marks (B, L): the input marks
+        (``cfg.input_marks``; None: all 0).
         prev: (L,) long, for each position the index in this call of the position holding the token before it
         (default i − 1; −1: the cache's last stored position, or the position itself when there is none) — used
         with ``shift``, where the prediction for token i is read off the hidden state of token i − 1."""
@@ -177,6 +182,8 @@ class Llama(Backbone):
         if cache is None and self.cfg.anneal_steps:
             attn_mask = self.annealed_mask(attn_mask, L, positions, x.device)
         h = self.embed(x)
+        if self.mark_embed is not None:
+            h = h + (self.mark_embed.weight[0] if marks is None else self.mark_embed(marks))
         c = time_condition(self, t, B)
         for i, blk in enumerate(self.blocks):
             h = blk(h, self.rope, c, attn_mask, self.cfg.causal, cache, i, offset, positions, store)

@@ -89,15 +89,15 @@ def load_pretrained(model: nn.Module, spec: str) -> None:
         state.pop("head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # new: time conditioning, the edit family's tagger
-    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.")) or ".ada." in k)]
+    missing = [k for k in missing if not (k.startswith(("time_mlp.", "aux_head.", "mark_embed.")) or ".ada." in k)]
     if missing or unexpected:
         raise DiffLMError(f"{spec} does not fit the llama backbone (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
 
 
 #: transformer tensors a family may have that the init folder's lacks: they start fresh (time conditioning, the
-#: length predictor, the edit tagger)
-FRESH = ("time_mlp.", "ada_f.", ".ada.", "length_head.", "source_length.", "aux_head.")
+#: length predictor, the edit tagger and its generator's marks)
+FRESH = ("time_mlp.", "ada_f.", ".ada.", "length_head.", "source_length.", "aux_head.", "mark_embed.")
 
 
 def load_difflm_folder(model: nn.Module, folder: str) -> None:
