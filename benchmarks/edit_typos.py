@@ -52,7 +52,9 @@ BASE = {"data": {"corpus": "pairs", "seq_len": 128}, "tokenizer": {"type": "bpe"
 # with its WordPiece tokenizer, at fine-tuning's rate: its model and tokenizer sections replace BASE's
 MINILM = {"model": {"type": "bert", "init": "all-minilm-l6-v2"},
           "tokenizer": {"type": "hf", "path": "all-minilm-l6-v2", "eos_token": "[SEP]"}, "train": {"lr": 2e-4}}
-EDIT = {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False},
+# the generator as DiffusER's (edited): the rows before 2026-12-06; the -mk models read the tokens they delete
+EDIT = {"process": {"type": "edit", "steps": 4, "target": "clean", "time_conditioning": False,
+                    "generator_input": "edited"},
         "sample": {"sampler": "diffuser", "steps": 4}}
 MODELS = {
     "edit": EDIT,

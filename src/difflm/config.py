@@ -196,7 +196,8 @@ class RunConfig:
 
 # options added after run folders had been saved: (section, type) -> the value that a saved run lacking the key
 # behaved as (``RunConfig.from_saved``)
-EARLIER: dict[tuple[str, str], dict[str, Any]] = {("process", "edit"): {"padding": "attended", "align": "tokens"},
+EARLIER: dict[tuple[str, str], dict[str, Any]] = {("process", "edit"): {"padding": "attended", "align": "tokens",
+                                                                        "generator_input": "edited"},
                                                    ("process", "editflow"): {"align": "tokens"}}
 
 

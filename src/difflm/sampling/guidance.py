@@ -31,10 +31,11 @@ class ClassifierFreeGuidance(nn.Module):
     def forward(self, x: Tensor, t: Tensor | None = None, attn_mask: Tensor | None = None,
                 cache: KVCache | None = None, select: Tensor | None = None, x0_prev: Tensor | None = None,
                 positions: Tensor | None = None, store: int | None = None, prev: Tensor | None = None,
-                head: str = "token") -> Tensor:
+                head: str = "token", marks: Tensor | None = None) -> Tensor:
         offset = cache.length if cache is not None else 0
         kw = {"attn_mask": attn_mask, "select": select, "x0_prev": x0_prev, "positions": positions, "store": store,
-              "prev": prev} | ({} if head == "token" else {"head": head})  # DiffusER's tagger reads the aux head
+              "prev": prev} | ({} if head == "token" else {"head": head}) \
+            | ({} if marks is None else {"marks": marks})  # DiffusER's tagger reads the aux head, its generator marks
         out = self.model(x, t, cache=cache, **kw)
         if self.w == 0:
             return out
