@@ -144,6 +144,18 @@ def _kept(hyp: list[str], ref: list[str]) -> set[int]:
     return {i for i, op in enumerate(edit_script(ref, hyp).ops) if op == KEEP}
 
 
+def earlier_rows(path: Path, models: list[str], decoders: str | None) -> list[dict]:
+    """The rows of ``path`` (results.json) that a run scoring ``models`` (only their ``decoders`` rows, when given)
+    keeps, the noisy input's left out; each keeps its run's budget, machine and date."""
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    for r in old["rows"]:
+        r.setdefault("trained_minutes", old.get("minutes"))
+        r.setdefault("machine", old.get("machine"))
+        r.setdefault("date", old.get("date"))
+    return [r for r in old["rows"] if r["model"] != "noisy input (do nothing)"
+            and (r["model"].split(" ")[0] not in models or (decoders is not None and decoders not in r["model"]))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=20)
@@ -181,14 +193,7 @@ def main() -> None:
 
     valid = [json.loads(x) for x in (data / "valid.jsonl").read_text().splitlines()][:200]
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    old = json.loads((a.out / "results.json").read_text()) if (a.out / "results.json").is_file() else {"rows": []}
-    for r in old["rows"]:  # rows of an earlier run keep its budget, machine and date
-        r.setdefault("trained_minutes", old.get("minutes"))
-        r.setdefault("machine", old.get("machine"))
-        r.setdefault("date", old.get("date"))
-    results = {"date": str(date.today()), "machine": machine, "minutes": a.minutes,
-               "rows": [r for r in old["rows"] if r["model"].split(" ")[0] not in a.models.split(",")
-                        or (a.decoders is not None and a.decoders not in r["model"])]}
+    results = {"date": str(date.today()), "machine": machine, "minutes": a.minutes, "rows": []}  # this run's rows
     noisy = [r["source"] for r in rows]
     clean = [r["target"] for r in rows]
 
@@ -200,8 +205,7 @@ def main() -> None:
                 "broken": broke / max(right, 1), "seconds_per_sentence": seconds / len(outs), "nfe": nfe,
                 "trained_minutes": a.minutes, "machine": machine, "date": str(date.today())}
 
-    results["rows"] = [r for r in results["rows"] if r["model"] != "noisy input (do nothing)"]
-    results["rows"].insert(0, score("noisy input (do nothing)", noisy, 0.0, 0.0))
+    results["rows"].append(score("noisy input (do nothing)", noisy, 0.0, 0.0))
     for name in a.models.split(","):
         run = a.out / name
         if not a.skip_train:
@@ -242,7 +246,11 @@ def main() -> None:
                 print(json.dumps(results["rows"][-1]), flush=True)
     if a.train_only:
         return
-    (a.out / "results.json").write_text(json.dumps(results, indent=2))
+    # the file's other rows, read now: another process scoring other models into the same --out may have written
+    results["rows"][1:1] = earlier_rows(a.out / "results.json", a.models.split(","), a.decoders)
+    tmp = a.out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(a.out / "results.json")
     print(f"\n{results['date']}, {results['machine']}, {len(rows)} test pairs\n")
     print("| model | trained (min) | train steps | WER | exact | correct words broken | NFE | s / sentence |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")
