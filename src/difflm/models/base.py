@@ -45,7 +45,7 @@ class BackboneConfig:
                              "model.type transformer")
         if needs.input_marks and not marks:
             raise ValueError(f"the {name} backbone reads no per-position marks (process.generator_input: marked): "
-                             "use model.type transformer or generator_input: edited")
+                             "use model.type transformer, llama or bert, or generator_input: edited")
         return replace(self, vocab_size=vocab_size, max_len=max_len, causal=needs.attention == "causal",
                        time_conditioning=needs.time_conditioning, d_embed=needs.d_embed if embeddings else 0,
                        self_conditioning=needs.self_conditioning if embeddings else False,
