@@ -90,12 +90,13 @@ def test_an_oracle_reverse_process_reconstructs_x0(generator_input):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(4, 12), max_size=12), st.lists(st.integers(4, 12), max_size=12))
-def test_the_generators_input_rebuilds_the_target_and_a_marked_one_shows_every_token_of_x_t(a, b):
+@given(st.lists(st.integers(4, 12), max_size=12), st.lists(st.integers(4, 12), max_size=12), st.integers(1, 14))
+def test_the_generators_input_rebuilds_the_target_and_a_marked_one_shows_every_token_of_x_t(a, b, L):
     """For every (generator_input, replace_input): the script's new tokens written into the slots, the positions
     marked deleted dropped (``revised``), give the target; the edited [MASK] input is ``with_placeholders``'s (two
     routes); the marked input with replaced tokens shown is x_t itself with [MASK] slots inserted, each token
-    marked by its tag."""
+    marked by its tag. Cut to a row of L: every input gives the same revision (a full marked row drops its shown
+    deletions first), the target's first L − 1 tokens."""
     from difflm.diffusion.edit import MARK_DELETED, MARK_KEPT, MARK_SLOT
     from difflm.diffusion.edits import DELETE, KEEP, with_placeholders
 
@@ -112,6 +113,10 @@ def test_the_generators_input_rebuilds_the_target_and_a_marked_one_shows_every_t
             assert [t for t in y if t != p.mask_id] == a
             tags = {KEEP: MARK_KEPT, DELETE: MARK_DELETED}
             assert [m for t, m in zip(y, marks) if t != p.mask_id] == [tags.get(o, MARK_SLOT) for o in s.ops]
+        y, slot, marks = p.apply_tags(a, s.ops, s.ins, L)
+        assert len(y) <= L - 1 and len(marks) == len(slot) == len(y)
+        new = iter(s.new)  # the slots' tokens in order: a cut row fills only its first ones
+        assert p.revised([next(new) if sl else t for t, sl in zip(y, slot)], marks) == b[: L - 1]
 
 
 @pytest.mark.parametrize("kind", BACKBONES)

@@ -382,7 +382,8 @@ class EditDiffusion(Process):
         """The generator's input for tagged edits, which of its positions are slots, and each position's mark
         (MARK_KEPT / MARK_DELETED / MARK_SLOT), cut to the row: inserted slots [MASK], replaced slots [MASK] or
         their old token (``replace_input``), deleted tokens gone (``generator_input: edited``) or shown, marked
-        deleted (``marked``; ``revised`` drops them once the slots are filled)."""
+        deleted (``marked``; ``revised`` drops them once the slots are filled, and a full row drops them first).
+        Either way ``revised`` of the filled input is the same sequence."""
         shown = self.options.replace_input == "token"
         keep_deleted = self.options.generator_input == "marked"
         y, marks = [], []
@@ -393,6 +394,13 @@ class EditDiffusion(Process):
                 continue
             y.append(self.mask_id if ops[i] == REPLACE and not shown else x_t[i])
             marks.append({KEEP: MARK_KEPT, DELETE: MARK_DELETED, REPLACE: MARK_SLOT}[ops[i]])
+        over = len(y) - (L - 1)
+        if over > 0 and keep_deleted:
+            # the row is full: shown deletions go first (the last ones first), before any token the revision
+            # writes or keeps, so it keeps what the edited input would
+            drop = set([j for j, m in enumerate(marks) if m == MARK_DELETED][::-1][:over])
+            y = [v for j, v in enumerate(y) if j not in drop]
+            marks = [m for j, m in enumerate(marks) if j not in drop]
         return y[: L - 1], [m == MARK_SLOT for m in marks[: L - 1]], marks[: L - 1]
 
     @staticmethod
