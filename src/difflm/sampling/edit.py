@@ -183,8 +183,9 @@ class DiffuserSampler(Sampler):
                 for j, (score, seq, hist) in enumerate(beams):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
                         if all(v == KEEP for v in o) and not any(c):  # no change: this trajectory ends here
-                            finished.append((score + lp, seq, [*hist, self._revision(k, seq, o, c)]))
-                            finished[-1][2][-1].text_ids = list(seq)
+                            rev = self._revision(k, seq, o, c)
+                            rev.text_ids = list(seq)
+                            finished.append((score + lp, seq, [*hist, rev]))
                         else:
                             cands.append((score, seq, o, c, lp, hist))
                 if not cands:
