@@ -59,7 +59,7 @@ from .edits import (
 
 N_OPS = 3  # KEEP, DELETE, REPLACE
 # the generator's input marks (``generator_input: marked``); the tagger's input reads MARK_TAGGER everywhere
-MARK_TAGGER, MARK_KEPT, MARK_DELETED, MARK_SLOT = range(4)
+MARK_TAGGER, MARK_KEPT, MARK_DELETED, MARK_SLOT = range(N_MARKS := 4)
 
 
 @dataclass
@@ -133,7 +133,7 @@ class EditDiffusion(Process):
 
     def backbone_needs(self) -> BackboneNeeds:
         return BackboneNeeds(aux_outputs=N_OPS + self.K + 1, time_conditioning=bool(self.options.time_conditioning),
-                             input_marks=4 if self.options.generator_input == "marked" else 0)
+                             input_marks=N_MARKS if self.options.generator_input == "marked" else 0)
 
     def trained_starts(self, seq2seq: bool) -> tuple[str, ...]:
         """The bootstraps whose x_T the training states resemble: a single-stream seq2seq model only ever saw

@@ -132,7 +132,7 @@ class DiffuserSampler(Sampler):
             for j, i in enumerate(idx.tolist()):
                 n = len(seqs[i])
                 o, c = ops[j, :n].tolist(), ins[j, : n + 1].tolist()
-                if all(x == KEEP for x in o) and not any(c):
+                if self._changes_nothing(o, c):
                     live[i] = False  # nothing to change: this row is done
                     continue
                 y, slot, mk = process.apply_tags(seqs[i], o, c, L)
@@ -182,15 +182,14 @@ class DiffuserSampler(Sampler):
                 finished = []
                 for j, (score, seq, hist) in enumerate(beams):
                     for lp, o, c in self._top_tags(op_l[j], ins_l[j], len(seq), self.options.beam_b):
-                        if all(v == KEEP for v in o) and not any(c):  # no change: this trajectory ends here
+                        if self._changes_nothing(o, c):  # this trajectory ends here
                             rev = self._revision(k, seq, o, c)
                             rev.text_ids = list(seq)
                             finished.append((score + lp, seq, [*hist, rev]))
                         else:
                             cands.append((score, seq, o, c, lp, hist))
-                if not cands:
-                    done = sorted(done + finished, key=lambda z: -z[0])[: self.options.beam_r]
-                    beams = []
+                if not cands:  # every trajectory ended: the r best of all ended ones remain
+                    beams, done = [], sorted(done + finished, key=lambda z: -z[0])[: self.options.beam_r]
                     break
                 ys = [process.apply_tags(seq, o, c, L) for _, seq, o, c, _, _ in cands]
                 y_in = process.net_input([y for y, _, _ in ys], L, dev)
@@ -227,6 +226,11 @@ class DiffuserSampler(Sampler):
             if on_step is not None:
                 on_step(StepInfo(1, steps, 1 / steps, 0.0, process.pack(out, L, dev), nfe.clone()))
         return SampleOutput(process.pack(out, L, dev), nfe)
+
+    @staticmethod
+    def _changes_nothing(ops: list[int], ins: list[int]) -> bool:
+        """Whether tags keep every token and insert nothing (the revision would return its input)."""
+        return all(o == KEEP for o in ops) and not any(ins)
 
     @staticmethod
     def _slots(slots: list[list[bool]], L: int, dev) -> Tensor:
