@@ -78,14 +78,17 @@ class SceneDataset(TokenDataset):
 
     def __init__(self, tokens: np.ndarray, pad_id: int, eos_id: int, bos_id: int, images: np.ndarray,
                  image_of: np.ndarray, fill_given: bool = False, stream: SceneSource | None = None,
-                 tokenizer: Tokenizer | None = None, stream_start: int = 0) -> None:
+                 tokenizer: Tokenizer | None = None, stream_start: int = 0, labels: np.ndarray | None = None) -> None:
         super().__init__(tokens, pad_id, "pairs", eos_id, bos_id, fill_given)
-        self.images, self.image_of = images, image_of
+        self.images, self.image_of, self.labels = images, image_of, labels  # labels (S, 4): Scene.cell_labels
         self.stream, self.tokenizer, self.stream_start = stream, tokenizer, stream_start
 
     def batch(self, idx) -> Batch:
         b = super().batch(idx)
-        b.images = image_tensor(self.images[self.image_of[np.asarray(idx)]])
+        scenes = self.image_of[np.asarray(idx)]
+        b.images = image_tensor(self.images[scenes])
+        if self.labels is not None:
+            b.image_labels = torch.from_numpy(self.labels[scenes])
         return b
 
     def drawn(self, rows: torch.Tensor) -> Batch:
@@ -97,6 +100,7 @@ class SceneDataset(TokenDataset):
         b = make_batch(torch.tensor(x, dtype=torch.long), self.pad_id, self.eos_id, self.mode, self.bos_id,
                        self.fill_given)
         b.images = image_tensor(np.stack([sc.image for sc in scenes]))
+        b.image_labels = torch.from_numpy(np.stack([sc.cell_labels() for sc in scenes]))
         return b
 
 
@@ -121,7 +125,7 @@ def build_scene_dataset(cfg, tokenizer: Tokenizer, split: str) -> SceneDataset:
     stream = scene_source(cfg, "train") if cfg.scene_stream and split == "train" else None
     return SceneDataset(np.asarray(rows, dtype=np.int32), tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id,
                         np.stack([sc.image for sc in scenes]), np.asarray(image_of), cfg.target_length == "predicted",
-                        stream, tokenizer, cfg.stream_start)
+                        stream, tokenizer, cfg.stream_start, np.stack([sc.cell_labels() for sc in scenes]))
 
 
 def make_batch(x: torch.Tensor, pad_id: int, eos_id: int, mode: str, bos_id: int | None = None,
@@ -171,11 +175,13 @@ def drop_condition(batch: Batch, drop: torch.Tensor, null_id: int, bos_id: int) 
     """Classifier-free guidance training: in rows where ``drop`` (B,) is True the source tokens become
     ``null_id`` ([PAD]); they stay fixed and unmodelled, the [BOS] separator and the target are untouched."""
     source = condition_positions(batch.tokens, batch.fixed, bos_id) & drop[:, None].to(batch.tokens.device)
-    images = batch.images
-    if images is not None:  # captioning: the dropped rows see a blank image
+    images, labels = batch.images, batch.image_labels
+    if images is not None:  # captioning: the dropped rows see a blank image, whose every cell holds nothing
         images = torch.where(drop.to(images.device)[:, None, None, None], torch.zeros_like(images), images)
+    if labels is not None:
+        labels = torch.where(drop.to(labels.device)[:, None], torch.zeros_like(labels), labels)
     return Batch(torch.where(source, torch.full_like(batch.tokens, null_id), batch.tokens), batch.loss_mask,
-                 batch.fixed, batch.u, batch.rows, batch.seed, batch.step, images)
+                 batch.fixed, batch.u, batch.rows, batch.seed, batch.step, images, labels)
 
 
 def pair_row(src: list[int], tgt: list[int], L: int, bos: int, eos: int, max_source: int) -> tuple[list[int], bool]:

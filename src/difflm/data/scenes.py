@@ -28,10 +28,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DiffLMError
+
+if TYPE_CHECKING:
+    import torch
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 PLURAL = {c: (c + "es" if c.endswith("ss") else c + "s") for c in CLASSES}
@@ -83,6 +87,32 @@ class Scene:
             if a.row < b.row:
                 rels[(a.key, "above", b.key)] += 1
         return items, rels
+
+    def cell_labels(self) -> np.ndarray:
+        """(4,) int64: what each cell of the 2×2 grid holds, 0 = nothing, else ``cell_label(item)``."""
+        labels = np.zeros(GRID * GRID, dtype=np.int64)
+        for it in self.items:
+            labels[it.cell] = cell_label(it)
+        return labels
+
+
+GRID = CANVAS // CELL  # cells per side
+N_CELL_LABELS = 1 + len(SIZES) * len(CLASSES)  # an empty cell, or one (size, class)
+
+
+def cell_label(item: SceneItem) -> int:
+    """An item's label in ``Scene.cell_labels``: 1 + size index × 10 + class index."""
+    return 1 + SIZES.index(item.size) * len(CLASSES) + CLASSES.index(item.cls)
+
+
+def patch_labels(cells: torch.Tensor, grid: int) -> torch.Tensor:
+    """The cell label (B, 4) of every patch of a ``grid`` × ``grid`` raster of patches covering the canvas:
+    (B, grid²), patches in raster order (the image encoder's), each labelled by the cell it lies in."""
+    if grid % GRID:
+        raise DiffLMError(f"a {grid}×{grid} patch grid does not split into the scene's {GRID}×{GRID} cells")
+    r = np.arange(grid * grid) // grid * GRID // grid
+    c = np.arange(grid * grid) % grid * GRID // grid
+    return cells[:, r * GRID + c]
 
 
 # -- Fashion-MNIST ---------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class Batch:
     rows:      (B,) int64 global row indices keying the corruption noise (with ``seed`` and ``step``), so a
                row's noise is the same whichever rank or micro-batch holds it. None = ``torch.rand``.
     images:    (B, C, H, W) float in [0, 1], the image each caption row describes (captioning); never noised.
+    image_labels: (B, 4) long, what each cell of a scene image holds (``Scene.cell_labels``; 0 = nothing): the
+               target of the captioner's auxiliary scene loss (``model.scene_loss``), never given to the network.
     """
 
     tokens: Tensor
@@ -39,6 +41,7 @@ class Batch:
     seed: int = 0
     step: int = 0
     images: Tensor | None = None
+    image_labels: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -46,6 +49,7 @@ class Batch:
             None if self.u is None else self.u.to(device),
             None if self.rows is None else self.rows.to(device), self.seed, self.step,
             None if self.images is None else self.images.to(device),
+            None if self.image_labels is None else self.image_labels.to(device),
         )
 
     @property

@@ -8,6 +8,8 @@ trainer call the reader like the network itself (``bind_source`` wraps a network
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +37,7 @@ class SourceReader(nn.Module):
         self.model, self.source, self.mask, self.start, self._memory = model, source, mask, start, memory
         self.images = images
         self._null: SourceReader | None = None  # the unconditional stream (``null``), built once
+        self._trained: Memory | None = None
         net = getattr(model, "module", model)  # what samplers and processes read off the backbone
         self.cfg, self.blocks, self.embed = net.cfg, net.blocks, net.embed
 
@@ -86,7 +89,8 @@ class SourceReader(nn.Module):
 
     def memory(self) -> Memory:
         if self.model.training and torch.is_grad_enabled():
-            return self._encode()
+            self._trained = self._encode()  # the last encoding with gradients: the auxiliary losses read it too
+            return self._trained
         if self._memory is None:
             self._memory = self._encode()
         return self._memory
@@ -106,6 +110,22 @@ class SourceReader(nn.Module):
     def length_nll(self, lengths: Tensor) -> Tensor:
         """−log p(ℓ | source) of each row's target length ``lengths`` (B,): (B,), the bound's length term."""
         return -self.length_log_probs().gather(-1, lengths[:, None].long())[:, 0]
+
+
+def scene_terms(model: nn.Module, labels: Tensor | None) -> Tensor | None:
+    """(B,) the captioner's auxiliary scene loss (``model.scene_loss``): the mean over image patches of
+    −log p(what the patch's cell holds), from ``labels`` (B, 4) (``Scene.cell_labels``); None when ``model``
+    (bound to its rows by ``bind_source``) has no scene head. Reads the encoding the family's loss just made."""
+    from ..data.scenes import patch_labels
+
+    if not (isinstance(model, SourceReader) and getattr(model.cfg, "scene_loss", 0)):
+        return None
+    if labels is None:
+        raise DiffLMError("model.scene_loss needs what each scene's cells hold: train on data.corpus scenes")
+    memory = model._trained if model._trained is not None else model.memory()
+    logits = memory.scene_logits  # (B, P, N)
+    target = patch_labels(labels, math.isqrt(logits.shape[1])).to(logits.device)
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(-1)
 
 
 def length_terms(model: nn.Module, process, tokens: Tensor) -> Tensor:

@@ -57,6 +57,11 @@ class TransformerConfig(BackboneConfig):
         "features (starts at RMS 0.02 against features of about 0.5, so it is learned slowly); sincos2d: that table "
         "plus fixed 2D sin-cos positions at the features' scale (row in half the width, column in the other; "
         "MAE's), so 'left of' and 'above' can be read from the first step")
+    scene_loss: float = option(0.0, "captioning: the weight of an auxiliary loss on the image encoder, the "
+                               "cross-entropy of what each patch's cell holds (nothing, or one size × class: "
+                               "the scene graph the captions are written from), per caption token; a head on the "
+                               "encoder's states, so recognition is taught where it happens and not only through "
+                               "the caption (0: none)", ge=0)
     init: str | None = option(None, "a difflm model folder (a run folder) whose weights start this run, every tensor "
                               "of the same name (shapes must agree; the rest, e.g. time layers, start fresh): an "
                               "AR model of the same shape adapted to a diffusion family, the tokenizer its own")
@@ -255,12 +260,14 @@ class Memory:
     length_logits: Tensor | None = None  # (B, C): the predicted target length's logits (cfg.length_classes)
     rotary: bool = True  # cross-attention rotates queries and keys (a text source; an image's patches are not a line)
     embedded: Tensor | None = None  # (B, S, D): the source's token embeddings (cfg.copy_source)
+    scene_logits: Tensor | None = None  # (B, P, N_CELL_LABELS): what each patch's cell holds (cfg.scene_loss)
 
     def rows(self, idx: Tensor) -> Memory:
         return Memory(self.states[idx], self.mask[idx], self.start[idx],
                       {i: (k[idx], v[idx]) for i, (k, v) in self.kv.items()},
                       None if self.length_logits is None else self.length_logits[idx], self.rotary,
-                      None if self.embedded is None else self.embedded[idx])
+                      None if self.embedded is None else self.embedded[idx],
+                      None if self.scene_logits is None else self.scene_logits[idx])
 
     def uniform_copy(self, positions: Tensor, ratio: float) -> Tensor:
         """The source embedding each target position reads (Gu et al. 2018 §3.1, uniform copy): position j (numbered
@@ -399,6 +406,13 @@ class Transformer(Backbone):
             self.patch_pos = nn.Parameter(torch.zeros(n, cfg.d_model))  # learned 2D positions, with rotary's 1D ones
             if cfg.image_positions == "sincos2d":
                 self.register_buffer("patch_sincos", sincos_2d(cfg.image_size // cfg.patch_size, d), persistent=False)
+            if cfg.scene_loss:  # each patch's state -> what its cell holds (model.scene_loss)
+                from ..data.scenes import N_CELL_LABELS
+
+                self.scene_head = nn.Linear(d, N_CELL_LABELS)
+        elif cfg.scene_loss:
+            raise ValueError("model.scene_loss teaches a captioner's image encoder; this model reads no image "
+                             "(data.corpus scenes): remove it")
         self.blocks = nn.ModuleList(Block(cfg, cross=cfg.encoder_layers > 0) for _ in range(cfg.n_layer))
         self.norm_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.d_embed or cfg.vocab_size, bias=False)
@@ -537,7 +551,8 @@ class Transformer(Backbone):
         length = None
         if self.length_head is not None:
             length = self.length_head(h.mean(1)).float()  # the caption's length from the pooled image
-        return Memory(h, mask, start, length_logits=length, rotary=False)
+        scene = self.scene_head(h).float() if self.cfg.scene_loss else None
+        return Memory(h, mask, start, length_logits=length, rotary=False, scene_logits=scene)
 
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None, attn_mask: Tensor | None = None,
                     positions: Tensor | None = None) -> tuple[Tensor, Tensor]:

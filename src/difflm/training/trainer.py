@@ -27,7 +27,7 @@ from ..diffusion.base import Batch, low_discrepancy_uniform
 from ..errors import DiffLMError
 from ..evaluation.likelihood import evaluate
 from ..io import atomic_write_text, fault_point, read_json
-from ..models.seq2seq import SourceReader, bind_source, length_terms
+from ..models.seq2seq import SourceReader, bind_source, length_terms, scene_terms
 from ..precision import autocast
 from ..rng import uniform
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -236,7 +236,11 @@ class Trainer:
                         if isinstance(bound, SourceReader) and bound.predicts_length:  # Mask-Predict's length loss
                             terms = terms + F.pad(length_terms(bound, process, b.tokens)[:, None],
                                                   (0, terms.shape[1] - 1))
-                    loss = terms.float().sum() * (dist.world / n_tok)  # DDP averages over ranks
+                        scene = scene_terms(bound, b.image_labels)  # a captioner's auxiliary scene loss, per token
+                    loss = terms.float().sum()
+                    if scene is not None:  # not part of the bound: trained, not logged as the loss
+                        loss = loss + model.cfg.scene_loss * (scene * b.loss_mask.sum(-1)).sum()
+                    loss = loss * (dist.world / n_tok)  # DDP averages over ranks
                     loss.backward()
                 loss_sum += terms.detach().float().sum().item()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else float("inf"))
