@@ -28,17 +28,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import sacrebleu
 import torch
 
 from difflm.config import load_config
-from difflm.data.scenes import caption_metrics, scenes_for
+from difflm.data.datasets import image_tensor
+from difflm.data.scenes import caption_metrics, patch_labels, scenes_for
 from difflm.pipeline import DiffusionLM
 from difflm.runfolder import copy_model_folder
 from difflm.training.trainer import Trainer
@@ -125,7 +128,26 @@ def score(lm: DiffusionLM, scenes, guidance: float, **decoder) -> dict:
     m = caption_metrics(preds, scenes)
     m2 = caption_metrics([preds[i] for i in two], [scenes[i] for i in two]) if two else {"fact_f1": float("nan")}
     return {**m, "fact_f1_2items": m2["fact_f1"], "bleu": sacrebleu.corpus_bleu(preds, refs).score,
-            "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_caption": sec, "predictions": preds}
+            "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_caption": sec, "predictions": preds,
+            **cells_right(lm, scenes)}
+
+
+def cells_right(lm: DiffusionLM, scenes) -> dict:
+    """With model.scene_loss: the % of test cells whose content (nothing, or size × class) the scene head names,
+    each cell's patches' log-probabilities summed; and the % of items (cells that hold one)."""
+    if not getattr(lm.model.cfg, "scene_loss", 0):
+        return {}
+    images = image_tensor(np.stack([s.image for s in scenes]))
+    with torch.no_grad():
+        logp = lm.model.eval().encode_image(images, torch.zeros(len(scenes), dtype=torch.long)).scene_logits
+    logp = logp.log_softmax(-1)  # (N, P, C)
+    grid = math.isqrt(logp.shape[1])
+    cell = patch_labels(torch.arange(4)[None], grid)[0]  # the cell of each patch
+    per_cell = torch.stack([logp[:, cell == c].sum(1) for c in range(4)], 1).argmax(-1)  # (N, 4)
+    want = torch.from_numpy(np.stack([s.cell_labels() for s in scenes]))
+    held = want > 0
+    return {"cells_right": 100 * (per_cell == want).float().mean().item(),
+            "items_right": 100 * (per_cell == want)[held].float().mean().item()}
 
 
 def train(preset: str, overrides: list[str], out: Path, minutes: float, name: str,
