@@ -340,3 +340,26 @@ def test_the_scene_loss_is_refused_in_one_line_off_the_scenes_corpus():
     with pytest.raises((DiffLMError, ValueError), match="scene_loss") as e:
         build_components(run, train_char(["abc"]))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_both_image_stems_cut_the_image_into_one_feature_per_patch(patch):
+    """model.image_stem conv3 (default) and deep: (B, 1, 64, 64) -> one feature per patch of the (64/patch)² grid,
+    whose feature depends only on the pixels of its own patch and the few around it (the stem's receptive field),
+    not on a far corner; an unknown stem is a one-line config error."""
+    from difflm.components import build_components
+    from difflm.data.tokenizers import train_char
+
+    for stem in ("conv3", "deep"):
+        torch.manual_seed(0)
+        model, _ = build_components(scenes_run("masked", 1, items="2-4",
+                                               model={"image_stem": stem, "patch_size": patch}), train_char(["abc"]))
+        x = torch.rand(2, 1, 64, 64)
+        h = model.image_stem(x)
+        assert h.shape == (2, 64, 64 // patch, 64 // patch)
+        y = x.clone()
+        y[:, :, -4:, -4:] = 0  # the bottom-right corner: only the last patch (and its neighbours') features move
+        moved = (model.image_stem(y) - h).abs().amax((0, 1)) > 0
+        assert moved[-1, -1] and not moved[0, 0]
+    with pytest.raises(DiffLMError, match="image_stem"):
+        scenes_run("masked", 1, model={"image_stem": "vgg"})
