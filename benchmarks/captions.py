@@ -17,6 +17,8 @@ masked-adapt: the AR captioner trained for --adapt-at minutes, then adapted to t
 the wall time (AR→diffusion adaptation; the AR minutes count); block-adapt: the same to BD3-LM (blocks of 4, decoded
 block by block, and by Fast-dLLM v2's threshold). Masked and edit captioners also start from the AR
 captioner's captions (``caption(draft_from=)``, DiffusER's AR bootstrap) when <out>/autoregressive exists.
+With model.scene_loss (``--set model.scene_loss=1``) each row also reports the % of test cells and of items whose
+content the scene head names (``cells_right``, ``items_right``).
 masked-len: the masked captioner with Mask-Predict's predicted length; masked-glat: on GLAT's glancing masks
 (masked-glat-mix: half its rows masked at a random rate instead).
 Writes <out>/results.json and a grid of test scenes with the AR and the best diffusion captions (--png).
@@ -352,11 +354,12 @@ def main() -> None:
         grid(scenes, shown, a.png or a.out / "grid.png")
     print(f"\n{out['date']}, {out['machine']}, {a.minutes:g} min of training each, {a.test} test scenes\n")
     print("| model | fact P | fact R | fact F1 | F1, 2 items | exact | parsed | BLEU | NFE | s/caption | train steps "
-          "|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| items named by the scene head |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in out["rows"]:
+        head = f"{r['items_right']:.1f}" if "items_right" in r else ""
         print(f"| {r['model']} | {r['fact_precision']:.1f} | {r['fact_recall']:.1f} | {r['fact_f1']:.1f} | "
               f"{r['fact_f1_2items']:.1f} | {r['exact']:.1f} | {r['parsed']:.1f} | {r['bleu']:.1f} | "
-              f"{r['nfe']:.1f} | {r['s_per_caption']:.4f} | {r['train_steps']} |")
+              f"{r['nfe']:.1f} | {r['s_per_caption']:.4f} | {r['train_steps']} | {head} |")
 
 
 if __name__ == "__main__":
