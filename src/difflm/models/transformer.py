@@ -57,6 +57,9 @@ class TransformerConfig(BackboneConfig):
         "features (starts at RMS 0.02 against features of about 0.5, so it is learned slowly); sincos2d: that table "
         "plus fixed 2D sin-cos positions at the features' scale (row in half the width, column in the other; "
         "MAE's), so 'left of' and 'above' can be read from the first step")
+    image_positions_out: bool = option(False, "captioning: add the fixed 2D sin-cos positions (image_positions "
+                                       "sincos2d) again to the encoder's output, so the decoder's cross-attention "
+                                       "reads each patch's place whatever the encoder blocks did with it")
     image_stem: typing.Literal["conv3", "deep"] = option(
         "conv3", "captioning: the CNN stem that cuts the image into patch features. conv3: two stride-2 3×3 "
         "convolutions and a patch_size/4 one (Xiao et al. 2021's convolutional stem, ~4M multiply-adds on a 64×64 "
@@ -417,6 +420,9 @@ class Transformer(Backbone):
             self.patch_pos = nn.Parameter(torch.zeros(n, cfg.d_model))  # learned 2D positions, with rotary's 1D ones
             if cfg.image_positions == "sincos2d":
                 self.register_buffer("patch_sincos", sincos_2d(cfg.image_size // cfg.patch_size, d), persistent=False)
+            if cfg.image_positions_out and cfg.image_positions != "sincos2d":
+                raise ValueError("model.image_positions_out adds the fixed 2D positions again: set "
+                                 "model.image_positions: sincos2d")
             if cfg.scene_loss:  # each patch's state -> what its cell holds (model.scene_loss)
                 from ..data.scenes import N_CELL_LABELS
 
@@ -563,6 +569,8 @@ class Transformer(Backbone):
         if self.length_head is not None:
             length = self.length_head(h.mean(1)).float()  # the caption's length from the pooled image
         scene = self.scene_head(h).float() if self.cfg.scene_loss else None
+        if self.cfg.image_positions_out:
+            h = h + self.patch_sincos.to(h.dtype)
         return Memory(h, mask, start, length_logits=length, rotary=False, scene_logits=scene)
 
     def target_view(self, start: Tensor, offset: int, L: int, cache: KVCache | None, attn_mask: Tensor | None = None,
