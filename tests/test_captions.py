@@ -363,3 +363,25 @@ def test_both_image_stems_cut_the_image_into_one_feature_per_patch(patch):
         assert moved[-1, -1] and not moved[0, 0]
     with pytest.raises(DiffLMError, match="image_stem"):
         scenes_run("masked", 1, model={"image_stem": "vgg"})
+
+
+def test_image_positions_out_adds_the_fixed_2d_table_to_the_encoders_output():
+    """model.image_positions_out: the encoder's output states are those of the same weights without it plus MAE's
+    fixed 2D table (the scene head reads the states before it); without sincos2d positions it is refused."""
+    from difflm.components import build_components
+    from difflm.data.tokenizers import train_char
+    from difflm.models.transformer import sincos_2d
+
+    images, start = torch.rand(3, 1, 64, 64), torch.zeros(3, dtype=torch.long)
+    out = {}
+    for again in (False, True):
+        torch.manual_seed(0)
+        model, _ = build_components(scenes_run("masked", 1, items="2-4", model={
+            "image_positions": "sincos2d", "image_positions_out": again, "scene_loss": 1.0}), train_char(["abc"]))
+        with torch.no_grad():
+            out[again] = model.eval().encode_image(images, start)
+    torch.testing.assert_close(out[True].states - out[False].states, sincos_2d(4, 64).expand(3, -1, -1))
+    torch.testing.assert_close(out[True].scene_logits, out[False].scene_logits)
+    with pytest.raises((DiffLMError, ValueError), match="image_positions_out"):
+        build_components(scenes_run("masked", 1, items="2-4", model={"image_positions_out": True}),
+                         train_char(["abc"]))
