@@ -130,8 +130,7 @@ def score(lm: DiffusionLM, scenes, guidance: float, **decoder) -> dict:
     m = caption_metrics(preds, scenes)
     m2 = caption_metrics([preds[i] for i in two], [scenes[i] for i in two]) if two else {"fact_f1": float("nan")}
     return {**m, "fact_f1_2items": m2["fact_f1"], "bleu": sacrebleu.corpus_bleu(preds, refs).score,
-            "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_caption": sec, "predictions": preds,
-            **cells_right(lm, scenes)}
+            "nfe": sum(o.nfe for o in outs) / len(outs), "s_per_caption": sec, "predictions": preds}
 
 
 def cells_right(lm: DiffusionLM, scenes) -> dict:
@@ -285,6 +284,7 @@ def main() -> None:
             continue
         lm = DiffusionLM.from_pretrained(d, device="cpu")
         scenes = scenes_for(lm.run.data, "test")[: a.test]
+        head = cells_right(lm, scenes)  # the model's, the same for every decoder row
         # AR's first rows draw each token (temperature 1), as the presets did until 2026-12-05, so they mean the same
         # in every run folder; then greedy (the preset's default since) and beam search
         drawn = {"sampler_options": {"greedy": False}} if lm.process.family == "autoregressive" else {}
@@ -333,7 +333,7 @@ def main() -> None:
         for label, w, kw in decoders:
             if a.rows and not any(r in label for r in re.split(r",(?! )", a.rows)):
                 continue
-            r = score(lm, scenes, w, **kw)
+            r = {**score(lm, scenes, w, **kw), **head}
             name = f"{d.name}{label}"
             preds_by[name] = r.pop("predictions")
             row = {"model": name, "sampler": kw.get("sampler", lm.run.sample.sampler),  # NFE: the refiner's only
