@@ -214,21 +214,27 @@ def test_clean_causal_mask_by_hand():
     assert torch.equal(process("masked", attention="clean-causal-masks").clean_causal_mask(xt)[0, 0], want)
 
 
+@pytest.mark.parametrize("backbone", ["transformer", "llama"])
 @pytest.mark.parametrize("attention", ["clean-causal", "clean-causal-masks", "full"])
-def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_parent(attention):
-    """A causal (AR) transformer and the same weights as a shifted bidirectional masked denoiser: on a clean prefix
+def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_parent(attention, backbone):
+    """A causal (AR) network and the same weights as a shifted bidirectional masked denoiser: on a clean prefix
     followed by [MASK]s, clean-causal attention predicts the first [MASK] as the parent predicts the next token
-    (and reads the prefix as it does); full attention lets the prefix read the [MASK]s, and the prediction moves."""
+    (and reads the prefix as it does); full attention lets the prefix read the [MASK]s, and the prediction moves.
+    On the llama backbone this is SmolLM2's adaptation (``smollm2-135m-mdlm-cc-ptb``) at its first step."""
     from difflm.models import Transformer, TransformerConfig
 
     torch.manual_seed(0)
-    cfg = TransformerConfig(n_layer=2, n_head=2, d_model=32)
-    parent = Transformer(cfg.with_needs(BackboneNeeds(attention="causal"), V, 64))
-    with torch.no_grad():
-        for q in parent.parameters():
-            q.add_(0.1 * torch.randn_like(q))
-    child = Transformer(TransformerConfig(n_layer=2, n_head=2, d_model=32, shift=True).with_needs(
-        BackboneNeeds(attention="bidirectional"), V, 64))
+    if backbone == "llama":
+        parent = random_llama(False, attention="causal")
+        child = random_llama(True)
+    else:
+        cfg = TransformerConfig(n_layer=2, n_head=2, d_model=32)
+        parent = Transformer(cfg.with_needs(BackboneNeeds(attention="causal"), V, 64))
+        with torch.no_grad():
+            for q in parent.parameters():
+                q.add_(0.1 * torch.randn_like(q))
+        child = Transformer(TransformerConfig(n_layer=2, n_head=2, d_model=32, shift=True).with_needs(
+            BackboneNeeds(attention="bidirectional"), V, 64))
     child.load_state_dict(parent.state_dict())
     parent.eval(), child.eval()
     p = process("masked", attention=attention)
