@@ -9,7 +9,9 @@ Trains, one after another and each for ``--minutes`` of wall time (``train.max_m
 AR→diffusion adaptations of SmolLM2-135M (``smollm2-135m-mdlm-ptb``, ``smollm2-135m-bd3lm-ptb``). Then, for each:
 
 * validation NELBO per PTB **word** (the tokenizers differ: the bound in nats over the whole validation split,
-  divided by its words, one per whitespace-separated word plus one per line for PTB's end of sentence);
+  divided by its words, one per whitespace-separated word plus one per line for PTB's end of sentence); for a
+  clean-causal adaptation also the exact NLL of its left-to-right decoder (``evaluate(left_to_right=True)``),
+  the likelihood of the distribution its preset's sampler draws from;
 * generative perplexity of ``--num`` samples of 128 tokens per *word* under the AR baseline (the texts are
   re-read with its word tokenizer; a word outside PTB's vocabulary becomes <unk>) and per *token* under SmolLM2
   (biased in favour of its own descendants), with the held-out text under both judges for scale;
@@ -41,11 +43,14 @@ from difflm.pipeline import DiffusionLM
 
 RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
         "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb",
-        "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb",
+        "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
         "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
 #: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
 #: rate difflm's from-scratch presets use
-OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"]}
+OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"],
+             "smollm2-mdlm-cc-lr5e-5": ["train.lr=5e-5"]}
+#: how a run that changes its preset is named in the table
+LABELS = {"minilm-scratch-mdlm": " (random init, lr 1e-3)", "smollm2-mdlm-cc-lr5e-5": " at lr 5e-5"}
 INFILL = "the company said ___ in the third quarter ___ a year earlier"
 
 
@@ -114,7 +119,7 @@ def main() -> None:
             step_s = a.adapted_step_s * (2 if k.endswith("bd3lm") else 1)
             steps = int(a.minutes * 60 / step_s) if k.startswith("smollm2") else None
             extra = list(OVERRIDES.get(k, []))
-            if steps and k.endswith("-cc"):  # clean-causal: no annealing; warm up over a tenth of the budget
+            if steps and "-cc" in k:  # clean-causal: no annealing; warm up over a tenth of the budget
                 extra.append(f"train.warmup_steps={max(2, min(50, steps // 10))}")
             elif steps:  # attention opens over the first quarter of the budget (the preset's 200 steps need ~9 min)
                 extra.append(f"model.anneal_steps={max(10, min(200, steps // 4))}")
@@ -136,13 +141,16 @@ def main() -> None:
     for k in keys:
         lm = DiffusionLM.from_pretrained(a.out / k)
         last = last_row(a.out / k)
-        row = {"model": k, "preset": RUNS[k] + (" (random init, lr 1e-3)" if k in OVERRIDES else ""),
+        row = {"model": k, "preset": RUNS[k] + LABELS.get(k, ""),
                **{f"train_{x}": last[x] for x in ("step", "tokens", "elapsed_s", "tokens_per_s")}}
         t0 = time.perf_counter()
         ev = lm.evaluate("valid", samples=1, batch_size=16, max_batches=a.eval_batches)
         row["eval_s"] = time.perf_counter() - t0
         row["nelbo_token"], row["valid_tokens"] = ev.nelbo, ev.n_tokens
         row["nelbo_word"] = ev.nelbo * ev.n_tokens / n_words  # = total nats / words, over the whole split
+        if getattr(lm.process.options, "clean_causal", False):  # and the exact NLL of its left-to-right decoder
+            ev = lm.evaluate("valid", batch_size=16, max_batches=a.eval_batches, left_to_right=True)
+            row["nll_l2r_word"] = ev.nelbo * ev.n_tokens / n_words
         t0 = time.perf_counter()
         g = lm.generate(a.num, 128, steps=a.steps, seed=0, batch_size=a.num)
         row["sample_s"] = (time.perf_counter() - t0) / a.num
@@ -160,14 +168,16 @@ def main() -> None:
         (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
     h = results["heldout"]
     print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
-    print("| model | steps | train tokens | valid NELBO / word (nats) | gen ppl / word (AR judge) "
-          "| gen ppl / token (SmolLM2) | word entropy |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| held-out text | | | | {h['ar_judge_ppl_word']:.0f} | {h['smollm2_ppl_token']:.0f} "
+    print("| model | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "
+          "| gen ppl / word (AR judge) | gen ppl / token (SmolLM2) | word entropy |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+    print(f"| held-out text | | | | | | {h['ar_judge_ppl_word']:.0f} | {h['smollm2_ppl_token']:.0f} "
           f"| {h['word_entropy']:.2f} |")
     for r in results["rows"]:
-        print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {r['nelbo_word']:.3f} "
-              f"| {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} | {r['word_entropy']:.2f} |")
+        l2r = f"{r['nll_l2r_word']:.3f}" if "nll_l2r_word" in r else ""
+        print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {r['nelbo_word']:.3f} | {l2r} "
+              f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} "
+              f"| {r['word_entropy']:.2f} |")
 
 
 if __name__ == "__main__":

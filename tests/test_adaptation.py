@@ -254,3 +254,52 @@ def test_a_kv_cache_under_clean_causal_attention_is_a_one_line_error():
     p = process("masked", attention="clean-causal")
     with pytest.raises(DiffLMError, match="decode with --kv-cache causal"):
         p.subs_logits(random_llama(True), torch.full((1, 4), MASK), None, cache=KVCache(2))
+
+
+def test_left_to_right_nll_is_the_likelihood_of_decoding_one_token_a_call():
+    """Two routes to the same number for a clean-causal shifted llama: the log-probability of each token as the
+    left-to-right decoder meets it (the clean prefix, then all [MASK]s, read at the first [MASK]), one call per
+    token, against ``left_to_right_terms``' single teacher-forced pass (plus a [MASK] for the first token)."""
+    from difflm.data.datasets import make_batch
+
+    p = process("masked", attention="clean-causal")
+    m = random_llama(True).eval()
+    x0 = torch.randint(0, K, (3, 9), generator=torch.Generator().manual_seed(4))
+    batch = make_batch(x0, K, K + 3, "packed")
+    with torch.no_grad():
+        got = p.left_to_right_terms(m, batch)
+        want = torch.zeros_like(got)
+        for i in range(x0.shape[1]):
+            xt = torch.cat([x0[:, :i], torch.full((3, x0.shape[1] - i), MASK)], 1)
+            want[:, i] = -p.log_probs(m, xt, None)[:, i].gather(-1, x0[:, i : i + 1])[:, 0]
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(p.left_to_right_nll(m, batch), want.double().sum(-1), atol=1e-4)
+    for other, net in ((process("masked"), m), (p, random_llama(False)),  # unshifted: a clean token reads itself
+                       (process("masked", attention="clean-causal", time_conditioning=True), m)):
+        with pytest.raises(DiffLMError, match="exact only for a time-free masked model"):
+            other.left_to_right_terms(net, batch)
+
+
+def test_clean_targets_never_score_a_clean_first_position():
+    """A shifted network reads the first position's prediction off that position's own state (nothing is before
+    it), so under clean-causal attention a clean first token sees itself; process.clean_targets scores it only
+    when it is [MASK]. Every other clean position is scored, blind to its own token."""
+    from difflm.data.datasets import make_batch
+
+    p = process("masked", attention="clean-causal", loss="cmlm", clean_targets=True)
+    m = random_llama(True).eval()
+    x0 = torch.randint(0, K, (64, 10), generator=torch.Generator().manual_seed(5))
+    batch = make_batch(x0, K, K + 3, "packed")
+    batch.rows, batch.seed, batch.step = torch.arange(64), 0, 1
+    batch.u = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        terms = p.loss(m, batch)
+        xt = p.corrupt(batch, p.times(batch.u)[0])
+        own = x0.clone()
+        own[:, 0] = (x0[:, 0] + 1) % K
+        moved = p.subs_logits(m, own, None)[:, 0] - p.subs_logits(m, x0, None)[:, 0]
+    first_clean = xt[:, 0] != MASK
+    assert first_clean.any() and (~first_clean).any()
+    assert torch.all(terms[first_clean, 0] == 0) and torch.all(terms[~first_clean, 0] > 0)
+    assert torch.all(terms[:, 1:] > 0)  # every later position, clean or masked
+    assert moved[:, :K].abs().max() > 1e-3  # a clean first position's prediction reads its own token

@@ -150,3 +150,13 @@ def test_no_traceback_through_the_real_entry_point(tmp_path):
     p = subprocess.run([sys.executable, "-m", "difflm.cli", "eval", str(tmp_path / "missing")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and one_line_error(p.stderr)
+
+
+def test_left_to_right_eval_of_a_model_that_cannot_decode_that_way(capsys, markov_models):
+    """--left-to-right is exact only for a clean-causal shifted masked model: a full-attention masked model and
+    an AR model are each refused in one line naming what it needs."""
+    models, P, H, d = markov_models
+    code, err = run_cli(capsys, "eval", str(d / "masked"), "--left-to-right", "--fp32")
+    assert code == 2 and one_line_error(err) and "process.attention clean-causal" in err
+    code, err = run_cli(capsys, "eval", str(d / "ar"), "--left-to-right", "--fp32")
+    assert code == 2 and one_line_error(err) and "clean-causal masked models" in err

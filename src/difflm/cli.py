@@ -336,8 +336,9 @@ def cmd_eval(a) -> int:
         metrics = parse_metrics(a.metrics)
     lm = DiffusionLM.from_pretrained(a.run_dir)
     r = lm.evaluate(a.split, samples=a.samples, batch_size=a.batch_size, seed=a.seed, max_batches=a.max_batches,
-                    bf16=not a.fp32, progress=not a.json, all_steps=a.all_steps)
-    res = {"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict()}
+                    bf16=not a.fp32, progress=not a.json, all_steps=a.all_steps, left_to_right=a.left_to_right)
+    res = {"run": str(a.run_dir), "split": a.split, "family": lm.process.family, **r.to_dict(),
+           "order": "left-to-right" if a.left_to_right else "any"}
     if metrics:
         from .data.corpora import load_pairs
         from .evaluation.seq2seq import evaluate_seq2seq
@@ -351,7 +352,8 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"{a.run_dir} [{lm.process.family}] {a.split}: {r.summary()}")
+        order = " (decoded left to right)" if a.left_to_right else ""
+        print(f"{a.run_dir} [{lm.process.family}] {a.split}{order}: {r.summary()}")
         if metrics:
             g = res["generation"]
             shown = {k: round(v, 2) for k, v in g.items() if isinstance(v, float)}
@@ -524,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=count(0), default=0)
     e.add_argument("--all-steps", action="store_true",
                    help="D3PM: sum all T terms of the bound in each pass (T network calls) instead of one")
+    e.add_argument("--left-to-right", action="store_true",
+                   help="a clean-causal masked model (process.attention clean-causal, model.shift): the exact NLL "
+                        "of decoding it left to right one token a call (--sampler confidence --block 1), not the bound")
     e.add_argument("--metrics", default=None,
                    help="seq2seq models: also generate for the split and score, e.g. bleu,rouge,dist,self-bleu")
     e.add_argument("--limit", type=count(1), default=None, help="--metrics: first N pairs of the split only")

@@ -725,16 +725,17 @@ class DiffusionLM:
 
     def evaluate(self, split: str = "valid", *, samples: int = 4, batch_size: int = 32, seed: int = 0,
                  max_batches: int | None = None, bf16: bool = True, progress: bool = False,
-                 all_steps: bool = False) -> EvalResult:
+                 all_steps: bool = False, left_to_right: bool = False) -> EvalResult:
         """The bound (exact NLL for autoregressive) on the run's ``split`` (valid or test), on the device the
         model lives on: NELBO ± a 95% interval over ``samples`` independent time draws, perplexity, and bits
-        per character for character-level tokenizers (``evaluation.likelihood.evaluate``)."""
+        per character for character-level tokenizers (``evaluation.likelihood.evaluate``). ``left_to_right``: a
+        clean-causal masked model's exact NLL under left-to-right decoding one token a call, instead of the bound."""
         from .data import build_dataset
 
         data = build_dataset(self.run.data, self.tokenizer, split)
         return evaluate(self.model, self.process, data, n_samples=samples, batch_size=batch_size, seed=seed,
                         max_batches=max_batches, bf16=bf16, char_level=self.tokenizer.kind == "char",
-                        device=self.device, progress=progress, all_steps=all_steps)
+                        device=self.device, progress=progress, all_steps=all_steps, left_to_right=left_to_right)
 
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:

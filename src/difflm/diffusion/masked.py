@@ -173,6 +173,39 @@ class MaskedDiffusion(Process):
         terms[counted] = nll * w.float()[:, None].expand_as(x0)[counted]
         return terms
 
+    def left_to_right_terms(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Exact −log p of each modelled token (B, L) under left-to-right decoding one token a call (``confidence`` or
+        ``threshold`` with ``--block 1``, drawn at temperature 1), for a time-free ``clean-causal`` model with
+        ``model.shift`` (an AR parent adapted that way). When that decoder fills position i, the positions before it
+        are clean and i's prediction is read off position i − 1, whose state reads only the clean tokens up to it, so
+        one pass over the clean row gives every prediction the decoder makes (teacher forcing); the first position,
+        with nothing before it, is predicted by a [MASK] there that reads only itself. Unlike the bound this is the
+        likelihood of the distribution that decoder samples from, not of the any-order model."""
+        self.check_left_to_right(model)
+        x0, counted = batch.tokens, batch.loss_mask
+        logp = F.log_softmax(self.subs_logits(model, x0, None), -1)
+        if counted[:, 0].any():  # the first token, from a [MASK] that reads only itself
+            logp[:, :1] = F.log_softmax(self.subs_logits(model, torch.full_like(x0[:, :1], self.mask_id), None), -1)
+        nll = -logp.gather(-1, x0[..., None])[..., 0]
+        return torch.where(counted, nll, torch.zeros_like(nll))
+
+    def check_left_to_right(self, model: nn.Module) -> None:
+        """A one-line error unless ``left_to_right_terms`` is exact for this process and network (unshifted, a
+        clean position's prediction would read its own token)."""
+        cfg = getattr(getattr(model, "module", model), "cfg", None)  # the backbone's, or a source reader's
+        if not self.options.clean_causal or self.time_conditioning or not getattr(cfg, "shift", False):
+            raise DiffLMError("the left-to-right likelihood is exact only for a time-free masked model with "
+                              "process.attention clean-causal and model.shift true; evaluate the bound instead")
+
+    def left_to_right_nll(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+        """``left_to_right_terms`` summed per sequence with the sequence terms (−log p(length)), in nats: (B,), as
+        ``nelbo`` sums the bound's (``generator`` unused: nothing is drawn)."""
+        from ..models.seq2seq import bind_source, length_terms
+
+        net = bind_source(model, self, batch.tokens, batch.images)
+        seq = self.sequence_terms(batch).double() + length_terms(net, self, batch.tokens).double()
+        return self.left_to_right_terms(net, batch).double().sum(-1) + seq
+
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """The bound's terms, or with loss cmlm (Ghazvininejad et al. 2019, §3.1) each masked token's cross-entropy
         times n / m for a row of n modelled tokens of which m are masked: every row weighs its masked tokens' mean
@@ -200,6 +233,8 @@ class MaskedDiffusion(Process):
         counted = (xt == self.mask_id) & scored
         if self.options.clean_targets:  # every position up to the block's end (the positions after it are [MASK])
             counted = batch.loss_mask & ~((xt == self.mask_id) & ~scored)
+            # but not a clean first position: with nothing before it, the shift reads its prediction off its own state
+            counted[:, 0] &= xt[:, 0] == self.mask_id
         nll = F.cross_entropy(self.subs_logits(model, xt, t, select=counted), x0[counted], reduction="none")
         scale = batch.loss_mask.sum(-1).float() / counted.sum(-1).clamp_min(1).float()  # n / m per row
         terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)

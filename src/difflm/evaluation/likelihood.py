@@ -70,16 +70,24 @@ def evaluate(
     model: nn.Module, process: Process, dataset: TokenDataset, *, n_samples: int = 4, batch_size: int = 32,
     seed: int = 0, max_batches: int | None = None, bf16: bool = True, char_level: bool = False,
     device: torch.device | str = "cpu", progress: bool = False, all_steps: bool = False,
+    left_to_right: bool = False,
 ) -> EvalResult:
     """Estimate the bound over ``dataset`` K = n_samples times with independent times; each pass uses
     low-discrepancy times across its batch. Exact-likelihood processes need (and get) one pass.
     all_steps: for discrete-time families (D3PM), evaluate every one of the T terms of the bound in each
-    pass (T network calls per batch) instead of one term drawn at random."""
+    pass (T network calls per batch) instead of one term drawn at random.
+    left_to_right: a clean-causal masked model's exact NLL under left-to-right decoding one token a call
+    (``MaskedDiffusion.left_to_right_terms``), one pass, instead of the bound."""
     if all_steps and not process.discrete_time:
         raise DiffLMError(f"--all-steps applies to discrete-time families (d3pm), not to a {process.family} model")
-    nelbo = process.full_nelbo if all_steps else process.nelbo
+    if left_to_right:
+        if not hasattr(process, "left_to_right_nll"):
+            raise DiffLMError(f"--left-to-right applies to clean-causal masked models, not to a {process.family} model")
+        process.check_left_to_right(model)
+    nelbo = process.left_to_right_nll if left_to_right else process.full_nelbo if all_steps else process.nelbo
+    exact = process.exact_likelihood or left_to_right
     model.eval()
-    K = 1 if process.exact_likelihood else max(1, n_samples)
+    K = 1 if exact else max(1, n_samples)
     N = len(dataset)
     n_batches = math.ceil(N / batch_size)
     if max_batches is not None:
@@ -112,11 +120,11 @@ def evaluate(
         sd = math.sqrt(sum((x - mean) ** 2 for x in totals) / (K - 1))
         half = t_quantile_975(K - 1) * sd / math.sqrt(K)
     else:
-        half = 0.0 if process.exact_likelihood else None  # exact: no Monte-Carlo error; else unknown
+        half = 0.0 if exact else None  # exact: no Monte-Carlo error; else unknown
     ln2 = math.log(2)
     return EvalResult(
         nelbo=mean, ci95=half, ppl=math.exp(mean), ppl_low=None if half is None else math.exp(mean - half),
         ppl_high=None if half is None else math.exp(mean + half), bpc=mean / ln2 if char_level else None,
         bpc_ci95=None if half is None or not char_level else half / ln2, n_tokens=n_tokens, n_sequences=n_seq,
-        n_samples=K, exact=process.exact_likelihood, per_sample=totals, bound=process.has_bound,
+        n_samples=K, exact=exact, per_sample=totals, bound=process.has_bound,
     )
