@@ -1040,3 +1040,28 @@ def test_stopping_at_eos_keeps_every_translation_and_saves_calls():
         assert all(s.nfe <= f.nfe for s, f in zip(short, full))
         if opts:  # in blocks some row ends before its last block
             assert sum(s.nfe for s in short) < sum(f.nfe for f in full), [o.prediction for o in full]
+
+
+@pytest.mark.parametrize("encoder", [True, False])
+def test_left_to_right_nll_of_a_seq2seq_model_follows_its_decoder(encoder):
+    """A clean-causal shifted seq2seq model (encoder-decoder, or one stream with the source as prefix): the exact
+    NLL of left-to-right decoding equals the decoder's own calls, one per target position, each made with the
+    source and the target before it clean and the rest [MASK] — the source is never scored."""
+    from difflm.data.datasets import make_batch
+    from difflm.models.seq2seq import bind_source
+
+    tok, net, proc, _ = cache_model(2, True, encoder, attention="clean-causal")
+    x = rows(tok, [("abcd", "efgh ij"), ("ab", "cdefg"), ("a", "bcdefghijk")], L=20)
+    batch = make_batch(x, tok.pad_id, tok.eos_id, "pairs", tok.bos_id)
+    with torch.no_grad():
+        got = proc.left_to_right_nll(net, batch)
+        want = torch.zeros(3, dtype=torch.float64)
+        pos = torch.arange(x.shape[1])
+        for i in range(x.shape[1]):
+            at = batch.loss_mask[:, i]
+            if not at.any():
+                continue
+            xt = torch.where(batch.free & (pos >= i), tok.mask_id, x)
+            logp = proc.log_probs(bind_source(net, proc, xt), xt, None)[:, i]
+            want += torch.where(at, -logp.gather(-1, x[:, i : i + 1])[:, 0], 0.0).double()
+    assert not batch.loss_mask[0, :5].any() and torch.allclose(got, want, atol=1e-4)  # "abcd" and [BOS]: given
