@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -202,9 +202,13 @@ class Process(nn.Module):
 
     def nelbo(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """One-sample estimate of the negative ELBO of each sequence, in nats: (B,)."""
+        return self.sequence_nats(model, batch, lambda net: self.bound_terms(net, batch, generator=generator))
+
+    def sequence_nats(self, model: nn.Module, batch: Batch, terms_of: Callable[[nn.Module], Tensor]) -> Tensor:
+        """Per-position terms (B, L), ``terms_of`` the network bound to each row's source, summed per sequence with
+        the sequence terms (−log p(length)), in nats: (B,)."""
         from ..models.seq2seq import bind_source, length_terms
 
         net = bind_source(model, self, batch.tokens, batch.images)
-        terms = self.bound_terms(net, batch, generator=generator)
         seq = self.sequence_terms(batch).double() + length_terms(net, self, batch.tokens).double()  # −log p(length)
-        return terms.double().sum(-1) + seq
+        return terms_of(net).double().sum(-1) + seq

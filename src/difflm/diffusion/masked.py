@@ -200,11 +200,7 @@ class MaskedDiffusion(Process):
     def left_to_right_nll(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """``left_to_right_terms`` summed per sequence with the sequence terms (−log p(length)), in nats: (B,), as
         ``nelbo`` sums the bound's (``generator`` unused: nothing is drawn)."""
-        from ..models.seq2seq import bind_source, length_terms
-
-        net = bind_source(model, self, batch.tokens, batch.images)
-        seq = self.sequence_terms(batch).double() + length_terms(net, self, batch.tokens).double()
-        return self.left_to_right_terms(net, batch).double().sum(-1) + seq
+        return self.sequence_nats(model, batch, lambda net: self.left_to_right_terms(net, batch))
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """The bound's terms, or with loss cmlm (Ghazvininejad et al. 2019, §3.1) each masked token's cross-entropy
