@@ -183,11 +183,15 @@ class MaskedDiffusion(Process):
         likelihood of the distribution that decoder samples from, not of the any-order model."""
         self.check_left_to_right(model)
         x0, counted = batch.tokens, batch.loss_mask
-        logp = F.log_softmax(self.subs_logits(model, x0, None), -1)
-        if counted[:, 0].any():  # the first token, from a [MASK] that reads only itself
-            logp[:, :1] = F.log_softmax(self.subs_logits(model, torch.full_like(x0[:, :1], self.mask_id), None), -1)
-        nll = -logp.gather(-1, x0[..., None])[..., 0]
-        return torch.where(counted, nll, torch.zeros_like(nll))
+        later = counted.clone()
+        later[:, 0] = False
+        terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        terms[later] = F.cross_entropy(self.subs_logits(model, x0, None, select=later), x0[later], reduction="none")
+        first = counted[:, 0]
+        if first.any():  # the first token, from a [MASK] that reads only itself
+            logits = self.subs_logits(model, torch.full_like(x0[:, :1], self.mask_id), None)[:, 0]
+            terms[first, 0] = F.cross_entropy(logits[first], x0[first, 0], reduction="none")
+        return terms
 
     def check_left_to_right(self, model: nn.Module) -> None:
         """A one-line error unless ``left_to_right_terms`` is exact for this process and network (unshifted, a
