@@ -43,7 +43,8 @@ from difflm.pipeline import DiffusionLM
 
 RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
         "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb",
-        "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
+        "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-bd3lm-cc": "smollm2-135m-bd3lm-cc-ptb",
+        "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
         "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
 #: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
 #: rate difflm's from-scratch presets use
@@ -116,7 +117,7 @@ def main() -> None:
     for k in keys:
         if k in to_train and not a.skip_train:
             # block diffusion's training pass reads [x_t, x0]: twice the tokens per step
-            step_s = a.adapted_step_s * (2 if k.endswith("bd3lm") else 1)
+            step_s = a.adapted_step_s * (2 if "bd3lm" in k else 1)
             steps = int(a.minutes * 60 / step_s) if k.startswith("smollm2") else None
             extra = list(OVERRIDES.get(k, []))
             if steps and "-cc" in k:  # clean-causal: no annealing; warm up over a tenth of the budget
@@ -148,7 +149,7 @@ def main() -> None:
         row["eval_s"] = time.perf_counter() - t0
         row["nelbo_token"], row["valid_tokens"] = ev.nelbo, ev.n_tokens
         row["nelbo_word"] = ev.nelbo * ev.n_tokens / n_words  # = total nats / words, over the whole split
-        if getattr(lm.process.options, "clean_causal", False):  # and the exact NLL of its left-to-right decoder
+        if lm.process.family == "masked" and lm.process.options.clean_causal:  # its left-to-right decoder's NLL
             ev = lm.evaluate("valid", batch_size=16, max_batches=a.eval_batches, left_to_right=True)
             row["nll_l2r_word"] = ev.nelbo * ev.n_tokens / n_words
         t0 = time.perf_counter()

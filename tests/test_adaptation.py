@@ -173,6 +173,7 @@ def test_a_pretrained_start_needs_the_checkpoints_own_tokenizer(tmp_path):
 @pytest.mark.parametrize("family, samplers", [
     ("masked", ["ancestral", "cached", "first-hitting", "remdm", "confidence", "threshold"]),
     ("block", ["block"]),
+    ("block-cc", ["block"]),  # attention clean-causal: no annealing
 ])
 def test_every_sampler_infill_and_eval_run_on_an_adapted_model(tmp_path, family, samplers):
     import math
@@ -180,9 +181,12 @@ def test_every_sampler_infill_and_eval_run_on_an_adapted_model(tmp_path, family,
     from difflm.pipeline import DiffusionLM
 
     tok = train_char(["abcdefghij klmnopqrstuvwxyz"])
-    proc = {"type": family, **({"block_size": 4} if family == "block" else {})}
+    cc = family.endswith("-cc")
+    family = family.removesuffix("-cc")
+    proc = {"type": family, **({"block_size": 4} if family == "block" else {}),
+            **({"attention": "clean-causal"} if cc else {})}
     run = RunConfig.from_dict({"model": {"type": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 16,
-                                         "d_ff": 24, "shift": True, "anneal_steps": 10},
+                                         "d_ff": 24, "shift": True, "anneal_steps": 0 if cc else 10},
                                "process": proc, "data": {"corpus": "text", "path": str(tmp_path / "t.txt"),
                                                          "seq_len": 16}})
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
@@ -246,6 +250,30 @@ def test_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_pa
     finite = torch.isfinite(got[0])  # the SUBS log-probs put -inf on [MASK] and [PAD]
     same = torch.allclose(torch.log_softmax(want[:, finite], -1), got[:, finite], atol=1e-5)
     assert same == (attention != "full")
+
+
+@pytest.mark.parametrize("attention", ["clean-causal", "full"])
+@pytest.mark.parametrize("k", [0, 2])
+def test_block_clean_causal_attention_starts_a_shifted_adaptation_exactly_at_its_ar_parent(attention, k):
+    """The block family the same way (``smollm2-135m-bd3lm-cc-ptb`` at its first step): with the clean block before
+    it and the first k positions of its own block clean, the first [MASK] of a block is predicted as the causal
+    parent predicts the next token. BD3-LM's own mask reads the clean block bidirectionally (and the noisy block
+    too), so its prediction moves."""
+    torch.manual_seed(0)
+    parent = random_llama(False, attention="causal").eval()
+    child = random_llama(True, attention="block-causal").eval()
+    child.load_state_dict(parent.state_dict())
+    p = process("block", block_size=4, attention=attention)
+    x0 = cyclic(3, 12, 2)
+    x0[:, 6] = (x0[:, 6] + 5) % K  # not the toy's rule: the parent has to read the row
+    xt = x0.clone()
+    xt[:, 4 + k:] = MASK
+    with torch.no_grad():
+        want = torch.log_softmax(parent(x0[:, :4 + k])[:, -1].float(), -1)
+        got = torch.log_softmax(p.denoiser_logits(child, xt, x0)[:, 4 + k], -1)
+    finite = torch.isfinite(got[0])
+    same = torch.allclose(torch.log_softmax(want[:, finite], -1), got[:, finite], atol=1e-5)
+    assert same == (attention == "clean-causal")
 
 
 def test_a_kv_cache_under_clean_causal_attention_is_a_one_line_error():

@@ -25,16 +25,16 @@ from difflm.training.trainer import Trainer
 V, MASK, PAD, BOS, EOS = 12, 8, 9, 10, 11
 
 
-def net(max_len: int = 32, seed: int = 0) -> Transformer:
+def net(max_len: int = 32, seed: int = 0, shift: bool = False) -> Transformer:
     torch.manual_seed(seed)
-    m = Transformer(TransformerConfig(vocab_size=V, max_len=max_len, n_layer=2, n_head=2, d_model=32))
+    m = Transformer(TransformerConfig(vocab_size=V, max_len=max_len, n_layer=2, n_head=2, d_model=32, shift=shift))
     for p in m.parameters():  # untrained but not degenerate
         p.data.normal_(0, 0.15)
     return m.eval()
 
 
-def proc(block_size: int) -> BlockDiffusion:
-    return BlockDiffusion(V, MASK, PAD, BOS, block_size=block_size, eos_id=EOS)
+def proc(block_size: int, attention: str = "full") -> BlockDiffusion:
+    return BlockDiffusion(V, MASK, PAD, BOS, block_size=block_size, eos_id=EOS, attention=attention)
 
 
 def batch(x0: torch.Tensor, seed: int = 0) -> Batch:
@@ -77,6 +77,51 @@ def test_one_pass_equals_block_by_block_and_kv_cached():
                 other[..., p.never] = -math.inf
                 torch.testing.assert_close(one[:, a : a + S], other, atol=1e-4, rtol=1e-4)
         assert cache.length == L
+
+
+def test_clean_causal_training_mask_by_hand():
+    S = 2
+    xt = torch.tensor([[3, MASK, MASK, 5]])
+    M = proc(S, "clean-causal").clean_causal_training_mask(xt)[0, 0].int()
+    want = torch.tensor([
+        # x_t: 0  1  2  3   x0: 0  1  2  3
+        [1, 0, 0, 0, 0, 0, 0, 0],  # clean x_t 0 (block 0): itself
+        [1, 1, 0, 0, 0, 0, 0, 0],  # [MASK] 1: the clean 0 of its block and itself
+        [0, 0, 1, 0, 1, 1, 0, 0],  # [MASK] 2 (block 1): itself and x0 block 0
+        [0, 0, 0, 1, 1, 1, 0, 0],  # clean 3: not the [MASK] at 2; x0 block 0
+        [0, 0, 0, 0, 1, 0, 0, 0],  # x0 causally, never x_t
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1]])
+    assert torch.equal(M, want)
+    with pytest.raises(DiffLMError, match="full or clean-causal"):
+        proc(S, "clean-causal-masks")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_clean_causal_one_pass_equals_block_by_block_and_kv_cached(shift):
+    """Under attention clean-causal the training pass over [x_t, x0] gives each block the logits it gets after its
+    clean prefix read causally, recomputed under ``clean_causal_mask`` or read from a cache the clean blocks were
+    written to causally; with model.shift a block's first token is predicted from the clean token before it."""
+    L, S = 12, 4
+    model, p = net(shift=shift), proc(S, "clean-causal")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 8, (3, L), generator=g)
+    xt = torch.where(torch.rand(3, L, generator=g) < 0.5, torch.full_like(x0, MASK), x0)
+    with torch.no_grad():
+        one = p.denoiser_logits(model, xt, x0)
+        assert not torch.allclose(one, proc(S).denoiser_logits(model, xt, x0))  # not BD3-LM's mask
+        cache = KVCache(len(model.blocks))
+        for a in range(0, L, S):
+            prefix = torch.cat([x0[:, :a], xt[:, a : a + S]], 1)
+            alone = model(prefix, attn_mask=p.clean_causal_mask(prefix))[:, a:].float()
+            stored = torch.ones(3, a, dtype=torch.bool)
+            cached = model(xt[:, a : a + S], cache=cache, store=0,
+                           attn_mask=p.clean_causal_mask(xt[:, a : a + S], stored)).float()
+            model(x0[:, a : a + S], cache=cache, attn_mask=p.clean_causal_mask(x0[:, a : a + S], stored))
+            for other in (alone, cached):
+                other[..., p.never] = -math.inf
+                torch.testing.assert_close(one[:, a : a + S], other, atol=1e-4, rtol=1e-4)
 
 
 def test_block_size_L_is_mdlm():
@@ -165,10 +210,11 @@ def prompt_cond(n: int, L: int, prompt_len: int) -> Conditioning:
     return cond
 
 
+@pytest.mark.parametrize("attention", ["full", "clean-causal"])
 @pytest.mark.parametrize("prompt_len", [0, 3, 8])
-def test_kv_cached_block_sampling_equals_uncached(prompt_len):
+def test_kv_cached_block_sampling_equals_uncached(prompt_len, attention):
     L, S = 14, 4  # a partial last block, and prompts ending inside / at the end of a block
-    model, p = net(), proc(S)
+    model, p = net(shift=attention == "clean-causal"), proc(S, attention)
     cond = prompt_cond(6, L, prompt_len)
     a = get_sampler("block", p, cache=True)(model, p, cond, steps=20, seed=7)  # 5 per block
     b = get_sampler("block", p, cache=False)(model, p, cond, steps=20, seed=7)

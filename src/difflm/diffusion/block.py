@@ -10,6 +10,11 @@ Training runs every block's term in one forward pass over the concatenation [x_t
 block-causal mask of §3.2 (Fig. 2): x_t block b sees itself and x0 blocks < b; x0 block b sees x0 blocks ≤ b
 (the keys/values that the sampler's KV cache holds). Both halves take RoPE positions 0..L−1. The network is
 time-free (as MDLM's; BD3-LM does not condition on t either).
+
+``attention: clean-causal`` keeps an AR parent's view (as the masked family's option of that name): x0 is read
+causally, and an x_t position of block b reads x0 blocks < b, the clean x_t positions of its block up to it, and
+itself. The bound and the blocks are BD3-LM's; with ``model.shift`` the first [MASK] after a clean prefix is then
+predicted exactly as the parent predicts the next token, from the first training step (no annealing).
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ class BlockOptions:
     schedule: str | dict = option("loglinear", "α(t) within a block (as process.type masked)")
     clip: list[float] | None = option(None, "[β, ω]: train on t ~ U[β, ω] only (BD3-LM §4 clipped schedule)")
     time_conditioning: bool = option(False, "must stay false: BD3-LM's network is time-free")
+    attention: str = option("full", "full: an x_t block reads all of itself and the clean blocks before it (BD3-LM); "
+                            "clean-causal: the clean tokens are read causally, and a position of the noisy block "
+                            "reads the clean blocks before it, the clean positions of its block up to it and itself, "
+                            "so an AR parent adapted with model.shift predicts the first [MASK] after a clean prefix "
+                            "as it did (the block sampler's calls and KV cache follow the same mask)")
+
+    @property
+    def clean_causal(self) -> bool:
+        """Whether clean positions are read causally and a [MASK] reads only the clean positions before it."""
+        return self.attention == "clean-causal"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("full", "clean-causal"):
+            raise DiffLMError(f"process.attention must be full or clean-causal for block diffusion, "
+                              f"got {self.attention!r}")
 
 
 @register_family
@@ -83,6 +103,18 @@ class BlockDiffusion(MaskedDiffusion):
         t0 = blk[None, :] < blk[:, None]
         return torch.cat([torch.cat([tt, t0], 1), torch.cat([torch.zeros_like(tt), block_causal(blk, blk)], 1)], 0)
 
+    def clean_causal_training_mask(self, xt: Tensor) -> Tensor:
+        """``attention: clean-causal``'s mask over [x_t, x0] (B, 1, 2L, 2L): an x_t query of block b reads x0 blocks
+        < b and, in its own block, the clean x_t keys up to it and itself (``clean_causal_mask`` within the block);
+        x0 is read causally (the parent's view, and the keys the sampler's cache holds); x0 never sees x_t."""
+        B, L = xt.shape
+        blk = self.blocks_of(L, xt.device)
+        same = blk[:, None] == blk[None, :]
+        tt = self.clean_causal_mask(xt)[:, 0] & same[None]
+        t0 = (blk[None, :] < blk[:, None]).expand(B, L, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=xt.device).tril().expand(B, L, L)
+        return torch.cat([torch.cat([tt, t0], -1), torch.cat([torch.zeros_like(tt), causal], -1)], 1)[:, None]
+
     def preceding(self, L: int, device=None) -> Tensor:
         """For each of the 2L positions of [x_t, x0], the one holding its preceding token as the network should
         read it (a shifted backbone predicts token i from there): inside a block the previous x_t position, for
@@ -97,7 +129,8 @@ class BlockDiffusion(MaskedDiffusion):
         B, L = xt.shape
         pos = torch.arange(L, device=xt.device)
         sel = None if select is None else torch.cat([select, torch.zeros_like(select)], 1)
-        out = model(torch.cat([xt, x0], 1), attn_mask=self.training_mask(L, xt.device),
+        mask = self.clean_causal_training_mask(xt) if self.options.clean_causal else self.training_mask(L, xt.device)
+        out = model(torch.cat([xt, x0], 1), attn_mask=mask,
                     positions=torch.cat([pos, pos]), select=sel, prev=self.preceding(L, xt.device)).float()
         if select is None:
             out = out[:, :L]

@@ -11,8 +11,10 @@ pass over [clean block b−1, x_t block b] with the block-causal mask, keeping o
 ``cache`` every call recomputes the whole prefix under the block-causal mask. Both give the same tokens, in
 bf16 too: both attend over a static cache of L key slots (the unwritten ones masked; the recomputing route
 uses a throwaway one), so every attention row sums over L keys in both and the kernels add in the same order.
-With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the row becomes [PAD] and the
-row makes no more calls (variable-length generation).
+Under ``process.attention: clean-causal`` every route uses that mask instead (the prefix read causally, a
+position of the block reading the clean positions up to it and itself), per row since it depends on which
+positions are still [MASK]. With ``stop_at_eos`` a row ends at the first [EOS] it generates: the rest of the
+row becomes [PAD] and the row makes no more calls (variable-length generation).
 
 ``greedy`` takes each unmasked position's most probable token (temperature 0). ``threshold`` τ > 0 replaces the
 ancestral steps by Fast-dLLM v2's parallel decoding (arXiv 2509.26328, with Fast-dLLM's threshold rule,
@@ -71,7 +73,7 @@ class BlockSampler(Sampler):
                    cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
         """log p_θ(x0 | block [a, e) of x, clean x[:, :a]) for rows ``idx``: (n, e − a, V) float32. With a
         cache holding x[:, :committed], the positions [committed, a) are written to it in the same call."""
-        S = process.block_size
+        S, cc = process.block_size, process.options.clean_causal
         if len(idx) < x.shape[0]:  # an encoder-decoder reads the sources of these rows only
             model = on_rows(model, idx)
         if cache is None:  # the whole prefix, block-causal, in a throwaway static cache of the row's length
@@ -80,16 +82,23 @@ class BlockSampler(Sampler):
             sel = torch.zeros_like(xs, dtype=torch.bool)
             sel[:, a:e] = True
             scratch = KVCache(len(model.blocks), capacity=x.shape[1])
-            out = model(xs, attn_mask=block_causal(blk, blk), select=sel, cache=scratch).view(len(idx), e - a, -1)
+            mask = process.clean_causal_mask(xs) if cc else block_causal(blk, blk)
+            out = model(xs, attn_mask=mask, select=sel, cache=scratch).view(len(idx), e - a, -1)
         elif committed < a:  # fused: write the finished block(s) [committed, a) and denoise [a, e)
             assert len(idx) == x.shape[0], "the cache is written for every row at once"
             blk = torch.arange(committed, e, device=x.device) // S
-            mask = torch.cat([torch.ones(e - committed, committed, dtype=torch.bool, device=x.device),
-                              block_causal(blk, blk)], 1)
-            out = model(x[:, committed:e], attn_mask=mask, cache=cache, store=a - committed)[:, a - committed:]
-        else:  # the cache holds the prefix: the block attends to it and to itself
+            new = x[:, committed:e]
+            if cc:  # every stored key, then the clean ones up to each query and itself
+                mask = process.clean_causal_mask(new, torch.ones_like(x[:, :committed], dtype=torch.bool))
+            else:
+                mask = torch.cat([torch.ones(e - committed, committed, dtype=torch.bool, device=x.device),
+                                  block_causal(blk, blk)], 1)
+            out = model(new, attn_mask=mask, cache=cache, store=a - committed)[:, a - committed:]
+        else:  # the cache holds the prefix: the block attends to it and to itself (clean-causal: as above)
             view = cache if len(idx) == x.shape[0] else cache.rows(idx)
-            out = model(x[idx, a:e], cache=view, store=0)
+            new = x[idx, a:e]
+            mask = process.clean_causal_mask(new, torch.ones_like(x[idx, :a], dtype=torch.bool)) if cc else None
+            out = model(new, cache=view, store=0, attn_mask=mask)
         out = out.float()
         out[..., process.never] = -float("inf")
         return F.log_softmax(out, dim=-1)
