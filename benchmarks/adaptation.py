@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/adaptation"))
     ap.add_argument("--eval-batches", type=int, default=None, help="cap the validation batches (smoke runs)")
     ap.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    ap.add_argument("--block-orders", default="random",
+                    help="block rows: sample with each of these block sampler orders (random, left-to-right, "
+                    "confidence), one table row each")
     ap.add_argument("--adapted-step-s", type=float, default=2.6,
                     help="seconds per SmolLM2 step here, to end its cosine schedule with the time")
     a = ap.parse_args()
@@ -149,24 +152,26 @@ def main() -> None:
         row["eval_s"] = time.perf_counter() - t0
         row["nelbo_token"], row["valid_tokens"] = ev.nelbo, ev.n_tokens
         row["nelbo_word"] = ev.nelbo * ev.n_tokens / n_words  # = total nats / words, over the whole split
-        if lm.process.family == "masked" and lm.process.options.clean_causal:  # its left-to-right decoder's NLL
+        if getattr(lm.process.options, "clean_causal", False):  # its left-to-right decoder's exact NLL
             ev = lm.evaluate("valid", batch_size=16, max_batches=a.eval_batches, left_to_right=True)
             row["nll_l2r_word"] = ev.nelbo * ev.n_tokens / n_words
-        t0 = time.perf_counter()
-        g = lm.generate(a.num, 128, steps=a.steps, seed=0, batch_size=a.num)
-        row["sample_s"] = (time.perf_counter() - t0) / a.num
-        row["sampler"] = f"{lm.run.sample.sampler or lm.process.default_sampler} {lm.run.sample.options or ''}".strip()
-        row["nfe"] = float(g.nfe.float().mean())
-        texts = [t.strip() for t in g.texts]
-        row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
-        row["smollm2_ppl_token"] = scorer.perplexity(texts)
-        row["word_entropy"] = word_entropy(texts)
-        row["samples"] = texts[:3]
         if lm.process.family == "masked":
             row["infill"] = lm.infill(INFILL, span_tokens=6, seed=0, num=2)
-        results["rows"].append(row)
-        print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
-        (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
+        options = lm.run.sample.options or {}
+        for order in a.block_orders.split(",") if lm.process.family == "block" else [None]:
+            opts = options if order in (None, "random") else {**options, "order": order}
+            t0 = time.perf_counter()
+            g = lm.generate(a.num, 128, steps=a.steps, seed=0, batch_size=a.num, sampler_options=opts)
+            row = {**row, "sample_s": (time.perf_counter() - t0) / a.num, "nfe": float(g.nfe.float().mean()),
+                   "sampler": f"{lm.run.sample.sampler or lm.process.default_sampler} {opts or ''}".strip()}
+            texts = [t.strip() for t in g.texts]
+            row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
+            row["smollm2_ppl_token"] = scorer.perplexity(texts)
+            row["word_entropy"] = word_entropy(texts)
+            row["samples"] = texts[:3]
+            results["rows"].append(row)
+            print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
+            (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
     h = results["heldout"]
     print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
     print("| model | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "

@@ -194,6 +194,36 @@ def test_block_sampler_matches_the_true_distribution(toy, block_size, steps):
     assert int(out.nfe.max()) <= steps  # a budget of `steps` over all blocks
 
 
+@pytest.mark.parametrize("order", ["left-to-right", "confidence"])
+def test_one_position_a_call_orders_match_the_true_distribution(toy, order):
+    """Filling one position a call, in either order, draws every token from its exact conditional: the true
+    distribution, in the block's S calls whatever the step budget."""
+    seqs, p, exact = toy
+    pr = toy_proc(3)
+    out = get_sampler("block", pr, cache=False, order=order)(ExactBlockDenoiser(exact), pr,
+                                                            Conditioning.unconditional(6000, TOY_L), steps=1, seed=1)
+    assert chi2_gof(out.tokens, seqs, p) > 1e-3
+    assert int(out.nfe.max()) == TOY_L
+
+
+def test_left_to_right_order_on_a_clean_causal_model_is_its_left_to_right_decoder():
+    """Two routes: greedy block sampling in order left-to-right on a shifted clean-causal model takes, at each
+    position, the argmax of the prediction the masked family's left-to-right decoder reads there (the clean prefix,
+    then [MASK]s), so ``difflm eval --left-to-right`` is the likelihood of what this order samples."""
+    L, S = 10, 4
+    model, p = net(shift=True), proc(S, "clean-causal")
+    cond = Conditioning.unconditional(4, L, fill=MASK)
+    cond.tokens[:, 0] = torch.tensor([1, 2, 3, 4])
+    cond.fixed[:, 0] = True
+    with torch.no_grad():
+        x = get_sampler("block", p, order="left-to-right", greedy=True)(model, p, cond, steps=1, seed=0).tokens
+        for i in range(1, L):
+            xt = torch.cat([x[:, :i], torch.full((4, L - i), MASK)], 1)
+            assert torch.equal(p.subs_logits(model, xt, None)[:, i].argmax(-1), x[:, i]), i
+    with pytest.raises(DiffLMError, match="leave order at random"):
+        get_sampler("block", p, order="confidence", threshold=0.9)
+
+
 def test_one_step_per_block_of_two_is_detectably_wrong(toy):
     """Two tokens of a block drawn together in one step are independent given the prefix: the test sees it."""
     seqs, p, exact = toy

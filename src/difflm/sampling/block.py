@@ -40,6 +40,8 @@ from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
+ORDERS = ("random", "left-to-right", "confidence")
+
 
 @dataclass
 class BlockSamplerOptions:
@@ -50,6 +52,11 @@ class BlockSamplerOptions:
     threshold: float = option(0.0, "parallel decoding (Fast-dLLM v2): each call unmasks every position of the "
                               "block more probable than this, and the most confident one, with argmax tokens; the "
                               "step budget is then unused (0: BD3-LM's ancestral steps)", ge=0.0, le=1.0)
+    order: str = option("random", "which masked positions of the block a step fills. random: BD3-LM's ancestral "
+                        "steps; left-to-right: one a call, the first still masked (the block's S calls, the step "
+                        "budget unused: a clean-causal model then samples its left-to-right likelihood, "
+                        "difflm eval --left-to-right); confidence: one a call, the one whose most probable token is "
+                        "most probable. The token is drawn at the temperature (or taken greedily)")
 
 
 @register_sampler
@@ -64,10 +71,15 @@ class BlockSampler(Sampler):
         self.cache, self.stop_at_eos = bool(self.options.cache), bool(self.options.stop_at_eos)
         self.threshold = float(self.options.threshold)
         self.greedy = bool(self.options.greedy) or self.threshold > 0
+        self.order = str(self.options.order)
+        if self.order not in ORDERS:
+            raise DiffLMError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.threshold and self.order != "random":
+            raise DiffLMError("threshold decoding chooses its own positions: leave order at random")
 
     @classmethod
-    def free_of_steps(cls, options: dict) -> bool:
-        return float(options.get("threshold", 0.0)) > 0  # threshold decoding ignores the step budget
+    def free_of_steps(cls, options: dict) -> bool:  # threshold decoding and one-a-call orders ignore the budget
+        return float(options.get("threshold", 0.0)) > 0 or options.get("order", "random") != "random"
 
     def _log_probs(self, model: nn.Module, process: BlockDiffusion, x: Tensor, a: int, e: int,
                    cache: KVCache | None, committed: int, idx: Tensor) -> Tensor:
@@ -127,7 +139,8 @@ class BlockSampler(Sampler):
         # a backbone without difflm's KV cache (a wrapped Hugging Face model) recomputes the prefix: same tokens
         cache = KVCache(len(model.blocks), capacity=L) if self.cache and getattr(model, "kv_cache", True) else None
         committed = 0
-        steps = S if self.threshold else max(1, steps // -(-L // S))  # per block
+        one_a_call = self.order != "random"
+        steps = S if (self.threshold or one_a_call) else max(1, steps // -(-L // S))  # per block
         p_unmask = [float(process.unmask_probability(torch.tensor(k / steps), torch.tensor((k - 1) / steps)))
                     for k in range(steps + 1)]
         for b, a in enumerate(range(0, L, S)):
@@ -152,6 +165,11 @@ class BlockSampler(Sampler):
                     conf = logp.max(-1).values.exp().masked_fill(~masked, -1.0)
                     top = F.one_hot(conf.argmax(-1), e - a).bool() & masked
                     unmask = (masked & (conf > self.threshold)) | top
+                elif one_a_call:  # the first masked position, or the most confident one
+                    score = (-torch.arange(e - a, device=x.device, dtype=torch.float).expand_as(masked)
+                             if self.order == "left-to-right" else logp.max(-1).values)
+                    pick = score.masked_fill(~masked, -float("inf")).argmax(-1)
+                    unmask = F.one_hot(pick, e - a).bool() & masked
                 else:
                     unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
                 if unmask.any():
