@@ -25,7 +25,9 @@ step budget is not used.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,8 @@ from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
 
-ORDERS = ("random", "left-to-right", "confidence")
+Order = Literal["random", "left-to-right", "confidence"]
+ORDERS = typing.get_args(Order)
 
 
 @dataclass
@@ -52,11 +55,11 @@ class BlockSamplerOptions:
     threshold: float = option(0.0, "parallel decoding (Fast-dLLM v2): each call unmasks every position of the "
                               "block more probable than this, and the most confident one, with argmax tokens; the "
                               "step budget is then unused (0: BD3-LM's ancestral steps)", ge=0.0, le=1.0)
-    order: str = option("random", "which masked positions of the block a step fills. random: BD3-LM's ancestral "
-                        "steps; left-to-right: one a call, the first still masked (the block's S calls, the step "
-                        "budget unused: a clean-causal model then samples its left-to-right likelihood, "
-                        "difflm eval --left-to-right); confidence: one a call, the one whose most probable token is "
-                        "most probable. The token is drawn at the temperature (or taken greedily)")
+    order: Order = option("random", "which masked positions of the block a step fills. random: BD3-LM's ancestral "
+                          "steps; left-to-right: one a call, the first still masked (the block's S calls, the step "
+                          "budget unused: a clean-causal model then samples its left-to-right likelihood, "
+                          "difflm eval --left-to-right); confidence: one a call, the one whose most probable token "
+                          "is most probable. The token is drawn at the temperature (or taken greedily)")
 
 
 @register_sampler
