@@ -20,7 +20,10 @@ row becomes [PAD] and the row makes no more calls (variable-length generation).
 ancestral steps by Fast-dLLM v2's parallel decoding (arXiv 2509.26328, with Fast-dLLM's threshold rule,
 arXiv 2505.22618 §3.3): each call unmasks, with its most probable token, every masked position of the block whose
 probability exceeds τ, and at least the most confident one, so a block takes between 1 and S calls and the
-step budget is not used.
+step budget is not used. ``order`` left-to-right or confidence fills one position a call (the first masked one, or
+the one whose best token is most probable), drawn at the temperature: S calls a block, the budget unused. With an
+exact denoiser every order samples the true distribution; an adapted clean-causal model reads every prediction off
+a clean state only left to right.
 """
 
 from __future__ import annotations
