@@ -304,7 +304,7 @@ def test_left_to_right_nll_is_the_likelihood_of_decoding_one_token_a_call():
         assert torch.allclose(p.left_to_right_nll(m, batch), want.double().sum(-1), atol=1e-4)
     for other, net in ((process("masked"), m), (p, random_llama(False)),  # unshifted: a clean token reads itself
                        (process("masked", attention="clean-causal", time_conditioning=True), m)):
-        with pytest.raises(DiffLMError, match="exact only for a time-free masked model"):
+        with pytest.raises(DiffLMError, match="exact only for a time-free masked or block model"):
             other.left_to_right_terms(net, batch)
 
 

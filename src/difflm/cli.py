@@ -527,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--all-steps", action="store_true",
                    help="D3PM: sum all T terms of the bound in each pass (T network calls) instead of one")
     e.add_argument("--left-to-right", action="store_true",
-                   help="a clean-causal masked model (process.attention clean-causal, model.shift): the exact NLL "
-                        "of decoding it left to right one token a call (--sampler confidence --block 1), not the bound")
+                   help="a clean-causal masked or block model (process.attention clean-causal, model.shift): the "
+                        "exact NLL of decoding it left to right one token a call (masked: --sampler confidence --block "
+                        "1; block: --order left-to-right), not the bound")
     e.add_argument("--metrics", default=None,
                    help="seq2seq models: also generate for the split and score, e.g. bleu,rouge,dist,self-bleu")
     e.add_argument("--limit", type=count(1), default=None, help="--metrics: first N pairs of the split only")

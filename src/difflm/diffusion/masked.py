@@ -198,7 +198,7 @@ class MaskedDiffusion(Process):
         clean position's prediction would read its own token)."""
         cfg = getattr(getattr(model, "module", model), "cfg", None)  # the backbone's, or a source reader's
         if not self.options.clean_causal or self.time_conditioning or not getattr(cfg, "shift", False):
-            raise DiffLMError("the left-to-right likelihood is exact only for a time-free masked model with "
+            raise DiffLMError("the left-to-right likelihood is exact only for a time-free masked or block model with "
                               "process.attention clean-causal and model.shift true; evaluate the bound instead")
 
     def left_to_right_nll(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:

@@ -76,13 +76,14 @@ def evaluate(
     low-discrepancy times across its batch. Exact-likelihood processes need (and get) one pass.
     all_steps: for discrete-time families (D3PM), evaluate every one of the T terms of the bound in each
     pass (T network calls per batch) instead of one term drawn at random.
-    left_to_right: a clean-causal masked model's exact NLL under left-to-right decoding one token a call
+    left_to_right: a clean-causal masked or block model's exact NLL under left-to-right decoding one token a call
     (``MaskedDiffusion.left_to_right_terms``), one pass, instead of the bound."""
     if all_steps and not process.discrete_time:
         raise DiffLMError(f"--all-steps applies to discrete-time families (d3pm), not to a {process.family} model")
     if left_to_right:
         if not hasattr(process, "left_to_right_nll"):
-            raise DiffLMError(f"--left-to-right applies to clean-causal masked models, not to a {process.family} model")
+            raise DiffLMError(f"--left-to-right applies to clean-causal masked and block models, "
+                              f"not to a {process.family} model")
         process.check_left_to_right(model)
     nelbo = process.left_to_right_nll if left_to_right else process.full_nelbo if all_steps else process.nelbo
     exact = process.exact_likelihood or left_to_right
