@@ -159,4 +159,4 @@ def test_left_to_right_eval_of_a_model_that_cannot_decode_that_way(capsys, marko
     code, err = run_cli(capsys, "eval", str(d / "masked"), "--left-to-right", "--fp32")
     assert code == 2 and one_line_error(err) and "process.attention clean-causal" in err
     code, err = run_cli(capsys, "eval", str(d / "ar"), "--left-to-right", "--fp32")
-    assert code == 2 and one_line_error(err) and "clean-causal masked models" in err
+    assert code == 2 and one_line_error(err) and "clean-causal masked and block models" in err
