@@ -167,15 +167,13 @@ class BlockSampler(Sampler):
                     if cache is not None:  # the fused call (if any) has written [committed, a)
                         committed = a
                 key = b * (steps + 1) + k  # each (block, step) draws its own random numbers
-                if self.threshold:  # every masked position more than τ probable, and the most confident one
-                    conf = logp.max(-1).values.exp().masked_fill(~masked, -1.0)
-                    top = F.one_hot(conf.argmax(-1), e - a).bool() & masked
-                    unmask = (masked & (conf > self.threshold)) | top
-                elif one_a_call:  # the first masked position, or the most confident one
-                    score = (-torch.arange(e - a, device=x.device, dtype=torch.float).expand_as(masked)
-                             if self.order == "left-to-right" else logp.max(-1).values)
-                    pick = score.masked_fill(~masked, -float("inf")).argmax(-1)
-                    unmask = F.one_hot(pick, e - a).bool() & masked
+                if self.threshold or self.order == "confidence":  # the most confident masked position, and
+                    conf = logp.max(-1).values.exp().masked_fill(~masked, -1.0)  # under threshold every one above τ
+                    unmask = F.one_hot(conf.argmax(-1), e - a).bool() & masked
+                    if self.threshold:
+                        unmask |= masked & (conf > self.threshold)
+                elif one_a_call:  # left to right: the first masked position
+                    unmask = masked & (masked.long().cumsum(-1) == 1)
                 else:
                     unmask = masked & (uniform(seed, rows, key, e - a, stream=0) < p_unmask[k])
                 if unmask.any():
