@@ -198,9 +198,9 @@ def test_every_sampler_infill_and_eval_run_on_an_adapted_model(tmp_path, family,
         assert not (g.tokens == tok.mask_id).any()
         assert torch.equal(lm.generate(2, 16, steps=8, sampler=s, seed=1, batch_size=1).tokens, g.tokens)
     assert math.isfinite(lm.evaluate("valid", samples=1, max_batches=1).nelbo)
-    if family == "masked":
-        assert lm.infill("the ___ fox", span_tokens=3)[0].startswith("the ")
-    else:
+    filled = lm.infill("the ___ fox", span_tokens=3, candidates=2)[0]
+    assert filled.startswith("the ") and filled.endswith(" fox")
+    if family == "block":
         assert lm.generate(1, 16, prompt="the quick", steps=8).texts[0].startswith("the quick")
 
 
@@ -331,3 +331,53 @@ def test_clean_targets_never_score_a_clean_first_position():
     assert torch.all(terms[first_clean, 0] == 0) and torch.all(terms[~first_clean, 0] > 0)
     assert torch.all(terms[:, 1:] > 0)  # every later position, clean or masked
     assert moved[:, :K].abs().max() > 1e-3  # a clean first position's prediction reads its own token
+
+
+def tiny_clean_causal_lm(tmp_path, family: str):
+    """An untrained SmolLM2-shaped clean-causal model (shifted, time-free) on a character tokenizer, as a folder."""
+    from difflm.pipeline import DiffusionLM
+
+    tok = train_char(["abcdefghij klmnopqrstuvwxyz"])
+    proc = {"type": family, "attention": "clean-causal", **({"block_size": 4} if family == "block" else {})}
+    run = RunConfig.from_dict({"model": {"type": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 16,
+                                         "d_ff": 24, "shift": True, "anneal_steps": 0},
+                               "process": proc, "data": {"corpus": "text", "path": str(tmp_path / "t.txt"),
+                                                         "seq_len": 16}})
+    torch.manual_seed(3)
+    model, _ = build_components(run, tok)
+    write_model_folder(tmp_path / family, model.eval(), tok, run, None)
+    return DiffusionLM.from_pretrained(tmp_path / family), tok
+
+
+def test_text_nats_of_a_clean_causal_model_is_its_left_to_right_likelihood_by_hand(tmp_path):
+    import torch.nn.functional as F
+
+    lm, tok = tiny_clean_causal_lm(tmp_path, "masked")
+    ids = tok.encode("the fox")
+    x = [*ids, tok.eos_id]  # a packed model scores the text and its [EOS]
+    want = 0.0
+    with torch.no_grad():
+        for i in range(len(x)):  # fill position i with the positions before it clean and the rest [MASK]
+            row = torch.tensor([x[:i] + [tok.mask_id] * (len(x) - i)])
+            logits = lm.process.subs_logits(lm.model, row, None)[0, i]
+            want -= float(F.log_softmax(logits.double(), -1)[x[i]])
+    got = lm.text_nats([ids])
+    assert got.shape == (1,) and got.dtype == torch.float64
+    assert abs(float(got[0]) - want) < 1e-4 * len(x)
+
+
+@pytest.mark.parametrize("family", ["masked", "block"])
+def test_infill_candidates_keep_the_most_likely_whole_text(tmp_path, family):
+    """Version i of an infill with c candidates is the likeliest (``text_nats``, exact left to right here) of
+    the fills in rows i·c … i·c + c − 1, which are what ``num`` = versions × c draws without ranking."""
+    import math
+
+    lm, tok = tiny_clean_causal_lm(tmp_path, family)
+    text = "a ___ fox[MASK]s"  # 12 tokens + [EOS]: not whole blocks of 4 when scored
+    c = 3
+    kept = lm.infill(text, span_tokens=4, num=2, candidates=c, seed=4, steps=8)
+    drawn = lm.infill(text, span_tokens=4, num=2 * c, seed=4, steps=8)
+    nats = lm.text_nats([lm.encode_text(t) for t in drawn]).view(2, c)
+    assert len(set(drawn)) > 2  # the ranking has something to choose between
+    assert kept == [drawn[i * c + int(nats[i].argmin())] for i in range(2)]
+    assert all(math.isfinite(s["nats"]) for s in lm.score(["the fox", "a"]))  # block rows topped up with [MASK]s

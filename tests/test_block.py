@@ -311,12 +311,20 @@ def test_stop_at_eos_ends_rows_without_changing_what_came_before():
     assert 0 < ended < 12
 
 
-def test_block_sampler_refuses_gaps_and_other_families_refuse_it():
+def test_block_sampler_keeps_given_tokens_after_gaps_and_other_families_refuse_it():
     model, p = net(), proc(4)
-    cond = Conditioning.unconditional(2, 8, fill=MASK)
+    cond = Conditioning.unconditional(3, 12, fill=MASK)
     cond.fixed[:, 5] = True
-    with pytest.raises(DiffLMError, match="continue a prompt but not fill gaps"):
-        get_sampler("block", p)(model, p, cond, steps=2)
+    cond.tokens[:, 5] = 7
+    out = get_sampler("block", p)(model, p, cond, steps=6, seed=3).tokens
+    assert (out[:, 5] == 7).all() and not (out == MASK).any()
+    assert torch.equal(get_sampler("block", p, cache=False)(model, p, cond, steps=6, seed=3).tokens, out)
+    other = Conditioning(cond.tokens.clone(), cond.fixed.clone())
+    other.tokens[:, 5] = 2
+    moved = get_sampler("block", p)(model, p, other, steps=6, seed=3).tokens
+    assert torch.equal(moved[:, :4], out[:, :4])  # the block before the given token never reads it
+    with pytest.raises(DiffLMError, match="pad over the text after a gap"):
+        get_sampler("block", p, stop_at_eos=True)(model, p, cond, steps=6)
     with pytest.raises(DiffLMError, match="does not fit a masked model"):
         get_sampler("block", MaskedDiffusion(V, MASK, PAD))
     with pytest.raises(DiffLMError, match="does not fit a block model"):
@@ -341,7 +349,7 @@ def test_known_distribution_bound_and_variable_length_samples(markov_corpus, tmp
     assert sum(len(t) == MARKOV_L and set(t) <= set(markov.ALPHABET) for t in g.texts) >= 0.95 * 300
     assert (g.tokens[:, MARKOV_L + 1 :] == lm.tokenizer.pad_id).float().mean() > 0.95  # ended at the [EOS]
     assert markov.bigram_tv(g.texts, P) < 0.15
-    # the CLI: cached and recomputed prefixes give the same text; infilling is refused in one line
+    # the CLI: cached and recomputed prefixes give the same text; an infill keeps its text
     import json
 
     from difflm.cli import main
@@ -352,9 +360,12 @@ def test_known_distribution_bound_and_variable_length_samples(markov_corpus, tmp
                      *extra]) == 0
         outs.append(json.loads(capsys.readouterr().out)["samples"])
     assert outs[0] == outs[1] and all(len(t) == MARKOV_L for t in outs[0])
-    assert main(["infill", str(tmp_path / "bd3"), "ab___cd"]) == 2
+    assert main(["infill", str(tmp_path / "bd3"), "ab___cd", "--candidates", "4", "--json"]) == 0
+    filled = json.loads(capsys.readouterr().out)["filled"]
+    assert len(filled) == 1 and filled[0][:2] == "ab" and filled[0][-2:] == "cd" and len(filled[0]) == 8
+    assert main(["infill", str(tmp_path / "bd3"), "ab___cd", "--stop-at-eos"]) == 2
     err = capsys.readouterr().err
-    assert "not fill gaps" in err and one_line_error(err)
+    assert "pad over the text after a gap" in err and one_line_error(err)
 
 
 def blockwise_argmax(model: Transformer, p: BlockDiffusion, n: int, L: int) -> torch.Tensor:

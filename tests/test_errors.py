@@ -9,6 +9,7 @@ from conftest import markov_run, one_line_error
 
 from difflm.cli import main
 from difflm.config import load_config
+from difflm.errors import DiffLMError
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -82,12 +83,12 @@ def test_prompt_longer_than_the_model(capsys, markov_models):
     assert code == 2 and one_line_error(err) and "shorten" in err
 
 
-def test_wrong_sampler_and_ar_infill(capsys, markov_models):
+def test_wrong_sampler(capsys, markov_models):
     models, P, H, d = markov_models
     code, err = run_cli(capsys, "sample", str(d / "ar"), "--sampler", "cached")
     assert code == 2 and one_line_error(err) and "does not fit" in err
-    code, err = run_cli(capsys, "infill", str(d / "ar"), "ab[MASK]cd")
-    assert code == 2 and one_line_error(err) and "prefix" in err
+    with pytest.raises(DiffLMError, match="--candidates must be at least 1"):
+        models["ar"].infill("ab[MASK]cd", candidates=0)
     # a preset's sample.sampler that does not fit a swapped-in family is a preference, not an error
     ar = models["ar"]
     ar.run.sample.sampler = "ancestral"

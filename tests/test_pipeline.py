@@ -35,6 +35,20 @@ def test_infill_fills_with_the_right_number_of_tokens(markov_models):
     assert out.startswith("ab") and out[3:5] == "cd" and out.endswith("ef") and len(out) == 2 + 1 + 2 + 3 + 2
 
 
+def test_ar_infill_keeps_the_text_and_candidates_keep_the_likeliest_by_exact_nll(markov_models):
+    """An AR model fills a gap from the text before it (the text after is forced, never read); with candidates
+    each version is the fill whose whole text ``score`` (exact NLL, its own route) finds likeliest."""
+    models, *_ = markov_models
+    lm, c = models["ar"], 4
+    text = "abc___de[MASK]f"
+    drawn = lm.infill(text, span_tokens=3, num=2 * c, seed=9)
+    assert all(t[:3] == "abc" and t[6:8] == "de" and t[9:] == "f" and len(t) == 10 for t in drawn)
+    nats = [s["nats"] for s in lm.score(drawn)]
+    best = [min(drawn[i * c:(i + 1) * c], key=lambda t: nats[drawn.index(t)]) for i in range(2)]
+    assert lm.infill(text, span_tokens=3, num=2, candidates=c, seed=9) == best
+    assert len(set(drawn)) > 2
+
+
 def test_save_and_load_round_trip(markov_models, tmp_path):
     models, *_ = markov_models
     lm = models["masked"]

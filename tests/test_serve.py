@@ -139,6 +139,8 @@ def test_infill_seq2seq_revise_and_score(client, models):
     ("/v1/generate", {"model": "mdlm", "num": 65}, 400, "num"),
     ("/v1/generate", {"model": "mdlm", "prompt": "a" * 40}, 400, "prompt"),
     ("/v1/infill", {"model": "mdlm", "text": "no gaps"}, 400, "text"),
+    ("/v1/infill", {"model": "mdlm", "text": "a ___", "num": 9, "candidates": 8}, 400, "candidates"),
+    ("/v1/infill", {"model": "mdlm", "text": "a ___", "candidates": 0}, 422, "candidates"),
     ("/v1/revise", {"model": "mdlm", "text": "abc"}, 400, "model"),
     ("/v1/revise", {"model": "edit", "text": "abc", "beam": [0, 1]}, 400, "beam"),
     ("/v1/revise", {"model": "edit", "text": "  "}, 400, "text"),

@@ -320,7 +320,7 @@ def cmd_infill(a) -> int:
 
     lm = DiffusionLM.from_pretrained(a.run_dir)
     outs = lm.infill(a.text, span_tokens=a.span_tokens, steps=a.steps, sampler=a.sampler, seed=a.seed,
-                     temperature=a.temperature, top_p=a.top_p, num=a.num, bf16=not a.fp32,
+                     temperature=a.temperature, top_p=a.top_p, num=a.num, candidates=a.candidates, bf16=not a.fp32,
                      sampler_options=_sampler_options(a))
     print(json.dumps({"filled": outs}) if a.json else "\n".join(outs))
     return 0
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("text")
     i.add_argument("--span-tokens", type=count(1), default=4, help="tokens generated for each ___ span")
     i.add_argument("--num", type=count(1), default=1)
+    i.add_argument("--candidates", type=count(1), default=1,
+                   help="fills drawn per version; the one the model finds most likely as a whole text is kept "
+                        "(lets left-to-right samplers answer to the text after a gap)")
     _add_sampling(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_infill)

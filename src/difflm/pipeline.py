@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .components import default_device, read_model_folder, write_model_folder
 from .config import RunConfig
@@ -405,20 +406,27 @@ class DiffusionLM:
     def infill(
         self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
         seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,
-        bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
+        candidates: int = 1, bf16: bool = True, on_step: OnStep | None = None, sampler_options: dict | None = None,
     ) -> list[str]:
         """Fill each ``[MASK]`` (one token) and ``___`` (``span_tokens`` tokens) in ``text``; everything
-        else is returned byte-for-byte. Returns ``num`` filled versions."""
+        else is returned byte-for-byte. Returns ``num`` filled versions.
+
+        ``candidates`` > 1: each version is the most likely of that many fills under the model's own likelihood
+        of the whole text, gaps and the text after them (``text_nats``: exact for AR and for clean-causal models
+        read left to right, else the bound). Samplers that read only the left context (AR, block, clean-causal)
+        then still answer to the right context: sample-and-rerank infilling."""
         job = self.prepare_infill(text, span_tokens=span_tokens, steps=steps, sampler=sampler, seed=seed,
-                                  temperature=temperature, top_p=top_p, num=num, sampler_options=sampler_options)
+                                  temperature=temperature, top_p=top_p, num=num, candidates=candidates,
+                                  sampler_options=sampler_options)
         return self._sample_job(job, batch_size=16, bf16=bf16, on_step=on_step)
 
     def prepare_infill(
         self, text: str, *, span_tokens: int = 4, steps: int | None = None, sampler: str | None = None,
         seed: int = 0, temperature: float | None = None, top_p: float | None = None, num: int = 1,
-        sampler_options: dict | None = None,
+        candidates: int = 1, sampler_options: dict | None = None,
     ) -> Job:
-        """``infill``'s rows as a Job (its answer the list of filled texts), for ``run_jobs``."""
+        """``infill``'s rows as a Job (its answer the list of filled texts), for ``run_jobs``: ``num`` ×
+        ``candidates`` rows, version i's candidates in rows i·candidates … (i+1)·candidates − 1."""
         parts = GAP.split(text)
         gaps = GAP.findall(text)
         if not gaps:
@@ -441,9 +449,17 @@ class DiffusionLM:
         row, frow = self._layout(ids, fixed, self.seq_len)
         if num < 1:
             raise DiffLMError(f"--num must be at least 1, got {num}")
-        cond = Conditioning(torch.tensor([row] * num), torch.tensor([frow] * num))
+        if candidates < 1:
+            raise DiffLMError(f"--candidates must be at least 1, got {candidates}")
+        if candidates > 1 and self.run.data.mode == "pairs":
+            raise DiffLMError("--candidates ranks whole texts; this seq2seq model cannot score one: leave it at 1")
+        cond = Conditioning(torch.tensor([row] * num * candidates), torch.tensor([frow] * num * candidates))
+        n_text = len(ids)
 
         def finish(toks: torch.Tensor, nfe: torch.Tensor) -> list[str]:
+            if candidates > 1:  # keep each version's most likely candidate
+                nats = self.text_nats([r[:n_text].tolist() for r in toks]).view(num, candidates)
+                toks = toks.view(num, candidates, -1)[torch.arange(num), nats.argmin(-1)]
             outs = []
             for r in toks:
                 pieces = []
@@ -737,27 +753,68 @@ class DiffusionLM:
                         max_batches=max_batches, bf16=bf16, char_level=self.tokenizer.kind == "char",
                         device=self.device, progress=progress, all_steps=all_steps, left_to_right=left_to_right)
 
+    def _score_batch(self, ids: list[int]) -> Batch:
+        """One text's ids as the (1, L') row its score reads: a lines-mode model's padded row, or a packed model's
+        text and [EOS] as a short row; for block models the row is topped up to whole blocks with [MASK]s that are
+        never modelled (no earlier block reads them)."""
+        tok = self.tokenizer
+        self._check_length(len(ids) + 1, self.seq_len, "text")
+        row, _ = self._layout(ids, [True] * len(ids), self.seq_len)
+        if self.run.data.mode != "lines":
+            row = [*ids, tok.eos_id]
+        batch = make_batch(torch.tensor([row], device=self.device), tok.pad_id, tok.eos_id, self.run.data.mode)
+        bs = getattr(self.process, "block_size", 1)
+        if len(row) % bs:
+            top = bs - len(row) % bs
+            batch = Batch(F.pad(batch.tokens, (0, top), value=tok.mask_id), F.pad(batch.loss_mask, (0, top)),
+                          F.pad(batch.fixed, (0, top)))
+        return batch
+
+    def _left_to_right_exact(self) -> bool:
+        """True when the model's exact left-to-right likelihood is defined (a time-free clean-causal model)."""
+        if not hasattr(self.process, "left_to_right_nll"):
+            return False
+        try:
+            self.process.check_left_to_right(self.model)
+        except DiffLMError:
+            return False
+        return True
+
+    def _nats(self, ids: list[int], j: int, *, n_samples: int, seed: int, bf16: bool, left_to_right: bool) -> float:
+        """−log p of one text (the ``j``-th of a call, keying its time draws), in nats."""
+        batch = self._score_batch(ids)
+        K = 1 if self.process.exact_likelihood or left_to_right else n_samples
+        xs = Batch(batch.tokens.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
+        xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed + j)
+        with autocast(self.device, bf16):
+            nats = self.process.left_to_right_nll(self.model, xs) if left_to_right else \
+                self.process.nelbo(self.model, xs, generator=gen)
+        return float(nats.double().mean())
+
+    def _check_scorable(self) -> None:
+        if self.run.data.mode == "pairs":
+            raise DiffLMError("this is a seq2seq model: measure it with difflm eval (its bound over target tokens)")
+
+    @torch.no_grad()
+    def text_nats(self, texts: list[list[int]], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> Tensor:
+        """−log p of each token-id text, in nats (N,) float64: exact for AR, the exact left-to-right likelihood for
+        a time-free clean-causal model (``MaskedDiffusion.left_to_right_terms``), else the negative ELBO averaged
+        over ``n_samples`` low-discrepancy time draws keyed on ``seed`` and the text's index."""
+        self._check_scorable()
+        l2r = self._left_to_right_exact()
+        return torch.tensor([self._nats(ids, j, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=l2r)
+                             for j, ids in enumerate(texts)], dtype=torch.float64)
+
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:
         """Negative ELBO (exact NLL for autoregressive) of each text in nats, averaged over n_samples
         time draws: [{"nats": ..., "tokens": n, "nats_per_token": ...}]."""
-        if self.run.data.mode == "pairs":
-            raise DiffLMError("this is a seq2seq model: measure it with difflm eval (its bound over target tokens)")
+        self._check_scorable()
         out = []
         for j, text in enumerate(texts):
             ids = self.encode_text(text)
-            self._check_length(len(ids) + 1, self.seq_len, "text")
-            row, _ = self._layout(ids, [True] * len(ids), self.seq_len)
-            if self.run.data.mode != "lines":
-                row = [*ids, self.tokenizer.eos_id]  # a packed model scores the text as a short block
-            x = torch.tensor([row], device=self.device)
-            batch = make_batch(x, self.tokenizer.pad_id, self.tokenizer.eos_id, self.run.data.mode)
-            K = 1 if self.process.exact_likelihood else n_samples
-            xs = Batch(x.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
-            xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)
-            gen = torch.Generator(device=self.device).manual_seed(seed + j)
-            with autocast(self.device, bf16):
-                nats = float(self.process.nelbo(self.model, xs, generator=gen).mean())
-            n = int(batch.loss_mask.sum())
+            nats = self._nats(ids, j, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=False)
+            n = int(self._score_batch(ids).loss_mask.sum())
             out.append({"nats": nats, "tokens": n, "nats_per_token": nats / n, "ppl": math.exp(nats / n)})
         return out

@@ -46,17 +46,14 @@ class AutoregressiveSampler(Sampler):
         rows: Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
         on_step: OnStep | None = None,
     ) -> SampleOutput:
-        """Generates every free position left to right; ``steps`` is ignored (one call per token)."""
-        if not cond.is_prefix_only():
-            raise DiffLMError(
-                "an autoregressive model can only continue a prefix; use a diffusion model to fill gaps"
-            )
+        """Generates every free position left to right; ``steps`` is ignored (one call per token). A given position
+        after the prompt (an infill's text after a gap) is forced: the tokens before it never read it."""
         rows = self.default_rows(cond, rows)
         if self.options.beam > 1:
             return self._beam_search(model, process, cond, on_step)
         B, L = cond.shape
         x = cond.tokens.clone()
-        P = int(cond.fixed.sum(-1).min())  # prompt part shared by all rows, fed in one call
+        P = cond.prefix_length()  # prompt part shared by all rows, fed in one call
         cache = KVCache(len(model.blocks))
         inp = torch.cat([torch.full((B, 1), process.bos_id, device=x.device, dtype=torch.long), x[:, :P]], 1)
         nfe = torch.zeros(B, dtype=torch.long, device=x.device)
@@ -93,7 +90,7 @@ class AutoregressiveSampler(Sampler):
         k = self.options.beam
         B, L = cond.shape
         dev = cond.tokens.device
-        P = int(cond.fixed.sum(-1).min())
+        P = cond.prefix_length()
         expand = torch.arange(B, device=dev).repeat_interleave(k)  # hypothesis h of row b sits at b·k + h
         if isinstance(model, SourceReader):
             model.memory()  # encode each source once, not once per hypothesis

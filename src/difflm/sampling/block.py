@@ -24,6 +24,10 @@ step budget is not used. ``order`` left-to-right or confidence fills one positio
 the one whose best token is most probable), drawn at the temperature: S calls a block, the budget unused. With an
 exact denoiser every order samples the true distribution; an adapted clean-causal model reads every prediction off
 a clean state only left to right.
+
+Given positions anywhere in the row (an infill's text between gaps) stay as given and are read as clean tokens once
+their block is reached: a gap reads the text before it (and, in its own block, under block-causal attention, the
+given tokens after it), never the blocks after it. ``DiffusionLM.infill(candidates=N)`` lets that text choose.
 """
 
 from __future__ import annotations
@@ -130,11 +134,8 @@ class BlockSampler(Sampler):
         """``steps``: the total step budget, as for the other samplers: each of the ⌈L/S⌉ blocks gets
         max(1, steps // ⌈L/S⌉) denoising steps (and at most that many network calls); with ``threshold`` a block
         takes at most S calls, whatever ``steps``."""
-        if not cond.is_prefix_only():
-            raise DiffLMError(
-                "block diffusion generates left to right: it can continue a prompt but not fill gaps; "
-                "use a masked-diffusion model to infill"
-            )
+        if self.stop_at_eos and not cond.is_prefix_only():
+            raise DiffLMError("--stop-at-eos would pad over the text after a gap: infill without it")
         check_stop_at_eos(self.stop_at_eos, process)
         rows = self.default_rows(cond, rows, steps)
         B, L = cond.shape

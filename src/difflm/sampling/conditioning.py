@@ -49,6 +49,10 @@ class Conditioning:
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)
 
+    def prefix_length(self) -> int:
+        """The number of leading positions given in every row (what a left-to-right decoder reads in one call)."""
+        return int(self.fixed.long().cumprod(-1).sum(-1).min()) if self.fixed.numel() else 0
+
     def is_prefix_only(self) -> bool:
         """True when every row's fixed positions form a prefix (what an autoregressive model can honour)."""
         f = self.fixed.long()

@@ -3,7 +3,7 @@
     GET  /v1/models     each model: family, tokenizer, context, samplers and their options
     POST /v1/generate   {model, num, length, prompt | source, sampler, steps, seed, temperature, top_p, options,
                          guidance, stream}
-    POST /v1/infill     {model, text with [MASK] / ___, span_tokens, num, sampler, steps, seed, ..., stream}
+    POST /v1/infill     {model, text with [MASK] / ___, span_tokens, num, candidates, sampler, steps, seed, ..., stream}
     POST /v1/revise     {model, text, steps, beam: [b, r], greedy, seed}  (edit families)
     POST /v1/score      {model, texts, samples}: NELBO (exact NLL for autoregressive) per text
     GET  /v1/stats      queue length and batches run
@@ -76,6 +76,7 @@ class InfillBody(Common):
     text: str
     span_tokens: int = Field(4, ge=1)
     num: int = Field(1, ge=1)
+    candidates: int = Field(1, ge=1)  # fills per version; the most likely whole text is kept
 
 
 class ReviseBody(BaseModel):
@@ -288,12 +289,16 @@ def create_app(models: dict[str, DiffusionLM], limits: Limits | None = None, *, 
     async def infill(body: InfillBody):
         name, lm = pick(body.model)
         check(lm, body, body.num)
+        if body.num * body.candidates > lim.max_num:
+            raise ServeError(400, f"num × candidates is {body.num * body.candidates}; this server allows at most "
+                             f"{lim.max_num} rows per request", "candidates")
         if lm.process.family in EDIT_FAMILIES or lm.run.data.mode == "pairs":
             raise ServeError(400, f"model {name!r} ({lm.process.family}, {lm.run.data.mode}) does not infill",
                              "model")
         job, key = prepare(lm, lambda: lm.prepare_infill(
             body.text, span_tokens=body.span_tokens, steps=body.steps, sampler=body.sampler, seed=body.seed,
-            temperature=body.temperature, top_p=body.top_p, num=body.num, sampler_options=body.options), "text")
+            temperature=body.temperature, top_p=body.top_p, num=body.num, candidates=body.candidates,
+            sampler_options=body.options), "text")
         texts = job.finish
         job.finish = lambda toks, nfe: {"texts": texts(toks, nfe), "nfe": nfe.tolist()}
         return await run(name, lm, job, key, body.stream, lambda answer: answer)
