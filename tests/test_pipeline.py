@@ -82,6 +82,9 @@ def test_score_prefers_likely_text(markov_models):
         sc = models[key].score(["".join(s), "".join(u), likely])
         assert sc[0]["nats"] < sc[1]["nats"]
         assert all(math.isfinite(x["nats"]) and x["tokens"] > 0 for x in sc)
+        ids = [models[key].encode_text("".join(x)) for x in (s, u, s)]
+        nats = models[key].text_nats(ids)
+        assert nats[0] < nats[1] and nats[0] == nats[2]  # the bound's draws are the same for every text
 
 
 def test_prompted_generation_keeps_the_prompt(markov_models):

@@ -800,11 +800,12 @@ class DiffusionLM:
     def text_nats(self, texts: list[list[int]], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> Tensor:
         """−log p of each token-id text, in nats (N,) float64: exact for AR, the exact left-to-right likelihood for
         a time-free clean-causal model (``MaskedDiffusion.left_to_right_terms``), else the negative ELBO averaged
-        over ``n_samples`` low-discrepancy time draws keyed on ``seed`` and the text's index."""
+        over ``n_samples`` low-discrepancy time draws keyed on ``seed``, the same draws for every text (common
+        random numbers: texts are ranked by their difference, not by draw noise)."""
         self._check_scorable()
         l2r = self._left_to_right_exact()
-        return torch.tensor([self._nats(ids, j, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=l2r)
-                             for j, ids in enumerate(texts)], dtype=torch.float64)
+        return torch.tensor([self._nats(ids, 0, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=l2r)
+                             for ids in texts], dtype=torch.float64)
 
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:
