@@ -780,9 +780,8 @@ class DiffusionLM:
             return False
         return True
 
-    def _nats(self, ids: list[int], j: int, *, n_samples: int, seed: int, bf16: bool, left_to_right: bool) -> float:
-        """−log p of one text (the ``j``-th of a call, keying its time draws), in nats."""
-        batch = self._score_batch(ids)
+    def _nats(self, batch: Batch, j: int, *, n_samples: int, seed: int, bf16: bool, left_to_right: bool) -> float:
+        """−log p of one text's ``_score_batch`` (the ``j``-th of a call, keying its time draws), in nats."""
         K = 1 if self.process.exact_likelihood or left_to_right else n_samples
         xs = Batch(batch.tokens.expand(K, -1), batch.loss_mask.expand(K, -1), batch.fixed.expand(K, -1))
         xs.u = low_discrepancy_uniform(float(uniform(seed, torch.tensor([j]), 0, 1)[0, 0]), K).to(self.device)
@@ -804,8 +803,8 @@ class DiffusionLM:
         random numbers: texts are ranked by their difference, not by draw noise)."""
         self._check_scorable()
         l2r = self._left_to_right_exact()
-        return torch.tensor([self._nats(ids, 0, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=l2r)
-                             for ids in texts], dtype=torch.float64)
+        return torch.tensor([self._nats(self._score_batch(ids), 0, n_samples=n_samples, seed=seed, bf16=bf16,
+                                        left_to_right=l2r) for ids in texts], dtype=torch.float64)
 
     @torch.no_grad()
     def score(self, texts: list[str], *, n_samples: int = 16, seed: int = 0, bf16: bool = False) -> list[dict]:
@@ -814,8 +813,8 @@ class DiffusionLM:
         self._check_scorable()
         out = []
         for j, text in enumerate(texts):
-            ids = self.encode_text(text)
-            nats = self._nats(ids, j, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=False)
-            n = int(self._score_batch(ids).loss_mask.sum())
+            batch = self._score_batch(self.encode_text(text))
+            nats = self._nats(batch, j, n_samples=n_samples, seed=seed, bf16=bf16, left_to_right=False)
+            n = int(batch.loss_mask.sum())
             out.append({"nats": nats, "tokens": n, "nats_per_token": nats / n, "ppl": math.exp(nats / n)})
         return out

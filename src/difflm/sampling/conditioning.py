@@ -54,6 +54,6 @@ class Conditioning:
         return int(self.fixed.long().cumprod(-1).sum(-1).min()) if self.fixed.numel() else 0
 
     def is_prefix_only(self) -> bool:
-        """True when every row's fixed positions form a prefix (what an autoregressive model can honour)."""
+        """True when every row's fixed positions form a prefix: a continuation, with no given text after a gap."""
         f = self.fixed.long()
         return bool((f[:, 1:] <= f[:, :-1]).all())
