@@ -113,6 +113,10 @@ def main() -> None:
                     "confidence), one table row each")
     ap.add_argument("--adapted-step-s", type=float, default=2.6,
                     help="seconds per SmolLM2 step here, to end its cosine schedule with the time")
+    ap.add_argument("--decay-over-time", action="store_true",
+                    help="every trained row decays its learning rate over --minutes of training time "
+                    "(train.decay_minutes), so no step-time guess cuts a schedule short; --adapted-step-s then "
+                    "sizes only the SmolLM2 warm-up and annealing")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     keys = a.models.split(",")
@@ -129,6 +133,9 @@ def main() -> None:
                 extra.append(f"train.warmup_steps={max(2, min(50, steps // 10))}")
             elif steps:  # attention opens over the first quarter of the budget (the preset's 200 steps need ~9 min)
                 extra.append(f"model.anneal_steps={max(10, min(200, steps // 4))}")
+            if a.decay_over_time:  # the time ends the schedule; the step count only has to be out of reach
+                extra.append(f"train.decay_minutes={a.minutes}")
+                steps = 10**6
             wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, extra)
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
 
