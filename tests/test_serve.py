@@ -111,6 +111,11 @@ def test_infill_seq2seq_revise_and_score(client, models):
     r = client.post("/v1/infill", json={"model": "mdlm", "text": "ab [MASK] cd ___", "seed": 3, "span_tokens": 2})
     assert r.status_code == 200 and r.json()["texts"] == models["mdlm"].infill("ab [MASK] cd ___", seed=3,
                                                                              span_tokens=2, bf16=False)
+    ranked = {"model": "mdlm", "text": "ab ___ cd", "seed": 4, "span_tokens": 2, "num": 2, "candidates": 3}
+    want = models["mdlm"].infill("ab ___ cd", seed=4, span_tokens=2, num=2, candidates=3, bf16=False)
+    assert client.post("/v1/infill", json=ranked).json()["texts"] == want
+    ev = sse(client.post("/v1/infill", json={**ranked, "stream": True}).text)
+    assert ev[-1][0] == "done" and ev[-1][1]["texts"] == want  # 6 rows stream; the 2 kept come back
     r = client.post("/v1/generate", json={"model": "s2s", "source": "abc def", "num": 2, "seed": 1})
     lib = models["s2s"].generate_targets(["abc def"], candidates=2, mbr=False, seed=1, bf16=False)[0]
     assert r.status_code == 200 and r.json()["texts"] == lib.candidates
