@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/adaptation"))
     ap.add_argument("--eval-batches", type=int, default=None, help="cap the validation batches (smoke runs)")
     ap.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
+    ap.add_argument("--train-only", action="store_true", help="stop after training: evaluate later with "
+                    "--skip-train, alone and on every core, when runs trained at once")
     ap.add_argument("--no-bound", action="store_true", help="skip the bound (already measured): likelihoods of "
                     "decoders and samples only")
     ap.add_argument("--block-orders", default="random",
@@ -138,6 +140,8 @@ def main() -> None:
                 steps = 10**6
             wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, extra)
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
+    if a.train_only:
+        return
 
     from difflm.evaluation.external import load_scorer
 
