@@ -110,6 +110,10 @@ def test_the_playground_generates_infills_and_compares_live(server, browser, tmp
     st = press(browser, task="infill", text="ab [MASK] cd ___")
     assert st["steps"][0] >= 1 and masked(st)
     assert st["texts"][0] == models["mdlm"].infill("ab [MASK] cd ___", steps=8, seed=3, bf16=False)
+    st = press(browser, candidates=3)  # the same template, three fills, the likeliest kept
+    assert len(st["intermediate"][0][0]) == 3, st  # every candidate is watched resolving
+    assert st["texts"][0] == models["mdlm"].infill("ab [MASK] cd ___", steps=8, seed=3, candidates=3, bf16=False)
+    press(browser, candidates=1)
     st = press(browser, task="generate", text="", compare=True, model2="ar")
     assert st["texts"][0] == models["mdlm"].generate(1, steps=8, seed=3, bf16=False).texts
     assert st["texts"][1] == models["ar"].generate(1, steps=8, seed=3, bf16=False).texts
