@@ -144,3 +144,23 @@ def test_an_unwritable_token_cache_falls_back_to_a_private_one(tmp_path, capsys,
     ds = build_dataset(cfg, tok, "train")
     assert len(ds) > 0 and "cannot write the token cache" in capsys.readouterr().err
     assert np.array_equal(np.asarray(build_dataset(cfg, tok, "train").tokens), np.asarray(ds.tokens))  # found again
+
+
+def test_eos_token_given_as_a_text_that_is_one_token(tmp_path):
+    """``tokenizer.eos_token: "\\n"``: a pretrained byte-level BPE's line-break token ("Ċ") serves as [EOS], so data
+    gets the row the pretrained model already predicts at line ends; it decodes as the line break it is, and a run
+    folder's tokenizer finds it again by name. A text of more than one token is a one-line error."""
+    from difflm.errors import DiffLMError
+
+    base = train_bpe(["the cat sat\n", "on the mat\n"] * 20, 300)
+    nl = base.hf.encode("\n", add_special_tokens=False).ids
+    assert len(nl) == 1 and base.hf.id_to_token(nl[0]) == "Ċ"
+    base.hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_hf(str(tmp_path / "tokenizer.json"), eos_token="\n")
+    assert tok.eos_id == nl[0] != base.eos_id
+    assert tok.decode([*tok.encode("the cat"), tok.eos_id, *tok.encode("sat")]) == "the cat\nsat"
+    tok.save(tmp_path / "t2.json")
+    own = Tokenizer.load(tmp_path / "t2.json", "hf", special=tok.special)
+    assert own.special == tok.special
+    with pytest.raises(DiffLMError, match="no token 'the cat'"):
+        load_hf(str(tmp_path / "tokenizer.json"), eos_token="the cat")

@@ -76,8 +76,9 @@ class TokenizerConfig:
     vocab_size: int = option(8192, "bpe: vocabulary size", ge=16)
     min_count: int = option(1, "word: drop words seen fewer times", ge=1)
     path: str | None = None  # hf
-    eos_token: str | None = option(None, "hf: a token of the tokenizer that serves as end of text instead of an "
-                                   "added [EOS] (BERT's [SEP], GPT-2's <|endoftext|>)")
+    eos_token: str | None = option(None, "hf: a token of the tokenizer (or a text that is one token) that serves "
+                                   "as end of text instead of an added [EOS] (BERT's [SEP], GPT-2's <|endoftext|>, "
+                                   "\"\\n\": a pretrained model's line break)")
 
 
 @dataclass

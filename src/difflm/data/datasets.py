@@ -324,7 +324,8 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
         return build_scene_dataset(cfg, tokenizer, split)
     lines = load_pairs(cfg, split) if cfg.mode == "pairs" else load_lines(cfg, split)
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str()]).encode())
+    # the special ids too: two eos_token choices can leave the same vocabulary with a different [EOS]
+    h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str(), tokenizer.special]).encode())
     for line in lines:
         h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))
         h.update(b"\n")

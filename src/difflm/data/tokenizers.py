@@ -45,15 +45,18 @@ class Tokenizer:
                  mask_token: str | None = None) -> None:
         """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] / [MASK] when
         ``eos_token`` / ``mask_token`` name existing tokens to serve as them (a pretrained model's own: GPT-2's
-        <|endoftext|>, BERT's [SEP], LLaDA's <|mdm_mask|>)."""
+        <|endoftext|>, BERT's [SEP], LLaDA's <|mdm_mask|>), by the token or by a text that is one token ("\n")."""
         hf.no_padding()  # a tokenizer.json may carry a fixed padding/truncation (sentence encoders: 128); difflm
         hf.no_truncation()  # lays out rows itself
         self.hf, self.kind = hf, kind
         aliases = {k: v for k, v in (("eos", eos_token), ("mask", mask_token)) if v}
-        names = dict(SPECIALS, **aliases)
         for k, tok in aliases.items():
-            if hf.token_to_id(tok) is None:
-                raise DiffLMError(f"the tokenizer has no token {tok!r} to use as {SPECIALS[k]}")
+            if hf.token_to_id(tok) is None:  # a text that is one token, e.g. "\n" (byte-level BPE's "Ċ")
+                ids = hf.encode(tok, add_special_tokens=False).ids
+                if len(ids) != 1:
+                    raise DiffLMError(f"the tokenizer has no token {tok!r} to use as {SPECIALS[k]}")
+                aliases[k] = hf.id_to_token(ids[0])
+        names = dict(SPECIALS, **aliases)
         missing = [t for k, t in names.items() if k != "unk" and hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens(missing)
