@@ -127,8 +127,11 @@ class Tokenizer:
         atomic_write_text(Path(path), self.hf.to_str(pretty=True))
 
     @classmethod
-    def load(cls, path: str | Path, kind: str, special: dict[str, int] | None = None) -> Tokenizer:
-        """A saved tokenizer.json; ``special``: the ids config.json recorded (None: difflm's own tokens)."""
+    def load(cls, path: str | Path, kind: str, special: dict[str, int] | None = None,
+             eos_token: str | None = None) -> Tokenizer:
+        """A saved tokenizer.json; ``special``: the ids config.json recorded (None: difflm's own tokens);
+        ``eos_token``: the configured token that serves as [EOS] (``tokenizer.eos_token``), when no ids are recorded
+        yet (a training run's own tokenizer)."""
         path = Path(path)
         if not path.is_file():
             raise DiffLMError(f"tokenizer file {path} not found; the model folder is incomplete")
@@ -141,6 +144,8 @@ class Tokenizer:
         for k in ("eos", "mask"):
             tok = hf.id_to_token(special[k]) if special and isinstance(special.get(k), int) else None
             own[f"{k}_token"] = tok if tok not in (None, SPECIALS[k]) else None
+        if eos_token and not own["eos_token"]:
+            own["eos_token"] = eos_token
         try:
             return cls(hf, kind, **own)
         except Exception as e:

@@ -115,7 +115,7 @@ class Trainer:
     def _tokenizer(self) -> Tokenizer:
         path = self.out / "tokenizer.json"
         if self.resume:
-            return Tokenizer.load(path, self.run.tokenizer.type)
+            return Tokenizer.load(path, self.run.tokenizer.type, eos_token=self.run.tokenizer.eos_token)
         if self.dist.is_main:
             tok = build_tokenizer(self.run.tokenizer, load_lines(self.run.data, "train"))
             # a fresh start: what an earlier attempt wrote here (--overwrite, or a run killed before its first
@@ -124,7 +124,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             tok.save(path)
         barrier(self.dist)
-        return Tokenizer.load(path, self.run.tokenizer.type)
+        return Tokenizer.load(path, self.run.tokenizer.type, eos_token=self.run.tokenizer.eos_token)
 
     def _batch(self, data: TokenDataset, step: int, micro: int) -> Batch:
         """This rank's rows of micro-batch ``micro`` of global step ``step``: a pure function of the step,
