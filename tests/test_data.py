@@ -164,3 +164,26 @@ def test_eos_token_given_as_a_text_that_is_one_token(tmp_path):
     assert own.special == tok.special
     with pytest.raises(DiffLMError, match="no token 'the cat'"):
         load_hf(str(tmp_path / "tokenizer.json"), eos_token="the cat")
+
+
+def test_a_training_run_keeps_its_configured_eos_token(tmp_path):
+    """The trainer reloads the tokenizer it saved: the configured ``eos_token`` must survive that (it was lost, and
+    a new [EOS] was added instead), in the run folder's recorded ids and in the data it trained on."""
+    from difflm.config import RunConfig
+    from difflm.pipeline import DiffusionLM
+    from difflm.training.trainer import Trainer
+
+    train_bpe(["the cat sat\n", "on the mat\n"] * 20, 300).hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\nthe mat sat\n" * 30)
+    run = RunConfig.from_dict({
+        "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 16, "cache_dir": str(tmp_path / "c")},
+        "tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "\n"},
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
+        "train": {"batch_size": 4, "max_steps": 2, "eval_every": 10**6, "save_every": 10**6, "tensorboard": False,
+                  "bf16": False}})
+    Trainer(run, tmp_path / "run", progress=False).fit()
+    lm = DiffusionLM.from_pretrained(tmp_path / "run")
+    nl = lm.tokenizer.hf.token_to_id("Ċ")
+    assert lm.tokenizer.eos_id == nl and lm.tokenizer.hf.token_to_id("[EOS]") != nl
+    rows = build_dataset(lm.run.data, lm.tokenizer, "train").tokens
+    assert (np.asarray(rows) == nl).sum() > 0 and lm.tokenizer.decode(rows[0]).count("\n") >= 1
