@@ -53,7 +53,7 @@ class Tokenizer:
         for k, tok in aliases.items():
             if hf.token_to_id(tok) is None:  # a text that is one token, e.g. "\n" (byte-level BPE's "Ċ")
                 ids = hf.encode(tok, add_special_tokens=False).ids
-                if len(ids) != 1:
+                if len(ids) != 1 or hf.decode(ids, skip_special_tokens=False) != tok:  # not an unknown word's [UNK]
                     raise DiffLMError(f"the tokenizer has no token {tok!r} to use as {SPECIALS[k]}")
                 aliases[k] = hf.id_to_token(ids[0])
         names = dict(SPECIALS, **aliases)
