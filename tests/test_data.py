@@ -1,5 +1,6 @@
 """Tokenizers and datasets."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -187,3 +188,9 @@ def test_a_training_run_keeps_its_configured_eos_token(tmp_path):
     assert lm.tokenizer.eos_id == nl and lm.tokenizer.hf.token_to_id("[EOS]") != nl
     rows = build_dataset(lm.run.data, lm.tokenizer, "train").tokens
     assert (np.asarray(rows) == nl).sum() > 0 and lm.tokenizer.decode(rows[0]).count("\n") >= 1
+    # a resumed run keeps the [EOS] its folder recorded, even one trained before the setting was honoured
+    assert Trainer(run, tmp_path / "run", resume=True, progress=False)._tokenizer().eos_id == nl
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    old = Tokenizer.load(tmp_path / "run" / "tokenizer.json", "hf").eos_id  # an added [EOS], as the old trainer had
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "special": {**cfg["special"], "eos": old}}))
+    assert Trainer(run, tmp_path / "run", resume=True, progress=False)._tokenizer().eos_id == old != nl

@@ -114,8 +114,11 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------------
     def _tokenizer(self) -> Tokenizer:
         path = self.out / "tokenizer.json"
-        if self.resume:
-            return Tokenizer.load(path, self.run.tokenizer.type, eos_token=self.run.tokenizer.eos_token)
+        if self.resume:  # the ids the run folder recorded: a run trained before eos_token was honoured keeps its own
+            recorded = self.out / "config.json"
+            special = json.loads(recorded.read_text()).get("special") if recorded.is_file() else None
+            return Tokenizer.load(path, self.run.tokenizer.type, special,
+                                  eos_token=None if special else self.run.tokenizer.eos_token)
         if self.dist.is_main:
             tok = build_tokenizer(self.run.tokenizer, load_lines(self.run.data, "train"))
             # a fresh start: what an earlier attempt wrote here (--overwrite, or a run killed before its first
