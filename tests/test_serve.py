@@ -239,6 +239,28 @@ def test_run_jobs_equals_each_job_alone_for_every_kind_of_job(models):
     assert x[0].prediction == s2s.generate_targets(["abc"], seed=1, steps=4, bf16=False)[0].prediction
 
 
+def test_run_jobs_whose_rows_finish_at_different_calls(models):
+    """Samplers that draw only for the rows still running (confidence, first-hitting, the edit sampler) take each
+    row's own job seed along with it: a row batched beside one that finishes earlier gets what it gets alone. (The
+    edit sampler has the same fix; this random edit model never ends a row early, so its part checks batching only.)"""
+    lm = models["mdlm"]
+    for sampler in ("confidence", "first-hitting"):
+        # 16 free positions beside 14 and, with more calls than positions, one unmasked a call: the rows with a
+        # prompt finish two calls before the rows without
+        jobs = [lm.prepare_generate(2, steps=32, seed=11, sampler=sampler),
+                lm.prepare_generate(2, steps=32, seed=12, sampler=sampler, prompt="ab")]
+        assert len({lm.batch_key(j) for j in jobs}) == 1
+        a, b = lm.run_jobs(jobs, bf16=False)
+        assert a.texts == lm.generate(2, steps=32, seed=11, sampler=sampler, bf16=False).texts, sampler
+        assert b.texts == lm.generate(2, steps=32, seed=12, sampler=sampler, prompt="ab", bf16=False).texts, sampler
+    ed = models["edit"]
+    sources = [["abc"], ["de fgh ijk", "a"], ["mnop"]]
+    jobs = [ed.prepare_targets(src, seed=i + 1) for i, src in enumerate(sources)]
+    got = ed.run_jobs(jobs, bf16=False)
+    for i, (src, g) in enumerate(zip(sources, got)):
+        assert [o.prediction for o in g] == [o.prediction for o in ed.generate_targets(src, seed=i + 1, bf16=False)]
+
+
 def test_requests_join_a_running_batch_at_any_step_and_leave_when_done(models, monkeypatch):
     """Continuous batching: requests that arrive while a batch runs join it at the next step and leave when their
     own rows are done, each with exactly the library's text for its seed; a request whose client went away leaves

@@ -29,6 +29,14 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def seed_rows(seed: int | Tensor, idx: Tensor) -> int | Tensor:
+    """The seed(s) of the rows ``idx`` of a batch, for a sampler that draws for some rows only: one seed per row
+    (B,) is indexed with ``idx``; one seed for the batch stays as it is."""
+    if isinstance(seed, Tensor) and seed.numel() > 1:
+        return seed.reshape(-1)[idx.to(seed.device)]
+    return seed
+
+
 def uniform(seed: int | Tensor, rows: Tensor, step: int | Tensor, length: int, stream: int = 0) -> Tensor:
     """Float64 uniforms in [0, 1) with 53 random bits: (len(rows), length).
 

@@ -32,7 +32,7 @@ from ..diffusion.masked import MaskedDiffusion
 from ..errors import DiffLMError
 from ..models.transformer import KVCache
 from ..registry import option, register_sampler
-from ..rng import uniform
+from ..rng import seed_rows, uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo, check_stop_at_eos, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
@@ -336,7 +336,7 @@ class ConfidenceDecoding(Sampler):
                 tok = probs.argmax(-1)
             else:
                 probs = probs_from_logits(logp, temperature, top_p)
-                tok = sample_categorical(probs, uniform(seed, rows[idx], call, L, stream=6)[cand])
+                tok = sample_categorical(probs, uniform(seed_rows(seed, idx), rows[idx], call, L, stream=6)[cand])
             score = torch.full(cand.shape, -math.inf, dtype=torch.float64, device=x.device)
             score[cand] = self._scores(probs, tok)
             drawn = torch.full_like(x[idx], m)

@@ -21,7 +21,7 @@ from ..diffusion.edits import DELETE, KEEP, OPS, REPLACE
 from ..errors import DiffLMError
 from ..models.seq2seq import reads_source
 from ..registry import option, register_sampler
-from ..rng import uniform
+from ..rng import seed_rows, uniform
 from .base import OnStep, SampleOutput, Sampler, StepInfo, on_rows
 from .categorical import probs_from_logits, sample_categorical
 from .conditioning import Conditioning
@@ -124,9 +124,9 @@ class DiffuserSampler(Sampler):
             if self.options.keep_bias:
                 op_l[..., KEEP] += self.options.keep_bias
                 ins_l[..., 0] += self.options.keep_bias
-            r = rows[idx]
-            ops = self._draw(op_l, uniform(seed, r, k, L, stream=42)[:, :W], temperature, 1.0)
-            ins = self._draw(ins_l, uniform(seed, r, k, L, stream=43)[:, :W], temperature, 1.0)
+            r, s = rows[idx], seed_rows(seed, idx)
+            ops = self._draw(op_l, uniform(s, r, k, L, stream=42)[:, :W], temperature, 1.0)
+            ins = self._draw(ins_l, uniform(s, r, k, L, stream=43)[:, :W], temperature, 1.0)
             nfe[idx] += 1
             ys, slots, marks, gen_rows = [], [], [], []
             for j, i in enumerate(idx.tolist()):
@@ -144,7 +144,7 @@ class DiffuserSampler(Sampler):
                 sel = self._slots(slots, y.shape[1], dev)
                 mk = process.pack_marks(marks, y.shape[1], dev)
                 logits = process.gen_logits(on_rows(model, gi), y, t, sel, select=sel, marks=mk)  # (N slots, V)
-                u = uniform(seed, rows[gi], k, L, stream=44)[:, : y.shape[1]].to(dev)
+                u = uniform(seed_rows(seed, gi), rows[gi], k, L, stream=44)[:, : y.shape[1]].to(dev)
                 toks = y.clone()
                 toks[sel] = self._draw(logits, u[sel], temperature, top_p)
                 nfe[gi] += 1
