@@ -25,7 +25,7 @@ from .errors import DiffLMError
 from .evaluation.likelihood import EvalResult, evaluate
 from .models.seq2seq import bind_source, reads_source
 from .precision import autocast
-from .rng import uniform
+from .rng import seed_rows, uniform
 from .sampling import Conditioning, get_sampler, sampler_fits
 from .sampling.base import OnStep, Sampler, Trajectory
 from .sampling.guidance import ClassifierFreeGuidance
@@ -211,7 +211,8 @@ class DiffusionLM:
         N = cond.shape[0]
         for a in range(0, N, batch_size):
             idx = torch.arange(a, min(N, a + batch_size))
-            s = seed[idx].to(self.device) if isinstance(seed, torch.Tensor) else seed
+            s = seed_rows(seed, idx)
+            s = s.to(self.device) if isinstance(s, torch.Tensor) else s
             with autocast(self.device, bf16):
                 part = cond.rows(idx).to(self.device)
                 out = plan.sampler(self._guided(plan, part), self.process, part, steps=plan.steps, seed=s,
