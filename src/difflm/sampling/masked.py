@@ -140,7 +140,8 @@ class FirstHitting(Sampler):
             idx = (n > 0).nonzero().squeeze(-1)
             if len(idx) == 0:
                 break
-            u = uniform(seed_rows(seed, idx), rows[idx], j, 2, stream=4)
+            sd = seed_rows(seed, idx)
+            u = uniform(sd, rows[idx], j, 2, stream=4)
             s = self.next_time(process, t[idx], n[idx], u[:, 0])
             # the position: the ⌊u·n⌋-th masked one of the row
             k = torch.floor(u[:, 1] * n[idx]).long().clamp(max=n[idx] - 1)
@@ -151,7 +152,7 @@ class FirstHitting(Sampler):
             logp = process.log_probs(on_rows(model, idx), x[idx], s.float(), select=at)
             nfe[idx] += 1
             probs = probs_from_logits(logp, temperature, top_p)
-            u_tok = uniform(seed_rows(seed, idx), rows[idx], j, 1, stream=5)[:, 0]
+            u_tok = uniform(sd, rows[idx], j, 1, stream=5)[:, 0]
             x = x.clone()
             x[idx, pos] = sample_categorical(probs, u_tok)
             t[idx] = s
