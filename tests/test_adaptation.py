@@ -333,6 +333,29 @@ def test_clean_targets_never_score_a_clean_first_position():
     assert moved[:, :K].abs().max() > 1e-3  # a clean first position's prediction reads its own token
 
 
+def test_block_clean_targets_add_the_clean_streams_next_token_terms():
+    """Two routes to the same terms: the block family's loss with process.clean_targets is its loss without (the same
+    draws) plus, at every position but the first, the exact −log p(x0ʲ | x0^{<j}) that left-to-right decoding
+    meets (``left_to_right_terms``, its own pass over the clean row); the first position gets no next-token term."""
+    from difflm.data.datasets import make_batch
+
+    plain = process("block", block_size=4, attention="clean-causal")
+    ct = process("block", block_size=4, attention="clean-causal", clean_targets=True)
+    m = random_llama(True, attention="block-causal").eval()
+    x0 = torch.randint(0, K, (6, 12), generator=torch.Generator().manual_seed(7))
+    batch = make_batch(x0, K, K + 3, "packed")
+    batch.rows, batch.seed, batch.step = torch.arange(6), 0, 1
+    batch.u = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        a, b, l2r = plain.loss(m, batch), ct.loss(m, batch), plain.left_to_right_terms(m, batch)
+    assert (a == 0).any() and (a > 0).any()  # both clean and masked positions in the draw
+    assert torch.equal(b[:, 0], a[:, 0])
+    assert torch.all(l2r[:, 1:] > 0)
+    assert torch.allclose(b[:, 1:], a[:, 1:] + l2r[:, 1:], atol=1e-5)
+    with pytest.raises(DiffLMError, match="needs process.attention: clean-causal"):
+        process("block", block_size=4, clean_targets=True)
+
+
 def tiny_clean_causal_lm(tmp_path, family: str):
     """An untrained SmolLM2-shaped clean-causal model (shifted, time-free) on a character tokenizer, as a folder."""
     from difflm.pipeline import DiffusionLM

@@ -48,6 +48,10 @@ class BlockOptions:
                             "reads the clean blocks before it, the clean positions of its block up to it and itself, "
                             "so an AR parent adapted with model.shift predicts the first [MASK] after a clean prefix "
                             "as it did (the block sampler's calls and KV cache follow the same mask)")
+    clean_targets: bool = option(False, "attention clean-causal with model.shift: the training loss also scores the "
+                                 "clean stream x0 by the parent's own next-token loss (each x0 position but the first "
+                                 "predicts its token from the clean tokens before it), as the masked family's option "
+                                 "of that name scores clean positions; the bound (eval) is BD3-LM's alone")
 
     @property
     def clean_causal(self) -> bool:
@@ -58,6 +62,9 @@ class BlockOptions:
         if self.attention not in ("full", "clean-causal"):
             raise DiffLMError(f"process.attention must be full or clean-causal for block diffusion, "
                               f"got {self.attention!r}")
+        if self.clean_targets and not self.clean_causal:
+            raise DiffLMError("process.clean_targets scores the clean stream by next-token prediction, which needs "
+                              "process.attention: clean-causal (BD3-LM's mask reads a clean block bidirectionally)")
 
 
 @register_family
@@ -123,12 +130,17 @@ class BlockDiffusion(MaskedDiffusion):
         in_xt = torch.where((j % self.block_size == 0) & (j > 0), L + j - 1, j - 1)
         return torch.cat([in_xt, L + j - 1])
 
-    def denoiser_logits(self, model: nn.Module, xt: Tensor, x0: Tensor, select: Tensor | None = None) -> Tensor:
+    def denoiser_logits(self, model: nn.Module, xt: Tensor, x0: Tensor, select: Tensor | None = None,
+                        clean_select: Tensor | None = None) -> Tensor:
         """Logits of x0 at the x_t positions given x_t's block and the clean earlier blocks, all blocks in one
-        pass: (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is True."""
+        pass: (B, L, V) float32, or (N, V) at the N positions where ``select`` (B, L) is True. ``clean_select``
+        (B, L), with ``select``: also the outputs at those positions of the clean stream x0 (under clean-causal
+        attention with model.shift, position j's next-token prediction of x0ʲ from x0^{<j}); the N rows then follow
+        ``torch.cat([select, clean_select], 1)`` in row-major order."""
         B, L = xt.shape
         pos = torch.arange(L, device=xt.device)
-        sel = None if select is None else torch.cat([select, torch.zeros_like(select)], 1)
+        sel = None if select is None else torch.cat(
+            [select, torch.zeros_like(select) if clean_select is None else clean_select], 1)
         mask = self.clean_causal_training_mask(xt) if self.options.clean_causal else self.training_mask(L, xt.device)
         out = model(torch.cat([xt, x0], 1), attn_mask=mask,
                     positions=torch.cat([pos, pos]), select=sel, prev=self.preceding(L, xt.device)).float()
@@ -138,7 +150,8 @@ class BlockDiffusion(MaskedDiffusion):
         return out
 
     # -- bound -------------------------------------------------------------------------------------
-    def _terms(self, model: nn.Module, batch: Batch, generator, clip: tuple[float, float] | None) -> Tensor:
+    def _terms(self, model: nn.Module, batch: Batch, generator, clip: tuple[float, float] | None,
+               clean_targets: bool = False) -> Tensor:
         x0 = batch.tokens
         B, L = x0.shape
         if L % self.block_size:
@@ -162,13 +175,26 @@ class BlockDiffusion(MaskedDiffusion):
         modelled = batch.loss_mask | (x0 == self.pad_id)
         masked = (batch.rand(generator) < 1 - self.schedule.alpha(t)) & modelled
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
-        nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked), x0[masked], reduction="none")
-        terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
-        terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
-        return terms
+        if not clean_targets:
+            nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked), x0[masked], reduction="none")
+            terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+            terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
+            return terms
+        # the clean stream's next-token terms, −log p(x0ʲ | x0^{<j}) for every text position but the first (a shifted
+        # network reads position 0's prediction off the state before it, which is x_t's last): the same pass
+        ar = batch.loss_mask.clone()
+        ar[:, 0] = False
+        both = torch.cat([masked, ar], 1)
+        nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked, clean_select=ar),
+                              torch.cat([x0, x0], 1)[both], reduction="none")
+        terms2 = torch.zeros((B, 2 * L), dtype=torch.float32, device=x0.device)
+        terms2[both] = nll * torch.cat([w, torch.ones_like(w)], 1)[both].float()
+        return terms2[:, :L] + terms2[:, L:]
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         return self._terms(model, batch, generator, None)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        return self._terms(model, batch, None, self.clip)
+        """The bound's terms (over ``process.clip``'s times when set), plus with ``clean_targets`` the clean stream's
+        next-token terms at the same positions (B, L)."""
+        return self._terms(model, batch, None, self.clip, self.options.clean_targets)
