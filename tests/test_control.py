@@ -55,6 +55,7 @@ def test_guided_sampling_is_batch_invariant_and_keeps_given_tokens():
     assert torch.equal(idle(model, process, cond, steps=6, seed=3).tokens, plain)
 
 
+@pytest.mark.slow  # ~70 s on 2 cores (a classifier trained by the CLI, 200 guided samples); the guide's math: above
 def test_classifier_guidance_reaches_the_attribute(markov_family_runs, tmp_path, capsys):
     """A Diffusion-LM model of the Markov source; 'ends with c' holds for ~10% of its lines. The classifier is
     trained by the CLI on the model's noisy embeddings; guided sampling must reach the attribute far more

@@ -223,7 +223,9 @@ def test_uniform_d3pm_approaches_the_continuous_bound_for_an_arbitrary_network(t
     assert abs(fine - cont) < 0.005 < abs(coarse - cont), (coarse, fine, cont)
 
 
-@pytest.mark.parametrize("transition,steps", [("uniform", 128), ("absorb", 128), ("absorb", 32)])
+# 128 skipping steps take ~4x the time of 32: the default run keeps 32 (make test-slow: 128, and the uniform transition)
+@pytest.mark.parametrize("transition,steps", [pytest.param("uniform", 128, marks=pytest.mark.slow),
+                                              pytest.param("absorb", 128, marks=pytest.mark.slow), ("absorb", 32)])
 def test_ancestral_sampler_with_step_skipping_matches_the_true_distribution(toy, transition, steps):
     seqs, p, _ = toy
     proc = make(transition, 256, alpha_schedule="loglinear")
