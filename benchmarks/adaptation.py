@@ -44,17 +44,18 @@ from difflm.pipeline import DiffusionLM
 RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
         "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb",
         "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-bd3lm-cc": "smollm2-135m-bd3lm-cc-ptb",
-        "smollm2-bd3lm-cc-ct": "smollm2-135m-bd3lm-cc-ptb",
+        "smollm2-bd3lm-cc-bound-only": "smollm2-135m-bd3lm-cc-ptb",
         "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
         "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
 #: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
 #: rate difflm's from-scratch presets use
 OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"],
              "smollm2-mdlm-cc-lr5e-5": ["train.lr=5e-5"],
-             "smollm2-bd3lm-cc-ct": ["process.clean_targets=true", "name=smollm2-135m-bd3lm-cc-ct-ptb"]}
+             "smollm2-bd3lm-cc-bound-only": ["process.clean_targets=false",
+                                             "name=smollm2-135m-bd3lm-cc-bound-only-ptb"]}
 #: how a run that changes its preset is named in the table
 LABELS = {"minilm-scratch-mdlm": " (random init, lr 1e-3)", "smollm2-mdlm-cc-lr5e-5": " at lr 5e-5",
-          "smollm2-bd3lm-cc-ct": " with clean targets"}
+          "smollm2-bd3lm-cc-bound-only": " without clean targets (BD3-LM's bound alone)"}
 INFILL = "the company said ___ in the third quarter ___ a year earlier"
 
 

@@ -356,6 +356,27 @@ def test_block_clean_targets_add_the_clean_streams_next_token_terms():
         process("block", block_size=4, clean_targets=True)
 
 
+def test_a_block_model_with_clean_targets_trains_and_needs_the_shift(tmp_path):
+    """``smollm2-135m-bd3lm-cc-ptb``'s loss through the trainer on a tiny llama: it falls over a few steps; unshifted,
+    an x0 position would predict its own token, so the config is refused in one line."""
+    from difflm.training.trainer import Trainer
+
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 64)
+    cfg = {"model": {"type": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 32, "d_ff": 48,
+                     "shift": True},
+           "process": {"type": "block", "block_size": 4, "attention": "clean-causal", "clean_targets": True},
+           "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 16}, "tokenizer": {"type": "char"},
+           "train": {"batch_size": 8, "max_steps": 30, "lr": 1e-2, "warmup_steps": 2, "eval_every": 10**6,
+                     "save_every": 10**6, "log_every": 1, "tensorboard": False, "bf16": False}}
+    Trainer(RunConfig.from_dict(cfg), tmp_path / "run", progress=False).fit()
+    losses = [float(r.split(",")[2]) for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+              if r.split(",")[2]]
+    assert len(losses) >= 20 and sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    cfg["model"]["shift"] = False
+    with pytest.raises(DiffLMError, match="clean_targets needs model.shift"):
+        build_components(RunConfig.from_dict(cfg), train_char(["the quick brown fox jumps over the lazy dog"]))
+
+
 def tiny_clean_causal_lm(tmp_path, family: str):
     """An untrained SmolLM2-shaped clean-causal model (shifted, time-free) on a character tokenizer, as a folder."""
     from difflm.pipeline import DiffusionLM
