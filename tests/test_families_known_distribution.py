@@ -54,8 +54,10 @@ def trained(markov_corpus, markov_family_runs):
 # EPYC): they run in `make test-slow`. Their kernels keep default-run coverage in test_d3pm.py (the exact-denoiser
 # samplers, the bound's optimum and the T-term bound for an arbitrary network), so the default run stays under 15 min.
 # The uniform graph's trained rows (uniform ~45 s, sedd-uniform ~40 s) too: its samplers keep their exact-denoiser
-# tests (test_graph_samplers.py, test_d3pm.py), and SEDD keeps sedd-absorb here.
-SLOW = {"d3pm-gaussian", "d3pm-absorb", "d3pm-uniform", "sedd-uniform", "uniform"}
+# tests (test_graph_samplers.py, test_d3pm.py). SEDD's absorbing row (~30 s) keeps its exact-score samplers
+# (test_graph_samplers.py) and the reference fixture (test_convert.py); Diffusion-LM's row (~45 s with its training)
+# keeps test_gaussian.py. So every trained row here runs in make test-slow.
+SLOW = {"d3pm-gaussian", "d3pm-absorb", "d3pm-uniform", "sedd-uniform", "uniform", "sedd-absorb", "gaussian"}
 PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(FAMILIES)]
 
 
