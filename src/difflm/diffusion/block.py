@@ -175,21 +175,16 @@ class BlockDiffusion(MaskedDiffusion):
         modelled = batch.loss_mask | (x0 == self.pad_id)
         masked = (batch.rand(generator) < 1 - self.schedule.alpha(t)) & modelled
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
-        if not clean_targets:
-            nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked), x0[masked], reduction="none")
-            terms = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
-            terms[masked] = nll * w[masked].float()  # clean positions contribute 0 (SUBS carry-over)
-            return terms
-        # the clean stream's next-token terms, −log p(x0ʲ | x0^{<j}) for every text position but the first (a shifted
-        # network reads position 0's prediction off the state before it, which is x_t's last): the same pass
-        ar = batch.loss_mask.clone()
+        # with clean_targets, also the clean stream's next-token terms −log p(x0ʲ | x0^{<j}) at every text position but
+        # the first (a shifted network reads position 0's prediction off the state before it, x_t's last): same pass
+        ar = batch.loss_mask.clone() if clean_targets else torch.zeros_like(masked)
         ar[:, 0] = False
         both = torch.cat([masked, ar], 1)
         nll = F.cross_entropy(self.denoiser_logits(model, xt, x0, select=masked, clean_select=ar),
                               torch.cat([x0, x0], 1)[both], reduction="none")
-        terms2 = torch.zeros((B, 2 * L), dtype=torch.float32, device=x0.device)
-        terms2[both] = nll * torch.cat([w, torch.ones_like(w)], 1)[both].float()
-        return terms2[:, :L] + terms2[:, L:]
+        terms = torch.zeros((B, 2 * L), dtype=torch.float32, device=x0.device)
+        terms[both] = nll * torch.cat([w, torch.ones_like(w)], 1)[both].float()  # clean x_t: 0 (SUBS carry-over)
+        return terms[:, :L] + terms[:, L:]
 
     def bound_terms(self, model: nn.Module, batch: Batch, generator=None) -> Tensor:
         return self._terms(model, batch, generator, None)
