@@ -187,4 +187,17 @@ def markov_family_runs(markov_corpus, tmp_path_factory):
     return get
 
 
-__all__ = ["ExactDenoiser", "TINY_PROCESSES", "chi2_gof", "chi2_pvalue", "np"]
+class OnFirstUse(dict):
+    """A dict that builds a missing entry with ``make(key)`` on first use (a trained model, say), so that a test
+    that is not run (``-k``, ``-m 'not slow'``) builds nothing."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = self.make(key)
+        return self[key]
+
+
+__all__ = ["ExactDenoiser", "OnFirstUse", "TINY_PROCESSES", "chi2_gof", "chi2_pvalue", "np"]

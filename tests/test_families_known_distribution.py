@@ -6,7 +6,7 @@ unchanged."""
 
 import markov
 import pytest
-from conftest import one_line_error
+from conftest import OnFirstUse, one_line_error
 
 from difflm.data import build_dataset
 from difflm.evaluation import evaluate
@@ -31,23 +31,12 @@ FAMILIES = {
 }
 
 
-class _Trained(dict):
-    """Trains a family on first use, so that `-k name` trains only that one."""
-
-    def __init__(self, runs) -> None:
-        super().__init__()
-        self.runs = runs
-
-    def __missing__(self, name: str) -> DiffusionLM:
-        # the session's shared folder (conftest.markov_family_runs): test_control.py's guided model is this gaussian
-        self[name] = DiffusionLM.from_pretrained(self.runs(FAMILIES[name][0]))
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def trained(markov_corpus, markov_family_runs):
     _, P = markov_corpus
-    return _Trained(markov_family_runs), P, markov.per_token_entropy(P, 16)
+    # the session's shared folders (conftest.markov_family_runs): test_control.py's guided model is this gaussian
+    models = OnFirstUse(lambda name: DiffusionLM.from_pretrained(markov_family_runs(FAMILIES[name][0])))
+    return models, P, markov.per_token_entropy(P, 16)
 
 
 # The D3PM rows are the slowest (d3pm-gaussian ~110 s on 2 cores, d3pm-absorb ~45 s, d3pm-uniform ~60 s on an AVX2

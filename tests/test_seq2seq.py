@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import TINY_PROCESSES
+from conftest import TINY_PROCESSES, OnFirstUse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,28 +101,22 @@ LEARNED = {("copy", "masked"): (200, 0.0), ("reverse", "masked"): (1200, 0.0),
            ("reverse", "autoregressive"): (300, 0.0), ("copy-cfg", "masked"): (300, 0.3)}
 
 
-class _Learned(dict):
-    """Trains a (task, family) on first use, so a test that is not run (``-m 'not slow'``) trains nothing."""
+def train_pairs(tmp_path_factory, key: tuple[str, str]) -> tuple:
+    """The (task, family) pair model of LEARNED trained in a fresh folder: (folder, model)."""
+    from difflm.training.trainer import Trainer
 
-    def __init__(self, tmp_path_factory) -> None:
-        super().__init__()
-        self.tmp = tmp_path_factory
-
-    def __missing__(self, key: tuple[str, str]):
-        from difflm.training.trainer import Trainer
-
-        task, family = key
-        steps, drop = LEARNED[key]
-        d = self.tmp.mktemp(task)
-        write_pairs(d, task.removesuffix("-cfg"))
-        Trainer(pairs_run(d, {"type": family}, max_steps=steps, cond_dropout=drop), d / "run", progress=False).fit()
-        self[key] = (d, DiffusionLM.from_pretrained(d / "run", device="cpu"))
-        return self[key]
+    task, family = key
+    steps, drop = LEARNED[key]
+    d = tmp_path_factory.mktemp(task)
+    write_pairs(d, task.removesuffix("-cfg"))
+    Trainer(pairs_run(d, {"type": family}, max_steps=steps, cond_dropout=drop), d / "run", progress=False).fit()
+    return d, DiffusionLM.from_pretrained(d / "run", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    return _Learned(tmp_path_factory)
+    """(task, family) -> (folder, model), each trained on first use."""
+    return OnFirstUse(lambda key: train_pairs(tmp_path_factory, key))
 
 
 # the masked model's reversal (1,200 steps, ~30 s on 2 cores) runs in make test-slow; AR's and the masked copy stay
