@@ -123,6 +123,8 @@ def main() -> None:
                     help="every trained row decays its learning rate over --minutes of training time "
                     "(train.decay_minutes), so no step-time guess cuts a schedule short; --adapted-step-s then "
                     "sizes only the SmolLM2 warm-up and annealing")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every trained row (after the row's own), e.g. train.warmup_steps=20")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     keys = a.models.split(",")
@@ -142,7 +144,7 @@ def main() -> None:
             if a.decay_over_time:  # the time ends the schedule; the step count only has to be out of reach
                 extra.append(f"train.decay_minutes={a.minutes}")
                 steps = 10**6
-            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, extra)
+            wall[k] = train(RUNS[k], a.out / k, a.minutes, steps, extra + a.set)
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
     if a.train_only:
         return

@@ -194,3 +194,81 @@ def test_a_training_run_keeps_its_configured_eos_token(tmp_path):
     old = Tokenizer.load(tmp_path / "run" / "tokenizer.json", "hf").eos_id  # an added [EOS], as the old trainer had
     (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "special": {**cfg["special"], "eos": old}}))
     assert Trainer(run, tmp_path / "run", resume=True, progress=False)._tokenizer().eos_id == old != nl
+
+
+def _bert_like() -> Tokenizer:
+    """A small uncased BERT WordPiece tokenizer as its tokenizer.json lays it out: [unused*] rows, a piece only
+    accents can spell, a three-dot piece, and [CLS]."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    vocab = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cafe", "é", "...", ".",
+             "un", "##used", "##0", "[", "]", "a", "##b", "b"]
+    hf = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return Tokenizer(hf, "hf", eos_token="[SEP]", mask_token="[MASK]")
+
+
+def test_unreachable_ids_are_the_rows_no_text_encodes_to():
+    tok = _bert_like()
+    names = {tok.hf.id_to_token(i) for i in tok.unreachable_ids()}
+    # [unused0] → [ un ##used ##0 ]; é → e ([UNK] here); ... → . . .; [CLS] is BERT's, unused by difflm
+    assert names == {"[unused0]", "[unused1]", "é", "...", "[CLS]"}
+    assert not tok.unreachable_ids() & set(tok.special.values())  # [SEP] serves as [EOS], [MASK] is ours
+    assert train_word(["the cat"]).unreachable_ids() == frozenset() == _bpe().unreachable_ids()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="the cafe é É ... [unused0] [CLS] ab bé", max_size=40))
+def test_no_text_encodes_to_an_unreachable_id(text):
+    tok = _bert_like()
+    assert not set(tok.encode(text)) & tok.unreachable_ids()
+
+
+@pytest.mark.parametrize("family", ["masked", "uniform"])
+def test_exclude_unreachable_reaches_the_process_and_no_sample_holds_those_rows(tmp_path, family):
+    """``tokenizer.exclude_unreachable``: a model folder rebuilds the process with those ids as never data, and
+    samples (even from random weights, which spread mass over every row) never draw them; off, they are drawn."""
+    import torch
+
+    from difflm.components import build_components, write_model_folder
+    from difflm.config import RunConfig
+    from difflm.pipeline import DiffusionLM
+
+    tok = _bert_like()
+    (tmp_path / "t.txt").write_text("the cafe\n")
+    bad = tok.unreachable_ids()
+    drawn = {}
+    for exclude in (True, False):
+        run = RunConfig.from_dict({"tokenizer": {"type": "hf", "path": "unused", "exclude_unreachable": exclude},
+                                   "model": {"n_layer": 1, "n_head": 2, "d_model": 16},
+                                   "process": {"type": family}, "data": {"corpus": "text", "seq_len": 24,
+                                                                        "path": str(tmp_path / "t.txt")}})
+        torch.manual_seed(0)
+        model, proc = build_components(run, tok)
+        assert bad <= set(proc.never) if exclude else not bad & set(proc.never)
+        write_model_folder(tmp_path / str(exclude), model.eval(), tok, run, None)
+        lm = DiffusionLM.from_pretrained(tmp_path / str(exclude))
+        assert set(lm.process.never) == set(proc.never)
+        drawn[exclude] = set(lm.generate(8, 24, steps=8, seed=0).tokens.flatten().tolist())
+    assert not drawn[True] & bad and drawn[False] & bad
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30))
+def test_byte_level_pieces_of_any_text_are_reachable(text):
+    """A byte-level BPE read as a pretrained ("hf") tokenizer: its lone bytes of multi-byte characters decode alone
+    to U+FFFD, and are still never called unreachable."""
+    tok, unreachable = _bpe_as_hf()
+    assert not set(tok.encode(text)) & unreachable
+
+
+_BPE_HF = []
+
+
+def _bpe_as_hf() -> tuple[Tokenizer, frozenset[int]]:
+    if not _BPE_HF:  # computed once for the examples
+        tok = Tokenizer(HFTokenizer.from_str(_bpe().hf.to_str()), "hf")
+        _BPE_HF.append((tok, tok.unreachable_ids()))
+    return _BPE_HF[0]

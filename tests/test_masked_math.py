@@ -121,3 +121,33 @@ def test_log_probs_at_selected_positions_equal_the_full_tensor_there(seed, t):
         full, part = proc.log_probs(model, xt, tt), proc.log_probs(model, xt, tt, select=select)
     assert part.shape == (int(select.sum()), V)
     assert torch.allclose(part, full[select], atol=1e-5) and torch.equal(part.isinf(), full[select].isinf())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6))
+def test_never_data_ids_renormalise_the_denoiser_exactly(seed):
+    """``never`` (Tokenizer.unreachable_ids under tokenizer.exclude_unreachable): those rows get −inf and the rest
+    is the same network renormalised, so each masked token's term drops by −log(1 − p_never) under the same draws
+    (one route: the two processes' bound terms; the other: the mass the plain process gives those rows)."""
+    V, L, B = 24, 12, 4
+    unreachable = [3, 7, 8]
+    plain, excl = MaskedDiffusion(V, V - 2, V - 1), MaskedDiffusion(V, V - 2, V - 1, never=unreachable)
+    assert excl.never == plain.never + unreachable
+    torch.manual_seed(seed)
+    model = Transformer(TransformerConfig(vocab_size=V, max_len=L, n_layer=1, n_head=2, d_model=16)).eval()
+    g = torch.Generator().manual_seed(seed)
+    data = [i for i in range(V - 2) if i not in unreachable]
+    x0 = torch.tensor(data)[torch.randint(0, len(data), (B, L), generator=g)]
+    batch = Batch(tokens=x0, loss_mask=torch.ones(B, L, dtype=torch.bool), fixed=torch.zeros(B, L, dtype=torch.bool))
+    with torch.no_grad():
+        a = plain.bound_terms(model, batch, torch.Generator().manual_seed(1))
+        b = excl.bound_terms(model, batch, torch.Generator().manual_seed(1))
+        g1 = torch.Generator().manual_seed(1)  # the draws bound_terms makes, in its order
+        t, w = plain.times(batch.time_uniforms(g1))
+        xt = plain.corrupt(batch, t, g1)
+        p_never = plain.log_probs(model, xt, t).exp()[..., unreachable].sum(-1)
+        lp = excl.log_probs(model, xt, t)
+    masked = xt == V - 2
+    assert masked.any() and torch.isinf(lp[masked][:, unreachable]).all()
+    want = (-torch.log1p(-p_never) * w.float()[:, None])[masked]
+    assert torch.allclose((a - b)[masked], want, atol=1e-5) and torch.equal(a[~masked], b[~masked])

@@ -29,8 +29,9 @@ def build_components(run: RunConfig, tokenizer: Tokenizer, length_prior=None,
     folder, the backbone config it recorded (``backbone``: its type and every field; no pretrained checkpoint
     is read again)."""
     starts = tokenizer.word_starts() if getattr(run.process, "align", None) in ("words", "whole-words") else ()
+    never = tokenizer.unreachable_ids() if run.tokenizer.exclude_unreachable else ()
     process = build_process(run.process, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
-                            length_prior=length_prior, word_starts=starts)
+                            length_prior=length_prior, word_starts=starts, never=never)
     try:
         if backbone is not None:
             fields = dict(backbone)

@@ -79,6 +79,9 @@ class TokenizerConfig:
     eos_token: str | None = option(None, "hf: a token of the tokenizer (or a text that is one token) that serves "
                                    "as end of text instead of an added [EOS] (BERT's [SEP], GPT-2's <|endoftext|>, "
                                    "\"\\n\": a pretrained model's line break)")
+    exclude_unreachable: bool = option(False, "hf: give zero mass, as [MASK] and [PAD] have, to the vocabulary rows no "
+                                       "text encodes to (BERT's [unused*] and [CLS], pieces its normaliser cannot "
+                                       "produce: Tokenizer.unreachable_ids), so no sample holds them")
 
 
 @dataclass

@@ -88,6 +88,28 @@ class Tokenizer:
                 out.add(i)
         return frozenset(out)
 
+    def unreachable_ids(self) -> frozenset[int]:
+        """The ids no text encodes to, found by round trip: a token that is not a word-piece continuation (``##``)
+        and whose own text does not encode back to it alone (BERT's ``[unused7]`` → ``[``, ``unused``, ``##7``,
+        ``]``; its ``...`` → three dots; an accented piece an uncased normaliser strips), plus the pretrained
+        model's own special tokens that difflm does not use ([CLS], <|im_start|>). Continuations are kept (they
+        occur only inside a word, so their text alone proves nothing), as are byte-level pieces of a multi-byte
+        character (they decode alone to U+FFFD), and difflm's special ids are never in the
+        set. Empty for difflm's own tokenizers (char, word, bpe: built from the text, every row reachable)."""
+        if self.kind != "hf":
+            return frozenset()
+        import json
+
+        cont = json.loads(self.hf.to_str()).get("model", {}).get("continuing_subword_prefix") or "##"
+        ours = set(self.special.values())
+        added = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        ids = [i for i in range(self.vocab_size)
+               if i not in ours | added and not self.hf.id_to_token(i).startswith(cont)]
+        texts = [self.hf.decode([i], skip_special_tokens=False) for i in ids]
+        back = self.hf.encode_batch(texts, add_special_tokens=False)
+        # a byte-level piece of a multi-byte character decodes alone to U+FFFD: proven nothing, kept
+        return frozenset(i for i, t, b in zip(ids, texts, back) if b.ids != [i] and "\ufffd" not in t) | (added - ours)
+
     def encode(self, text: str) -> list[int]:
         """Text of one line (no line breaks) -> ids, no special tokens added."""
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -27,11 +27,13 @@ __all__ = ["Autoregressive", "Batch", "BlockDiffusion", "D3PM", "EditDiffusion",
 
 
 def build_process(cfg, *, vocab_size: int, special: dict[str, int], length_prior=None,
-                  word_starts: Collection[int] = ()) -> Process:
+                  word_starts: Collection[int] = (), never: Collection[int] = ()) -> Process:
     """cfg: the config's ``process`` section (a mapping with ``type``, or a family's Options instance);
-    special: token ids of pad/mask/bos/eos; word_starts: the ids that begin a word (``Tokenizer.word_starts``)."""
+    special: token ids of pad/mask/bos/eos; word_starts: the ids that begin a word (``Tokenizer.word_starts``);
+    never: more ids that are never data (``Tokenizer.unreachable_ids``)."""
     from ..config import process_options
 
     options = process_options(cfg)
     return registry.family(options.family).from_options(options, vocab_size=vocab_size, special=special,
-                                                        length_prior=length_prior, word_starts=word_starts)
+                                                        length_prior=length_prior, word_starts=word_starts,
+                                                        never=never)

@@ -129,14 +129,16 @@ class Process(nn.Module):
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, bos_id: int | None = None, *,
                  eos_id: int | None = None, length_prior: list[float] | None = None,
-                 word_starts: Collection[int] = (), **options) -> None:
+                 word_starts: Collection[int] = (), never: Collection[int] = (), **options) -> None:
         """word_starts: the tokenizer's ids that begin a word (``Tokenizer.word_starts``; the edit families align
-        with them)."""
+        with them); never: more ids that are never data (``Tokenizer.unreachable_ids``), given no mass as
+        [MASK] and [PAD] are."""
         super().__init__()
         self.word_starts = frozenset(word_starts)
         self.vocab_size, self.mask_id, self.pad_id = vocab_size, mask_id, pad_id
         self.bos_id, self.eos_id = bos_id, eos_id
         self.never = [i for i in (mask_id, pad_id, bos_id) if i is not None]  # ids that are never data
+        self.never += sorted(set(never) - set(self.never) - {eos_id})
         self.options = make_options(self.Options, options, f"process.type {self.family}")
         self.set_length_prior(length_prior, pad_id)
 
@@ -148,10 +150,11 @@ class Process(nn.Module):
 
     @classmethod
     def from_options(cls, options, *, vocab_size: int, special: dict[str, int],
-                     length_prior: list[float] | None = None, word_starts: Collection[int] = ()) -> Process:
+                     length_prior: list[float] | None = None, word_starts: Collection[int] = (),
+                     never: Collection[int] = ()) -> Process:
         """The process for a tokenizer's vocabulary and special ids, from an ``Options`` instance."""
         return cls(vocab_size, special["mask"], special["pad"], special.get("bos"), eos_id=special.get("eos"),
-                   length_prior=length_prior, word_starts=word_starts,
+                   length_prior=length_prior, word_starts=word_starts, never=never,
                    **{f.name: getattr(options, f.name) for f in fields(options)})
 
     def backbone_needs(self) -> BackboneNeeds:
