@@ -44,7 +44,7 @@ from difflm.pipeline import DiffusionLM
 RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-small",
         "smollm2-mdlm": "smollm2-135m-mdlm-ptb", "smollm2-bd3lm": "smollm2-135m-bd3lm-ptb",
         "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-bd3lm-cc": "smollm2-135m-bd3lm-cc-ptb",
-        "smollm2-bd3lm-cc-bound-only": "smollm2-135m-bd3lm-cc-ptb",
+        "smollm2-bd3lm-cc-bound-only": "smollm2-135m-bd3lm-cc-ptb", "smollm2-bd3lm-cc-b4": "smollm2-135m-bd3lm-cc-ptb",
         "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
         "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
 #: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
@@ -52,10 +52,12 @@ RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-smal
 OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"],
              "smollm2-mdlm-cc-lr5e-5": ["train.lr=5e-5"],
              "smollm2-bd3lm-cc-bound-only": ["process.clean_targets=false",
-                                             "name=smollm2-135m-bd3lm-cc-bound-only-ptb"]}
+                                             "name=smollm2-135m-bd3lm-cc-bound-only-ptb"],
+             "smollm2-bd3lm-cc-b4": ["train.batch_size=4", "name=smollm2-135m-bd3lm-cc-b4-ptb"]}
 #: how a run that changes its preset is named in the table
 LABELS = {"minilm-scratch-mdlm": " (random init, lr 1e-3)", "smollm2-mdlm-cc-lr5e-5": " at lr 5e-5",
-          "smollm2-bd3lm-cc-bound-only": " without clean targets (BD3-LM's bound alone)"}
+          "smollm2-bd3lm-cc-bound-only": " without clean targets (BD3-LM's bound alone)",
+          "smollm2-bd3lm-cc-b4": " at batch 4 (twice the steps, half the rows each)"}
 INFILL = "the company said ___ in the third quarter ___ a year earlier"
 
 
