@@ -272,3 +272,26 @@ def _bpe_as_hf() -> tuple[Tokenizer, frozenset[int]]:
         tok = Tokenizer(HFTokenizer.from_str(_bpe().hf.to_str()), "hf")
         _BPE_HF.append((tok, tok.unreachable_ids()))
     return _BPE_HF[0]
+
+
+def test_a_corpus_that_spells_out_an_excluded_token_is_refused_in_one_line(tmp_path):
+    """[CLS] is unreachable from plain text but a text that writes it literally encodes to it; under
+    exclude_unreachable that token would cost infinite nats, so training refuses the corpus and names the token."""
+    from difflm.config import RunConfig
+    from difflm.errors import DiffLMError
+    from difflm.training.trainer import Trainer
+
+    _bert_like().hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("the cafe\n" * 30 + "the [CLS] cafe\n" + "the cafe\n" * 30)
+    cfg = {"tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "[SEP]",
+                         "exclude_unreachable": True},
+           "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
+           "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 8, "valid_fraction": 0.3,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "tensorboard": False,
+                     "bf16": False}}
+    with pytest.raises(DiffLMError, match=r"holds '\[CLS\]', a token that tokenizer.exclude_unreachable"):
+        Trainer(RunConfig.from_dict(cfg), tmp_path / "run", progress=False).fit()
+    (tmp_path / "t.txt").write_text("the cafe\n" * 61)
+    Trainer(RunConfig.from_dict(cfg), tmp_path / "run2", progress=False).fit()
+    assert (tmp_path / "run2" / "model.safetensors").is_file()

@@ -49,6 +49,7 @@ class Tokenizer:
         hf.no_padding()  # a tokenizer.json may carry a fixed padding/truncation (sentence encoders: 128); difflm
         hf.no_truncation()  # lays out rows itself
         self.hf, self.kind = hf, kind
+        self._unreachable: frozenset[int] | None = None  # unreachable_ids(), found on first use
         aliases = {k: v for k, v in (("eos", eos_token), ("mask", mask_token)) if v}
         for k, tok in aliases.items():
             if hf.token_to_id(tok) is None:  # a text that is one token, e.g. "\n" (byte-level BPE's "Ċ")
@@ -92,12 +93,18 @@ class Tokenizer:
         """The ids no text encodes to, found by round trip: a token that is not a word-piece continuation (``##``)
         and whose own text does not encode back to it alone (BERT's ``[unused7]`` → ``[``, ``unused``, ``##7``,
         ``]``; its ``...`` → three dots; an accented piece an uncased normaliser strips), plus the pretrained
-        model's own special tokens that difflm does not use ([CLS], <|im_start|>). Continuations are kept (they
+        model's own special tokens that difflm does not use ([CLS], <|im_start|>: only a text that spells one out
+        literally encodes to it, which the trainer refuses under ``exclude_unreachable``). Continuations are kept (they
         occur only inside a word, so their text alone proves nothing), as are byte-level pieces of a multi-byte
         character (they decode alone to U+FFFD), and difflm's special ids are never in the
         set. Empty for difflm's own tokenizers (char, word, bpe: built from the text, every row reachable)."""
         if self.kind != "hf":
             return frozenset()
+        if self._unreachable is None:  # a pass over the vocabulary: once per tokenizer
+            self._unreachable = self._find_unreachable()
+        return self._unreachable
+
+    def _find_unreachable(self) -> frozenset[int]:
         import json
 
         cont = json.loads(self.hf.to_str()).get("model", {}).get("continuing_subword_prefix") or "##"

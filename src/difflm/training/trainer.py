@@ -61,6 +61,21 @@ class TrainResult:
     seconds: float
 
 
+def check_unreachable_absent(tok: Tokenizer, splits: dict) -> None:
+    """``tokenizer.exclude_unreachable`` gives those rows no mass, so a corpus that spells one out literally (a
+    text holding "[CLS]") would cost infinite nats: a one-line error naming the token instead."""
+    bad = np.array(sorted(tok.unreachable_ids()), dtype=np.int64)
+    for split, ds in splits.items():
+        rows = getattr(ds, "tokens", None)
+        for a in range(0, 0 if rows is None or not len(bad) else len(rows), 1 << 16):
+            chunk = np.asarray(rows[a : a + (1 << 16)])
+            hit = np.isin(chunk, bad)
+            if hit.any():
+                raise DiffLMError(f"the {split} text holds {tok.hf.id_to_token(int(chunk[hit][0]))!r}, a token that "
+                                  "tokenizer.exclude_unreachable gives no mass: remove it from the corpus or set "
+                                  "tokenizer.exclude_unreachable: false")
+
+
 class Trainer:
     def __init__(self, run: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  overwrite: bool = False, allow_changes: list[str] | None = None) -> None:
@@ -184,6 +199,8 @@ class Trainer:
         if run.data.mode == "lines":  # add-one smoothed lengths, for models that see the padding
             length_prior = (train.length_counts() + 1).astype(float).tolist()
         model, process = build_components(run, tok, length_prior)
+        if run.tokenizer.exclude_unreachable:
+            check_unreachable_absent(tok, {"train": train, "valid": valid})
         if not self.resume and model.pretrained_init():  # model.init: start from pretrained weights
             torch.manual_seed(t.seed)  # the same stream afterwards as without (reproducible either way)
         model.to(self.device)
