@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--train", default=None, help="which of --models to train (default: all; 'none': reuse)")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0, help="the samples' seed (a second draw of the same models)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/adaptation"))
     ap.add_argument("--eval-batches", type=int, default=None, help="cap the validation batches (smoke runs)")
     ap.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
@@ -183,7 +184,7 @@ def main() -> None:
         for order in a.block_orders.split(",") if lm.process.family == "block" else [None]:
             opts = options if order in (None, "random") else {**options, "order": order}
             t0 = time.perf_counter()
-            g = lm.generate(a.num, 128, steps=a.steps, seed=0, batch_size=a.num, sampler_options=opts)
+            g = lm.generate(a.num, 128, steps=a.steps, seed=a.seed, batch_size=a.num, sampler_options=opts)
             row = {**row, "sample_s": (time.perf_counter() - t0) / a.num, "nfe": float(g.nfe.float().mean()),
                    "sampler": f"{lm.run.sample.sampler or lm.process.default_sampler} {opts or ''}".strip()}
             texts = [t.strip() for t in g.texts]
