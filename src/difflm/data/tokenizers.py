@@ -74,10 +74,8 @@ class Tokenizer:
         (``▁``), a character tokenizer's space, every WordPiece token but a ``##`` continuation, every token of a
         word vocabulary; special tokens are none of them. The edit family's alignment keeps them apart
         (``process.align: words``)."""
-        import json
-
-        model = json.loads(self.hf.to_str()).get("model", {})
-        cont = model.get("continuing_subword_prefix") or "##"
+        model = self._model_json()
+        cont = self._continuation_prefix(model)
         special = set(self.special.values())
         out = set()
         for tok, i in self.hf.get_vocab(with_added_tokens=True).items():
@@ -89,6 +87,17 @@ class Tokenizer:
                 out.add(i)
         return frozenset(out)
 
+    def _model_json(self) -> dict:
+        """The tokenizer.json's ``model`` section (its type, vocabulary, word-piece prefix)."""
+        import json
+
+        return json.loads(self.hf.to_str()).get("model", {})
+
+    @staticmethod
+    def _continuation_prefix(model: dict) -> str:
+        """The prefix of a word-piece continuation (WordPiece's ``##``)."""
+        return model.get("continuing_subword_prefix") or "##"
+
     def unreachable_ids(self) -> frozenset[int]:
         """The ids no text encodes to, found by round trip: a token that is not a word-piece continuation (``##``)
         and whose own text does not encode back to it alone (BERT's ``[unused7]`` → ``[``, ``unused``, ``##7``,
@@ -96,8 +105,8 @@ class Tokenizer:
         model's own special tokens that difflm does not use ([CLS], <|im_start|>: only a text that spells one out
         literally encodes to it, which the trainer refuses under ``exclude_unreachable``). Continuations are kept (they
         occur only inside a word, so their text alone proves nothing), as are byte-level pieces of a multi-byte
-        character (they decode alone to U+FFFD), and difflm's special ids are never in the
-        set. Empty for difflm's own tokenizers (char, word, bpe: built from the text, every row reachable)."""
+        character (they decode alone to U+FFFD), and difflm's special ids are never in the set. Empty for
+        difflm's own tokenizers (char, word, bpe: built from the text, every row reachable)."""
         if self.kind != "hf":
             return frozenset()
         if self._unreachable is None:  # a pass over the vocabulary: once per tokenizer
@@ -105,9 +114,7 @@ class Tokenizer:
         return self._unreachable
 
     def _find_unreachable(self) -> frozenset[int]:
-        import json
-
-        cont = json.loads(self.hf.to_str()).get("model", {}).get("continuing_subword_prefix") or "##"
+        cont = self._continuation_prefix(self._model_json())
         ours = set(self.special.values())
         added = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids = [i for i in range(self.vocab_size)

@@ -65,9 +65,13 @@ def check_unreachable_absent(tok: Tokenizer, splits: dict) -> None:
     """``tokenizer.exclude_unreachable`` gives those rows no mass, so a corpus that spells one out literally (a
     text holding "[CLS]") would cost infinite nats: a one-line error naming the token instead."""
     bad = np.array(sorted(tok.unreachable_ids()), dtype=np.int64)
+    if not len(bad):
+        return
     for split, ds in splits.items():
-        rows = getattr(ds, "tokens", None)
-        for a in range(0, 0 if rows is None or not len(bad) else len(rows), 1 << 16):
+        rows = getattr(ds, "tokens", None)  # (N, L) token ids, usually a memory map: read in chunks
+        if rows is None:
+            continue
+        for a in range(0, len(rows), 1 << 16):
             chunk = np.asarray(rows[a : a + (1 << 16)])
             hit = np.isin(chunk, bad)
             if hit.any():
