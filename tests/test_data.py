@@ -296,3 +296,59 @@ def test_a_corpus_that_spells_out_an_excluded_token_is_refused_in_one_line(tmp_p
     (tmp_path / "t.txt").write_text("the cafe\n" * 61)
     Trainer(RunConfig.from_dict(cfg), tmp_path / "run2", progress=False).fit()
     assert (tmp_path / "run2" / "model.safetensors").is_file()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["the", "cafe", "a", "<unk>", "b"]), max_size=12))
+def test_unk_text_is_one_unknown_token_and_decodes_back(words):
+    """``tokenizer.unk_text``: the corpus's ``<unk>`` is the tokenizer's own [UNK], one id, and decodes back to
+    ``<unk>``; without it BERT's pre-tokenizer splits it into < unk > (here three [UNK], none in the vocabulary)."""
+    tok = Tokenizer(HFTokenizer.from_str(_bert_like().hf.to_str()), "hf", eos_token="[SEP]", mask_token="[MASK]",
+                    unk_text="<unk>")
+    text = " ".join(words)
+    ids = tok.encode(text)
+    assert ids.count(tok.special["unk"]) == words.count("<unk>") and len(ids) == len(words)
+    assert tok.decode(ids) == text == tok.decode(tok.encode_lines([text])[0])
+    assert _bert_like().encode(text).count(tok.special["unk"]) == 3 * words.count("<unk>")
+
+
+def test_unk_text_reaches_the_token_rows_and_the_model_folder(tmp_path):
+    """Training rows hold one [UNK] per ``<unk>`` of the corpus (and the token cache keeps the two readings apart);
+    the model folder reloads with the option, so samples and scores read and write ``<unk>`` as the corpus does."""
+    from difflm.config import RunConfig
+    from difflm.pipeline import DiffusionLM
+    from difflm.training.trainer import Trainer
+
+    _bert_like().hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("the <unk> cafe\n" * 40)
+    rows = {}
+    for unk_text in (None, "<unk>"):
+        cfg = {"tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "[SEP]",
+                             "unk_text": unk_text},
+               "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
+               "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 8, "valid_fraction": 0.3,
+                        "cache_dir": str(tmp_path / "cache")},
+               "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "tensorboard": False,
+                         "bf16": False}}
+        run = RunConfig.from_dict(cfg)
+        out = tmp_path / f"run-{unk_text is not None}"
+        Trainer(run, out, progress=False).fit()
+        lm = DiffusionLM.from_pretrained(out)
+        assert lm.tokenizer.unk_text == unk_text
+        rows[unk_text] = np.asarray(build_dataset(run.data, lm.tokenizer, "train").tokens)
+    unk = _bert_like().special["unk"]
+    # "the <unk> cafe" + [SEP]: 4 ids a line with the option, 6 without (< unk > are three [UNK] here)
+    assert (rows["<unk>"] == unk).sum() * 4 == rows["<unk>"].size
+    assert (rows[None] == unk).sum() * 6 == rows[None].size * 3
+    assert lm.tokenizer.decode(lm.encode_text("the <unk> cafe")) == "the <unk> cafe"
+
+
+def test_unk_text_needs_a_tokenizer_with_an_unknown_token():
+    from difflm.errors import DiffLMError
+
+    with pytest.raises(DiffLMError, match="tokenizer.unk_text is for a pretrained tokenizer"):
+        TokenizerConfig(type="word", unk_text="<unk>")
+    with pytest.raises(DiffLMError, match="tokenizer.unk_text is for a pretrained tokenizer"):
+        TokenizerConfig(type="hf", path="x", unk_text=" ")
+    with pytest.raises(DiffLMError, match="has no unknown token to read it as"):
+        Tokenizer(HFTokenizer.from_str(_bpe().hf.to_str()), "hf", unk_text="<unk>")

@@ -128,7 +128,8 @@ def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunCon
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{path / 'config.json'} is not a difflm model config")
     run = RunConfig.from_saved(cfg["run"])
-    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"))
+    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"),
+                               unk_text=run.tokenizer.unk_text)
     if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
         raise DiffLMError(
             f"{path / 'tokenizer.json'} does not match the model (vocabulary {tokenizer.vocab_size} vs "

@@ -82,6 +82,14 @@ class TokenizerConfig:
     exclude_unreachable: bool = option(False, "hf: give zero mass, as [MASK] and [PAD] have, to the vocabulary rows no "
                                        "text encodes to (BERT's [unused*] and [CLS], pieces its normaliser cannot "
                                        "produce: Tokenizer.unreachable_ids), so no sample holds them")
+    unk_text: str | None = option(None, "hf: the corpus's spelling of an unknown word (PTB's \"<unk>\"), read as "
+                                  "the tokenizer's own unknown token ([UNK]: one id, not the pieces < un ##k >) and "
+                                  "written back as this spelling")
+
+    def __post_init__(self) -> None:
+        if self.unk_text is not None and (self.type != "hf" or not self.unk_text.strip()):
+            raise DiffLMError("tokenizer.unk_text is for a pretrained tokenizer (type hf) and must be a non-blank "
+                              "text; a tokenizer trained on the corpus learns its spelling of unknown words as a word")
 
 
 @dataclass

@@ -203,8 +203,8 @@ def encode_pieces(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[tuple[
     size = 0
 
     def flush():
-        for end, enc in zip(ends, tokenizer.hf.encode_batch(batch, add_special_tokens=False)):
-            yield np.asarray(enc.ids, dtype=np.int32), end
+        for end, ids in zip(ends, tokenizer.encode_lines(batch)):
+            yield np.asarray(ids, dtype=np.int32), end
         batch.clear()
         ends.clear()
 
@@ -325,7 +325,10 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     lines = load_pairs(cfg, split) if cfg.mode == "pairs" else load_lines(cfg, split)
     h = hashlib.sha256()
     # the special ids too: two eos_token choices can leave the same vocabulary with a different [EOS]
-    h.update(json.dumps([cfg.mode, cfg.seq_len, tokenizer.hf.to_str(), tokenizer.special]).encode())
+    # (and the corpus's spelling of an unknown word, when it is read as one: the key of a run without it is unchanged)
+    key = [cfg.mode, cfg.seq_len, tokenizer.hf.to_str(), tokenizer.special] + [tokenizer.unk_text] * bool(
+        tokenizer.unk_text)
+    h.update(json.dumps(key).encode())
     for line in lines:
         h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))
         h.update(b"\n")

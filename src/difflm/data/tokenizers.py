@@ -42,10 +42,12 @@ class Tokenizer:
     """A Hugging Face tokenizer plus the ids of difflm's special tokens."""
 
     def __init__(self, hf: HFTokenizer, kind: str, *, eos_token: str | None = None,
-                 mask_token: str | None = None) -> None:
+                 mask_token: str | None = None, unk_text: str | None = None) -> None:
         """difflm's special tokens that ``hf`` lacks are added after its vocabulary, except [EOS] / [MASK] when
         ``eos_token`` / ``mask_token`` name existing tokens to serve as them (a pretrained model's own: GPT-2's
-        <|endoftext|>, BERT's [SEP], LLaDA's <|mdm_mask|>), by the token or by a text that is one token ("\n")."""
+        <|endoftext|>, BERT's [SEP], LLaDA's <|mdm_mask|>), by the token or by a text that is one token ("\n").
+        ``unk_text``: a corpus's spelling of an unknown word (PTB's ``<unk>``), encoded as the tokenizer's own
+        unknown token and decoded back to that spelling (``tokenizer.unk_text``)."""
         hf.no_padding()  # a tokenizer.json may carry a fixed padding/truncation (sentence encoders: 128); difflm
         hf.no_truncation()  # lays out rows itself
         self.hf, self.kind = hf, kind
@@ -64,6 +66,15 @@ class Tokenizer:
         self.special = {k: hf.token_to_id(t) for k, t in names.items() if hf.token_to_id(t) is not None}
         self.pad_id, self.mask_id = self.special["pad"], self.special["mask"]
         self.bos_id, self.eos_id = self.special["bos"], self.special["eos"]
+        self.unk_text, self._unk_token = unk_text, None
+        if unk_text is not None:
+            unk = self._model_json().get("unk_token")
+            uid = hf.token_to_id(unk) if unk else None
+            # the unknown token must be one a text can name (an added token, matched before normalisation)
+            if uid is None or hf.encode(unk, add_special_tokens=False).ids != [uid]:
+                raise DiffLMError(f"tokenizer.unk_text {unk_text!r}: this tokenizer has no unknown token to read it "
+                                  "as (a byte-level BPE spells every text); remove tokenizer.unk_text")
+            self._unk_token = unk
 
     @property
     def vocab_size(self) -> int:
@@ -124,12 +135,16 @@ class Tokenizer:
         # a byte-level piece of a multi-byte character decodes alone to U+FFFD: proven nothing, kept
         return frozenset(i for i, t, b in zip(ids, texts, back) if b.ids != [i] and "\ufffd" not in t) | (added - ours)
 
+    def _spelled(self, text: str) -> str:
+        """The text with ``unk_text`` written as the unknown token (which the tokenizer reads as one id)."""
+        return text.replace(self.unk_text, self._unk_token) if self._unk_token else text
+
     def encode(self, text: str) -> list[int]:
         """Text of one line (no line breaks) -> ids, no special tokens added."""
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(self._spelled(text), add_special_tokens=False).ids
 
     def encode_lines(self, lines: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(lines, add_special_tokens=False)]
+        return [e.ids for e in self.hf.encode_batch([self._spelled(t) for t in lines], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], mask_as: str = "_") -> str:
         """ids -> text: [EOS] becomes a line break, [MASK] becomes ``mask_as``, [PAD]/[BOS] vanish."""
@@ -152,6 +167,8 @@ class Tokenizer:
                 run.append(i)
         flush()
         text = "".join(out)
+        if self._unk_token:
+            text = text.replace(self._unk_token, self.unk_text)
         if self.kind == "word":  # word pieces were joined with spaces inside runs; tidy the seams
             text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
         return text
@@ -164,10 +181,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path, kind: str, special: dict[str, int] | None = None,
-             eos_token: str | None = None) -> Tokenizer:
+             eos_token: str | None = None, unk_text: str | None = None) -> Tokenizer:
         """A saved tokenizer.json; ``special``: the ids config.json recorded (None: difflm's own tokens);
         ``eos_token``: the configured token that serves as [EOS] (``tokenizer.eos_token``), when no ids are recorded
-        yet (a training run's own tokenizer)."""
+        yet (a training run's own tokenizer); ``unk_text``: the run's ``tokenizer.unk_text``."""
         path = Path(path)
         if not path.is_file():
             raise DiffLMError(f"tokenizer file {path} not found; the model folder is incomplete")
@@ -183,7 +200,7 @@ class Tokenizer:
         if eos_token and not own["eos_token"]:
             own["eos_token"] = eos_token
         try:
-            return cls(hf, kind, **own)
+            return cls(hf, kind, **own, unk_text=unk_text)
         except Exception as e:
             raise DiffLMError(f"cannot read tokenizer {path}: {e}") from None
 
@@ -237,7 +254,7 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf, "bpe")
 
 
-def load_hf(path: str, eos_token: str | None = None) -> Tokenizer:
+def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None) -> Tokenizer:
     """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, a pretrained model's (a .gguf file or
     ``smollm2-135m``, read through ``transformers``: the tokenizer that goes with ``model.init``), or a hub
     name. difflm's special tokens that it lacks are added after its vocabulary."""
@@ -245,7 +262,7 @@ def load_hf(path: str, eos_token: str | None = None) -> Tokenizer:
 
     p = resolve(path) if path.lower() in MINILM_ALIASES else Path(path)
     if path.lower() in ALIASES or p.suffix == ".gguf":
-        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf", eos_token=eos_token)
+        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf", eos_token=eos_token, unk_text=unk_text)
     try:
         if p.is_file():
             hf = HFTokenizer.from_file(str(p))
@@ -259,7 +276,7 @@ def load_hf(path: str, eos_token: str | None = None) -> Tokenizer:
         raise
     except Exception as e:
         raise DiffLMError(f"cannot load Hugging Face tokenizer {path!r}: {e}") from None
-    return Tokenizer(hf, "hf", eos_token=eos_token)
+    return Tokenizer(hf, "hf", eos_token=eos_token, unk_text=unk_text)
 
 
 def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
@@ -273,5 +290,5 @@ def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
     if cfg.type == "hf":
         if not cfg.path:
             raise DiffLMError("tokenizer.type hf needs tokenizer.path (a tokenizer.json, folder or hub name)")
-        return load_hf(cfg.path, cfg.eos_token)
+        return load_hf(cfg.path, cfg.eos_token, cfg.unk_text)
     raise DiffLMError(f"unknown tokenizer.type {cfg.type!r}; choose one of {', '.join(KINDS)}")

@@ -72,7 +72,8 @@ def export_from_checkpoint(run_dir: Path) -> int:
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{run_dir / 'config.json'} is not a difflm run config; the run cannot be exported")
     run = RunConfig.from_saved(cfg["run"])
-    tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"))
+    tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"),
+                         unk_text=run.tokenizer.unk_text)
     model, _ = build_components(run, tok, cfg.get("length_prior"), cfg.get("backbone"))
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

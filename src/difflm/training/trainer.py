@@ -137,7 +137,8 @@ class Trainer:
             recorded = self.out / "config.json"
             special = json.loads(recorded.read_text()).get("special") if recorded.is_file() else None
             return Tokenizer.load(path, self.run.tokenizer.type, special,
-                                  eos_token=None if special else self.run.tokenizer.eos_token)
+                                  eos_token=None if special else self.run.tokenizer.eos_token,
+                                  unk_text=self.run.tokenizer.unk_text)
         if self.dist.is_main:
             tok = build_tokenizer(self.run.tokenizer, load_lines(self.run.data, "train"))
             # a fresh start: what an earlier attempt wrote here (--overwrite, or a run killed before its first
@@ -146,7 +147,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             tok.save(path)
         barrier(self.dist)
-        return Tokenizer.load(path, self.run.tokenizer.type, eos_token=self.run.tokenizer.eos_token)
+        return Tokenizer.load(path, self.run.tokenizer.type, eos_token=self.run.tokenizer.eos_token,
+                              unk_text=self.run.tokenizer.unk_text)
 
     def _batch(self, data: TokenDataset, step: int, micro: int) -> Batch:
         """This rank's rows of micro-batch ``micro`` of global step ``step``: a pure function of the step,
