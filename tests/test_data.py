@@ -352,3 +352,46 @@ def test_unk_text_needs_a_tokenizer_with_an_unknown_token():
         TokenizerConfig(type="hf", path="x", unk_text=" ")
     with pytest.raises(DiffLMError, match="has no unknown token to read it as"):
         Tokenizer(HFTokenizer.from_str(_bpe().hf.to_str()), "hf", unk_text="<unk>")
+    for bad in (["N N"], [""], "N", ["N", 3]):
+        with pytest.raises(DiffLMError, match="tokenizer.add_words is for a pretrained tokenizer"):
+            TokenizerConfig(type="hf", path="x", add_words=bad)
+    with pytest.raises(DiffLMError, match="tokenizer.add_words is for a pretrained tokenizer"):
+        TokenizerConfig(type="bpe", add_words=["N"])
+
+
+_ADDED = []
+
+
+def _bert_like_with_n(tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
+    """_bert_like with N added (an uncased tokenizer that has no "n" either: N alone is [UNK]), as built and as a
+    run folder reloads it from its tokenizer.json."""
+    if not _ADDED:
+        d = tmp_path_factory.mktemp("addn")
+        _bert_like().hf.save(str(d / "base.json"))
+        built = load_hf(str(d / "base.json"), eos_token="[SEP]", unk_text="<unk>", add_words=["N"])
+        built.save(d / "tokenizer.json")
+        _ADDED.append((built, Tokenizer.load(d / "tokenizer.json", "hf", built.special, unk_text="<unk>")))
+    return _ADDED[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["the", "cafe", "N", "<unk>", "a"]), max_size=12))
+def test_add_words_are_one_new_token_each_kept_as_written(tmp_path_factory, words):
+    """``tokenizer.add_words: [N]``: N is one token with its own new row, read before the uncased normaliser
+    lowercases it, and decodes back to N; the run folder's saved tokenizer reads it the same way."""
+    built, reloaded = _bert_like_with_n(tmp_path_factory)
+    n_id = built.hf.token_to_id("N")
+    assert n_id >= _bert_like().hf.get_vocab_size(with_added_tokens=False) and n_id not in built.special.values()
+    text = " ".join(words)
+    ids = built.encode(text)
+    assert ids == reloaded.encode(text) and ids.count(n_id) == words.count("N") and len(ids) == len(words)
+    assert built.decode(ids) == text == reloaded.decode(ids)
+    assert _bert_like().encode(text).count(n_id) == 0  # without it: N is [UNK]
+
+
+def test_add_words_refuses_a_word_that_is_already_one_token(tmp_path):
+    from difflm.errors import DiffLMError
+
+    _bert_like().hf.save(str(tmp_path / "t.json"))
+    with pytest.raises(DiffLMError, match="'cafe' is already one token"):
+        load_hf(str(tmp_path / "t.json"), add_words=["N", "cafe"])

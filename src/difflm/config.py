@@ -85,11 +85,19 @@ class TokenizerConfig:
     unk_text: str | None = option(None, "hf: the corpus's spelling of an unknown word (PTB's \"<unk>\"), read as "
                                   "the tokenizer's own unknown token ([UNK]: one id, not the pieces < un ##k >) and "
                                   "written back as this spelling")
+    add_words: list[str] | None = option(None, "hf: words of the corpus that the pretrained tokenizer splits or "
+                                         "changes (PTB's N, which an uncased BERT writes as n), each made one token "
+                                         "with a new row, matched as a whole word before normalisation and written "
+                                         "back as is")
 
     def __post_init__(self) -> None:
         if self.unk_text is not None and (self.type != "hf" or not self.unk_text.strip()):
             raise DiffLMError("tokenizer.unk_text is for a pretrained tokenizer (type hf) and must be a non-blank "
                               "text; a tokenizer trained on the corpus learns its spelling of unknown words as a word")
+        if self.add_words is not None and (self.type != "hf" or not isinstance(self.add_words, list) or any(
+                not isinstance(w, str) or not w or len(w.split()) != 1 or w != w.strip() for w in self.add_words)):
+            raise DiffLMError("tokenizer.add_words is for a pretrained tokenizer (type hf): a list of words without "
+                              "spaces, e.g. [N]")
 
 
 @dataclass

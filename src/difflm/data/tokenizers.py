@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import DiffLMError
@@ -254,15 +254,27 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf, "bpe")
 
 
-def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None) -> Tokenizer:
+def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None,
+            add_words: list[str] | None = None) -> Tokenizer:
     """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, a pretrained model's (a .gguf file or
     ``smollm2-135m``, read through ``transformers``: the tokenizer that goes with ``model.init``), or a hub
-    name. difflm's special tokens that it lacks are added after its vocabulary."""
+    name. ``add_words`` become tokens after its vocabulary (``tokenizer.add_words``), then difflm's special tokens
+    that it lacks."""
+    hf = _read_hf(path)
+    for w in add_words or ():
+        if hf.encode(w, add_special_tokens=False).tokens == [w]:
+            raise DiffLMError(f"tokenizer.add_words: {w!r} is already one token of {path}; remove it from the list")
+        # matched in the raw text (before an uncased normaliser lowercases it), only as a whole word
+        hf.add_tokens([AddedToken(w, single_word=True, normalized=False)])
+    return Tokenizer(hf, "hf", eos_token=eos_token, unk_text=unk_text)
+
+
+def _read_hf(path: str) -> HFTokenizer:
     from ..hub import ALIASES, MINILM_ALIASES, load_tokenizer, resolve
 
     p = resolve(path) if path.lower() in MINILM_ALIASES else Path(path)
     if path.lower() in ALIASES or p.suffix == ".gguf":
-        return Tokenizer(load_tokenizer(path).backend_tokenizer, "hf", eos_token=eos_token, unk_text=unk_text)
+        return load_tokenizer(path).backend_tokenizer
     try:
         if p.is_file():
             hf = HFTokenizer.from_file(str(p))
@@ -276,7 +288,7 @@ def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None
         raise
     except Exception as e:
         raise DiffLMError(f"cannot load Hugging Face tokenizer {path!r}: {e}") from None
-    return Tokenizer(hf, "hf", eos_token=eos_token, unk_text=unk_text)
+    return hf
 
 
 def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
@@ -290,5 +302,5 @@ def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
     if cfg.type == "hf":
         if not cfg.path:
             raise DiffLMError("tokenizer.type hf needs tokenizer.path (a tokenizer.json, folder or hub name)")
-        return load_hf(cfg.path, cfg.eos_token, cfg.unk_text)
+        return load_hf(cfg.path, cfg.eos_token, cfg.unk_text, cfg.add_words)
     raise DiffLMError(f"unknown tokenizer.type {cfg.type!r}; choose one of {', '.join(KINDS)}")
