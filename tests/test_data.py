@@ -395,3 +395,27 @@ def test_add_words_refuses_a_word_that_is_already_one_token(tmp_path):
     _bert_like().hf.save(str(tmp_path / "t.json"))
     with pytest.raises(DiffLMError, match="'cafe' is already one token"):
         load_hf(str(tmp_path / "t.json"), add_words=["N", "cafe"])
+
+
+def test_decode_cleanup_false_writes_a_pretokenized_corpus_back_as_written(tmp_path):
+    """BERT's WordPiece decoder cleans up: "said ." → "said.", which a word-level judge reads as one unknown word;
+    ``tokenizer.decode_cleanup: false`` keeps PTB's spacing (and the saved tokenizer.json keeps the setting)."""
+    from tokenizers import decoders
+
+    from difflm.errors import DiffLMError
+
+    hf = HFTokenizer.from_str(_bert_like().hf.to_str())
+    hf.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    hf.save(str(tmp_path / "t.json"))
+    text = "the cafe . a . b"  # "," is not in the vocabulary
+    assert load_hf(str(tmp_path / "t.json")).decode(load_hf(str(tmp_path / "t.json")).encode(text)) == "the cafe. a. b"
+    tok = load_hf(str(tmp_path / "t.json"), decode_cleanup=False)
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path / "saved.json")
+    again = Tokenizer.load(tmp_path / "saved.json", "hf", tok.special)
+    assert again.decode(again.encode(text)) == text
+    _bpe().hf.save(str(tmp_path / "bpe.json"))
+    with pytest.raises(DiffLMError, match="has a ByteLevel decoder, which has no clean-up to set"):
+        load_hf(str(tmp_path / "bpe.json"), decode_cleanup=False)
+    with pytest.raises(DiffLMError, match="tokenizer.decode_cleanup is for a pretrained tokenizer"):
+        TokenizerConfig(type="word", decode_cleanup=False)

@@ -89,6 +89,9 @@ class TokenizerConfig:
                                          "changes (PTB's N, which an uncased BERT writes as n), each made one token "
                                          "with a new row, matched as a whole word before normalisation and written "
                                          "back as is")
+    decode_cleanup: bool | None = option(None, "hf: null keeps the tokenizer's own; false stops a WordPiece decoder's "
+                                         "clean-up joining punctuation to the word before it (\"said .\" → "
+                                         "\"said.\"), so text of a pre-tokenized corpus (PTB) reads back as written")
 
     def __post_init__(self) -> None:
         if self.unk_text is not None and (self.type != "hf" or not self.unk_text.strip()):
@@ -98,6 +101,9 @@ class TokenizerConfig:
                 not isinstance(w, str) or not w or len(w.split()) != 1 or w != w.strip() for w in self.add_words)):
             raise DiffLMError("tokenizer.add_words is for a pretrained tokenizer (type hf): a list of words without "
                               "spaces, e.g. [N]")
+        if self.decode_cleanup is not None and self.type != "hf":
+            raise DiffLMError("tokenizer.decode_cleanup is for a pretrained tokenizer (type hf); difflm's own "
+                              "tokenizers write text back as the corpus wrote it")
 
 
 @dataclass

@@ -255,12 +255,23 @@ def train_bpe(lines: list[str], vocab_size: int) -> Tokenizer:
 
 
 def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None,
-            add_words: list[str] | None = None) -> Tokenizer:
+            add_words: list[str] | None = None, decode_cleanup: bool | None = None) -> Tokenizer:
     """Any Hugging Face tokenizer: a tokenizer.json, a folder holding one, a pretrained model's (a .gguf file or
     ``smollm2-135m``, read through ``transformers``: the tokenizer that goes with ``model.init``), or a hub
     name. ``add_words`` become tokens after its vocabulary (``tokenizer.add_words``), then difflm's special tokens
-    that it lacks."""
+    that it lacks; ``decode_cleanup`` set (not None) replaces its decoder's ``cleanup``. Both are saved in the
+    tokenizer.json a run folder keeps."""
     hf = _read_hf(path)
+    if decode_cleanup is not None:
+        import json
+
+        spec = json.loads(hf.to_str())
+        if "cleanup" not in (spec.get("decoder") or {}):
+            kind = (spec.get("decoder") or {}).get("type", "no")
+            raise DiffLMError(f"tokenizer.decode_cleanup: {path} has a {kind} decoder, which has no clean-up to set; "
+                              "remove tokenizer.decode_cleanup")
+        spec["decoder"]["cleanup"] = decode_cleanup
+        hf = HFTokenizer.from_str(json.dumps(spec))
     for w in add_words or ():
         if hf.encode(w, add_special_tokens=False).tokens == [w]:
             raise DiffLMError(f"tokenizer.add_words: {w!r} is already one token of {path}; remove it from the list")
@@ -302,5 +313,5 @@ def build_tokenizer(cfg, train_lines: list[str]) -> Tokenizer:
     if cfg.type == "hf":
         if not cfg.path:
             raise DiffLMError("tokenizer.type hf needs tokenizer.path (a tokenizer.json, folder or hub name)")
-        return load_hf(cfg.path, cfg.eos_token, cfg.unk_text, cfg.add_words)
+        return load_hf(cfg.path, cfg.eos_token, cfg.unk_text, cfg.add_words, cfg.decode_cleanup)
     raise DiffLMError(f"unknown tokenizer.type {cfg.type!r}; choose one of {', '.join(KINDS)}")
