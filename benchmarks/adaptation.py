@@ -101,6 +101,13 @@ def judge_ppl(ar: DiffusionLM, texts: list[str]) -> float:
     return math.exp(nll / max(n, 1))
 
 
+def judge_oov(ar: DiffusionLM, texts: list[str]) -> float:
+    """The fraction of the texts' words that the word-level judge has no row for (its [UNK], never trained on: each
+    costs the judge's highest surprise), e.g. a WordPiece model's "said." or "< unk >"."""
+    ids = [i for t in texts for i in ar.encode_text(t) if i != ar.tokenizer.eos_id]
+    return sum(i == ar.tokenizer.special["unk"] for i in ids) / max(len(ids), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=12.0)
@@ -163,7 +170,7 @@ def main() -> None:
     results = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "minutes": a.minutes,
                "heldout": {"ar_judge_ppl_word": judge_ppl(ar, ref), "smollm2_ppl_token": scorer.perplexity(ref),
-                           "word_entropy": word_entropy(ref)}, "rows": []}
+                           "word_entropy": word_entropy(ref), "judge_oov": judge_oov(ar, ref)}, "rows": []}
     for k in keys:
         lm = DiffusionLM.from_pretrained(a.out / k)
         last = last_row(a.out / k)
@@ -191,6 +198,7 @@ def main() -> None:
             row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
             row["smollm2_ppl_token"] = scorer.perplexity(texts)
             row["word_entropy"] = word_entropy(texts)
+            row["judge_oov"] = judge_oov(ar, texts)
             row["samples"] = texts[:3]
             results["rows"].append(row)
             print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
@@ -198,16 +206,16 @@ def main() -> None:
     h = results["heldout"]
     print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
     print("| model | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "
-          "| gen ppl / word (AR judge) | gen ppl / token (SmolLM2) | word entropy |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
+          "| gen ppl / word (AR judge) | gen ppl / token (SmolLM2) | word entropy | words the judge lacks |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     print(f"| held-out text | | | | | | {h['ar_judge_ppl_word']:.0f} | {h['smollm2_ppl_token']:.0f} "
-          f"| {h['word_entropy']:.2f} |")
+          f"| {h['word_entropy']:.2f} | {h['judge_oov']:.1%} |")
     for r in results["rows"]:
         l2r = f"{r['nll_l2r_word']:.3f}" if "nll_l2r_word" in r else ""
         bound = f"{r['nelbo_word']:.3f}" if "nelbo_word" in r else ""
         print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {bound} | {l2r} "
               f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} "
-              f"| {r['word_entropy']:.2f} |")
+              f"| {r['word_entropy']:.2f} | {r['judge_oov']:.1%} |")
 
 
 if __name__ == "__main__":
