@@ -13,9 +13,13 @@ AR→diffusion adaptations of SmolLM2-135M (``smollm2-135m-mdlm-ptb``, ``smollm2
   clean-causal adaptation also the exact NLL of its left-to-right decoder (``evaluate(left_to_right=True)``),
   the likelihood of the distribution its preset's sampler draws from;
 * generative perplexity of ``--num`` samples of 128 tokens per *word* under the AR baseline (the texts are
-  re-read with its word tokenizer; a word outside PTB's vocabulary becomes <unk>) and per *token* under SmolLM2
-  (biased in favour of its own descendants), with the held-out text under both judges for scale;
-* unigram entropy of the samples' words; the samples and an infill shown.
+  re-read with its word tokenizer), twice: a word outside PTB's vocabulary as the judge's [UNK] (a row never
+  trained as a target, so each costs the judge's highest surprise), and as the word <unk> (PTB's own convention:
+  the corpus replaced every word outside its 10k vocabulary by <unk>; a word-level model writes <unk> for them).
+  Only open-vocabulary models (SmolLM2's BPE, MiniLM's WordPiece) can write such words, so the first column
+  penalises them for the judge's vocabulary. Then per *token* under SmolLM2 (biased in favour of its own
+  descendants), with the held-out text under both judges for scale;
+* unigram entropy of the samples' words, the share of them the judge lacks; the samples and an infill shown.
 
 Writes benchmarks/out/adaptation/results-<models>.json and prints Markdown for RESULTS.md. Run it alone (it times
 things).
@@ -90,11 +94,17 @@ def word_entropy(texts: list[str]) -> float:
     return -sum(v / n * math.log(v / n) for v in c.values()) if n else float("nan")
 
 
-def judge_ppl(ar: DiffusionLM, texts: list[str]) -> float:
-    """Per-word perplexity of texts under the word-level AR baseline (each text is one sequence)."""
+def judge_ppl(ar: DiffusionLM, texts: list[str], unknown_as: str | None = None) -> float:
+    """Per-word perplexity of texts under the word-level AR baseline (each text is one sequence). A word outside
+    the judge's vocabulary is its [UNK], a row never trained as a target; ``unknown_as`` ("<unk>") reads it as that
+    word instead, as PTB itself does: the corpus replaced every word outside its 10k vocabulary by <unk>."""
     L = ar.seq_len
     rows = []
     for t in texts:
+        if unknown_as:
+            known = ar.tokenizer.hf.token_to_id
+            t = "\n".join(" ".join(w if known(w) is not None else unknown_as for w in line.split())
+                          for line in t.split("\n"))
         ids = ar.encode_text(t)[: L - 1] + [ar.tokenizer.eos_id]
         rows.append(ids + [ar.tokenizer.pad_id] * (L - len(ids)))
     nll, n = ar_nll(ar, torch.tensor(rows), special_ids(ar.tokenizer) - {ar.tokenizer.eos_id})
@@ -122,6 +132,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="reuse the runs in --out")
     ap.add_argument("--train-only", action="store_true", help="stop after training: evaluate later with "
                     "--skip-train, alone and on every core, when runs trained at once")
+    ap.add_argument("--samples-only", action="store_true", help="draw and judge samples only (no bound, no "
+                    "decoder likelihoods): a second seed, or judging again")
     ap.add_argument("--no-bound", action="store_true", help="skip the bound (already measured): likelihoods of "
                     "decoders and samples only")
     ap.add_argument("--block-orders", default="random",
@@ -176,13 +188,13 @@ def main() -> None:
         last = last_row(a.out / k)
         row = {"model": k, "preset": RUNS[k] + LABELS.get(k, ""),
                **{f"train_{x}": last[x] for x in ("step", "tokens", "elapsed_s", "tokens_per_s")}}
-        if not a.no_bound:
+        if not (a.no_bound or a.samples_only):
             t0 = time.perf_counter()
             ev = lm.evaluate("valid", samples=1, batch_size=16, max_batches=a.eval_batches)
             row["eval_s"] = time.perf_counter() - t0
             row["nelbo_token"], row["valid_tokens"] = ev.nelbo, ev.n_tokens
             row["nelbo_word"] = ev.nelbo * ev.n_tokens / n_words  # = total nats / words, over the whole split
-        if getattr(lm.process.options, "clean_causal", False):  # its left-to-right decoder's exact NLL
+        if getattr(lm.process.options, "clean_causal", False) and not a.samples_only:  # left-to-right exact NLL
             ev = lm.evaluate("valid", batch_size=16, max_batches=a.eval_batches, left_to_right=True)
             row["nll_l2r_word"] = ev.nelbo * ev.n_tokens / n_words
         if lm.process.family == "masked":
@@ -196,25 +208,28 @@ def main() -> None:
                    "sampler": f"{lm.run.sample.sampler or lm.process.default_sampler} {opts or ''}".strip()}
             texts = [t.strip() for t in g.texts]
             row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
+            row["ar_judge_unk_ppl_word"] = judge_ppl(ar, texts, unknown_as="<unk>")
             row["smollm2_ppl_token"] = scorer.perplexity(texts)
             row["word_entropy"] = word_entropy(texts)
             row["judge_oov"] = judge_oov(ar, texts)
-            row["samples"] = texts[:3]
+            row["samples"], row["texts"] = texts[:3], texts  # all of them: to judge again later
             results["rows"].append(row)
-            print(json.dumps({x: v for x, v in row.items() if x != "samples"}), flush=True)
+            print(json.dumps({x: v for x, v in row.items() if x not in ("samples", "texts")}), flush=True)
             (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
     h = results["heldout"]
     print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
     print("| model | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "
-          "| gen ppl / word (AR judge) | gen ppl / token (SmolLM2) | word entropy | words the judge lacks |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    print(f"| held-out text | | | | | | {h['ar_judge_ppl_word']:.0f} | {h['smollm2_ppl_token']:.0f} "
+          "| gen ppl / word (AR judge) | AR judge, unknown words as <unk> | gen ppl / token (SmolLM2) | word entropy "
+          "| words the judge lacks |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print(f"| held-out text | | | | | | {h['ar_judge_ppl_word']:.0f} | | {h['smollm2_ppl_token']:.0f} "
           f"| {h['word_entropy']:.2f} | {h['judge_oov']:.1%} |")
     for r in results["rows"]:
         l2r = f"{r['nll_l2r_word']:.3f}" if "nll_l2r_word" in r else ""
         bound = f"{r['nelbo_word']:.3f}" if "nelbo_word" in r else ""
         print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {bound} | {l2r} "
-              f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} "
+              f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} "
+              f"| {r['smollm2_ppl_token']:.0f} "
               f"| {r['word_entropy']:.2f} | {r['judge_oov']:.1%} |")
 
 
