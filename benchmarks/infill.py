@@ -12,8 +12,9 @@ only the text before a gap (AR, block diffusion, clean-causal adaptations) see t
 choice; a masked model with bidirectional attention reads both sides in every call.
 
 Reported per model and setting: the share of blanked words recovered (position by position), the AR judge's
-perplexity per word of the whole filled sentence and SmolLM2's per token (the original sentences' under both, for
-scale; the AR judge favours the AR row when it is also a model, SmolLM2 favours its descendants), and seconds per
+perplexity per word of the whole filled sentence (twice: a word outside PTB's vocabulary as the judge's [UNK],
+and as <unk>, PTB's own convention: ``adaptation.judge_ppl``) and SmolLM2's per token (the original sentences'
+under both, for scale; the AR judge favours the AR row when it is also a model, SmolLM2 favours its descendants), and seconds per
 sentence. Block models fill with ``--block-order`` (left to right by default: the order an adapted clean-causal
 model reads best). Writes ``<out>/infill-<runs>.json`` and prints Markdown. Run it alone (it times things).
 """
@@ -91,6 +92,7 @@ def main() -> None:
     res = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} threads", "num": len(items), "span": a.span, "candidates": a.candidates,
            "original": {"ar_judge_ppl_word": judge_ppl(judge, originals),
+                        "ar_judge_unk_ppl_word": judge_ppl(judge, originals, unknown_as="<unk>"),
                         "smollm2_ppl_token": scorer.perplexity(originals)}, "rows": []}
     for name, path in runs.items():
         lm = DiffusionLM.from_pretrained(path)
@@ -109,20 +111,24 @@ def main() -> None:
             row = {"model": name, "candidates": c, "sampler": f"{lm.preferred_sampler() or lm.process.default_sampler}"
                    f"{' ' + json.dumps(opts) if opts else ''}", "s_per_sentence": secs,
                    "recovered": sum(recovered(f, *it) for f, it in zip(filled, items)) / (a.span * len(items)),
-                   "ar_judge_ppl_word": judge_ppl(judge, filled), "smollm2_ppl_token": scorer.perplexity(filled),
+                   "ar_judge_ppl_word": judge_ppl(judge, filled),
+                   "ar_judge_unk_ppl_word": judge_ppl(judge, filled, unknown_as="<unk>"),
+                   "smollm2_ppl_token": scorer.perplexity(filled), "filled": filled,
                    "examples": filled[:3]}
             res["rows"].append(row)
-            print(json.dumps({x: v for x, v in row.items() if x != "examples"}), flush=True)
+            print(json.dumps({x: v for x, v in row.items() if x not in ("examples", "filled")}), flush=True)
         (a.out / f"infill-{'-'.join(runs)}.json").write_text(json.dumps(res, indent=2))
     o = res["original"]
     print(f"\n{res['date']}, {res['machine']}; {len(items)} PTB validation sentences, {a.span} words blanked\n")
     print("| model | sampler | fills ranked | blanked words recovered | gen ppl / word (AR judge) "
-          "| gen ppl / token (SmolLM2) | s / sentence |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    print(f"| original sentences | | | 100% | {o['ar_judge_ppl_word']:.0f} | {o['smollm2_ppl_token']:.0f} | |")
+          "| AR judge, unknown words as <unk> | gen ppl / token (SmolLM2) | s / sentence |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| original sentences | | | 100% | {o['ar_judge_ppl_word']:.0f} | {o['ar_judge_unk_ppl_word']:.0f} "
+          f"| {o['smollm2_ppl_token']:.0f} | |")
     for r in res["rows"]:
         print(f"| {r['model']} | {r['sampler']} | {r['candidates']} | {100 * r['recovered']:.1f}% "
-              f"| {r['ar_judge_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} | {r['s_per_sentence']:.2f} |")
+              f"| {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} "
+              f"| {r['s_per_sentence']:.2f} |")
 
 
 if __name__ == "__main__":
