@@ -14,9 +14,9 @@ choice; a masked model with bidirectional attention reads both sides in every ca
 Reported per model and setting: the share of blanked words recovered (position by position), the AR judge's
 perplexity per word of the whole filled sentence (twice: a word outside PTB's vocabulary as the judge's [UNK],
 and as <unk>, PTB's own convention: ``adaptation.judge_ppl``) and SmolLM2's per token (the original sentences'
-under both, for scale; the AR judge favours the AR row when it is also a model, SmolLM2 favours its descendants), and seconds per
-sentence. Block models fill with ``--block-order`` (left to right by default: the order an adapted clean-causal
-model reads best). Writes ``<out>/infill-<runs>.json`` and prints Markdown. Run it alone (it times things).
+under both, for scale; the AR judge favours the AR row when it is also a model, SmolLM2 favours its descendants),
+and seconds per sentence. Block models fill with ``--block-order`` (left to right by default: the order an adapted
+clean-causal model reads best). Writes ``<out>/infill-<runs>.json`` and prints Markdown. Run it alone (it times things).
 """
 
 from __future__ import annotations
