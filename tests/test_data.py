@@ -275,6 +275,18 @@ def _bpe_as_hf() -> tuple[Tokenizer, frozenset[int]]:
     return _BPE_HF[0]
 
 
+def _tiny_bert_like_run(tmp_path, **tokenizer) -> dict:
+    """A one-step masked run on ``tmp_path/t.txt`` with _bert_like's tokenizer (saved to ``tmp_path``) and these
+    ``tokenizer`` options."""
+    _bert_like().hf.save(str(tmp_path / "tokenizer.json"))
+    return {"tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "[SEP]", **tokenizer},
+            "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
+            "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 8, "valid_fraction": 0.3,
+                     "cache_dir": str(tmp_path / "cache")},
+            "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "tensorboard": False,
+                      "bf16": False}}
+
+
 def test_a_corpus_that_spells_out_an_excluded_token_is_refused_in_one_line(tmp_path):
     """[CLS] is unreachable from plain text but a text that writes it literally encodes to it; under
     exclude_unreachable that token would cost infinite nats, so training refuses the corpus and names the token."""
@@ -282,15 +294,8 @@ def test_a_corpus_that_spells_out_an_excluded_token_is_refused_in_one_line(tmp_p
     from difflm.errors import DiffLMError
     from difflm.training.trainer import Trainer
 
-    _bert_like().hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "t.txt").write_text("the cafe\n" * 30 + "the [CLS] cafe\n" + "the cafe\n" * 30)
-    cfg = {"tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "[SEP]",
-                         "exclude_unreachable": True},
-           "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
-           "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 8, "valid_fraction": 0.3,
-                    "cache_dir": str(tmp_path / "cache")},
-           "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "tensorboard": False,
-                     "bf16": False}}
+    cfg = _tiny_bert_like_run(tmp_path, exclude_unreachable=True)
     with pytest.raises(DiffLMError, match=r"holds '\[CLS\]', a token that tokenizer.exclude_unreachable"):
         Trainer(RunConfig.from_dict(cfg), tmp_path / "run", progress=False).fit()
     (tmp_path / "t.txt").write_text("the cafe\n" * 61)
@@ -319,18 +324,10 @@ def test_unk_text_reaches_the_token_rows_and_the_model_folder(tmp_path):
     from difflm.pipeline import DiffusionLM
     from difflm.training.trainer import Trainer
 
-    _bert_like().hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "t.txt").write_text("the <unk> cafe\n" * 40)
     rows = {}
     for unk_text in (None, "<unk>"):
-        cfg = {"tokenizer": {"type": "hf", "path": str(tmp_path / "tokenizer.json"), "eos_token": "[SEP]",
-                             "unk_text": unk_text},
-               "model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "process": {"type": "masked"},
-               "data": {"corpus": "text", "path": str(tmp_path / "t.txt"), "seq_len": 8, "valid_fraction": 0.3,
-                        "cache_dir": str(tmp_path / "cache")},
-               "train": {"batch_size": 2, "max_steps": 1, "eval_every": 1, "eval_batches": 1, "tensorboard": False,
-                         "bf16": False}}
-        run = RunConfig.from_dict(cfg)
+        run = RunConfig.from_dict(_tiny_bert_like_run(tmp_path, unk_text=unk_text))
         out = tmp_path / f"run-{unk_text is not None}"
         Trainer(run, out, progress=False).fit()
         lm = DiffusionLM.from_pretrained(out)
