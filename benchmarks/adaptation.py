@@ -99,10 +99,10 @@ def judge_ppl(ar: DiffusionLM, texts: list[str], unknown_as: str | None = None) 
     the judge's vocabulary is its [UNK], a row never trained as a target; ``unknown_as`` ("<unk>") reads it as that
     word instead, as PTB itself does: the corpus replaced every word outside its 10k vocabulary by <unk>."""
     L = ar.seq_len
+    known = ar.tokenizer.hf.token_to_id
     rows = []
     for t in texts:
         if unknown_as:
-            known = ar.tokenizer.hf.token_to_id
             t = "\n".join(" ".join(w if known(w) is not None else unknown_as for w in line.split())
                           for line in t.split("\n"))
         ids = ar.encode_text(t)[: L - 1] + [ar.tokenizer.eos_id]

@@ -326,8 +326,9 @@ def build_dataset(cfg, tokenizer: Tokenizer, split: str) -> TokenDataset:
     h = hashlib.sha256()
     # the special ids too: two eos_token choices can leave the same vocabulary with a different [EOS]
     # (and the corpus's spelling of an unknown word, when it is read as one: the key of a run without it is unchanged)
-    key = [cfg.mode, cfg.seq_len, tokenizer.hf.to_str(), tokenizer.special] + [tokenizer.unk_text] * bool(
-        tokenizer.unk_text)
+    key = [cfg.mode, cfg.seq_len, tokenizer.hf.to_str(), tokenizer.special]
+    if tokenizer.unk_text:
+        key.append(tokenizer.unk_text)
     h.update(json.dumps(key).encode())
     for line in lines:
         h.update(json.dumps(line).encode("utf-8") if cfg.mode == "pairs" else line.encode("utf-8"))

@@ -6,6 +6,7 @@ Every one is a Hugging Face ``tokenizers.Tokenizer`` saved as ``tokenizer.json``
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -100,8 +101,6 @@ class Tokenizer:
 
     def _model_json(self) -> dict:
         """The tokenizer.json's ``model`` section (its type, vocabulary, word-piece prefix)."""
-        import json
-
         return json.loads(self.hf.to_str()).get("model", {})
 
     @staticmethod
@@ -263,8 +262,6 @@ def load_hf(path: str, eos_token: str | None = None, unk_text: str | None = None
     tokenizer.json a run folder keeps."""
     hf = _read_hf(path)
     if decode_cleanup is not None:
-        import json
-
         spec = json.loads(hf.to_str())
         if "cleanup" not in (spec.get("decoder") or {}):
             kind = (spec.get("decoder") or {}).get("type", "no")
