@@ -112,6 +112,13 @@ def write_model_folder(path: Path, model: nn.Module, tokenizer: Tokenizer, run: 
     runfolder.write_manifest(path, step, manifest_files)
 
 
+def read_folder_tokenizer(path: Path, cfg: dict, run: RunConfig) -> Tokenizer:
+    """The tokenizer.json of a model or run folder, with the special ids its config.json (``cfg``) recorded and the
+    run's ``tokenizer.unk_text``."""
+    return Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"),
+                          unk_text=run.tokenizer.unk_text)
+
+
 def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunConfig, list[float] | None]:
     """Rebuild (model, process, tokenizer, run, length_prior) from a model folder, with one-line errors for
     a missing, mismatched or corrupted part."""
@@ -128,8 +135,7 @@ def read_model_folder(path: Path) -> tuple[nn.Module, Process, Tokenizer, RunCon
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{path / 'config.json'} is not a difflm model config")
     run = RunConfig.from_saved(cfg["run"])
-    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"),
-                               unk_text=run.tokenizer.unk_text)
+    tokenizer = read_folder_tokenizer(path, cfg, run)
     if tokenizer.vocab_size != cfg.get("vocab_size") or tokenizer.special != cfg.get("special"):
         raise DiffLMError(
             f"{path / 'tokenizer.json'} does not match the model (vocabulary {tokenizer.vocab_size} vs "

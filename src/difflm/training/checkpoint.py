@@ -58,9 +58,8 @@ def export_from_checkpoint(run_dir: Path) -> int:
     """Rewrite a run's model folder (tokenizer.json, model.safetensors with the EMA weights, config.json) and
     its manifest from checkpoint.safetensors: what repairs a save cut short after the checkpoint was written.
     Returns the checkpoint's step."""
-    from ..components import build_components, write_model_folder
+    from ..components import build_components, read_folder_tokenizer, write_model_folder
     from ..config import RunConfig
-    from ..data.tokenizers import Tokenizer
     from ..io import read_json
     from ..runfolder import CHECKPOINT, MODEL_FILES
 
@@ -72,8 +71,7 @@ def export_from_checkpoint(run_dir: Path) -> int:
     if not isinstance(cfg, dict) or "run" not in cfg:
         raise DiffLMError(f"{run_dir / 'config.json'} is not a difflm run config; the run cannot be exported")
     run = RunConfig.from_saved(cfg["run"])
-    tok = Tokenizer.load(run_dir / "tokenizer.json", cfg.get("tokenizer_kind", "hf"), cfg.get("special"),
-                         unk_text=run.tokenizer.unk_text)
+    tok = read_folder_tokenizer(run_dir, cfg, run)
     model, _ = build_components(run, tok, cfg.get("length_prior"), cfg.get("backbone"))
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
