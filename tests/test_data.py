@@ -360,30 +360,34 @@ _ADDED = []
 
 
 def _bert_like_with_n(tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
-    """_bert_like with N added (an uncased tokenizer that has no "n" either: N alone is [UNK]), as built and as a
-    run folder reloads it from its tokenizer.json."""
+    """_bert_like with N added (an uncased tokenizer that has no "n" either: N alone is [UNK]) and the abbreviation
+    "a.b." (which the pre-tokenizer would split at its dots, as it splits PTB's "u.s."), as built and as a run folder
+    reloads it from its tokenizer.json."""
     if not _ADDED:
         d = tmp_path_factory.mktemp("addn")
         _bert_like().hf.save(str(d / "base.json"))
-        built = load_hf(str(d / "base.json"), eos_token="[SEP]", unk_text="<unk>", add_words=["N"])
+        built = load_hf(str(d / "base.json"), eos_token="[SEP]", unk_text="<unk>", add_words=["N", "a.b."])
         built.save(d / "tokenizer.json")
         _ADDED.append((built, Tokenizer.load(d / "tokenizer.json", "hf", built.special, unk_text="<unk>")))
     return _ADDED[0]
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(["the", "cafe", "N", "<unk>", "a"]), max_size=12))
+@given(st.lists(st.sampled_from(["the", "cafe", "N", "<unk>", "a", "b", ".", "a.b."]), max_size=12))
 def test_add_words_are_one_new_token_each_kept_as_written(tmp_path_factory, words):
-    """``tokenizer.add_words: [N]``: N is one token with its own new row, read before the uncased normaliser
-    lowercases it, and decodes back to N; the run folder's saved tokenizer reads it the same way."""
+    """``tokenizer.add_words: [N, a.b.]``: each is one token with its own new row, read before the uncased normaliser
+    lowercases N and the pre-tokenizer splits a.b. at its dots, and decodes back as written (not "n", not
+    "a . b ."); the run folder's saved tokenizer reads them the same way."""
     built, reloaded = _bert_like_with_n(tmp_path_factory)
-    n_id = built.hf.token_to_id("N")
-    assert n_id >= _bert_like().hf.get_vocab_size(with_added_tokens=False) and n_id not in built.special.values()
+    new = {w: built.hf.token_to_id(w) for w in ("N", "a.b.")}
+    base = _bert_like().hf.get_vocab_size(with_added_tokens=False)
+    assert all(i is not None and i >= base and i not in built.special.values() for i in new.values())
     text = " ".join(words)
     ids = built.encode(text)
-    assert ids == reloaded.encode(text) and ids.count(n_id) == words.count("N") and len(ids) == len(words)
+    assert ids == reloaded.encode(text) and len(ids) == len(words)
+    assert all(ids.count(i) == words.count(w) for w, i in new.items())
     assert built.decode(ids) == text == reloaded.decode(ids)
-    assert _bert_like().encode(text).count(n_id) == 0  # without it: N is [UNK]
+    assert not set(_bert_like().encode(text)) & set(new.values())  # without them: [UNK], and a . b .
 
 
 def test_add_words_refuses_a_word_that_is_already_one_token(tmp_path):
