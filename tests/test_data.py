@@ -359,7 +359,7 @@ def test_unk_text_needs_a_tokenizer_with_an_unknown_token():
 _ADDED = []
 
 
-def _bert_like_with_n(tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
+def _bert_like_with_added_words(tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
     """_bert_like with N added (an uncased tokenizer that has no "n" either: N alone is [UNK]) and the abbreviation
     "a.b." (which the pre-tokenizer would split at its dots, as it splits PTB's "u.s."), as built and as a run folder
     reloads it from its tokenizer.json."""
@@ -378,7 +378,7 @@ def test_add_words_are_one_new_token_each_kept_as_written(tmp_path_factory, word
     """``tokenizer.add_words: [N, a.b.]``: each is one token with its own new row, read before the uncased normaliser
     lowercases N and the pre-tokenizer splits a.b. at its dots, and decodes back as written (not "n", not
     "a . b ."); the run folder's saved tokenizer reads them the same way."""
-    built, reloaded = _bert_like_with_n(tmp_path_factory)
+    built, reloaded = _bert_like_with_added_words(tmp_path_factory)
     new = {w: built.hf.token_to_id(w) for w in ("N", "a.b.")}
     base = _bert_like().hf.get_vocab_size(with_added_tokens=False)
     assert all(i is not None and i >= base and i not in built.special.values() for i in new.values())
