@@ -13,13 +13,16 @@ AR→diffusion adaptations of SmolLM2-135M (``smollm2-135m-mdlm-ptb``, ``smollm2
   clean-causal adaptation also the exact NLL of its left-to-right decoder (``evaluate(left_to_right=True)``),
   the likelihood of the distribution its preset's sampler draws from;
 * generative perplexity of ``--num`` samples of 128 tokens per *word* under the AR baseline (the texts are
-  re-read with its word tokenizer), twice: a word outside PTB's vocabulary as the judge's [UNK] (a row never
-  trained as a target, so each costs the judge's highest surprise), and as the word <unk> (PTB's own convention:
-  the corpus replaced every word outside its 10k vocabulary by <unk>; a word-level model writes <unk> for them).
-  Only open-vocabulary models (SmolLM2's BPE, MiniLM's WordPiece) can write such words, so the first column
-  penalises them for the judge's vocabulary. Then per *token* under SmolLM2 (biased in favour of its own
+  re-read with its word tokenizer), three times: a word outside PTB's vocabulary as the judge's [UNK] (a row never
+  trained as a target, so each costs the judge's highest surprise); as the word <unk> (PTB's own convention:
+  the corpus replaced every word outside its 10k vocabulary by <unk>; a word-level model writes <unk> for them);
+  and as <unk> only where it is a real word (``--dictionary``, Debian's ``wamerican`` list, or a hyphenated
+  compound of real words), a non-word ("dieteb") staying [UNK]. Only open-vocabulary models (SmolLM2's BPE,
+  MiniLM's WordPiece) can write such words: the first reading charges a real word PTB lacks as noise, the second
+  forgives a non-word, the third does neither. Then per *token* under SmolLM2 (biased in favour of its own
   descendants), with the held-out text under both judges for scale;
-* unigram entropy of the samples' words, the share of them the judge lacks; the samples and an infill shown.
+* unigram entropy of the samples' words, the share of them the judge lacks and of those the real words; the
+  samples and an infill shown. ``--rejudge`` reads the samples a results file stores again, without the models.
 
 Writes benchmarks/out/adaptation/results-<models>.json and prints Markdown for RESULTS.md. Run it alone (it times
 things).
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -94,17 +98,43 @@ def word_entropy(texts: list[str]) -> float:
     return -sum(v / n * math.log(v / n) for v in c.values()) if n else float("nan")
 
 
-def judge_ppl(ar: DiffusionLM, texts: list[str], unknown_as: str | None = None) -> float:
+def read_dictionary(path: Path | None) -> frozenset[str] | None:
+    """The lowercased entries of a word list, one word a line (Debian's ``wamerican``: /usr/share/dict/words), or
+    None where there is none."""
+    if path is None or not path.is_file():
+        return None
+    return frozenset(w.strip().lower() for w in path.read_text(encoding="utf-8", errors="ignore").splitlines())
+
+
+def real_word(word: str, known: Callable[[str], int | None], dictionary: frozenset[str]) -> bool:
+    """Whether ``word`` is English: in the judge's vocabulary or the dictionary, or a hyphenated compound
+    ("third-quarter") whose every part is. A lone "-" or "." is not a word."""
+    parts = word.split("-") if "-" in word.strip("-") else [word]
+    return all(p != "" and (known(p) is not None or p in dictionary) for p in parts)
+
+
+def judge_reading(text: str, known: Callable[[str], int | None], unknown_as: str,
+                  dictionary: frozenset[str] | None = None) -> str:
+    """``text`` with every word the judge lacks (``known(w) is None``) written as ``unknown_as``; with a
+    ``dictionary``, only the real ones (``real_word``). Lines and the words the judge has are kept."""
+    def read(w: str) -> str:
+        lacking = known(w) is None
+        return unknown_as if lacking and (dictionary is None or real_word(w, known, dictionary)) else w
+    return "\n".join(" ".join(read(w) for w in line.split()) for line in text.split("\n"))
+
+
+def judge_ppl(ar: DiffusionLM, texts: list[str], unknown_as: str | None = None,
+              dictionary: frozenset[str] | None = None) -> float:
     """Per-word perplexity of texts under the word-level AR baseline (each text is one sequence). A word outside
     the judge's vocabulary is its [UNK], a row never trained as a target; ``unknown_as`` ("<unk>") reads it as that
-    word instead, as PTB itself does: the corpus replaced every word outside its 10k vocabulary by <unk>."""
+    word instead, as PTB itself does: the corpus replaced every word outside its 10k vocabulary by <unk>. With a
+    ``dictionary`` only real words (``real_word``) read as ``unknown_as``; a non-word ("dieteb") stays [UNK]."""
     L = ar.seq_len
     known = ar.tokenizer.hf.token_to_id
     rows = []
     for t in texts:
         if unknown_as:
-            t = "\n".join(" ".join(w if known(w) is not None else unknown_as for w in line.split())
-                          for line in t.split("\n"))
+            t = judge_reading(t, known, unknown_as, dictionary)
         ids = ar.encode_text(t)[: L - 1] + [ar.tokenizer.eos_id]
         rows.append(ids + [ar.tokenizer.pad_id] * (L - len(ids)))
     nll, n = ar_nll(ar, torch.tensor(rows), special_ids(ar.tokenizer) - {ar.tokenizer.eos_id})
@@ -116,6 +146,13 @@ def judge_oov(ar: DiffusionLM, texts: list[str]) -> float:
     costs the judge's highest surprise), e.g. a WordPiece model's "said." or "< unk >"."""
     ids = [i for t in texts for i in ar.encode_text(t) if i != ar.tokenizer.eos_id]
     return sum(i == ar.tokenizer.special["unk"] for i in ids) / max(len(ids), 1)
+
+
+def real_share(ar: DiffusionLM, texts: list[str], dictionary: frozenset[str]) -> float:
+    """Of the texts' words the judge lacks, the fraction that are real words (``real_word``)."""
+    known = ar.tokenizer.hf.token_to_id
+    lacking = [w for w in words(texts) if known(w) is None]
+    return sum(real_word(w, known, dictionary) for w in lacking) / max(len(lacking), 1)
 
 
 def main() -> None:
@@ -145,6 +182,10 @@ def main() -> None:
                     help="every trained row decays its learning rate over --minutes of training time "
                     "(train.decay_minutes), so no step-time guess cuts a schedule short; --adapted-step-s then "
                     "sizes only the SmolLM2 warm-up and annealing")
+    ap.add_argument("--dictionary", type=Path, default=Path("/usr/share/dict/words"),
+                    help="an English word list for the third reading of the AR judge (apt-get install wamerican)")
+    ap.add_argument("--rejudge", action="store_true", help="judge the samples stored in --out's results JSON "
+                    "again (no model is loaded or drawn from): a new reading of stored samples")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every trained row (after the row's own), e.g. train.warmup_steps=20")
     a = ap.parse_args()
@@ -170,6 +211,12 @@ def main() -> None:
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
     if a.train_only:
         return
+    dictionary = read_dictionary(a.dictionary)
+    if dictionary is None:
+        print(f"no word list at {a.dictionary}: the 'real words as <unk>' reading is left out "
+              "(apt-get install wamerican, or --dictionary PATH)", file=sys.stderr)
+    if a.rejudge:
+        return rejudge(a.out / f"results-{'-'.join(keys)}.json", a.out / "ar", dictionary)
 
     from difflm.evaluation.external import load_scorer
 
@@ -180,7 +227,7 @@ def main() -> None:
     ref = [" ".join(line.split()[:100]) for line in valid[: a.num * 4]]
     ref = [" ".join(ref[i : i + 4]) for i in range(0, len(ref), 4)]
     results = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{torch.get_num_threads()} threads", "minutes": a.minutes,
+               f"{torch.get_num_threads()} threads", "minutes": None if a.skip_train else a.minutes,
                "heldout": {"ar_judge_ppl_word": judge_ppl(ar, ref), "smollm2_ppl_token": scorer.perplexity(ref),
                            "word_entropy": word_entropy(ref), "judge_oov": judge_oov(ar, ref)}, "rows": []}
     for k in keys:
@@ -209,6 +256,9 @@ def main() -> None:
             texts = [t.strip() for t in g.texts]
             row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
             row["ar_judge_unk_ppl_word"] = judge_ppl(ar, texts, unknown_as="<unk>")
+            if dictionary is not None:
+                row["ar_judge_real_ppl_word"] = judge_ppl(ar, texts, "<unk>", dictionary)
+                row["judge_oov_real"] = real_share(ar, texts, dictionary)
             row["smollm2_ppl_token"] = scorer.perplexity(texts)
             row["word_entropy"] = word_entropy(texts)
             row["judge_oov"] = judge_oov(ar, texts)
@@ -216,21 +266,52 @@ def main() -> None:
             results["rows"].append(row)
             print(json.dumps({x: v for x, v in row.items() if x not in ("samples", "texts")}), flush=True)
             (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+def rejudge(path: Path, judge: Path, dictionary: frozenset[str] | None) -> None:
+    """Read the samples stored in a results JSON (``texts`` of every row) with the AR judge again, every reading,
+    and write the file back with the new figures (the models and SmolLM2 are not loaded)."""
+    if not path.is_file():
+        sys.exit(f"no results at {path}: run without --rejudge first, with the same --models and --out")
+    results = json.loads(path.read_text())
+    ar = DiffusionLM.from_pretrained(judge)
+    for row in results["rows"]:
+        texts = row["texts"]
+        row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
+        row["ar_judge_unk_ppl_word"] = judge_ppl(ar, texts, unknown_as="<unk>")
+        row["judge_oov"] = judge_oov(ar, texts)
+        if dictionary is not None:
+            row["ar_judge_real_ppl_word"] = judge_ppl(ar, texts, "<unk>", dictionary)
+            row["judge_oov_real"] = real_share(ar, texts, dictionary)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    """The Markdown table of a results dict (RESULTS.md). The third AR-judge reading appears when it was made."""
+    real = any("ar_judge_real_ppl_word" in r for r in results["rows"])
     h = results["heldout"]
-    print(f"\n{results['date']}, {results['machine']}, {a.minutes} min of training each\n")
-    print("| model | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "
-          "| gen ppl / word (AR judge) | AR judge, unknown words as <unk> | gen ppl / token (SmolLM2) | word entropy "
-          "| words the judge lacks |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    print(f"| held-out text | | | | | | {h['ar_judge_ppl_word']:.0f} | | {h['smollm2_ppl_token']:.0f} "
-          f"| {h['word_entropy']:.2f} | {h['judge_oov']:.1%} |")
+    print(f"\n{results['date']}, {results['machine']}\n")
+    print("| model | train min | steps | train tokens | valid NELBO / word (nats) | left-to-right NLL / word | sampler "
+          "| gen ppl / word (AR judge) | AR judge, unknown words as <unk> "
+          + ("| AR judge, real words as <unk> " if real else "")
+          + "| gen ppl / token (SmolLM2) | word entropy | words the judge lacks "
+          + ("| of which real words " if real else "") + "|")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if real else "") + "---:|---:|---:|"
+          + ("---:|" if real else ""))
+    print(f"| held-out text | | | | | | | {h['ar_judge_ppl_word']:.0f} | | " + ("| " if real else "")
+          + f"{h['smollm2_ppl_token']:.0f} | {h['word_entropy']:.2f} | {h['judge_oov']:.1%} |" + (" |" if real else ""))
     for r in results["rows"]:
         l2r = f"{r['nll_l2r_word']:.3f}" if "nll_l2r_word" in r else ""
         bound = f"{r['nelbo_word']:.3f}" if "nelbo_word" in r else ""
-        print(f"| {r['preset']} | {r['train_step']} | {int(r['train_tokens']):,} | {bound} | {l2r} "
-              f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} "
-              f"| {r['smollm2_ppl_token']:.0f} "
-              f"| {r['word_entropy']:.2f} | {r['judge_oov']:.1%} |")
+        third = f"| {r['ar_judge_real_ppl_word']:.0f} " if real else ""
+        share = f" {r['judge_oov_real']:.0%} |" if real else ""
+        print(f"| {r['preset']} | {float(r['train_elapsed_s']) / 60:.0f} | {r['train_step']} "
+              f"| {int(r['train_tokens']):,} | {bound} | {l2r} "
+              f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} {third}"
+              f"| {r['smollm2_ppl_token']:.0f} | {r['word_entropy']:.2f} | {r['judge_oov']:.1%} |{share}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ only the text before a gap (AR, block diffusion, clean-causal adaptations) see t
 choice; a masked model with bidirectional attention reads both sides in every call.
 
 Reported per model and setting: the share of blanked words recovered (position by position), the AR judge's
-perplexity per word of the whole filled sentence (twice: a word outside PTB's vocabulary as the judge's [UNK],
-and as <unk>, PTB's own convention: ``adaptation.judge_ppl``) and SmolLM2's per token (the original sentences'
-under both, for scale; the AR judge favours the AR row when it is also a model, SmolLM2 favours its descendants),
-and seconds per sentence. Block models fill with ``--block-order`` (left to right by default: the order an adapted
-clean-causal model reads best). Writes ``<out>/infill-<runs>.json`` and prints Markdown. Run it alone (it times things).
+perplexity per word of the whole filled sentence (three times: a word outside PTB's vocabulary as the judge's
+[UNK]; as <unk>, PTB's own convention; and as <unk> only where an English word list has it, a non-word staying
+[UNK]: ``adaptation.judge_ppl``) and SmolLM2's per token (the original sentences' under both, for scale; the AR
+judge favours the AR row when it is also a model, SmolLM2 favours its descendants), and seconds per sentence. Block
+models fill with ``--block-order`` (left to right by default: the order an adapted clean-causal model reads best).
+Writes ``<out>/infill-<runs>.json`` and prints Markdown. Run it alone (it times things).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from difflm.data.corpora import ptb_lines
 from difflm.pipeline import DiffusionLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptation import judge_ppl  # noqa: E402  (the same judge as the adaptation tables)
+from adaptation import judge_ppl, read_dictionary  # noqa: E402  (the same judge as the adaptation tables)
 
 
 def blanked(lines: list[str], num: int, span: int) -> list[tuple[list[str], list[str], list[str]]]:
@@ -80,12 +81,22 @@ def main() -> None:
     ap.add_argument("--block-order", default="left-to-right")
     ap.add_argument("--batch", type=int, default=8, help="sentences sampled as one batch")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    ap.add_argument("--dictionary", type=Path, default=Path("/usr/share/dict/words"),
+                    help="an English word list for the third reading of the AR judge (apt-get install wamerican)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     from difflm.evaluation.external import load_scorer
 
     runs = dict(kv.split("=", 1) for kv in a.runs.split(","))
     scorer = load_scorer("smollm2")
+    dictionary = read_dictionary(a.dictionary)
+    if dictionary is None:
+        print(f"no word list at {a.dictionary}: the 'real words as <unk>' reading is left out "
+              "(apt-get install wamerican, or --dictionary PATH)", file=sys.stderr)
+
+    def real(texts: list[str]) -> float | None:  # the third reading, where there is a word list
+        return None if dictionary is None else judge_ppl(judge, texts, "<unk>", dictionary)
+
     judge = DiffusionLM.from_pretrained(a.judge)
     items = blanked(ptb_lines("valid"), a.num, a.span)
     originals = [" ".join(p + g + s) for p, g, s in items]
@@ -93,6 +104,7 @@ def main() -> None:
            f"{torch.get_num_threads()} threads", "num": len(items), "span": a.span, "candidates": a.candidates,
            "original": {"ar_judge_ppl_word": judge_ppl(judge, originals),
                         "ar_judge_unk_ppl_word": judge_ppl(judge, originals, unknown_as="<unk>"),
+                        "ar_judge_real_ppl_word": real(originals),
                         "smollm2_ppl_token": scorer.perplexity(originals)}, "rows": []}
     for name, path in runs.items():
         lm = DiffusionLM.from_pretrained(path)
@@ -113,21 +125,29 @@ def main() -> None:
                    "recovered": sum(recovered(f, *it) for f, it in zip(filled, items)) / (a.span * len(items)),
                    "ar_judge_ppl_word": judge_ppl(judge, filled),
                    "ar_judge_unk_ppl_word": judge_ppl(judge, filled, unknown_as="<unk>"),
+                   "ar_judge_real_ppl_word": real(filled),
                    "smollm2_ppl_token": scorer.perplexity(filled), "filled": filled,
                    "examples": filled[:3]}
             res["rows"].append(row)
             print(json.dumps({x: v for x, v in row.items() if x not in ("examples", "filled")}), flush=True)
         (a.out / f"infill-{'-'.join(runs)}.json").write_text(json.dumps(res, indent=2))
     o = res["original"]
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.0f}"
+
     print(f"\n{res['date']}, {res['machine']}; {len(items)} PTB validation sentences, {a.span} words blanked\n")
     print("| model | sampler | fills ranked | blanked words recovered | gen ppl / word (AR judge) "
-          "| AR judge, unknown words as <unk> | gen ppl / token (SmolLM2) | s / sentence |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| AR judge, unknown words as <unk> | AR judge, real words as <unk> | gen ppl / token (SmolLM2) "
+          "| s / sentence |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| original sentences | | | 100% | {o['ar_judge_ppl_word']:.0f} | {o['ar_judge_unk_ppl_word']:.0f} "
+          f"| {fmt(o['ar_judge_real_ppl_word'])} "
           f"| {o['smollm2_ppl_token']:.0f} | |")
     for r in res["rows"]:
         print(f"| {r['model']} | {r['sampler']} | {r['candidates']} | {100 * r['recovered']:.1f}% "
-              f"| {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} | {r['smollm2_ppl_token']:.0f} "
+              f"| {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} "
+              f"| {fmt(r['ar_judge_real_ppl_word'])} | {r['smollm2_ppl_token']:.0f} "
               f"| {r['s_per_sentence']:.2f} |")
 
 
