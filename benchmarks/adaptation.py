@@ -54,16 +54,24 @@ RUNS = {"ar": "ptb-ar-small", "mdlm": "ptb-mdlm-small", "bd3lm": "ptb-bd3lm-smal
         "smollm2-mdlm-cc": "smollm2-135m-mdlm-cc-ptb", "smollm2-bd3lm-cc": "smollm2-135m-bd3lm-cc-ptb",
         "smollm2-bd3lm-cc-bound-only": "smollm2-135m-bd3lm-cc-ptb", "smollm2-bd3lm-cc-b4": "smollm2-135m-bd3lm-cc-ptb",
         "smollm2-mdlm-cc-lr5e-5": "smollm2-135m-mdlm-cc-ptb",
-        "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb"}
+        "minilm-mdlm": "minilm-mdlm-ptb", "minilm-scratch-mdlm": "minilm-mdlm-ptb",
+        "minilm-shape-mdlm": "minilm-mdlm-ptb"}
 #: runs that change their preset: the same MiniLM architecture and tokenizer from random weights, at the learning
 #: rate difflm's from-scratch presets use
 OVERRIDES = {"minilm-scratch-mdlm": ["model.init=null", "train.lr=1e-3", "name=minilm-scratch-mdlm-ptb"],
+             # MiniLM's size and tokenizer, as difflm's own from-scratch transformer (pre-LN, rotary; the
+             # ptb-*-small presets' dropout and learning rate): the from-scratch model a user would train instead
+             "minilm-shape-mdlm": ["model.type=transformer", "model.init=null", "model.n_layer=6", "model.n_head=6",
+                                   "model.d_model=384", "model.dropout=0.1", "train.lr=1e-3",
+                                   "name=minilm-shape-scratch-mdlm-ptb"],
              "smollm2-mdlm-cc-lr5e-5": ["train.lr=5e-5"],
              "smollm2-bd3lm-cc-bound-only": ["process.clean_targets=false",
                                              "name=smollm2-135m-bd3lm-cc-bound-only-ptb"],
              "smollm2-bd3lm-cc-b4": ["train.batch_size=4", "name=smollm2-135m-bd3lm-cc-b4-ptb"]}
 #: how a run that changes its preset is named in the table
-LABELS = {"minilm-scratch-mdlm": " (random init, lr 1e-3)", "smollm2-mdlm-cc-lr5e-5": " at lr 5e-5",
+LABELS = {"minilm-scratch-mdlm": " (random init, lr 1e-3)",
+          "minilm-shape-mdlm": " (its size and tokenizer as difflm's transformer, random init, lr 1e-3)",
+          "smollm2-mdlm-cc-lr5e-5": " at lr 5e-5",
           "smollm2-bd3lm-cc-bound-only": " without clean targets (BD3-LM's bound alone)",
           "smollm2-bd3lm-cc-b4": " at batch 4 (twice the steps, half the rows each)"}
 INFILL = "the company said ___ in the third quarter ___ a year earlier"
@@ -107,9 +115,9 @@ def read_dictionary(path: Path | None) -> frozenset[str] | None:
 
 
 def real_word(word: str, known: Callable[[str], int | None], dictionary: frozenset[str]) -> bool:
-    """Whether ``word`` is English: in the judge's vocabulary or the dictionary, or a hyphenated compound
-    ("third-quarter") whose every part is. A lone "-" or "." is not a word."""
-    parts = word.split("-") if "-" in word.strip("-") else [word]
+    """Whether ``word`` is English: in the judge's vocabulary or the dictionary, in any case ("Hospitals"), or a
+    hyphenated compound ("third-quarter") whose every part is. A lone "-" or "." is not a word."""
+    parts = word.lower().split("-") if "-" in word.strip("-") else [word.lower()]
     return all(p != "" and (known(p) is not None or p in dictionary) for p in parts)
 
 

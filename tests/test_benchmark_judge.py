@@ -15,6 +15,7 @@ from adaptation import judge_reading, read_dictionary, real_word  # noqa: E402
 VOCAB = {"the": 0, "third": 1, "quarter": 2, "said": 3, "<unk>": 4, "n't": 5}
 DICTIONARY = frozenset({"symposium", "vladimir", "dissatisfied"})
 NON_WORDS = ["dieteb", "thebay", "-", ".", "a--b", "quarter-dieteb"]
+WORDS = sorted(VOCAB) + sorted(DICTIONARY) + NON_WORDS + ["Said", "Vladimir"]  # capitalised: real, lacked by the judge
 
 
 def known(w: str) -> int | None:
@@ -23,6 +24,7 @@ def known(w: str) -> int | None:
 
 def test_real_word_reads_compounds_by_their_parts():
     assert real_word("symposium", known, DICTIONARY)
+    assert real_word("Symposium", known, DICTIONARY) and real_word("Third-Quarter", known, DICTIONARY)
     assert real_word("third-quarter", known, DICTIONARY)  # both parts in the judge's vocabulary
     assert real_word("vladimir-symposium", known, DICTIONARY)  # both in the word list
     for w in NON_WORDS:
@@ -30,13 +32,13 @@ def test_real_word_reads_compounds_by_their_parts():
 
 
 def test_the_three_readings_of_one_line():
-    text = "the symposium said dieteb\nthird-quarter -"
-    assert judge_reading(text, known, "<unk>") == "the <unk> said <unk>\n<unk> <unk>"
-    assert judge_reading(text, known, "<unk>", DICTIONARY) == "the <unk> said dieteb\n<unk> -"
+    text = "the symposium said dieteb\nthird-quarter - The"
+    assert judge_reading(text, known, "<unk>") == "the <unk> said <unk>\n<unk> <unk> <unk>"
+    assert judge_reading(text, known, "<unk>", DICTIONARY) == "the <unk> said dieteb\n<unk> - <unk>"
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(sorted(VOCAB) + sorted(DICTIONARY) + NON_WORDS), max_size=8), min_size=1, max_size=4))
+@given(st.lists(st.lists(st.sampled_from(WORDS), max_size=8), min_size=1, max_size=4))
 def test_only_words_the_judge_lacks_change(lines):
     text = "\n".join(" ".join(line) for line in lines)
     lenient = judge_reading(text, known, "<unk>")
