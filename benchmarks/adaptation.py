@@ -276,11 +276,13 @@ def main() -> None:
             (a.out / f"results-{'-'.join(keys)}.json").write_text(json.dumps(results, indent=2))
     print_table(results)
 
+
 def rejudge(path: Path, judge: Path, dictionary: frozenset[str] | None) -> None:
     """Read the samples stored in a results JSON (``texts`` of every row) with the AR judge again, every reading,
     and write the file back with the new figures (the models and SmolLM2 are not loaded)."""
     if not path.is_file():
-        sys.exit(f"no results at {path}: run without --rejudge first, with the same --models and --out")
+        print(f"no results at {path}: run without --rejudge first, with the same --models and --out", file=sys.stderr)
+        sys.exit(2)
     results = json.loads(path.read_text())
     ar = DiffusionLM.from_pretrained(judge)
     for row in results["rows"]:
@@ -314,8 +316,8 @@ def print_table(results: dict) -> None:
     for r in results["rows"]:
         l2r = f"{r['nll_l2r_word']:.3f}" if "nll_l2r_word" in r else ""
         bound = f"{r['nelbo_word']:.3f}" if "nelbo_word" in r else ""
-        third = f"| {r['ar_judge_real_ppl_word']:.0f} " if real else ""
-        share = f" {r['judge_oov_real']:.0%} |" if real else ""
+        third = f"| {r['ar_judge_real_ppl_word']:.0f} " if "ar_judge_real_ppl_word" in r else ("| " if real else "")
+        share = f" {r['judge_oov_real']:.0%} |" if "judge_oov_real" in r else (" |" if real else "")
         print(f"| {r['preset']} | {float(r['train_elapsed_s']) / 60:.0f} | {r['train_step']} "
               f"| {int(r['train_tokens']):,} | {bound} | {l2r} "
               f"| {r['sampler']} | {r['ar_judge_ppl_word']:.0f} | {r['ar_judge_unk_ppl_word']:.0f} {third}"
