@@ -163,6 +163,17 @@ def real_share(ar: DiffusionLM, texts: list[str], dictionary: frozenset[str]) ->
     return sum(real_word(w, known, dictionary) for w in lacking) / max(len(lacking), 1)
 
 
+def judge_readings(ar: DiffusionLM, texts: list[str], dictionary: frozenset[str] | None) -> dict[str, float]:
+    """The AR judge's figures of a row: perplexity per word under each reading (the third where there is a word
+    list), the share of words it lacks and of those the real ones."""
+    out = {"ar_judge_ppl_word": judge_ppl(ar, texts), "ar_judge_unk_ppl_word": judge_ppl(ar, texts, unknown_as="<unk>"),
+           "judge_oov": judge_oov(ar, texts)}
+    if dictionary is not None:
+        out["ar_judge_real_ppl_word"] = judge_ppl(ar, texts, "<unk>", dictionary)
+        out["judge_oov_real"] = real_share(ar, texts, dictionary)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=12.0)
@@ -262,14 +273,9 @@ def main() -> None:
             row = {**row, "sample_s": (time.perf_counter() - t0) / a.num, "nfe": float(g.nfe.float().mean()),
                    "sampler": f"{lm.run.sample.sampler or lm.process.default_sampler} {opts or ''}".strip()}
             texts = [t.strip() for t in g.texts]
-            row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
-            row["ar_judge_unk_ppl_word"] = judge_ppl(ar, texts, unknown_as="<unk>")
-            if dictionary is not None:
-                row["ar_judge_real_ppl_word"] = judge_ppl(ar, texts, "<unk>", dictionary)
-                row["judge_oov_real"] = real_share(ar, texts, dictionary)
+            row.update(judge_readings(ar, texts, dictionary))
             row["smollm2_ppl_token"] = scorer.perplexity(texts)
             row["word_entropy"] = word_entropy(texts)
-            row["judge_oov"] = judge_oov(ar, texts)
             row["samples"], row["texts"] = texts[:3], texts  # all of them: to judge again later
             results["rows"].append(row)
             print(json.dumps({x: v for x, v in row.items() if x not in ("samples", "texts")}), flush=True)
@@ -286,13 +292,7 @@ def rejudge(path: Path, judge: Path, dictionary: frozenset[str] | None) -> None:
     results = json.loads(path.read_text())
     ar = DiffusionLM.from_pretrained(judge)
     for row in results["rows"]:
-        texts = row["texts"]
-        row["ar_judge_ppl_word"] = judge_ppl(ar, texts)
-        row["ar_judge_unk_ppl_word"] = judge_ppl(ar, texts, unknown_as="<unk>")
-        row["judge_oov"] = judge_oov(ar, texts)
-        if dictionary is not None:
-            row["ar_judge_real_ppl_word"] = judge_ppl(ar, texts, "<unk>", dictionary)
-            row["judge_oov_real"] = real_share(ar, texts, dictionary)
+        row.update(judge_readings(ar, row["texts"], dictionary))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)
