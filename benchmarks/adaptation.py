@@ -106,10 +106,13 @@ def word_entropy(texts: list[str]) -> float:
     return -sum(v / n * math.log(v / n) for v in c.values()) if n else float("nan")
 
 
-def read_dictionary(path: Path | None) -> frozenset[str] | None:
+def read_dictionary(path: Path | None, warn: bool = False) -> frozenset[str] | None:
     """The lowercased entries of a word list, one word a line (Debian's ``wamerican``: /usr/share/dict/words), or
-    None where there is none."""
+    None where there is none (with ``warn``, saying on stderr that the third reading is left out)."""
     if path is None or not path.is_file():
+        if warn:
+            print(f"no word list at {path}: the 'real words as <unk>' reading is left out "
+                  "(apt-get install wamerican, or --dictionary PATH)", file=sys.stderr)
         return None
     return frozenset(w.strip().lower() for w in path.read_text(encoding="utf-8", errors="ignore").splitlines())
 
@@ -230,10 +233,7 @@ def main() -> None:
             print(f"trained {k} in {wall[k]:.0f} s", flush=True)
     if a.train_only:
         return
-    dictionary = read_dictionary(a.dictionary)
-    if dictionary is None:
-        print(f"no word list at {a.dictionary}: the 'real words as <unk>' reading is left out "
-              "(apt-get install wamerican, or --dictionary PATH)", file=sys.stderr)
+    dictionary = read_dictionary(a.dictionary, warn=True)
     if a.rejudge:
         return rejudge(a.out / f"results-{'-'.join(keys)}.json", a.out / "ar", dictionary)
 

@@ -89,10 +89,7 @@ def main() -> None:
 
     runs = dict(kv.split("=", 1) for kv in a.runs.split(","))
     scorer = load_scorer("smollm2")
-    dictionary = read_dictionary(a.dictionary)
-    if dictionary is None:
-        print(f"no word list at {a.dictionary}: the 'real words as <unk>' reading is left out "
-              "(apt-get install wamerican, or --dictionary PATH)", file=sys.stderr)
+    dictionary = read_dictionary(a.dictionary, warn=True)
 
     def real(texts: list[str]) -> float | None:  # the third reading, where there is a word list
         return None if dictionary is None else judge_ppl(judge, texts, "<unk>", dictionary)
